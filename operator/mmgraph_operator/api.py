@@ -1,0 +1,431 @@
+"""The MultimodalGraph resource: the one pydantic model behind the CRD, `render`, the webhook and `mmgraph up`.
+
+Everything a user can write in a MultimodalGraph is declared here once. The CRD's openAPIV3Schema is generated
+from these classes (`mmgraph crd`, see crd.py), so attribute docstrings become `kubectl explain` text and field
+defaults become schema defaults (what is stored is what runs). Rules that a structural schema cannot express
+(which stages a topology needs, conflicting model sources, GPU counts versus parallelism, name lengths) live in
+`problems()`, which both the admission webhook and the reconcile loop call. This module does no I/O.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import Enum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic.alias_generators import to_camel
+
+from mmgraph_operator.k8s_types import K8sType
+
+GROUP = "mmgraph.io"
+VERSION = "v1alpha1"
+KIND = "MultimodalGraph"
+PLURAL = "multimodalgraphs"
+SHORT_NAME = "mmg"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+Affinity = Annotated[dict[str, Any], K8sType("io.k8s.api.core.v1.Affinity")]
+Toleration = Annotated[dict[str, Any], K8sType("io.k8s.api.core.v1.Toleration")]
+Resources = Annotated[dict[str, Any], K8sType("io.k8s.api.core.v1.ResourceRequirements")]
+EnvVar = Annotated[dict[str, Any], K8sType("io.k8s.api.core.v1.EnvVar")]
+Probe = Annotated[dict[str, Any], K8sType("io.k8s.api.core.v1.Probe")]
+LocalObjectReference = Annotated[dict[str, Any], K8sType("io.k8s.api.core.v1.LocalObjectReference")]
+SecretKeySelector = Annotated[dict[str, Any], K8sType("io.k8s.api.core.v1.SecretKeySelector")]
+# A vLLM argument: a scalar, or an object/list that vLLM takes as JSON (e.g. compilation-config).
+EngineArgValue = Annotated[
+    str | int | float | bool | dict[str, Any] | list[Any],
+    Field(json_schema_extra={"x-kubernetes-preserve-unknown-fields": True}),
+]
+
+
+def section(model: type[BaseModel]) -> Any:
+    """A nested object that is always present: schema default `{}`, which the API server fills field by field."""
+    return Field(default_factory=model, json_schema_extra={"default": {}})
+
+
+class Spec(BaseModel):
+    """Base of every part of the resource: camelCase on the wire, unknown fields refused, docstrings kept."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        use_attribute_docstrings=True,
+    )
+
+
+class Topology(str, Enum):
+    """How the model is split into stages."""
+
+    AGG = "agg"
+    E_PD = "e-pd"
+    E_P_D = "e-p-d"
+
+
+class StageName(str, Enum):
+    FRONTEND = "frontend"
+    ENCODER = "encoder"
+    PD = "pd"
+    DECODE = "decode"
+
+
+STAGES_OF: dict[Topology, tuple[StageName, ...]] = {
+    Topology.AGG: (StageName.FRONTEND, StageName.PD),
+    Topology.E_PD: (StageName.FRONTEND, StageName.ENCODER, StageName.PD),
+    Topology.E_P_D: (StageName.FRONTEND, StageName.ENCODER, StageName.PD, StageName.DECODE),
+}
+
+
+class HuggingFaceSource(Spec):
+    """Weights downloaded from the Hugging Face Hub by each worker at start-up."""
+
+    id: str = Field(min_length=1, max_length=256, pattern=r"^[\w.\-]+(/[\w.\-]+)?$")
+    """Repository id, e.g. Qwen/Qwen2.5-VL-7B-Instruct."""
+    revision: str = Field(default="main", min_length=1, max_length=128)
+    """Branch, tag or commit of the repository."""
+    token_secret: SecretKeySelector | None = None
+    """Secret key holding a Hugging Face token (HF_TOKEN) for gated models."""
+
+
+class PvcSource(Spec):
+    """Weights already present on a PersistentVolumeClaim (a shared model cache), mounted read-only."""
+
+    claim_name: str = Field(min_length=1, max_length=253)
+    """Name of the PersistentVolumeClaim in the graph's namespace."""
+    path: str | None = Field(default=None, max_length=1024, pattern=r"^[^/].*$")
+    """Directory of the model inside the volume, relative to its root (the root when unset)."""
+
+
+class ModelSpec(Spec):
+    """Which model is served and where its weights come from (exactly one of huggingFace, pvc, path)."""
+
+    name: str = Field(min_length=1, max_length=128)
+    """Model name clients send in requests (the OpenAI `model` field)."""
+    hugging_face: HuggingFaceSource | None = None
+    """Download the weights from the Hugging Face Hub."""
+    pvc: PvcSource | None = None
+    """Read the weights from a PersistentVolumeClaim."""
+    path: str | None = Field(default=None, max_length=1024, pattern=r"^/.*")
+    """An absolute local path to the weights: for `mmgraph up`, or a path baked into the image."""
+    trust_remote_code: bool = False
+    """Allow the model repository's own Python code to run (transformers' trust_remote_code)."""
+
+    def sources(self) -> list[str]:
+        return [n for n, v in (("huggingFace", self.hugging_face), ("pvc", self.pvc), ("path", self.path)) if v]
+
+
+class Probes(Spec):
+    """Overrides of the probes the operator puts on a stage's container (defaults: HTTP GET /health)."""
+
+    startup: Probe | None = None
+    """Startup probe; the default allows 20 minutes for a model load."""
+    readiness: Probe | None = None
+    """Readiness probe; a pod leaves its Service's endpoints while this fails."""
+    liveness: Probe | None = None
+    """Liveness probe; the kubelet restarts the container when this fails."""
+
+
+class StageSpec(Spec):
+    """Settings every stage has: how many pods, where they run and with what."""
+
+    replicas: int = Field(default=1, ge=0, le=1000)
+    """Number of pods of this stage."""
+    resources: Resources | None = None
+    """CPU and memory requests and limits; GPUs come from `gpus`."""
+    node_selector: dict[str, str] | None = None
+    """Node labels the pods must match."""
+    tolerations: list[Toleration] | None = None
+    """Taints the pods tolerate (e.g. nvidia.com/gpu:NoSchedule)."""
+    affinity: Affinity | None = None
+    """Node and pod affinity of the pods."""
+    env: list[EnvVar] | None = None
+    """Extra environment variables of the stage's container."""
+    probes: Probes = section(Probes)
+    """Probe overrides."""
+
+
+class FrontendSpec(StageSpec):
+    """The OpenAI-compatible HTTP frontend: chat template, tokenization, request checks and routing."""
+
+    port: int = Field(default=8000, ge=1, le=65535)
+    """HTTP port of the OpenAI API (also /health and /metrics)."""
+    api_key_secret: SecretKeySelector | None = None
+    """Secret key holding the API key clients must send as a Bearer token; no authentication when unset."""
+
+
+class GpuStageSpec(StageSpec):
+    """A stage that runs model weights on GPUs."""
+
+    gpus: int = Field(default=1, ge=0, le=64)
+    """nvidia.com/gpu requested (and limited) per pod; 0 runs on CPU."""
+    port: int = Field(default=8001, ge=1, le=65535)
+    """HTTP port of the worker's control API (also /health and /metrics)."""
+
+
+class EncoderSpec(GpuStageSpec):
+    """Fetches and decodes media, runs only the vision/audio tower and publishes embeddings over NIXL."""
+
+    max_batch_size: int = Field(default=16, ge=1, le=1024)
+    """Most media items encoded in one forward pass of the tower."""
+
+
+class EngineSpec(GpuStageSpec):
+    """A vLLM engine stage (pd or decode)."""
+
+    engine_args: dict[str, EngineArgValue] | None = None
+    """vLLM engine arguments, e.g. {max-model-len: 8192, gpu-memory-utilization: 0.9}; passed as --key=value."""
+
+    def tensor_parallel_size(self) -> int:
+        """The engine's tensor parallelism: as given, else whatever spreads the engine over all its GPUs."""
+        given = self.engine_arg("tensor-parallel-size")
+        return int(given) if given is not None else max(1, self.gpus // self._other_parallelism())
+
+    def parallel_size(self) -> int:
+        """GPUs the engine uses: tensor x pipeline x data parallel size."""
+        return self.tensor_parallel_size() * self._other_parallelism()
+
+    def _other_parallelism(self) -> int:
+        return int(self.engine_arg("pipeline-parallel-size") or 1) * int(self.engine_arg("data-parallel-size") or 1)
+
+    def engine_arg(self, key: str) -> EngineArgValue | None:
+        args = self.engine_args or {}
+        return args.get(key, args.get(key.replace("-", "_")))
+
+
+class Stages(Spec):
+    """The stages of the graph; name exactly those the topology uses (frontend is always there)."""
+
+    frontend: FrontendSpec = section(FrontendSpec)
+    """The HTTP frontend; used by every topology."""
+    encoder: EncoderSpec | None = None
+    """The media encoder; used by e-pd and e-p-d."""
+    pd: EngineSpec | None = None
+    """The prefill engine (it also decodes in agg and e-pd); used by every topology."""
+    decode: EngineSpec | None = None
+    """The decode engine, fed the KV cache by pd; used by e-p-d."""
+
+    def get(self, name: StageName) -> StageSpec | None:
+        return getattr(self, name.value)
+
+
+Scheme = Literal["https", "http", "data"]
+
+
+class MediaSpec(Spec):
+    """What media requests may carry, and the caps that keep one request from exhausting a worker."""
+
+    modalities: list[Literal["image", "video", "audio"]] = Field(default=["image"], min_length=1)
+    """Accepted media kinds."""
+    max_items: int = Field(default=8, ge=0, le=256)
+    """Most media items in one request."""
+    max_bytes: int = Field(default=20 * 1024 * 1024, ge=1, le=2**31)
+    """Largest encoded media item, in bytes (URL downloads are cut off past it)."""
+    max_pixels: int = Field(default=4096 * 4096, ge=1, le=2**31)
+    """Largest decoded image (or video frame), in pixels; larger ones are refused, not resized."""
+    max_frames: int = Field(default=64, ge=1, le=100000)
+    """Most frames taken from a video."""
+    max_seconds: float = Field(default=600.0, gt=0, le=86400)
+    """Longest video or audio accepted, in seconds."""
+    allowed_schemes: list[Scheme] = Field(default=["https", "data"], min_length=1)
+    """URL schemes the encoder may fetch; http must be named here to be allowed."""
+    allow_private_networks: bool = False
+    """Allow URLs that resolve to private, loopback or link-local addresses (off: no SSRF into the cluster)."""
+    fetch_timeout_seconds: float = Field(default=10.0, gt=0, le=600)
+    """Deadline for fetching one media URL, redirects included."""
+
+
+class TransferSpec(Spec):
+    """How embeddings (encoder to pd) and the KV cache (pd to decode) move between pods."""
+
+    backend: Literal["nixl"] = "nixl"
+    """Transfer implementation."""
+    port: int = Field(default=5600, ge=1, le=65535)
+    """Port of the NIXL side channel (metadata exchange between agents)."""
+    ucx_tls: str | None = Field(default=None, max_length=256)
+    """UCX transports (UCX_TLS), e.g. rc,cuda_copy,cuda_ipc; UCX chooses when unset."""
+    kv_lease_seconds: int = Field(default=30, ge=1, le=3600)
+    """How long pd keeps a request's KV blocks for decode to pull; decode must start within it."""
+    timeout_seconds: float = Field(default=30.0, gt=0, le=3600)
+    """Deadline for one transfer."""
+
+
+class EmbeddingCacheSpec(Spec):
+    """Cache of encoder outputs keyed by media content, so a repeated image is encoded once."""
+
+    capacity_bytes: int = Field(default=1 << 30, ge=0, le=2**40)
+    """Most bytes of embeddings the encoder keeps; 0 disables the cache."""
+
+
+class NetworkPolicySpec(Spec):
+    """The NetworkPolicy that fences the graph's pods."""
+
+    enabled: bool = True
+    """Only the graph's own pods reach the worker and NIXL ports; anyone reaches the frontend port."""
+
+
+class MultimodalGraphSpec(Spec):
+    """One served multimodal model and the stages it is split into."""
+
+    model: ModelSpec
+    """The model served and where its weights come from."""
+    image: str = Field(default="ghcr.io/mmgraph/worker:0.1.0", min_length=1, max_length=512)
+    """Worker image (vLLM, NIXL, media libraries and mmgraph)."""
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    """When the kubelet pulls the image."""
+    image_pull_secrets: list[LocalObjectReference] | None = None
+    """Secrets for pulling the image from a private registry."""
+    topology: Topology = Topology.E_P_D
+    """agg: one engine does everything; e-pd: encoder + engine; e-p-d: encoder + prefill + decode."""
+    stages: Stages = section(Stages)
+    """Per-stage settings."""
+    media: MediaSpec = section(MediaSpec)
+    """Accepted media and their limits."""
+    transfer: TransferSpec = section(TransferSpec)
+    """NIXL transfer settings."""
+    embedding_cache: EmbeddingCacheSpec = section(EmbeddingCacheSpec)
+    """Encoder output cache."""
+    network_policy: NetworkPolicySpec = section(NetworkPolicySpec)
+    """Network fencing of the graph's pods."""
+    service_account_name: str | None = Field(default=None, max_length=253)
+    """ServiceAccount of the worker pods; the namespace's default when unset."""
+
+    def used_stages(self) -> tuple[StageName, ...]:
+        return STAGES_OF[self.topology]
+
+
+class StageStatus(Spec):
+    """Replica counts of one stage's Deployment."""
+
+    replicas: int = 0
+    """Pods the Deployment has."""
+    ready_replicas: int = 0
+    """Pods that pass their readiness probe."""
+    updated_replicas: int = 0
+    """Pods running the current pod template."""
+
+
+class Condition(Spec):
+    """A Kubernetes-style condition."""
+
+    type: str
+    """Ready, Progressing or Degraded."""
+    status: Literal["True", "False", "Unknown"]
+    """Whether the condition holds."""
+    reason: str | None = None
+    """One CamelCase word for machines."""
+    message: str | None = None
+    """What a person should know, and do."""
+    observed_generation: int | None = None
+    """The spec generation the condition was computed from."""
+    last_transition_time: str | None = None
+    """When status last changed (RFC 3339)."""
+
+
+class MultimodalGraphStatus(Spec):
+    """What the operator observed; written only by the operator."""
+
+    observed_generation: int | None = None
+    """The spec generation this status describes."""
+    phase: Literal["Pending", "Progressing", "Ready", "Degraded"] | None = None
+    """Summary of the conditions."""
+    ready_stages: str | None = None
+    """Ready stages out of the stages the topology uses, e.g. 3/4."""
+    endpoint: str | None = None
+    """The frontend's in-cluster URL."""
+    stages: dict[str, StageStatus] | None = None
+    """Per-stage replica counts."""
+    conditions: list[Condition] | None = None
+    """Ready, Progressing and Degraded."""
+
+
+class MultimodalGraph(Spec):
+    """The custom resource as a whole (apiVersion/kind/metadata are Kubernetes')."""
+
+    model_config = ConfigDict(extra="ignore")
+    api_version: Literal["mmgraph.io/v1alpha1"] = API_VERSION
+    kind: Literal["MultimodalGraph"] = KIND
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    spec: MultimodalGraphSpec
+    status: MultimodalGraphStatus | None = None
+
+    @property
+    def name(self) -> str:
+        return self.metadata.get("name", "")
+
+    @property
+    def namespace(self) -> str:
+        return self.metadata.get("namespace") or "default"
+
+
+# ---- cross-field rules: what a structural schema cannot say -------------------------------------------------
+
+DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+MAX_NAME = 63 - len("-frontend")  # the longest derived child name must still be a DNS label
+
+
+def problems(graph: MultimodalGraph) -> list[str]:
+    """Every reason this graph cannot be rendered, each a sentence that says what to change; [] when valid."""
+    spec, out = graph.spec, []
+    name = graph.name
+    if not DNS_LABEL.match(name) or len(name) > MAX_NAME:
+        out.append(
+            f"metadata.name {name!r} must be a DNS label (lower-case letters, digits and '-', starting with a "
+            f"letter) of at most {MAX_NAME} characters, because the Services are named <name>-<stage>"
+        )
+    sources = spec.model.sources()
+    if len(sources) != 1:
+        what = ", ".join(sources) if sources else "none"
+        out.append(f"spec.model must name exactly one of huggingFace, pvc or path (found: {what})")
+    used = spec.used_stages()
+    for stage in StageName:
+        given = spec.stages.get(stage) is not None
+        if given and stage not in used:
+            out.append(
+                f"spec.stages.{stage.value} is set but topology {spec.topology.value} does not use it; "
+                f"remove it or choose a topology that does ({_topologies_with(stage)})"
+            )
+        if not given and stage in used:
+            out.append(f"topology {spec.topology.value} needs spec.stages.{stage.value}; add it (e.g. `{{}}`)")
+    for stage in (StageName.PD, StageName.DECODE):
+        engine = spec.stages.get(stage)
+        if not isinstance(engine, EngineSpec):
+            continue
+        for key in ("tensor-parallel-size", "pipeline-parallel-size", "data-parallel-size"):
+            value = engine.engine_arg(key)
+            if value is not None and (isinstance(value, bool) or not str(value).isdigit() or int(value) < 1):
+                out.append(f"spec.stages.{stage.value}.engineArgs.{key} must be a positive integer, not {value!r}")
+        if not out and engine.gpus and engine.parallel_size() != engine.gpus:
+            out.append(
+                f"spec.stages.{stage.value}.gpus is {engine.gpus} but its engineArgs ask for "
+                f"{engine.parallel_size()} GPUs (tensor x pipeline x data parallel size); make them equal"
+            )
+        reserved = {"model", "port", "host", "served-model-name", "kv-transfer-config"}
+        for key in engine.engine_args or {}:
+            if key.replace("_", "-") in reserved:
+                out.append(
+                    f"spec.stages.{stage.value}.engineArgs.{key} is set by the operator from the graph; remove it"
+                )
+    for stage in used:
+        cfg = spec.stages.get(stage)
+        port = getattr(cfg, "port", None)
+        if stage != StageName.FRONTEND and port in (spec.transfer.port, spec.transfer.port + 1):
+            out.append(
+                f"spec.stages.{stage.value}.port {port} clashes with the NIXL side channels in the same pod "
+                f"(spec.transfer.port {spec.transfer.port} and the KV channel on port {spec.transfer.port + 1})"
+            )
+    return out
+
+
+def _topologies_with(stage: StageName) -> str:
+    return ", ".join(t.value for t, stages in STAGES_OF.items() if stage in stages)
+
+
+def parse(body: dict[str, Any]) -> MultimodalGraph:
+    """Validate a MultimodalGraph body (as stored or as a file) into the model; raises pydantic.ValidationError."""
+    return MultimodalGraph.model_validate(body)
+
+
+def explain(err: ValidationError) -> str:
+    """A pydantic error as one line per field, named by its path in the resource (spec.media.maxBytes: ...)."""
+    return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors(include_url=False))

@@ -1,0 +1,99 @@
+"""The `mmgraph worker <stage>` command line of each stage, derived from a MultimodalGraph.
+
+This is the one mapping from the graph onto worker flags: `render` puts it in Deployments (peers are
+headless-Service DNS names) and `mmgraph up` runs it as local processes (peers are 127.0.0.1 ports), so the two
+cannot drift apart. Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+
+from mmgraph_operator.api import EncoderSpec, EngineSpec, MultimodalGraphSpec, StageName
+
+
+def worker_command(
+    spec: MultimodalGraphSpec,
+    stage: StageName,
+    *,
+    model: str,
+    host: str,
+    advertise_host: str,
+    peers: Mapping[StageName, str],
+    ports: Mapping[StageName, int] | None = None,
+    transfer_port: int | None = None,
+) -> list[str]:
+    """argv after `mmgraph`, e.g. ["worker", "pd", "--model", ...]; `ports`/`transfer_port` override the graph's."""
+    cfg = spec.stages.get(stage)
+    assert cfg is not None, f"topology {spec.topology.value} has no {stage.value} stage"
+    port = (ports or {}).get(stage, cfg.port)  # type: ignore[attr-defined]
+    argv = [
+        "worker",
+        stage.value,
+        f"--model={model}",
+        f"--served-model-name={spec.model.name}",
+        f"--host={host}",
+        f"--port={port}",
+    ]
+    if spec.model.hugging_face is not None:
+        argv.append(f"--revision={spec.model.hugging_face.revision}")
+    if spec.model.trust_remote_code:
+        argv.append("--trust-remote-code")
+    xfer = spec.transfer
+    if stage == StageName.FRONTEND:
+        argv.append(f"--topology={spec.topology.value}")
+        argv += [f"--{peer.value}-url={url}" for peer, url in sorted(peers.items(), key=lambda kv: kv[0].value)]
+        argv += _media_flags(spec)
+        argv.append(f"--kv-lease-seconds={xfer.kv_lease_seconds}")
+        argv.append(f"--transfer-timeout-seconds={xfer.timeout_seconds:g}")
+        if spec.stages.frontend.api_key_secret:
+            argv.append("--api-key-env=MMGRAPH_API_KEY")
+        return argv
+    argv.append(f"--advertise-host={advertise_host}")
+    argv.append(f"--transfer-port={transfer_port or xfer.port}")
+    argv.append(f"--transfer-timeout-seconds={xfer.timeout_seconds:g}")
+    if isinstance(cfg, EncoderSpec):
+        argv += _media_flags(spec)
+        argv.append(f"--max-batch-size={cfg.max_batch_size}")
+        argv.append(f"--cache-bytes={spec.embedding_cache.capacity_bytes}")
+    if isinstance(cfg, EngineSpec):
+        argv.append(f"--kv-lease-seconds={xfer.kv_lease_seconds}")
+        if spec.topology.value == "e-p-d":
+            argv.append("--kv-role=" + ("producer" if stage == StageName.PD else "consumer"))
+        if stage == StageName.PD and spec.topology.value != "agg":
+            argv.append("--embeddings-input")
+        engine_args = dict(cfg.engine_args or {})
+        if cfg.gpus > 1 and cfg.engine_arg("tensor-parallel-size") is None:
+            engine_args["tensor-parallel-size"] = cfg.tensor_parallel_size()
+        argv += [_engine_flag(k, v) for k, v in sorted(engine_args.items())]
+    return argv
+
+
+def _media_flags(spec: MultimodalGraphSpec) -> list[str]:
+    m = spec.media
+    flags = [
+        f"--modalities={','.join(m.modalities)}",
+        f"--max-items={m.max_items}",
+        f"--max-bytes={m.max_bytes}",
+        f"--max-pixels={m.max_pixels}",
+        f"--max-frames={m.max_frames}",
+        f"--max-seconds={m.max_seconds:g}",
+        f"--allowed-schemes={','.join(m.allowed_schemes)}",
+        f"--fetch-timeout-seconds={m.fetch_timeout_seconds:g}",
+    ]
+    if m.allow_private_networks:
+        flags.append("--allow-private-networks")
+    return flags
+
+
+def _engine_flag(key: str, value: object) -> str:
+    """vLLM's CLI spelling: --max-model-len=8192; booleans become bare flags (--enforce-eager / --no-...)."""
+    key = key.replace("_", "-")
+    if value is True:
+        return f"--engine-arg=--{key}"
+    if value is False:
+        return f"--engine-arg=--no-{key}"
+    if isinstance(value, (dict, list)):
+        return f"--engine-arg=--{key}={json.dumps(value, separators=(',', ':'), sort_keys=True)}"
+    return f"--engine-arg=--{key}={value}"

@@ -1,0 +1,110 @@
+"""Runs the operator: kopf watches (graphs and every kind of child), the webhook, metrics; no logic of its own.
+
+kopf is configured to write nothing by itself (standalone: no peering objects; no progress annotations or
+finalizers, since only event handlers are used; Events are posted by the reconciler, deduplicated), so every
+write the operator makes is one the reconciler decided on.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import kopf
+from kubernetes import client, config
+
+from mmgraph_operator.api import GROUP, PLURAL, VERSION
+from mmgraph_operator.reconcile import Reconciler
+from mmgraph_operator.render import GRAPH_LABEL, MANAGED_BY
+
+CHILD_LABELS = {GRAPH_LABEL: kopf.PRESENT, "app.kubernetes.io/managed-by": MANAGED_BY}
+CHILD_KINDS = [  # every kind render() can produce; PDBs in whichever version the server prefers
+    ("", "v1", "services"),
+    ("apps", "v1", "deployments"),
+    ("policy", None, "poddisruptionbudgets"),
+    ("networking.k8s.io", "v1", "networkpolicies"),
+]
+
+
+def _api_client() -> client.ApiClient:
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+    configuration = client.Configuration.get_default_copy()
+    configuration.connection_pool_maxsize = 16
+    return client.ApiClient(configuration)
+
+
+def register(registry: kopf.OperatorRegistry, webhook_port: int, cert_dir: str | None) -> None:
+    """All handlers, on an explicit registry (no import-time globals)."""
+
+    @kopf.on.startup(registry=registry)
+    async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: Any, **_: Any) -> None:
+        settings.posting.enabled = False
+        settings.peering.standalone = True
+        settings.watching.server_timeout = 300
+        settings.watching.client_timeout = 330
+        if webhook_port:
+            cert = Path(cert_dir or ".")
+            settings.admission.server = kopf.WebhookServer(
+                addr="0.0.0.0", port=webhook_port, certfile=str(cert / "tls.crt"), pkeyfile=str(cert / "tls.key")
+            )
+            settings.admission.managed = None  # the chart (or the tests) own the webhook configuration
+        api = _api_client()
+        version = client.VersionApi(api).get_code()
+        memo.reconciler = Reconciler(api, f"{version.major}.{version.minor}")
+        logger.info("mmgraph operator for Kubernetes %s.%s", version.major, version.minor)
+
+    @kopf.on.login(registry=registry)
+    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        return kopf.login_via_client(**kwargs)  # the same kubeconfig / in-cluster token as our API client
+
+    @kopf.on.cleanup(registry=registry)
+    async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+        await memo.reconciler.stop()
+
+    @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
+    async def graph_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+        memo.reconciler.graph_event(type, _plain(body))
+
+    for group, version, plural in CHILD_KINDS:
+        kopf.on.event(group, version, plural, labels=CHILD_LABELS, registry=registry, id=f"child-{plural}")(
+            _child_event
+        )
+
+    if webhook_port:
+        from mmgraph_operator.webhook import validate_graph
+
+        kopf.on.validate(GROUP, VERSION, PLURAL, id="multimodalgraph", registry=registry)(validate_graph)
+
+
+async def _child_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    memo.reconciler.child_event(type, _plain(body))
+
+
+def _plain(body: kopf.Body) -> dict[str, Any]:
+    return dict(body)
+
+
+def run(
+    namespaces: list[str], webhook_port: int, webhook_cert_dir: str | None, metrics_port: int, health_port: int
+) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kubernetes").setLevel(logging.WARNING)
+    logging.getLogger("kopf.objects").setLevel(logging.WARNING)  # one line per watch event is noise
+    if metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(metrics_port)
+    registry = kopf.OperatorRegistry()
+    register(registry, webhook_port, webhook_cert_dir)
+    kopf.run(
+        registry=registry,
+        standalone=True,
+        clusterwide=not namespaces,
+        namespaces=namespaces,
+        liveness_endpoint=f"http://0.0.0.0:{health_port}/healthz" if health_port else None,
+    )
+    return 0

@@ -1,0 +1,343 @@
+"""The thin loop around `render`: make the cluster match it, and write what was observed into status.
+
+Level-triggered and coalescing. kopf's watches feed two caches (graphs, and the children they own) and poke the
+graph concerned; one asyncio task per graph then reconciles it until no poke is pending, so a burst of child
+events costs one pass. A pass renders the graph, server-side-applies only the children that differ from the
+cache, deletes children render no longer produces, and patches status only when it changed: an unchanged graph
+causes no writes at all. Before any write the child is read fresh, so a stale cache can cause a GET, never a
+needless write. Failures are retried with backoff; every API call runs in a thread with a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import hashlib
+import json
+import logging
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from kubernetes import client, dynamic
+from kubernetes.client.exceptions import ApiException
+from kubernetes.utils.quantity import parse_quantity
+from pydantic import ValidationError
+
+from mmgraph_operator import metrics
+from mmgraph_operator.api import GROUP, KIND, PLURAL, VERSION, explain, parse
+from mmgraph_operator.render import GRAPH_LABEL, InvalidGraph, endpoint, render
+from mmgraph_operator.status import (
+    degraded_status,
+    running_status,
+    status_patch,
+    with_transition_times,
+)
+
+FIELD_MANAGER = "mmgraph-operator"
+API_TIMEOUT = 30.0  # seconds for one API call
+DEBOUNCE = 0.05  # seconds to gather a burst of events into one pass
+MAX_BACKOFF = 60.0
+
+GraphKey = tuple[str, str]  # namespace, name
+ChildKey = tuple[str, str, str, str]  # apiVersion, kind, namespace, name
+
+log = logging.getLogger("mmgraph.operator")
+
+
+def child_key(obj: dict[str, Any]) -> ChildKey:
+    meta = obj["metadata"]
+    return obj["apiVersion"], obj["kind"], meta.get("namespace", ""), meta["name"]
+
+
+def owner_of(obj: dict[str, Any]) -> GraphKey | None:
+    meta = obj.get("metadata", {})
+    graph = (meta.get("labels") or {}).get(GRAPH_LABEL)
+    owned = any(ref.get("kind") == KIND for ref in meta.get("ownerReferences") or [])
+    return (meta.get("namespace", ""), graph) if graph and owned else None
+
+
+def drifted(desired: Any, live: Any, path: str = "") -> str | None:
+    """The first path where `live` does not carry `desired` (fields the server added are fine), else None."""
+    if isinstance(desired, dict):
+        if not isinstance(live, dict):
+            return path or "."
+        for key, value in desired.items():
+            where = drifted(value, live.get(key), f"{path}.{key}")
+            if where:
+                return where
+        return None
+    if isinstance(desired, list):
+        if not isinstance(live, list) or len(live) != len(desired):
+            return path
+        for i, (d, v) in enumerate(zip(desired, live, strict=True)):
+            where = drifted(d, v, f"{path}[{i}]")
+            if where:
+                return where
+        return None
+    if desired == live:
+        return None
+    if path.split(".")[-2:-1] in (["requests"], ["limits"]):  # quantities: the server writes canonical forms
+        try:
+            return None if parse_quantity(desired) == parse_quantity(live) else path
+        except ValueError:
+            return path
+    return path
+
+
+def digest(obj: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass
+class GraphState:
+    pending: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task | None = None
+    last_event: str | None = None  # the last Event message posted, so a repeated failure is posted once
+
+
+class Reconciler:
+    """Owns the caches and the per-graph tasks; kopf handlers only call graph_event/child_event."""
+
+    def __init__(self, api: client.ApiClient, kube_version: str, concurrency: int = 8):
+        self.api = api
+        self.dyn = dynamic.DynamicClient(api)
+        self.kube_version = kube_version
+        self.graphs: dict[GraphKey, dict[str, Any]] = {}
+        self.children: dict[GraphKey, dict[ChildKey, dict[str, Any]]] = defaultdict(dict)
+        self.state: dict[GraphKey, GraphState] = {}
+        self.applied: dict[ChildKey, tuple[str, str]] = {}  # child -> (digest of what we applied, its rv)
+        self.slots = asyncio.Semaphore(concurrency)
+
+    # ---- event intake (called by kopf handlers) ------------------------------------------------------------
+
+    def graph_event(self, event_type: str | None, body: dict[str, Any]) -> None:
+        key = (body["metadata"]["namespace"], body["metadata"]["name"])
+        if event_type == "DELETED":
+            self.graphs.pop(key, None)
+            self.children.pop(key, None)  # Kubernetes' garbage collector removes the children
+            state = self.state.pop(key, None)
+            if state and state.task:
+                state.task.cancel()
+            metrics.GRAPHS.set(len(self.graphs))
+            return
+        self.graphs[key] = body
+        metrics.GRAPHS.set(len(self.graphs))
+        self.poke(key)
+
+    def child_event(self, event_type: str | None, body: dict[str, Any]) -> None:
+        owner = owner_of(body)
+        if owner is None:
+            return
+        ck = child_key(body)
+        if event_type == "DELETED":
+            self.children[owner].pop(ck, None)
+        else:
+            cached = self.children[owner].get(ck)
+            if cached is None or _rv(body) >= _rv(cached):
+                self.children[owner][ck] = body
+        if owner in self.graphs:
+            self.poke(owner)
+
+    def poke(self, key: GraphKey) -> None:
+        state = self.state.setdefault(key, GraphState())
+        state.pending.set()
+        if state.task is None or state.task.done():
+            state.task = asyncio.create_task(self._run(key, state), name=f"reconcile {key[0]}/{key[1]}")
+
+    async def _run(self, key: GraphKey, state: GraphState) -> None:
+        backoff = 1.0
+        while state.pending.is_set():
+            await asyncio.sleep(DEBOUNCE)
+            state.pending.clear()
+            try:
+                async with self.slots:
+                    await self.reconcile(key, state)
+                backoff = 1.0
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:  # any failure: retry later, never lose the graph
+                metrics.ERRORS.inc()
+                log.warning("reconcile of %s/%s failed, retrying in %.0fs: %s", *key, backoff, err)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF)
+                state.pending.set()
+
+    async def stop(self) -> None:
+        tasks = [s.task for s in self.state.values() if s.task and not s.task.done()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # ---- one pass -------------------------------------------------------------------------------------------
+
+    async def reconcile(self, key: GraphKey, state: GraphState) -> None:
+        body = self.graphs.get(key)
+        if body is None or body["metadata"].get("deletionTimestamp"):
+            return
+        with metrics.DURATION.time():
+            try:
+                graph = parse(body)
+                manifests = render(graph, self.kube_version)
+            except (ValidationError, InvalidGraph) as err:
+                await self._degraded(
+                    key, body, state, "InvalidSpec", explain(err) if isinstance(err, ValidationError) else str(err)
+                )
+                return
+            desired = {child_key(m): m for m in manifests}
+            changed: list[str] = []
+            try:
+                for ck, manifest in desired.items():
+                    if await self._ensure(key, ck, manifest):
+                        changed.append(f"{ck[1]} {ck[3]}")
+                for ck in [ck for ck in self.children[key] if ck not in desired]:
+                    if await self._prune(key, ck):
+                        changed.append(f"deleted {ck[1]} {ck[3]}")
+            except ApiException as err:
+                if err.status in (400, 403, 422):  # the server refuses what we render: retrying will not help
+                    await self._degraded(key, body, state, "ApplyFailed", _api_message(err))
+                    return
+                raise
+            if changed:
+                await self._event(body, "Normal", "Applied", "; ".join(changed)[:1000])
+            deployments = {
+                stage.value: self.children[key].get(("apps/v1", "Deployment", key[0], f"{key[1]}-{stage.value}"))
+                for stage in graph.spec.used_stages()
+            }
+            await self._write_status(body, running_status(graph, deployments, endpoint(graph)))
+            state.last_event = None
+        metrics.RECONCILES.inc()
+
+    async def _ensure(self, key: GraphKey, ck: ChildKey, manifest: dict[str, Any]) -> bool:
+        """Apply `manifest` if the child is missing or differs; True when a write was made."""
+        live = self.children[key].get(ck)
+        if live is not None and not drifted(manifest, live):
+            return False
+        fresh = await self._get(ck)  # the cache may lag behind: read before writing
+        if fresh is not None:
+            self.children[key][ck] = fresh
+            where = drifted(manifest, fresh)
+            if not where or self.applied.get(ck) == (digest(manifest), _rv_text(fresh)):
+                return False  # in sync, or the server normalised what we applied last time
+            log.info("%s %s/%s drifted at %s; applying", ck[1], ck[2], ck[3], where)
+        result = await self._call(
+            self._resource(ck).server_side_apply,
+            body=manifest,
+            name=ck[3],
+            namespace=ck[2],
+            field_manager=FIELD_MANAGER,
+            force_conflicts=True,
+        )
+        live = result.to_dict()
+        self.children[key][ck] = live
+        self.applied[ck] = (digest(manifest), _rv_text(live))
+        metrics.WRITES.labels(verb="apply", kind=ck[1]).inc()
+        return True
+
+    async def _prune(self, key: GraphKey, ck: ChildKey) -> bool:
+        fresh = await self._get(ck)
+        self.children[key].pop(ck, None)
+        if fresh is None:
+            return False
+        try:
+            await self._call(self._resource(ck).delete, name=ck[3], namespace=ck[2])
+        except ApiException as err:
+            if err.status != 404:
+                raise
+            return False
+        metrics.WRITES.labels(verb="delete", kind=ck[1]).inc()
+        return True
+
+    async def _get(self, ck: ChildKey) -> dict[str, Any] | None:
+        try:
+            return (await self._call(self._resource(ck).get, name=ck[3], namespace=ck[2])).to_dict()
+        except ApiException as err:
+            if err.status == 404:
+                return None
+            raise
+
+    async def _degraded(self, key: GraphKey, body: dict[str, Any], state: GraphState, reason: str, msg: str) -> None:
+        log.warning("MultimodalGraph %s/%s is not applied: %s", *key, msg)
+        await self._write_status(body, degraded_status(body, reason, msg))
+        if state.last_event != msg:
+            await self._event(body, "Warning", reason, msg)
+            state.last_event = msg
+
+    async def _write_status(self, body: dict[str, Any], new: dict[str, Any]) -> None:
+        old = body.get("status") or {}
+        new = with_transition_times(new, old, now())
+        # Compare ignoring timestamps that only differ because we stamped `now` for an unchanged condition.
+        patch = status_patch(new, old)
+        if patch is None:
+            return
+        meta = body["metadata"]
+        result = await self._call(
+            client.CustomObjectsApi(self.api).patch_namespaced_custom_object_status,
+            GROUP,
+            VERSION,
+            meta["namespace"],
+            PLURAL,
+            meta["name"],
+            {"status": patch},
+        )
+        metrics.WRITES.labels(verb="patch", kind="MultimodalGraph/status").inc()
+        key = (meta["namespace"], meta["name"])
+        if key in self.graphs and _rv(result) >= _rv(self.graphs[key]):
+            self.graphs[key] = result
+
+    async def _event(self, body: dict[str, Any], kind: str, reason: str, message: str) -> None:
+        meta = body["metadata"]
+        stamp = now()
+        event = {
+            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+            "involvedObject": {
+                "apiVersion": body["apiVersion"],
+                "kind": KIND,
+                "name": meta["name"],
+                "namespace": meta["namespace"],
+                "uid": meta.get("uid"),
+                "resourceVersion": meta.get("resourceVersion"),
+            },
+            "type": kind,
+            "reason": reason,
+            "message": message,
+            "source": {"component": FIELD_MANAGER},
+            "reportingComponent": FIELD_MANAGER,
+            "firstTimestamp": stamp,
+            "lastTimestamp": stamp,
+            "count": 1,
+        }
+        try:
+            await self._call(client.CoreV1Api(self.api).create_namespaced_event, meta["namespace"], event)
+            metrics.WRITES.labels(verb="create", kind="Event").inc()
+        except ApiException as err:  # an Event is a courtesy: never fail a reconcile over it
+            log.warning("could not post Event %s for %s: %s", reason, meta["name"], err.reason)
+
+    def _resource(self, ck: ChildKey) -> Any:
+        return self.dyn.resources.get(api_version=ck[0], kind=ck[1])
+
+    async def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("_request_timeout", API_TIMEOUT)
+        return await asyncio.wait_for(asyncio.to_thread(fn, *args, **kwargs), API_TIMEOUT + 5)
+
+
+def _rv(obj: dict[str, Any]) -> int:
+    try:
+        return int(obj["metadata"].get("resourceVersion") or 0)
+    except (TypeError, ValueError):
+        return 0
+
+
+def _rv_text(obj: dict[str, Any]) -> str:
+    return str(obj["metadata"].get("resourceVersion") or "")
+
+
+def _api_message(err: ApiException) -> str:
+    try:
+        return json.loads(err.body)["message"]
+    except (TypeError, ValueError, KeyError):
+        return f"{err.status} {err.reason}"

@@ -1,0 +1,325 @@
+"""`render(graph, kube_version)`: the pure compiler from a MultimodalGraph to the Kubernetes objects that run it.
+
+No I/O and no clock: the same graph and version always give the same manifests, so the operator's reconcile loop
+is "render, then make the cluster match", `mmgraph render` shows a GitOps reviewer exactly what will be applied,
+and golden tests pin the output. Anything that needs the cluster (the server's version, the graph's uid) is an
+argument.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from mmgraph_operator.api import (
+    API_VERSION,
+    KIND,
+    EngineSpec,
+    GpuStageSpec,
+    MultimodalGraph,
+    StageName,
+    StageSpec,
+    problems,
+)
+from mmgraph_operator.commands import worker_command
+
+DEFAULT_KUBE_VERSION = "1.29"
+GRAPH_LABEL = "mmgraph.io/graph"
+STAGE_LABEL = "mmgraph.io/stage"
+MANAGED_BY = "mmgraph-operator"
+WORKER_UID = 1000
+MODEL_DIR = "/models"
+CACHE_DIR = "/cache"
+
+
+class InvalidGraph(ValueError):
+    """The graph breaks a rule the schema cannot express; `problems` says what to change."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class KubeVersion:
+    major: int
+    minor: int
+
+    @classmethod
+    def parse(cls, text: str) -> KubeVersion:
+        """Accepts 1.20, v1.20.2, 1.29+ (as GKE/EKS report minor versions)."""
+        parts = text.strip().lstrip("v").split(".")
+        return cls(int(parts[0]), int("".join(c for c in parts[1] if c.isdigit())))
+
+    def __ge__(self, other: tuple[int, int]) -> bool:  # type: ignore[override]
+        return (self.major, self.minor) >= other
+
+
+def service_name(graph: str, stage: StageName) -> str:
+    return f"{graph}-{stage.value}"
+
+
+def endpoint(graph: MultimodalGraph) -> str:
+    """The frontend's in-cluster URL, as reported in status.endpoint."""
+    port = graph.spec.stages.frontend.port
+    return f"http://{service_name(graph.name, StageName.FRONTEND)}.{graph.namespace}.svc:{port}"
+
+
+def render(graph: MultimodalGraph, kube_version: str = DEFAULT_KUBE_VERSION) -> list[dict[str, Any]]:
+    """Every object the graph needs, in apply order; raises InvalidGraph with what to change."""
+    found = problems(graph)
+    if found:
+        raise InvalidGraph(found)
+    version = KubeVersion.parse(kube_version)
+    out: list[dict[str, Any]] = []
+    for stage in graph.spec.used_stages():
+        cfg = graph.spec.stages.get(stage)
+        assert cfg is not None
+        out.append(_service(graph, stage))
+        out.append(_deployment(graph, stage, cfg))
+        if cfg.replicas > 1:
+            out.append(_pdb(graph, stage, version))
+    if graph.spec.network_policy.enabled:
+        out += _network_policies(graph)
+    return out
+
+
+# ---- metadata -----------------------------------------------------------------------------------------------
+
+
+def _labels(graph: MultimodalGraph, stage: StageName | None = None) -> dict[str, str]:
+    labels = {
+        "app.kubernetes.io/name": "mmgraph",
+        "app.kubernetes.io/instance": graph.name,
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+        GRAPH_LABEL: graph.name,
+    }
+    if stage is not None:
+        labels["app.kubernetes.io/component"] = stage.value
+        labels[STAGE_LABEL] = stage.value
+    return labels
+
+
+def _selector(graph: MultimodalGraph, stage: StageName | None = None) -> dict[str, str]:
+    selector = {GRAPH_LABEL: graph.name}
+    if stage is not None:
+        selector[STAGE_LABEL] = stage.value
+    return selector
+
+
+def _metadata(graph: MultimodalGraph, name: str, stage: StageName | None = None) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name, "namespace": graph.namespace, "labels": _labels(graph, stage)}
+    uid = graph.metadata.get("uid")
+    if uid:
+        meta["ownerReferences"] = [
+            {"apiVersion": API_VERSION, "kind": KIND, "name": graph.name, "uid": uid, "controller": True}
+        ]
+    return meta
+
+
+# ---- per stage ----------------------------------------------------------------------------------------------
+
+
+def _ports(graph: MultimodalGraph, stage: StageName, cfg: StageSpec) -> list[dict[str, Any]]:
+    ports = [{"name": "http", "containerPort": cfg.port, "protocol": "TCP"}]  # type: ignore[attr-defined]
+    if stage != StageName.FRONTEND:
+        ports.append({"name": "nixl", "containerPort": graph.spec.transfer.port, "protocol": "TCP"})
+    if isinstance(cfg, EngineSpec):
+        ports.append({"name": "nixl-kv", "containerPort": graph.spec.transfer.port + 1, "protocol": "TCP"})
+    return ports
+
+
+def _service(graph: MultimodalGraph, stage: StageName) -> dict[str, Any]:
+    """Frontend: a ClusterIP Service clients use. Workers: headless, so peers resolve every ready pod."""
+    cfg = graph.spec.stages.get(stage)
+    assert cfg is not None
+    ports = [
+        {"name": p["name"], "port": p["containerPort"], "targetPort": p["name"], "protocol": "TCP"}
+        for p in _ports(graph, stage, cfg)
+    ]
+    spec: dict[str, Any] = {"selector": _selector(graph, stage), "ports": ports}
+    if stage != StageName.FRONTEND:
+        spec["clusterIP"] = "None"
+    else:
+        spec["type"] = "ClusterIP"
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(graph, service_name(graph.name, stage), stage),
+        "spec": spec,
+    }
+
+
+def _peer_urls(graph: MultimodalGraph) -> dict[StageName, str]:
+    peers = {}
+    for stage in graph.spec.used_stages():
+        if stage != StageName.FRONTEND:
+            cfg = graph.spec.stages.get(stage)
+            host = f"{service_name(graph.name, stage)}.{graph.namespace}.svc"
+            peers[stage] = f"http://{host}:{cfg.port}"  # type: ignore[union-attr]
+    return peers
+
+
+def _model_location(graph: MultimodalGraph) -> tuple[str, list[dict[str, Any]], list[dict[str, Any]], list[dict]]:
+    """(--model value, volumes, volumeMounts, env) for the graph's model source."""
+    model = graph.spec.model
+    if model.pvc is not None:
+        volume = {"name": "model", "persistentVolumeClaim": {"claimName": model.pvc.claim_name, "readOnly": True}}
+        mount = {"name": "model", "mountPath": MODEL_DIR, "readOnly": True}
+        path = f"{MODEL_DIR}/{model.pvc.path or ''}".rstrip("/")
+        return path, [volume], [mount], []
+    if model.hugging_face is not None:
+        hf = model.hugging_face
+        env: list[dict[str, Any]] = []
+        if hf.token_secret:
+            env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": dict(hf.token_secret)}})
+        return hf.id, [], [], env
+    assert model.path is not None
+    return model.path, [], [], []
+
+
+def _probes(stage_cfg: StageSpec) -> dict[str, dict[str, Any]]:
+    """HTTP /health probes; the startup probe allows 20 minutes, since loading a large model takes minutes."""
+
+    def get(period: int, failures: int, timeout: int = 3) -> dict[str, Any]:
+        return {
+            "httpGet": {"path": "/health", "port": "http", "scheme": "HTTP"},
+            "periodSeconds": period,
+            "failureThreshold": failures,
+            "timeoutSeconds": timeout,
+            "successThreshold": 1,
+        }
+
+    given = stage_cfg.probes
+    return {
+        "startupProbe": given.startup or get(10, 120),
+        "readinessProbe": given.readiness or get(5, 3),
+        "livenessProbe": given.liveness or get(10, 6, timeout=5),
+    }
+
+
+def _resources(cfg: StageSpec) -> dict[str, Any]:
+    resources = {k: dict(v) for k, v in (cfg.resources or {}).items() if k in ("requests", "limits")}
+    gpus = cfg.gpus if isinstance(cfg, GpuStageSpec) else 0
+    if gpus:
+        for kind in ("requests", "limits"):
+            resources.setdefault(kind, {})["nvidia.com/gpu"] = str(gpus)
+    return resources
+
+
+def _deployment(graph: MultimodalGraph, stage: StageName, cfg: StageSpec) -> dict[str, Any]:
+    spec = graph.spec
+    model, volumes, mounts, env = _model_location(graph)
+    argv = worker_command(spec, stage, model=model, host="0.0.0.0", advertise_host="$(POD_IP)", peers=_peer_urls(graph))
+    env = [
+        {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "HOME", "value": CACHE_DIR},
+        {"name": "HF_HOME", "value": f"{CACHE_DIR}/huggingface"},
+        *env,
+    ]
+    if stage != StageName.FRONTEND and spec.transfer.ucx_tls:
+        env.append({"name": "UCX_TLS", "value": spec.transfer.ucx_tls})
+    api_key = spec.stages.frontend.api_key_secret
+    if stage == StageName.FRONTEND and api_key:
+        env.append({"name": "MMGRAPH_API_KEY", "valueFrom": {"secretKeyRef": dict(api_key)}})
+    env += [dict(e) for e in cfg.env or []]
+    volumes = [{"name": "cache", "emptyDir": {}}, {"name": "tmp", "emptyDir": {}}, *volumes]
+    mounts = [{"name": "cache", "mountPath": CACHE_DIR}, {"name": "tmp", "mountPath": "/tmp"}, *mounts]
+    if isinstance(cfg, EngineSpec):  # vLLM's workers share tensors through /dev/shm
+        volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
+        mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
+    container: dict[str, Any] = {
+        "name": stage.value,
+        "image": spec.image,
+        "imagePullPolicy": spec.image_pull_policy,
+        "command": ["mmgraph"],
+        "args": argv,
+        "ports": _ports(graph, stage, cfg),
+        "env": env,
+        "volumeMounts": mounts,
+        **_probes(cfg),
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+    }
+    resources = _resources(cfg)
+    if resources:
+        container["resources"] = resources
+    pod: dict[str, Any] = {
+        "containers": [container],
+        "volumes": volumes,
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": 60,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": WORKER_UID,
+            "runAsGroup": WORKER_UID,
+            "fsGroup": WORKER_UID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+    }
+    for key, value in (
+        ("serviceAccountName", spec.service_account_name),
+        ("imagePullSecrets", [dict(s) for s in spec.image_pull_secrets or []] or None),
+        ("nodeSelector", dict(cfg.node_selector or {}) or None),
+        ("tolerations", [dict(t) for t in cfg.tolerations or []] or None),
+        ("affinity", dict(cfg.affinity) if cfg.affinity else None),
+    ):
+        if value:
+            pod[key] = value
+    annotations = {
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": str(cfg.port),
+        "prometheus.io/path": "/metrics",
+    }  # type: ignore[attr-defined]
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _metadata(graph, service_name(graph.name, stage), stage),
+        "spec": {
+            "replicas": cfg.replicas,
+            "revisionHistoryLimit": 3,
+            "selector": {"matchLabels": _selector(graph, stage)},
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+            "template": {"metadata": {"labels": _labels(graph, stage), "annotations": annotations}, "spec": pod},
+        },
+    }
+
+
+def _pdb(graph: MultimodalGraph, stage: StageName, version: KubeVersion) -> dict[str, Any]:
+    """At most one pod of a replicated stage down at a time during voluntary disruptions (drains)."""
+    return {
+        "apiVersion": "policy/v1" if version >= (1, 21) else "policy/v1beta1",
+        "kind": "PodDisruptionBudget",
+        "metadata": _metadata(graph, service_name(graph.name, stage), stage),
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": _selector(graph, stage)}},
+    }
+
+
+def _network_policies(graph: MultimodalGraph) -> list[dict[str, Any]]:
+    """Worker and NIXL ports: only from the graph's own pods. The frontend's HTTP port: from anywhere."""
+    internal = {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _metadata(graph, f"{graph.name}-internal"),
+        "spec": {
+            "podSelector": {"matchLabels": _selector(graph)},
+            "policyTypes": ["Ingress"],
+            "ingress": [{"from": [{"podSelector": {"matchLabels": _selector(graph)}}]}],
+        },
+    }
+    frontend = {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _metadata(graph, service_name(graph.name, StageName.FRONTEND), StageName.FRONTEND),
+        "spec": {
+            "podSelector": {"matchLabels": _selector(graph, StageName.FRONTEND)},
+            "policyTypes": ["Ingress"],
+            "ingress": [{"ports": [{"port": "http", "protocol": "TCP"}]}],
+        },
+    }
+    return [internal, frontend]

@@ -1,0 +1,300 @@
+"""A real Kubernetes control plane for tests: etcd + kube-apiserver + kube-controller-manager on 127.0.0.1.
+
+No kubelet and no scheduler: Deployments get ReplicaSets and Pods, garbage collection and token Secrets work,
+but Pods stay Pending (tests that need Ready pods play the kubelet themselves, see `play_kubelet_mark_ready`).
+Binaries come from scripts/kube-binaries.sh (built once, cached). Every process started here is stopped by
+`stop()`. The API server writes an audit log, so tests can count the requests a given identity made.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
+
+REPO = Path(__file__).resolve().parent.parent
+AUDIT_POLICY = {
+    "apiVersion": "audit.k8s.io/v1",
+    "kind": "Policy",
+    "omitStages": ["RequestReceived"],
+    "rules": [{"level": "Metadata"}],
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def kube_bin_dir() -> Path:
+    out = subprocess.run(
+        ["bash", str(REPO / "scripts" / "kube-binaries.sh")], check=True, capture_output=True, text=True
+    )
+    return Path(out.stdout.strip().splitlines()[-1])
+
+
+# ---- certificates ------------------------------------------------------------------------------------------
+
+
+def _key() -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+def _pem_key(key: rsa.RSAPrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
+    )
+
+
+def _cert(
+    subject: x509.Name,
+    key: rsa.RSAPrivateKey,
+    issuer: tuple[x509.Certificate, rsa.RSAPrivateKey] | None,
+    *,
+    ca: bool = False,
+    sans: list[x509.GeneralName] | None = None,
+) -> x509.Certificate:
+    now = datetime.datetime.now(datetime.timezone.utc)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer[0].subject if issuer else subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=2))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if sans:
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    return builder.sign(issuer[1] if issuer else key, hashes.SHA256())
+
+
+@dataclass
+class Pki:
+    """A CA and certificates signed by it, written as PEM files into `root`."""
+
+    root: Path
+    ca: x509.Certificate = field(init=False)
+    ca_key: rsa.RSAPrivateKey = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.ca_key = _key()
+        self.ca = _cert(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mmgraph-test-ca")]), self.ca_key, None, ca=True)
+        self.write("ca.crt", self.ca.public_bytes(serialization.Encoding.PEM))
+
+    def write(self, name: str, data: bytes) -> Path:
+        path = self.root / name
+        path.write_bytes(data)
+        return path
+
+    def issue(self, name: str, cn: str, org: str | None = None, sans: list[str] | None = None) -> tuple[Path, Path]:
+        """(cert path, key path) for `cn`; `sans` are IP addresses or DNS names."""
+        key = _key()
+        attrs = [x509.NameAttribute(NameOID.COMMON_NAME, cn)]
+        if org:
+            attrs.append(x509.NameAttribute(NameOID.ORGANIZATION_NAME, org))
+        general: list[x509.GeneralName] = []
+        for san in sans or []:
+            try:
+                general.append(x509.IPAddress(ipaddress.ip_address(san)))
+            except ValueError:
+                general.append(x509.DNSName(san))
+        cert = _cert(x509.Name(attrs), key, (self.ca, self.ca_key), sans=general or None)
+        return (
+            self.write(f"{name}.crt", cert.public_bytes(serialization.Encoding.PEM)),
+            self.write(f"{name}.key", _pem_key(key)),
+        )
+
+
+# ---- the cluster -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class KubeCluster:
+    workdir: Path
+    bin_dir: Path
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    port: int = 0
+
+    @property
+    def server(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
+
+    @property
+    def kubeconfig(self) -> Path:
+        return self.workdir / "admin.kubeconfig"
+
+    @property
+    def audit_log(self) -> Path:
+        return self.workdir / "audit.log"
+
+    def start(self) -> KubeCluster:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.pki = Pki(self.workdir)
+        serving = self.pki.issue("apiserver", "kube-apiserver", sans=["127.0.0.1", "localhost", "10.0.0.1"])
+        admin = self.pki.issue("admin", "admin", org="system:masters")
+        sa_key = _key()
+        self.pki.write("sa.key", _pem_key(sa_key))
+        self.pki.write(
+            "sa.pub",
+            sa_key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo),
+        )
+        (self.workdir / "audit-policy.yaml").write_text(yaml.safe_dump(AUDIT_POLICY))
+        etcd_port, peer_port = free_port(), free_port()
+        etcd_dir = self.workdir / "etcd"
+        self._spawn(
+            "etcd",
+            [
+                shutil.which("etcd") or "/usr/bin/etcd",
+                f"--data-dir={etcd_dir}",
+                f"--listen-client-urls=http://127.0.0.1:{etcd_port}",
+                f"--advertise-client-urls=http://127.0.0.1:{etcd_port}",
+                f"--listen-peer-urls=http://127.0.0.1:{peer_port}",
+                f"--initial-advertise-peer-urls=http://127.0.0.1:{peer_port}",
+                f"--initial-cluster=default=http://127.0.0.1:{peer_port}",
+                "--unsafe-no-fsync",
+                "--logger=zap",
+                "--log-level=error",
+            ],
+        )
+        self.port = free_port()
+        w = self.workdir
+        self._spawn(
+            "kube-apiserver",
+            [
+                str(self.bin_dir / "kube-apiserver"),
+                "--bind-address=127.0.0.1",
+                f"--secure-port={self.port}",
+                "--insecure-port=0",
+                f"--etcd-servers=http://127.0.0.1:{etcd_port}",
+                f"--client-ca-file={w / 'ca.crt'}",
+                f"--tls-cert-file={serving[0]}",
+                f"--tls-private-key-file={serving[1]}",
+                f"--service-account-key-file={w / 'sa.pub'}",
+                f"--service-account-signing-key-file={w / 'sa.key'}",
+                "--service-account-issuer=https://kubernetes.default.svc",
+                "--api-audiences=https://kubernetes.default.svc",
+                "--authorization-mode=Node,RBAC",
+                "--service-cluster-ip-range=10.0.0.0/24",
+                "--endpoint-reconciler-type=none",
+                "--enable-priority-and-fairness=false",
+                "--disable-admission-plugins=ServiceAccount",
+                "--allow-privileged=true",
+                f"--audit-policy-file={w / 'audit-policy.yaml'}",
+                f"--audit-log-path={self.audit_log}",
+                "--audit-log-format=json",
+                "--audit-log-mode=blocking",
+                "--v=0",
+            ],
+        )
+        self._write_kubeconfig(self.kubeconfig, {"client-certificate": str(admin[0]), "client-key": str(admin[1])})
+        self._wait_ready()
+        self._spawn(
+            "kube-controller-manager",
+            [
+                str(self.bin_dir / "kube-controller-manager"),
+                f"--kubeconfig={self.kubeconfig}",
+                "--leader-elect=false",
+                "--port=0",
+                "--secure-port=0",
+                "--controllers=*,-nodeipam,-nodelifecycle,-route,-service,-cloud-node-lifecycle,-ttl,-bootstrapsigner,-tokencleaner",
+                f"--service-account-private-key-file={w / 'sa.key'}",
+                f"--root-ca-file={w / 'ca.crt'}",
+                "--use-service-account-credentials=false",
+                "--concurrent-deployment-syncs=10",
+                "--concurrent-replicaset-syncs=10",
+                "--concurrent-gc-syncs=20",
+                "--kube-api-qps=200",
+                "--kube-api-burst=400",
+                "--v=0",
+            ],
+        )
+        return self
+
+    def _spawn(self, name: str, argv: list[str]) -> None:
+        log = open(self.workdir / f"{name}.log", "wb")  # noqa: SIM115 - lives as long as the process
+        self.procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def _write_kubeconfig(self, path: Path, user: dict[str, str], namespace: str = "default") -> None:
+        config = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "test", "cluster": {"server": self.server, "certificate-authority": str(self.workdir / "ca.crt")}}],
+            "users": [{"name": "user", "user": user}],
+            "contexts": [{"name": "test", "context": {"cluster": "test", "user": "user", "namespace": namespace}}],
+            "current-context": "test",
+        }
+        path.write_text(yaml.safe_dump(config))
+
+    def kubeconfig_for_token(self, name: str, token: str, namespace: str = "default") -> Path:
+        """A kubeconfig that authenticates with a bearer token (e.g. a ServiceAccount's)."""
+        path = self.workdir / f"{name}.kubeconfig"
+        self._write_kubeconfig(path, {"token": token}, namespace)
+        return path
+
+    def _wait_ready(self, timeout: float = 60) -> None:
+        import ssl
+        import urllib.request
+
+        ctx = ssl.create_default_context(cafile=str(self.workdir / "ca.crt"))
+        ctx.load_cert_chain(self.workdir / "admin.crt", self.workdir / "admin.key")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for name, proc in self.procs.items():
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{name} exited: {(self.workdir / f'{name}.log').read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"{self.server}/readyz", context=ctx, timeout=2) as resp:
+                    if resp.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.2)
+        raise TimeoutError("kube-apiserver did not become ready")
+
+    def audit_events(self) -> list[dict]:
+        if not self.audit_log.exists():
+            return []
+        return [json.loads(line) for line in self.audit_log.read_text().splitlines() if line.strip()]
+
+    def stop(self) -> None:
+        for name in ("kube-controller-manager", "kube-apiserver", "etcd"):
+            proc = self.procs.pop(name, None)
+            if proc is None:
+                continue
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+
+
+def start_cluster(workdir: Path | None = None) -> KubeCluster:
+    return KubeCluster(workdir or Path(tempfile.mkdtemp(prefix="mmgraph-kube-")), kube_bin_dir()).start()
+
+
+if __name__ == "__main__":  # a cluster to poke at by hand: python tests/kubecluster.py
+    cluster = start_cluster()
+    print(f"export KUBECONFIG={cluster.kubeconfig}  (Ctrl-C stops it)")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        cluster.stop()
+        os._exit(0)

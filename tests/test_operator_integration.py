@@ -1,0 +1,261 @@
+"""The operator against a real kube-apiserver + etcd + kube-controller-manager (no kubelet, no scheduler)."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+from kubernetes import client, dynamic
+from kubernetes.client.exceptions import ApiException
+
+from conftest import OPERATOR_USER, graph_manifest, wait_for
+
+pytestmark = pytest.mark.cluster
+
+GRAPHS = ("mmgraph.io", "v1alpha1", "multimodalgraphs")
+
+
+def create_graph(api: client.ApiClient, body: dict[str, Any]) -> dict[str, Any]:
+    return client.CustomObjectsApi(api).create_namespaced_custom_object(*GRAPHS[:2], body["metadata"]["namespace"], GRAPHS[2], body)
+
+
+def get_graph(api: client.ApiClient, ns: str, name: str) -> dict[str, Any]:
+    return client.CustomObjectsApi(api).get_namespaced_custom_object(*GRAPHS[:2], ns, GRAPHS[2], name)
+
+
+def patch_graph(api: client.ApiClient, ns: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
+    return client.CustomObjectsApi(api).patch_namespaced_custom_object(*GRAPHS[:2], ns, GRAPHS[2], name, patch)
+
+
+CHILD_KINDS = {
+    "Deployment": "apps/v1",
+    "Service": "v1",
+    "PodDisruptionBudget": "policy/v1beta1",  # what a 1.20 server serves
+    "NetworkPolicy": "networking.k8s.io/v1",
+}
+
+
+def children(api: client.ApiClient, ns: str, graph: str) -> dict[str, set[str]]:
+    """Names of the graph's children by kind, read from the API server."""
+    dyn = dynamic.DynamicClient(api)
+    out = {}
+    for kind, version in CHILD_KINDS.items():
+        items = dyn.resources.get(api_version=version, kind=kind).get(namespace=ns, label_selector=f"mmgraph.io/graph={graph}")
+        out[kind] = {item.metadata.name for item in items.items}
+    return out
+
+
+E_P_D_CHILDREN = {
+    "Deployment": {"g-frontend", "g-encoder", "g-pd", "g-decode"},
+    "Service": {"g-frontend", "g-encoder", "g-pd", "g-decode"},
+    "PodDisruptionBudget": {"g-frontend", "g-decode"},  # the stages with more than one replica
+    "NetworkPolicy": {"g-internal", "g-frontend"},
+}
+
+
+def condition(graph: dict[str, Any], kind: str) -> dict[str, Any] | None:
+    return next((c for c in (graph.get("status") or {}).get("conditions") or [] if c["type"] == kind), None)
+
+
+def test_create_makes_every_child_with_owner_and_status(api, operator, namespace):
+    create_graph(api, graph_manifest("g", namespace))
+    wait_for(lambda: children(api, namespace, "g") == E_P_D_CHILDREN, what="all children")
+    dep = client.AppsV1Api(api).read_namespaced_deployment("g-pd", namespace)
+    owner = dep.metadata.owner_references[0]
+    assert (owner.kind, owner.name, owner.controller) == ("MultimodalGraph", "g", True)
+    container = dep.spec.template.spec.containers[0]
+    assert container.resources.limits["nvidia.com/gpu"] == "1"
+    assert container.args[:2] == ["worker", "pd"]
+    assert "--kv-role=producer" in container.args
+    assert container.startup_probe.failure_threshold * container.startup_probe.period_seconds >= 600
+    assert any(v.name == "dshm" and v.empty_dir.medium == "Memory" for v in dep.spec.template.spec.volumes)
+    svc = client.CoreV1Api(api).read_namespaced_service("g-encoder", namespace)
+    assert svc.spec.cluster_ip == "None"  # headless: peers resolve every ready pod
+    graph = wait_for(lambda: (g := get_graph(api, namespace, "g")).get("status", {}).get("stages") and g, what="status")
+    status = graph["status"]
+    assert status["observedGeneration"] == graph["metadata"]["generation"]
+    assert status["endpoint"] == f"http://g-frontend.{namespace}.svc:8000"
+    assert set(status["stages"]) == {"frontend", "encoder", "pd", "decode"}
+    assert condition(graph, "Ready")["status"] == "False"  # no kubelet: pods never become ready by themselves
+    assert condition(graph, "Degraded")["status"] == "False"
+    assert status["phase"] == "Progressing"
+
+
+def test_update_changes_children_and_topology_change_deletes_unneeded(api, operator, namespace):
+    create_graph(api, graph_manifest("g", namespace))
+    wait_for(lambda: children(api, namespace, "g") == E_P_D_CHILDREN, what="children")
+    apps = client.AppsV1Api(api)
+    patch_graph(api, namespace, "g", {"spec": {"image": "example.com/worker:2", "stages": {"pd": {"replicas": 3}}}})
+    wait_for(lambda: apps.read_namespaced_deployment("g-pd", namespace).spec.replicas == 3, what="pd scaled")
+    dep = apps.read_namespaced_deployment("g-encoder", namespace)
+    assert dep.spec.template.spec.containers[0].image == "example.com/worker:2"
+    wait_for(lambda: "g-pd" in children(api, namespace, "g")["PodDisruptionBudget"], what="pd PDB")
+    # e-p-d -> e-pd: decode is no longer used; its Deployment, Service and PDB must go.
+    patch_graph(api, namespace, "g", {"spec": {"topology": "e-pd", "stages": {"decode": None}}})
+    want = {
+        "Deployment": {"g-frontend", "g-encoder", "g-pd"},
+        "Service": {"g-frontend", "g-encoder", "g-pd"},
+        "PodDisruptionBudget": {"g-frontend", "g-pd"},
+        "NetworkPolicy": {"g-internal", "g-frontend"},
+    }
+    wait_for(lambda: children(api, namespace, "g") == want, what="decode pruned")
+    args = apps.read_namespaced_deployment("g-frontend", namespace).spec.template.spec.containers[0].args
+    assert "--topology=e-pd" in args and not any(a.startswith("--decode-url") for a in args)
+    graph = wait_for(
+        lambda: (g := get_graph(api, namespace, "g"))["status"].get("observedGeneration") == g["metadata"]["generation"] and g,
+        what="status caught up",
+    )
+    assert set(graph["status"]["stages"]) == {"frontend", "encoder", "pd"}
+
+
+def test_deleted_or_edited_child_is_restored(api, operator, namespace):
+    create_graph(api, graph_manifest("g", namespace))
+    wait_for(lambda: children(api, namespace, "g") == E_P_D_CHILDREN, what="children")
+    apps, core = client.AppsV1Api(api), client.CoreV1Api(api)
+    apps.delete_namespaced_deployment("g-decode", namespace)
+    core.delete_namespaced_service("g-encoder", namespace)
+    client.NetworkingV1Api(api).delete_namespaced_network_policy("g-internal", namespace)
+    wait_for(lambda: children(api, namespace, "g") == E_P_D_CHILDREN, what="children restored")
+    apps.patch_namespaced_deployment("g-pd", namespace, {"spec": {"replicas": 7}})
+    wait_for(lambda: apps.read_namespaced_deployment("g-pd", namespace).spec.replicas == 1, what="replicas reverted")
+    patch = {"spec": {"template": {"spec": {"containers": [{"name": "pd", "image": "evil.example/x:1"}]}}}}
+    apps.patch_namespaced_deployment("g-pd", namespace, patch)
+    wait_for(
+        lambda: apps.read_namespaced_deployment("g-pd", namespace).spec.template.spec.containers[0].image
+        == "ghcr.io/mmgraph/worker:0.1.0",
+        what="image reverted",
+    )
+
+
+def test_graph_deleted_collects_everything(api, operator, namespace):
+    create_graph(api, graph_manifest("g", namespace))
+    wait_for(lambda: children(api, namespace, "g") == E_P_D_CHILDREN, what="children")
+    wait_for(
+        lambda: client.AppsV1Api(api).list_namespaced_replica_set(namespace).items, what="controller-manager made ReplicaSets"
+    )
+    client.CustomObjectsApi(api).delete_namespaced_custom_object(*GRAPHS[:2], namespace, GRAPHS[2], "g")
+    empty = {k: set() for k in E_P_D_CHILDREN}
+    wait_for(lambda: children(api, namespace, "g") == empty, timeout=30, what="garbage collection")
+    wait_for(lambda: not client.AppsV1Api(api).list_namespaced_replica_set(namespace).items, timeout=30, what="RS gone")
+
+
+def play_kubelet_mark_ready(api: client.ApiClient, namespace: str, graph: str) -> int:
+    """Stands in for the kubelet, which this test cluster lacks: marks the graph's pods Running and Ready."""
+    core = client.CoreV1Api(api)
+    pods = core.list_namespaced_pod(namespace, label_selector=f"mmgraph.io/graph={graph}").items
+    for pod in pods:
+        now = "2026-01-01T00:00:00Z"
+        status = {
+            "phase": "Running",
+            "podIP": "10.1.0.1",
+            "conditions": [
+                {"type": t, "status": "True", "lastTransitionTime": now} for t in ("PodScheduled", "Initialized", "ContainersReady", "Ready")
+            ],
+            "containerStatuses": [
+                {
+                    "name": pod.spec.containers[0].name,
+                    "ready": True,
+                    "started": True,
+                    "restartCount": 0,
+                    "image": pod.spec.containers[0].image,
+                    "imageID": "",
+                    "state": {"running": {"startedAt": now}},
+                }
+            ],
+        }
+        core.patch_namespaced_pod_status(pod.metadata.name, namespace, {"status": status})
+    return len(pods)
+
+
+def test_ready_condition_follows_pod_readiness(api, operator, namespace):
+    body = graph_manifest("g", namespace)
+    body["spec"]["stages"]["frontend"]["replicas"] = 1
+    body["spec"]["stages"]["decode"]["replicas"] = 1
+    create_graph(api, body)
+    wait_for(lambda: len(client.CoreV1Api(api).list_namespaced_pod(namespace).items) == 4, timeout=30, what="4 pods")
+    assert play_kubelet_mark_ready(api, namespace, "g") == 4
+    graph = wait_for(
+        lambda: (g := get_graph(api, namespace, "g")) and condition(g, "Ready") and condition(g, "Ready")["status"] == "True" and g,
+        timeout=30,
+        what="Ready=True",
+    )
+    assert graph["status"]["readyStages"] == "4/4"
+    assert graph["status"]["phase"] == "Ready"
+    assert graph["status"]["stages"]["pd"] == {"replicas": 1, "readyReplicas": 1, "updatedReplicas": 1}
+
+
+def _operator_writes(cluster) -> list[dict[str, Any]]:
+    return [
+        e
+        for e in cluster.audit_events()
+        if e.get("user", {}).get("username") == OPERATOR_USER and e.get("verb") not in ("get", "list", "watch")
+    ]
+
+
+def test_unchanged_graph_causes_no_writes_even_across_restart(api, operator, namespace, cluster):
+    create_graph(api, graph_manifest("g", namespace))
+    wait_for(lambda: children(api, namespace, "g") == E_P_D_CHILDREN, what="children")
+    wait_for(lambda: get_graph(api, namespace, "g").get("status", {}).get("stages"), what="status")
+    # Let the controller-manager settle the Deployments' status (which pokes the operator).
+    settled = lambda: len(_operator_writes(cluster))  # noqa: E731
+    before = settled()
+    import time
+
+    time.sleep(3)
+    while settled() != before:
+        before = settled()
+        time.sleep(3)
+    operator.stop()
+    operator.start()
+    time.sleep(8)
+    writes = [e for e in _operator_writes(cluster)[before:] if e.get("objectRef", {}).get("namespace") in (namespace, None)]
+    assert writes == [], [(e["verb"], e["requestURI"]) for e in writes]
+
+
+def test_operator_restarted_midway_converges_without_duplicates(api, operator, namespace):
+    operator.stop()
+    try:
+        for i in range(5):
+            create_graph(api, graph_manifest(f"g{i}", namespace))
+    finally:
+        operator.start()
+    for i in range(5):
+        wait_for(lambda i=i: len(children(api, namespace, f"g{i}")["Deployment"]) == 4, what=f"g{i} children")
+    deps = client.AppsV1Api(api).list_namespaced_deployment(namespace).items
+    assert len(deps) == 20 and len({d.metadata.name for d in deps}) == 20
+    for d in deps:
+        assert len(d.metadata.owner_references) == 1
+
+
+def test_changing_config_rolls_pods(api, operator, namespace):
+    create_graph(api, graph_manifest("g", namespace))
+    apps = client.AppsV1Api(api)
+    wait_for(lambda: apps.list_namespaced_replica_set(namespace, label_selector="mmgraph.io/stage=encoder").items, what="rs")
+    patch_graph(api, namespace, "g", {"spec": {"media": {"maxPixels": 1024}}})
+    wait_for(
+        lambda: len(apps.list_namespaced_replica_set(namespace, label_selector="mmgraph.io/stage=encoder").items) == 2,
+        what="a second ReplicaSet (new pod template) for the encoder",
+    )
+    args = apps.read_namespaced_deployment("g-encoder", namespace).spec.template.spec.containers[0].args
+    assert "--max-pixels=1024" in args
+
+
+def test_dry_run_server_accepts_every_rendered_child(api, dyn: dynamic.DynamicClient, namespace):
+    """The manifests `render` produces (for the test server's version) pass the API server's own validation."""
+    from mmgraph_operator.api import parse
+    from mmgraph_operator.render import render
+
+    for example in ("qwen2.5-vl-e-p-d.yaml", "llava-agg.yaml", "tiny-e-p-d.yaml"):
+        import yaml
+
+        from conftest import REPO
+
+        body = yaml.safe_load((REPO / "examples" / example).read_text())
+        body["metadata"]["namespace"] = namespace
+        for manifest in render(parse(copy.deepcopy(body)), "1.20"):
+            resource = dyn.resources.get(api_version=manifest["apiVersion"], kind=manifest["kind"])
+            try:
+                resource.create(body=manifest, namespace=namespace, query_params=[("dryRun", "All")])
+            except ApiException as err:
+                raise AssertionError(f"{example}: {manifest['kind']} {manifest['metadata']['name']}: {err.body}") from None
