@@ -87,6 +87,7 @@ def helm_install(cluster: KubeCluster, api: client.ApiClient) -> Any:
         ),
         what="CRD Established",
     )
+    cluster.start_controller_manager()
     return release
 
 

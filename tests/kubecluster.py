@@ -205,6 +205,12 @@ class KubeCluster:
         )
         self._write_kubeconfig(self.kubeconfig, {"client-certificate": str(admin[0]), "client-key": str(admin[1])})
         self._wait_ready()
+        return self
+
+    def start_controller_manager(self) -> None:
+        """Separate from start(): its garbage collector learns custom kinds only at its periodic discovery
+        (30 s), so tests start it once the CRD is installed, as in a cluster where the chart came first."""
+        w = self.workdir
         self._spawn(
             "kube-controller-manager",
             [
@@ -225,7 +231,6 @@ class KubeCluster:
                 "--v=0",
             ],
         )
-        return self
 
     def _spawn(self, name: str, argv: list[str]) -> None:
         log = open(self.workdir / f"{name}.log", "wb")  # noqa: SIM115 - lives as long as the process
@@ -291,6 +296,7 @@ def start_cluster(workdir: Path | None = None) -> KubeCluster:
 
 if __name__ == "__main__":  # a cluster to poke at by hand: python tests/kubecluster.py
     cluster = start_cluster()
+    cluster.start_controller_manager()
     print(f"export KUBECONFIG={cluster.kubeconfig}  (Ctrl-C stops it)")
     try:
         while True:

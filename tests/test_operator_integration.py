@@ -113,9 +113,9 @@ def test_deleted_or_edited_child_is_restored(api, operator, namespace):
     create_graph(api, graph_manifest("g", namespace))
     wait_for(lambda: children(api, namespace, "g") == E_P_D_CHILDREN, what="children")
     apps, core = client.AppsV1Api(api), client.CoreV1Api(api)
-    apps.delete_namespaced_deployment("g-decode", namespace)
-    core.delete_namespaced_service("g-encoder", namespace)
-    client.NetworkingV1Api(api).delete_namespaced_network_policy("g-internal", namespace)
+    apps.delete_namespaced_deployment("g-decode", namespace, _preload_content=False)
+    core.delete_namespaced_service("g-encoder", namespace, _preload_content=False)
+    client.NetworkingV1Api(api).delete_namespaced_network_policy("g-internal", namespace, _preload_content=False)
     wait_for(lambda: children(api, namespace, "g") == E_P_D_CHILDREN, what="children restored")
     apps.patch_namespaced_deployment("g-pd", namespace, {"spec": {"replicas": 7}})
     wait_for(lambda: apps.read_namespaced_deployment("g-pd", namespace).spec.replicas == 1, what="replicas reverted")
@@ -134,7 +134,7 @@ def test_graph_deleted_collects_everything(api, operator, namespace):
     wait_for(
         lambda: client.AppsV1Api(api).list_namespaced_replica_set(namespace).items, what="controller-manager made ReplicaSets"
     )
-    client.CustomObjectsApi(api).delete_namespaced_custom_object(*GRAPHS[:2], namespace, GRAPHS[2], "g")
+    client.CustomObjectsApi(api).delete_namespaced_custom_object(*GRAPHS[:2], namespace, GRAPHS[2], "g", _preload_content=False)
     empty = {k: set() for k in E_P_D_CHILDREN}
     wait_for(lambda: children(api, namespace, "g") == empty, timeout=30, what="garbage collection")
     wait_for(lambda: not client.AppsV1Api(api).list_namespaced_replica_set(namespace).items, timeout=30, what="RS gone")
@@ -214,12 +214,11 @@ def test_unchanged_graph_causes_no_writes_even_across_restart(api, operator, nam
 
 
 def test_operator_restarted_midway_converges_without_duplicates(api, operator, namespace):
-    operator.stop()
-    try:
-        for i in range(5):
-            create_graph(api, graph_manifest(f"g{i}", namespace))
-    finally:
-        operator.start()
+    for i in range(5):
+        create_graph(api, graph_manifest(f"g{i}", namespace))
+    wait_for(lambda: client.AppsV1Api(api).list_namespaced_deployment(namespace).items, what="first children")
+    operator.stop()  # mid-way: some graphs have children, some have none yet
+    operator.start()
     for i in range(5):
         wait_for(lambda i=i: len(children(api, namespace, f"g{i}")["Deployment"]) == 4, what=f"g{i} children")
     deps = client.AppsV1Api(api).list_namespaced_deployment(namespace).items

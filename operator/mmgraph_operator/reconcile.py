@@ -198,6 +198,8 @@ class Reconciler:
                     if await self._prune(key, ck):
                         changed.append(f"deleted {ck[1]} {ck[3]}")
             except ApiException as err:
+                if _terminating(err):
+                    return  # the namespace is being deleted: nothing to converge to
                 if err.status in (400, 403, 422):  # the server refuses what we render: retrying will not help
                     await self._degraded(key, body, state, "ApplyFailed", _api_message(err))
                     return
@@ -334,6 +336,10 @@ def _rv(obj: dict[str, Any]) -> int:
 
 def _rv_text(obj: dict[str, Any]) -> str:
     return str(obj["metadata"].get("resourceVersion") or "")
+
+
+def _terminating(err: ApiException) -> bool:
+    return err.status == 403 and "being terminated" in (err.body or "")
 
 
 def _api_message(err: ApiException) -> str:
