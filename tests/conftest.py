@@ -10,13 +10,10 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import os
-import subprocess
 import sys
 import time
-import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,30 +23,16 @@ from kubernetes import client, config, dynamic
 from kubernetes.client.exceptions import ApiException
 
 sys.path.insert(0, str(Path(__file__).parent))
-from kubecluster import KubeCluster, free_port, start_cluster  # noqa: E402
+from kubecluster import (
+    KubeCluster,
+    OperatorProcess,
+    install_chart,
+    operator_kubeconfig_of,
+    start_cluster,
+)
 
 REPO = Path(__file__).resolve().parent.parent
-CHART = REPO / "charts" / "mmgraph"
-OPERATOR_NS = "mmgraph-system"
-RELEASE = "mmgraph"
-OPERATOR_SA = f"{RELEASE}-operator"
-OPERATOR_USER = f"system:serviceaccount:{OPERATOR_NS}:{OPERATOR_SA}"
 WEBHOOK_NAME = "mmgraph-test-webhook"
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, interval: float = 0.1, what: str = "") -> Any:
-    """Poll until `predicate()` is truthy; its value is returned. Fails the test with `what` on timeout."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = predicate()
-        except ApiException as err:
-            last = err
-        if last and not isinstance(last, Exception):
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}: last={last!r}")
 
 
 @pytest.fixture(scope="session")
@@ -74,33 +57,13 @@ def dyn(api: client.ApiClient) -> dynamic.DynamicClient:
 @pytest.fixture(scope="session")
 def helm_install(cluster: KubeCluster, api: client.ApiClient) -> Any:
     """`helm install mmgraph charts/mmgraph -n mmgraph-system` through helm-python-sdk (CRD included)."""
-    import helm_python as helm
-
-    client.CoreV1Api(api).create_namespace({"metadata": {"name": OPERATOR_NS}})
-    cfg = helm.Config(kubeconfig_path=str(cluster.kubeconfig), namespace=OPERATOR_NS)
-    release = cfg.install(str(CHART), RELEASE, {"webhook": {"enabled": False}}, namespace=OPERATOR_NS, timeout=60)
-    ext = client.ApiextensionsV1Api(api)
-    wait_for(
-        lambda: any(
-            c.type == "Established" and c.status == "True"
-            for c in ext.read_custom_resource_definition("multimodalgraphs.mmgraph.io").status.conditions or []
-        ),
-        what="CRD Established",
-    )
-    cluster.start_controller_manager()
-    return release
+    return install_chart(cluster, api)
 
 
 @pytest.fixture(scope="session")
 def operator_kubeconfig(cluster: KubeCluster, api: client.ApiClient, helm_install: Any) -> Path:
     """A kubeconfig with the token of the ServiceAccount the chart created (no other rights)."""
-    core = client.CoreV1Api(api)
-    secret_name = wait_for(
-        lambda: (core.read_namespaced_service_account(OPERATOR_SA, OPERATOR_NS).secrets or [None])[0],
-        what="ServiceAccount token Secret",
-    ).name
-    token = base64.b64decode(core.read_namespaced_secret(secret_name, OPERATOR_NS).data["token"]).decode()
-    return cluster.kubeconfig_for_token("operator", token)
+    return operator_kubeconfig_of(cluster, api)
 
 
 @pytest.fixture(scope="session")
@@ -111,52 +74,6 @@ def webhook_certs(cluster: KubeCluster) -> Path:
     (d / "tls.crt").write_bytes(crt.read_bytes())
     (d / "tls.key").write_bytes(key.read_bytes())
     return d
-
-
-class OperatorProcess:
-    """`mmgraph operator` as a child process; start/stop can be repeated (restart tests)."""
-
-    def __init__(self, kubeconfig: Path, cert_dir: Path, logdir: Path):
-        self.kubeconfig, self.cert_dir, self.logdir = kubeconfig, cert_dir, logdir
-        self.webhook_port, self.metrics_port, self.health_port = free_port(), free_port(), free_port()
-        self.proc: subprocess.Popen | None = None
-        self.starts = 0
-
-    def start(self) -> None:
-        self.starts += 1
-        log = open(self.logdir / f"operator-{self.starts}.log", "wb")  # noqa: SIM115
-        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "PYTHONUNBUFFERED": "1"}
-        argv = [sys.executable, "-m", "mmgraph_operator.cli", "operator"]
-        argv += [f"--webhook-port={self.webhook_port}", f"--webhook-cert-dir={self.cert_dir}"]
-        argv += [f"--metrics-port={self.metrics_port}", f"--health-port={self.health_port}"]
-        self.proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
-        wait_for(self._healthy, timeout=60, what="operator /healthz")
-
-    def _healthy(self) -> bool:
-        assert self.proc is not None and self.proc.poll() is None, self.log()
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/healthz", timeout=1) as r:
-                return r.status == 200
-        except OSError:
-            return False
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self.proc = None
-
-    def log(self) -> str:
-        return (self.logdir / f"operator-{self.starts}.log").read_text()[-5000:]
-
-    def metric(self, name: str) -> float:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=2) as r:
-            text = r.read().decode()
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
 
 
 @pytest.fixture(scope="session")

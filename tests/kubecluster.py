@@ -15,10 +15,14 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
+import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 from cryptography import x509
@@ -27,12 +31,34 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
 REPO = Path(__file__).resolve().parent.parent
+CHART = REPO / "charts" / "mmgraph"
+OPERATOR_NS = "mmgraph-system"
+RELEASE = "mmgraph"
+OPERATOR_SA = f"{RELEASE}-operator"
+OPERATOR_USER = f"system:serviceaccount:{OPERATOR_NS}:{OPERATOR_SA}"
 AUDIT_POLICY = {
     "apiVersion": "audit.k8s.io/v1",
     "kind": "Policy",
     "omitStages": ["RequestReceived"],
     "rules": [{"level": "Metadata"}],
 }
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, interval: float = 0.1, what: str = "") -> Any:
+    """Poll until `predicate()` is truthy; its value is returned. Raises AssertionError naming `what` on timeout."""
+    from kubernetes.client.exceptions import ApiException
+
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = predicate()
+        except ApiException as err:
+            last = err
+        if last and not isinstance(last, Exception):
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}: last={last!r}")
 
 
 def free_port() -> int:
@@ -95,7 +121,9 @@ class Pki:
 
     def __post_init__(self) -> None:
         self.ca_key = _key()
-        self.ca = _cert(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mmgraph-test-ca")]), self.ca_key, None, ca=True)
+        self.ca = _cert(
+            x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mmgraph-test-ca")]), self.ca_key, None, ca=True
+        )
         self.write("ca.crt", self.ca.public_bytes(serialization.Encoding.PEM))
 
     def write(self, name: str, data: bytes) -> Path:
@@ -153,7 +181,9 @@ class KubeCluster:
         self.pki.write("sa.key", _pem_key(sa_key))
         self.pki.write(
             "sa.pub",
-            sa_key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo),
+            sa_key.public_key().public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            ),
         )
         (self.workdir / "audit-policy.yaml").write_text(yaml.safe_dump(AUDIT_POLICY))
         etcd_port, peer_port = free_port(), free_port()
@@ -240,7 +270,12 @@ class KubeCluster:
         config = {
             "apiVersion": "v1",
             "kind": "Config",
-            "clusters": [{"name": "test", "cluster": {"server": self.server, "certificate-authority": str(self.workdir / "ca.crt")}}],
+            "clusters": [
+                {
+                    "name": "test",
+                    "cluster": {"server": self.server, "certificate-authority": str(self.workdir / "ca.crt")},
+                }
+            ],
             "users": [{"name": "user", "user": user}],
             "contexts": [{"name": "test", "context": {"cluster": "test", "user": "user", "namespace": namespace}}],
             "current-context": "test",
@@ -288,6 +323,89 @@ class KubeCluster:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(5)
+
+
+def install_chart(cluster: KubeCluster, api: Any, values: dict | None = None) -> Any:
+    """`helm install mmgraph charts/mmgraph -n mmgraph-system` through helm-python-sdk (CRD included), then start
+    the controller-manager. The chart's webhook is off: there is no kubelet to run its in-cluster Deployment."""
+    import helm_python as helm
+    from kubernetes import client
+
+    client.CoreV1Api(api).create_namespace({"metadata": {"name": OPERATOR_NS}})
+    cfg = helm.Config(kubeconfig_path=str(cluster.kubeconfig), namespace=OPERATOR_NS)
+    values = values or {"webhook": {"enabled": False}}
+    release = cfg.install(str(CHART), RELEASE, values, namespace=OPERATOR_NS, timeout=60)
+    ext = client.ApiextensionsV1Api(api)
+    wait_for(
+        lambda: any(
+            c.type == "Established" and c.status == "True"
+            for c in ext.read_custom_resource_definition("multimodalgraphs.mmgraph.io").status.conditions or []
+        ),
+        what="CRD Established",
+    )
+    cluster.start_controller_manager()
+    return release
+
+
+def operator_kubeconfig_of(cluster: KubeCluster, api: Any) -> Path:
+    """A kubeconfig with the token of the ServiceAccount the chart created (no other rights)."""
+    import base64
+
+    from kubernetes import client
+
+    core = client.CoreV1Api(api)
+    secret_name = wait_for(
+        lambda: (core.read_namespaced_service_account(OPERATOR_SA, OPERATOR_NS).secrets or [None])[0],
+        what="ServiceAccount token Secret",
+    ).name
+    token = base64.b64decode(core.read_namespaced_secret(secret_name, OPERATOR_NS).data["token"]).decode()
+    return cluster.kubeconfig_for_token("operator", token)
+
+
+class OperatorProcess:
+    """`mmgraph operator` as a child process; start/stop can be repeated (restart tests)."""
+
+    def __init__(self, kubeconfig: Path, cert_dir: Path, logdir: Path):
+        self.kubeconfig, self.cert_dir, self.logdir = kubeconfig, cert_dir, logdir
+        self.webhook_port, self.metrics_port, self.health_port = free_port(), free_port(), free_port()
+        self.proc: subprocess.Popen | None = None
+        self.starts = 0
+
+    def start(self) -> None:
+        self.starts += 1
+        log = open(self.logdir / f"operator-{self.starts}.log", "wb")  # noqa: SIM115
+        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "PYTHONUNBUFFERED": "1"}
+        argv = [sys.executable, "-m", "mmgraph_operator.cli", "operator"]
+        argv += [f"--webhook-port={self.webhook_port}", f"--webhook-cert-dir={self.cert_dir}"]
+        argv += [f"--metrics-port={self.metrics_port}", f"--health-port={self.health_port}"]
+        self.proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
+        wait_for(self._healthy, timeout=60, what="operator /healthz")
+
+    def _healthy(self) -> bool:
+        assert self.proc is not None and self.proc.poll() is None, self.log()
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/healthz", timeout=1) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.proc = None
+
+    def log(self) -> str:
+        return (self.logdir / f"operator-{self.starts}.log").read_text()[-5000:]
+
+    def metric(self, name: str) -> float:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=2) as r:
+            text = r.read().decode()
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
 
 
 def start_cluster(workdir: Path | None = None) -> KubeCluster:

@@ -6,10 +6,10 @@ import copy
 from typing import Any
 
 import pytest
+from conftest import graph_manifest
+from kubecluster import OPERATOR_USER, wait_for
 from kubernetes import client, dynamic
 from kubernetes.client.exceptions import ApiException
-
-from conftest import OPERATOR_USER, graph_manifest, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -17,7 +17,9 @@ GRAPHS = ("mmgraph.io", "v1alpha1", "multimodalgraphs")
 
 
 def create_graph(api: client.ApiClient, body: dict[str, Any]) -> dict[str, Any]:
-    return client.CustomObjectsApi(api).create_namespaced_custom_object(*GRAPHS[:2], body["metadata"]["namespace"], GRAPHS[2], body)
+    return client.CustomObjectsApi(api).create_namespaced_custom_object(
+        *GRAPHS[:2], body["metadata"]["namespace"], GRAPHS[2], body
+    )
 
 
 def get_graph(api: client.ApiClient, ns: str, name: str) -> dict[str, Any]:
@@ -41,7 +43,9 @@ def children(api: client.ApiClient, ns: str, graph: str) -> dict[str, set[str]]:
     dyn = dynamic.DynamicClient(api)
     out = {}
     for kind, version in CHILD_KINDS.items():
-        items = dyn.resources.get(api_version=version, kind=kind).get(namespace=ns, label_selector=f"mmgraph.io/graph={graph}")
+        items = dyn.resources.get(api_version=version, kind=kind).get(
+            namespace=ns, label_selector=f"mmgraph.io/graph={graph}"
+        )
         out[kind] = {item.metadata.name for item in items.items}
     return out
 
@@ -103,7 +107,10 @@ def test_update_changes_children_and_topology_change_deletes_unneeded(api, opera
     args = apps.read_namespaced_deployment("g-frontend", namespace).spec.template.spec.containers[0].args
     assert "--topology=e-pd" in args and not any(a.startswith("--decode-url") for a in args)
     graph = wait_for(
-        lambda: (g := get_graph(api, namespace, "g"))["status"].get("observedGeneration") == g["metadata"]["generation"] and g,
+        lambda: (
+            (g := get_graph(api, namespace, "g"))["status"].get("observedGeneration") == g["metadata"]["generation"]
+            and g
+        ),
         what="status caught up",
     )
     assert set(graph["status"]["stages"]) == {"frontend", "encoder", "pd"}
@@ -122,8 +129,10 @@ def test_deleted_or_edited_child_is_restored(api, operator, namespace):
     patch = {"spec": {"template": {"spec": {"containers": [{"name": "pd", "image": "evil.example/x:1"}]}}}}
     apps.patch_namespaced_deployment("g-pd", namespace, patch)
     wait_for(
-        lambda: apps.read_namespaced_deployment("g-pd", namespace).spec.template.spec.containers[0].image
-        == "ghcr.io/mmgraph/worker:0.1.0",
+        lambda: (
+            apps.read_namespaced_deployment("g-pd", namespace).spec.template.spec.containers[0].image
+            == "ghcr.io/mmgraph/worker:0.1.0"
+        ),
         what="image reverted",
     )
 
@@ -132,9 +141,12 @@ def test_graph_deleted_collects_everything(api, operator, namespace):
     create_graph(api, graph_manifest("g", namespace))
     wait_for(lambda: children(api, namespace, "g") == E_P_D_CHILDREN, what="children")
     wait_for(
-        lambda: client.AppsV1Api(api).list_namespaced_replica_set(namespace).items, what="controller-manager made ReplicaSets"
+        lambda: client.AppsV1Api(api).list_namespaced_replica_set(namespace).items,
+        what="controller-manager made ReplicaSets",
     )
-    client.CustomObjectsApi(api).delete_namespaced_custom_object(*GRAPHS[:2], namespace, GRAPHS[2], "g", _preload_content=False)
+    client.CustomObjectsApi(api).delete_namespaced_custom_object(
+        *GRAPHS[:2], namespace, GRAPHS[2], "g", _preload_content=False
+    )
     empty = {k: set() for k in E_P_D_CHILDREN}
     wait_for(lambda: children(api, namespace, "g") == empty, timeout=30, what="garbage collection")
     wait_for(lambda: not client.AppsV1Api(api).list_namespaced_replica_set(namespace).items, timeout=30, what="RS gone")
@@ -150,7 +162,8 @@ def play_kubelet_mark_ready(api: client.ApiClient, namespace: str, graph: str) -
             "phase": "Running",
             "podIP": "10.1.0.1",
             "conditions": [
-                {"type": t, "status": "True", "lastTransitionTime": now} for t in ("PodScheduled", "Initialized", "ContainersReady", "Ready")
+                {"type": t, "status": "True", "lastTransitionTime": now}
+                for t in ("PodScheduled", "Initialized", "ContainersReady", "Ready")
             ],
             "containerStatuses": [
                 {
@@ -176,7 +189,12 @@ def test_ready_condition_follows_pod_readiness(api, operator, namespace):
     wait_for(lambda: len(client.CoreV1Api(api).list_namespaced_pod(namespace).items) == 4, timeout=30, what="4 pods")
     assert play_kubelet_mark_ready(api, namespace, "g") == 4
     graph = wait_for(
-        lambda: (g := get_graph(api, namespace, "g")) and condition(g, "Ready") and condition(g, "Ready")["status"] == "True" and g,
+        lambda: (
+            (g := get_graph(api, namespace, "g"))
+            and condition(g, "Ready")
+            and condition(g, "Ready")["status"] == "True"
+            and g
+        ),
         timeout=30,
         what="Ready=True",
     )
@@ -209,7 +227,9 @@ def test_unchanged_graph_causes_no_writes_even_across_restart(api, operator, nam
     operator.stop()
     operator.start()
     time.sleep(8)
-    writes = [e for e in _operator_writes(cluster)[before:] if e.get("objectRef", {}).get("namespace") in (namespace, None)]
+    writes = [
+        e for e in _operator_writes(cluster)[before:] if e.get("objectRef", {}).get("namespace") in (namespace, None)
+    ]
     assert writes == [], [(e["verb"], e["requestURI"]) for e in writes]
 
 
@@ -230,7 +250,9 @@ def test_operator_restarted_midway_converges_without_duplicates(api, operator, n
 def test_changing_config_rolls_pods(api, operator, namespace):
     create_graph(api, graph_manifest("g", namespace))
     apps = client.AppsV1Api(api)
-    wait_for(lambda: apps.list_namespaced_replica_set(namespace, label_selector="mmgraph.io/stage=encoder").items, what="rs")
+    wait_for(
+        lambda: apps.list_namespaced_replica_set(namespace, label_selector="mmgraph.io/stage=encoder").items, what="rs"
+    )
     patch_graph(api, namespace, "g", {"spec": {"media": {"maxPixels": 1024}}})
     wait_for(
         lambda: len(apps.list_namespaced_replica_set(namespace, label_selector="mmgraph.io/stage=encoder").items) == 2,
@@ -247,8 +269,7 @@ def test_dry_run_server_accepts_every_rendered_child(api, dyn: dynamic.DynamicCl
 
     for example in ("qwen2.5-vl-e-p-d.yaml", "llava-agg.yaml", "tiny-e-p-d.yaml"):
         import yaml
-
-        from conftest import REPO
+        from kubecluster import REPO
 
         body = yaml.safe_load((REPO / "examples" / example).read_text())
         body["metadata"]["namespace"] = namespace
@@ -257,4 +278,6 @@ def test_dry_run_server_accepts_every_rendered_child(api, dyn: dynamic.DynamicCl
             try:
                 resource.create(body=manifest, namespace=namespace, query_params=[("dryRun", "All")])
             except ApiException as err:
-                raise AssertionError(f"{example}: {manifest['kind']} {manifest['metadata']['name']}: {err.body}") from None
+                raise AssertionError(
+                    f"{example}: {manifest['kind']} {manifest['metadata']['name']}: {err.body}"
+                ) from None

@@ -246,8 +246,8 @@ class TransferSpec(Spec):
     """UCX transports (UCX_TLS), e.g. rc,cuda_copy,cuda_ipc; UCX chooses when unset."""
     kv_lease_seconds: int = Field(default=30, ge=1, le=3600)
     """How long pd keeps a request's KV blocks for decode to pull; decode must start within it."""
-    timeout_seconds: float = Field(default=30.0, gt=0, le=3600)
-    """Deadline for one transfer."""
+    timeout_seconds: float = Field(default=10.0, gt=0, le=3600)
+    """Deadline for one transfer; shorter than kvLeaseSeconds, so no pull can outlive its lease."""
 
 
 class EmbeddingCacheSpec(Spec):
@@ -406,6 +406,13 @@ def problems(graph: MultimodalGraph) -> list[str]:
                 out.append(
                     f"spec.stages.{stage.value}.engineArgs.{key} is set by the operator from the graph; remove it"
                 )
+    xfer = spec.transfer
+    if spec.topology == Topology.E_P_D and xfer.timeout_seconds >= xfer.kv_lease_seconds:
+        out.append(
+            f"spec.transfer.timeoutSeconds ({xfer.timeout_seconds:g}) must be shorter than "
+            f"spec.transfer.kvLeaseSeconds ({xfer.kv_lease_seconds}): decode must finish "
+            "pulling the KV cache before pd may reuse its blocks"
+        )
     for stage in used:
         cfg = spec.stages.get(stage)
         port = getattr(cfg, "port", None)

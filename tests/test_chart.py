@@ -1,0 +1,112 @@
+"""The Helm chart through helm-python-sdk: strict lint, rendering, strict schema validation, install (conftest's
+session install is what every integration test's operator runs under) and the documented CRD upgrade path."""
+
+from __future__ import annotations
+
+import copy
+
+import helm_python as helm
+import kubernetes_validate
+import pytest
+import yaml
+from kubecluster import CHART, OPERATOR_NS, RELEASE, wait_for
+from kubernetes import client, dynamic
+
+VALUE_SETS = {
+    "defaults": {},
+    "namespaced": {"watchNamespaces": ["team-a", "team-b"]},
+    "no-webhook": {
+        "webhook": {"enabled": False},
+        "image": {"repository": "registry.example/mmgraph-operator", "tag": "1.2.3"},
+    },
+}
+
+
+def rendered(values: dict) -> list[dict]:
+    manifests = helm.Chart.load(str(CHART)).render(values, name=RELEASE, namespace=OPERATOR_NS, is_install=True)
+    return [
+        doc for path, text in manifests.items() if path.endswith(".yaml") for doc in yaml.safe_load_all(text) if doc
+    ]
+
+
+@pytest.mark.parametrize("values", VALUE_SETS.values(), ids=VALUE_SETS.keys())
+def test_chart_lints_strictly(values):
+    report = helm.lint(str(CHART), values, strict=True, namespace=OPERATOR_NS)
+    assert report["errors"] == [], report
+    assert [m for m in report["messages"] if m["severity"] >= 2] == [], report["messages"]
+
+
+@pytest.mark.parametrize("values", VALUE_SETS.values(), ids=VALUE_SETS.keys())
+def test_every_rendered_manifest_validates_strictly(values):
+    docs = rendered(values)
+    assert docs
+    for doc in docs:
+        kubernetes_validate.validate(doc, "1.29.0", strict=True)
+
+
+def test_rbac_is_least_privilege():
+    rules = [r for d in rendered({}) if d["kind"] == "ClusterRole" for r in d["rules"]]
+    verbs = {(g, res): set(r["verbs"]) for r in rules for g in r["apiGroups"] for res in r["resources"]}
+    assert verbs[("mmgraph.io", "multimodalgraphs")] == {"get", "list", "watch"}  # never writes a spec
+    assert verbs[("mmgraph.io", "multimodalgraphs/status")] == {"get", "patch"}
+    assert verbs[("", "events")] == {"create"}
+    assert verbs[("apiextensions.k8s.io", "customresourcedefinitions")] == {"list", "watch"}
+    assert not any("*" in r["verbs"] or "*" in r["resources"] for r in rules)
+    assert ("", "secrets") not in verbs and ("", "pods") not in verbs
+
+
+def test_namespaced_install_uses_roles_in_each_namespace():
+    docs = rendered(VALUE_SETS["namespaced"])
+    roles = {(d["kind"], d["metadata"]["namespace"]) for d in docs if d["kind"] in ("Role", "RoleBinding")}
+    assert roles == {(k, ns) for k in ("Role", "RoleBinding") for ns in ("team-a", "team-b")}
+    operator = next(d for d in docs if d["kind"] == "Deployment")
+    args = operator["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--namespace=team-a" in args and "--namespace=team-b" in args
+
+
+def test_operator_pod_is_non_root_and_read_only():
+    operator = next(d for d in rendered({}) if d["kind"] == "Deployment")
+    pod = operator["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+def test_values_schema_refuses_bad_values():
+    with pytest.raises(helm.HelmError, match="replicas"):
+        helm.Chart.load(str(CHART)).render({"replicas": 3}, name=RELEASE, namespace=OPERATOR_NS)
+
+
+@pytest.mark.cluster
+def test_crd_upgrade_path(api, cluster, helm_install, operator):
+    """Helm never upgrades crds/: the README says to server-side apply the new CRD first, then `helm upgrade`."""
+    dyn = dynamic.DynamicClient(api)
+    crds = dyn.resources.get(api_version="apiextensions.k8s.io/v1", kind="CustomResourceDefinition")
+    new = yaml.safe_load((CHART / "crds" / "multimodalgraph.yaml").read_text())
+    old = copy.deepcopy(new)  # an older release's CRD: it did not know spec.embeddingCache yet
+    del old["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["embeddingCache"]
+    crds.server_side_apply(body=old, name=old["metadata"]["name"], field_manager="kubectl", force_conflicts=True)
+
+    def field() -> bool:
+        stored = crds.get(name=new["metadata"]["name"]).to_dict()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+        return "embeddingCache" in stored["properties"]["spec"]["properties"]
+
+    assert not field()
+    # The documented upgrade: kubectl apply --server-side --force-conflicts -f charts/mmgraph/crds/
+    crds.server_side_apply(body=new, name=new["metadata"]["name"], field_manager="kubectl", force_conflicts=True)
+    assert field()
+    cfg = helm.Config(kubeconfig_path=str(cluster.kubeconfig), namespace=OPERATOR_NS)
+    release = cfg.upgrade(str(CHART), RELEASE, {"webhook": {"enabled": False}}, namespace=OPERATOR_NS, timeout=60)
+    assert (release["revision"], release["status"]) == (2, "deployed")
+    # The upgraded CRD serves the new field: a graph using it is stored with it.
+    ns = "crd-upgrade"
+    client.CoreV1Api(api).create_namespace({"metadata": {"name": ns}})
+    body = yaml.safe_load((CHART.parent.parent / "examples" / "tiny-e-p-d.yaml").read_text())
+    body["metadata"]["namespace"] = ns
+    body["spec"]["embeddingCache"] = {"capacityBytes": 1024}
+    custom = client.CustomObjectsApi(api)
+    custom.create_namespaced_custom_object("mmgraph.io", "v1alpha1", ns, "multimodalgraphs", body)
+    stored = custom.get_namespaced_custom_object("mmgraph.io", "v1alpha1", ns, "multimodalgraphs", "tiny")
+    assert stored["spec"]["embeddingCache"] == {"capacityBytes": 1024}
+    wait_for(
+        lambda: client.AppsV1Api(api).list_namespaced_deployment(ns).items, what="operator reconciles after upgrade"
+    )

@@ -1,0 +1,155 @@
+"""`render` and the worker command line: golden manifests per topology, and the rules behind them (pure, no cluster)."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+from mmgraph_operator.api import StageName, parse, problems
+from mmgraph_operator.commands import worker_command
+from mmgraph_operator.render import InvalidGraph, KubeVersion, render
+
+REPO = Path(__file__).resolve().parent.parent
+GOLDEN = Path(__file__).parent / "golden"
+EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
+
+
+def load(name: str) -> dict:
+    return yaml.safe_load((REPO / "examples" / name).read_text())
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.stem)
+@pytest.mark.parametrize("kube", ["1.20", "1.29"])
+def test_render_matches_golden(example: Path, kube: str):
+    """Pins the exact manifests; regenerate deliberately with MMGRAPH_UPDATE_GOLDEN=1 and review the diff."""
+    body = yaml.safe_load(example.read_text())
+    body["metadata"]["uid"] = "00000000-0000-0000-0000-000000000001"
+    text = yaml.safe_dump_all(render(parse(body), kube), sort_keys=False, width=120)
+    golden = GOLDEN / f"{example.stem}-{kube}.yaml"
+    if os.environ.get("MMGRAPH_UPDATE_GOLDEN"):
+        golden.write_text(text)
+    assert text == golden.read_text()
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.stem)
+def test_rendered_manifests_validate_strictly_against_kubernetes_schemas(example: Path):
+    for manifest in render(parse(yaml.safe_load(example.read_text())), "1.29"):
+        kubernetes_validate.validate(manifest, "1.29.0", strict=True)
+
+
+def test_render_is_pure_and_deterministic():
+    body = load("qwen2.5-vl-e-p-d.yaml")
+    before = copy.deepcopy(body)
+    assert render(parse(body)) == render(parse(body))
+    assert body == before
+
+
+@pytest.mark.parametrize(
+    ("topology", "stages"),
+    [
+        ("agg", {"frontend", "pd"}),
+        ("e-pd", {"frontend", "encoder", "pd"}),
+        ("e-p-d", {"frontend", "encoder", "pd", "decode"}),
+    ],
+)
+def test_each_topology_renders_exactly_its_stages(topology: str, stages: set[str]):
+    body = load("qwen2.5-vl-e-p-d.yaml")
+    body["spec"]["topology"] = topology
+    body["spec"]["stages"] = {s: v for s, v in body["spec"]["stages"].items() if s in stages}
+    deployments = {m["metadata"]["name"] for m in render(parse(body)) if m["kind"] == "Deployment"}
+    assert deployments == {f"qwen-vl-{s}" for s in stages}
+
+
+def test_pdb_api_version_follows_the_server():
+    body = load("qwen2.5-vl-e-p-d.yaml")
+    versions = {
+        v: {m["apiVersion"] for m in render(parse(body), v) if m["kind"] == "PodDisruptionBudget"}
+        for v in ("1.20", "v1.21.3", "1.30+")
+    }
+    assert versions == {"1.20": {"policy/v1beta1"}, "v1.21.3": {"policy/v1"}, "1.30+": {"policy/v1"}}
+    assert KubeVersion.parse("v1.27.1-gke.100") >= (1, 27)
+
+
+def test_gpus_become_requests_limits_and_tensor_parallelism():
+    body = load("qwen2.5-vl-e-p-d.yaml")
+    body["spec"]["stages"]["pd"]["gpus"] = 4
+    body["spec"]["stages"]["pd"]["resources"] = {"limits": {"memory": "64Gi"}}
+    pd = next(m for m in render(parse(body)) if m["metadata"]["name"] == "qwen-vl-pd" and m["kind"] == "Deployment")
+    container = pd["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"] == {
+        "limits": {"memory": "64Gi", "nvidia.com/gpu": "4"},
+        "requests": {"nvidia.com/gpu": "4"},
+    }
+    assert "--engine-arg=--tensor-parallel-size=4" in container["args"]
+
+
+def test_model_sources_become_volumes_or_flags():
+    pvc = next(
+        m for m in render(parse(load("llava-agg.yaml"))) if m["kind"] == "Deployment" and "pd" in m["metadata"]["name"]
+    )
+    pod = pvc["spec"]["template"]["spec"]
+    assert {"name": "model", "persistentVolumeClaim": {"claimName": "model-cache", "readOnly": True}} in pod["volumes"]
+    assert "--model=/models/llava-hf/llava-1.5-7b-hf" in pod["containers"][0]["args"]
+    body = load("qwen2.5-vl-e-p-d.yaml")
+    body["spec"]["model"]["huggingFace"]["tokenSecret"] = {"name": "hf", "key": "token"}
+    dep = next(m for m in render(parse(body)) if m["kind"] == "Deployment")
+    env = dep["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}} in env
+
+
+def test_pods_are_non_root_and_read_only():
+    for m in render(parse(load("qwen2.5-vl-e-p-d.yaml"))):
+        if m["kind"] == "Deployment":
+            pod = m["spec"]["template"]["spec"]
+            assert pod["securityContext"]["runAsNonRoot"] is True
+            c = pod["containers"][0]["securityContext"]
+            assert (
+                c["readOnlyRootFilesystem"]
+                and not c["allowPrivilegeEscalation"]
+                and c["capabilities"] == {"drop": ["ALL"]}
+            )
+
+
+def test_network_policy_fences_workers_and_opens_frontend():
+    policies = {
+        m["metadata"]["name"]: m["spec"]
+        for m in render(parse(load("qwen2.5-vl-e-p-d.yaml")))
+        if m["kind"] == "NetworkPolicy"
+    }
+    assert policies["qwen-vl-internal"]["ingress"] == [
+        {"from": [{"podSelector": {"matchLabels": {"mmgraph.io/graph": "qwen-vl"}}}]}
+    ]
+    assert policies["qwen-vl-frontend"]["ingress"] == [{"ports": [{"port": "http", "protocol": "TCP"}]}]
+
+
+def test_invalid_graph_raises_with_every_problem():
+    body = load("qwen2.5-vl-e-p-d.yaml")
+    body["spec"]["topology"] = "agg"
+    body["spec"]["model"]["path"] = "/models/x"
+    with pytest.raises(InvalidGraph) as info:
+        render(parse(body))
+    assert len(info.value.problems) == 3  # encoder and decode not in agg, two model sources
+    assert problems(parse(load("tiny-e-p-d.yaml"))) == []
+
+
+def test_worker_command_is_shared_by_render_and_local_runs():
+    graph = parse(load("tiny-e-p-d.yaml"))
+    peers = {
+        StageName.ENCODER: "http://127.0.0.1:9001",
+        StageName.PD: "http://127.0.0.1:9002",
+        StageName.DECODE: "http://127.0.0.1:9003",
+    }
+    argv = worker_command(
+        graph.spec, StageName.FRONTEND, model="/m", host="127.0.0.1", advertise_host="127.0.0.1", peers=peers
+    )
+    assert argv[:2] == ["worker", "frontend"]
+    assert "--encoder-url=http://127.0.0.1:9001" in argv and "--allowed-schemes=https,http,data" in argv
+    decode = worker_command(
+        graph.spec, StageName.DECODE, model="/m", host="127.0.0.1", advertise_host="127.0.0.1", peers={}
+    )
+    assert "--kv-role=consumer" in decode and "--engine-arg=--enforce-eager" in decode
+    assert "--engine-arg=--block-size=32" in decode
