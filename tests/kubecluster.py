@@ -221,7 +221,7 @@ class KubeCluster:
                 "--service-account-issuer=https://kubernetes.default.svc",
                 "--api-audiences=https://kubernetes.default.svc",
                 "--authorization-mode=Node,RBAC",
-                "--service-cluster-ip-range=10.0.0.0/24",
+                "--service-cluster-ip-range=10.0.0.0/16",
                 "--endpoint-reconciler-type=none",
                 "--enable-priority-and-fairness=false",
                 "--disable-admission-plugins=ServiceAccount",

@@ -7,7 +7,9 @@ write the operator makes is one the reconciler decided on.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -16,14 +18,14 @@ from kubernetes import client, config
 
 from mmgraph_operator.api import GROUP, PLURAL, VERSION
 from mmgraph_operator.reconcile import Reconciler
-from mmgraph_operator.render import GRAPH_LABEL, MANAGED_BY
+from mmgraph_operator.render import GRAPH_LABEL, MANAGED_BY, KubeVersion
 
 CHILD_LABELS = {GRAPH_LABEL: kopf.PRESENT, "app.kubernetes.io/managed-by": MANAGED_BY}
-CHILD_KINDS = [  # every kind render() can produce; PDBs in whichever version the server prefers
-    ("", "v1", "services"),
-    ("apps", "v1", "deployments"),
-    ("policy", None, "poddisruptionbudgets"),
-    ("networking.k8s.io", "v1", "networkpolicies"),
+CHILD_KINDS = [  # every kind render() can produce: (group, version, plural, kind); PDBs in the served version
+    ("", "v1", "services", "Service"),
+    ("apps", "v1", "deployments", "Deployment"),
+    ("policy", None, "poddisruptionbudgets", "PodDisruptionBudget"),
+    ("networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy"),
 ]
 
 
@@ -37,7 +39,7 @@ def _api_client() -> client.ApiClient:
     return client.ApiClient(configuration)
 
 
-def register(registry: kopf.OperatorRegistry, webhook_port: int, cert_dir: str | None) -> None:
+def register(registry: kopf.OperatorRegistry, namespaces: list[str], webhook_port: int, cert_dir: str | None) -> None:
     """All handlers, on an explicit registry (no import-time globals)."""
 
     @kopf.on.startup(registry=registry)
@@ -52,10 +54,15 @@ def register(registry: kopf.OperatorRegistry, webhook_port: int, cert_dir: str |
                 addr="0.0.0.0", port=webhook_port, certfile=str(cert / "tls.crt"), pkeyfile=str(cert / "tls.key")
             )
             settings.admission.managed = None  # the chart (or the tests) own the webhook configuration
+        asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(32, thread_name_prefix="kube-api"))
         api = _api_client()
         version = client.VersionApi(api).get_code()
-        memo.reconciler = Reconciler(api, f"{version.major}.{version.minor}")
-        logger.info("mmgraph operator for Kubernetes %s.%s", version.major, version.minor)
+        kube_version = f"{version.major}.{version.minor}"
+        memo.reconciler = Reconciler(api, kube_version)
+        pdb = "policy/v1" if KubeVersion.parse(kube_version) >= (1, 21) else "policy/v1beta1"
+        kinds = [(f"{g}/{v}" if g else v, kind) if v else (pdb, kind) for g, v, _, kind in CHILD_KINDS]
+        await memo.reconciler.prime(namespaces, kinds)
+        logger.info("mmgraph operator for Kubernetes %s", kube_version)
 
     @kopf.on.login(registry=registry)
     def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
@@ -69,7 +76,7 @@ def register(registry: kopf.OperatorRegistry, webhook_port: int, cert_dir: str |
     async def graph_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
         memo.reconciler.graph_event(type, _plain(body))
 
-    for group, version, plural in CHILD_KINDS:
+    for group, version, plural, _ in CHILD_KINDS:
         kopf.on.event(group, version, plural, labels=CHILD_LABELS, registry=registry, id=f"child-{plural}")(
             _child_event
         )
@@ -99,7 +106,7 @@ def run(
 
         start_http_server(metrics_port)
     registry = kopf.OperatorRegistry()
-    register(registry, webhook_port, webhook_cert_dir)
+    register(registry, namespaces, webhook_port, webhook_cert_dir)
     kopf.run(
         registry=registry,
         standalone=True,

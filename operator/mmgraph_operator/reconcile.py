@@ -2,10 +2,12 @@
 
 Level-triggered and coalescing. kopf's watches feed two caches (graphs, and the children they own) and poke the
 graph concerned; one asyncio task per graph then reconciles it until no poke is pending, so a burst of child
-events costs one pass. A pass renders the graph, server-side-applies only the children that differ from the
-cache, deletes children render no longer produces, and patches status only when it changed: an unchanged graph
-causes no writes at all. Before any write the child is read fresh, so a stale cache can cause a GET, never a
-needless write. Failures are retried with backoff; every API call runs in a thread with a deadline.
+events costs one pass. A pass renders the graph, server-side-applies (concurrently) only the children that
+differ from the cache, deletes children render no longer produces, and patches status only when it changed: an
+unchanged graph causes no writes at all. The child cache is primed by one LIST per kind before the first pass,
+so a restart does not mistake "not yet seen" for "missing"; a child that the cache shows as different is read
+fresh before it is written, so a lagging cache costs a GET, never a needless write. Failures are retried with
+backoff; every API call runs in a thread with a deadline.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from pydantic import ValidationError
 
 from mmgraph_operator import metrics
 from mmgraph_operator.api import GROUP, KIND, PLURAL, VERSION, explain, parse
-from mmgraph_operator.render import GRAPH_LABEL, InvalidGraph, endpoint, render
+from mmgraph_operator.render import GRAPH_LABEL, MANAGED_BY, InvalidGraph, endpoint, render
 from mmgraph_operator.status import (
     degraded_status,
     running_status,
@@ -112,6 +114,19 @@ class Reconciler:
         self.state: dict[GraphKey, GraphState] = {}
         self.applied: dict[ChildKey, tuple[str, str]] = {}  # child -> (digest of what we applied, its rv)
         self.slots = asyncio.Semaphore(concurrency)
+        self.primed = asyncio.Event()
+
+    async def prime(self, namespaces: list[str], kinds: list[tuple[str, str]]) -> None:
+        """Fill the child cache with one LIST per kind (and namespace) before any reconcile pass runs."""
+        selector = f"{GRAPH_LABEL},app.kubernetes.io/managed-by={MANAGED_BY}"
+        for api_version, kind in kinds:
+            resource = self.dyn.resources.get(api_version=api_version, kind=kind)
+            for ns in namespaces or [None]:
+                listed = await self._call(resource.get, namespace=ns, label_selector=selector)
+                for item in listed.to_dict()["items"]:
+                    item.update(apiVersion=api_version, kind=kind)
+                    self.child_event(None, item)
+        self.primed.set()
 
     # ---- event intake (called by kopf handlers) ------------------------------------------------------------
 
@@ -153,6 +168,7 @@ class Reconciler:
         backoff = 1.0
         while state.pending.is_set():
             await asyncio.sleep(DEBOUNCE)
+            await self.primed.wait()
             state.pending.clear()
             try:
                 async with self.slots:
@@ -191,12 +207,11 @@ class Reconciler:
             desired = {child_key(m): m for m in manifests}
             changed: list[str] = []
             try:
-                for ck, manifest in desired.items():
-                    if await self._ensure(key, ck, manifest):
-                        changed.append(f"{ck[1]} {ck[3]}")
-                for ck in [ck for ck in self.children[key] if ck not in desired]:
-                    if await self._prune(key, ck):
-                        changed.append(f"deleted {ck[1]} {ck[3]}")
+                applied = await asyncio.gather(*(self._ensure(key, ck, m) for ck, m in desired.items()))
+                changed += [f"{ck[1]} {ck[3]}" for ck, wrote in zip(desired, applied, strict=True) if wrote]
+                stale = [ck for ck in self.children[key] if ck not in desired]
+                pruned = await asyncio.gather(*(self._prune(key, ck) for ck in stale))
+                changed += [f"deleted {ck[1]} {ck[3]}" for ck, gone in zip(stale, pruned, strict=True) if gone]
             except ApiException as err:
                 if _terminating(err):
                     return  # the namespace is being deleted: nothing to converge to
@@ -219,7 +234,7 @@ class Reconciler:
         live = self.children[key].get(ck)
         if live is not None and not drifted(manifest, live):
             return False
-        fresh = await self._get(ck)  # the cache may lag behind: read before writing
+        fresh = await self._get(ck) if live is not None else None  # a lagging cache: read before writing
         if fresh is not None:
             self.children[key][ck] = fresh
             where = drifted(manifest, fresh)
