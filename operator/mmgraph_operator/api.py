@@ -10,7 +10,7 @@ defaults become schema defaults (what is stored is what runs). Rules that a stru
 from __future__ import annotations
 
 import re
-from enum import Enum
+from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -55,7 +55,7 @@ class Spec(BaseModel):
     )
 
 
-class Topology(str, Enum):
+class Topology(StrEnum):
     """How the model is split into stages."""
 
     AGG = "agg"
@@ -63,7 +63,7 @@ class Topology(str, Enum):
     E_P_D = "e-p-d"
 
 
-class StageName(str, Enum):
+class StageName(StrEnum):
     FRONTEND = "frontend"
     ENCODER = "encoder"
     PD = "pd"

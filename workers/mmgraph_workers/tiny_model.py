@@ -143,7 +143,9 @@ def build(out: str | Path, *, seed: int = SEED, vision_seed: int | None = None, 
     )
     processor.save_pretrained(out)
     AutoProcessor.from_pretrained(out)  # fail here, not in a worker, if what we wrote does not load
-    (out / "mmgraph-tiny.json").write_text(json.dumps({"seed": seed, "vision_seed": vision_seed, "text_seed": text_seed}))
+    (out / "mmgraph-tiny.json").write_text(
+        json.dumps({"seed": seed, "vision_seed": vision_seed, "text_seed": text_seed})
+    )
     return out
 
 

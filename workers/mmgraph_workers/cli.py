@@ -1,0 +1,55 @@
+"""The data plane's subcommands of `mmgraph`: `worker <stage>`, `up FILE`, `tiny-model DIR`.
+
+Each stage module owns its flags (`add_arguments`) and its process (`main`); a stage module is imported only
+when that stage runs (its flags are parsed in a second step), so `mmgraph render` never imports torch and
+`mmgraph worker frontend` never imports vLLM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+STAGES = {"frontend": "frontend", "encoder": "encoder", "pd": "engine", "decode": "engine"}
+
+
+def add_subcommands(sub: argparse._SubParsersAction) -> None:
+    worker = sub.add_parser("worker", help="run one stage of a graph (what a Deployment's pod runs)", add_help=False)
+    worker.add_argument("stage", choices=sorted(STAGES), help="the stage; `mmgraph worker STAGE --help` for its flags")
+    worker.add_argument("rest", nargs=argparse.REMAINDER)
+    worker.set_defaults(func=run_worker)
+
+    up = sub.add_parser("up", help="run a MultimodalGraph as local processes (no cluster needed)")
+    up.add_argument("file", help="MultimodalGraph YAML file")
+    up.add_argument("--demo", action="store_true", help="send one image request, print the answer, then stop")
+    up.add_argument("--host", default="127.0.0.1")
+    up.set_defaults(func=run_up)
+
+    tiny = sub.add_parser("tiny-model", help="build a tiny random-weight Qwen2-VL (no download)")
+    tiny.add_argument("dir")
+    tiny.set_defaults(func=run_tiny_model)
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    module = importlib.import_module(f"mmgraph_workers.{STAGES[args.stage]}")
+    parser = argparse.ArgumentParser(prog=f"mmgraph worker {args.stage}")
+    module.add_arguments(parser)
+    stage_args = parser.parse_args(args.rest)
+    if STAGES[args.stage] == "engine":
+        module.main(stage_args, args.stage)
+    else:
+        module.main(stage_args)
+    return 0
+
+
+def run_up(args: argparse.Namespace) -> int:
+    from mmgraph_workers.up import up
+
+    return up(args.file, host=args.host, demo=args.demo)
+
+
+def run_tiny_model(args: argparse.Namespace) -> int:
+    from mmgraph_workers.tiny_model import build
+
+    print(f"tiny Qwen2-VL written to {build(args.dir)}")
+    return 0

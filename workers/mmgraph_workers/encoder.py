@@ -1,0 +1,167 @@
+"""The encoder stage: fetch and decode media, run only the vision tower, publish the embeddings for pd to pull.
+
+Core (`Encoder`) and HTTP (`app`) are separate: the core knows the model, the media policy and the transfer; the
+HTTP layer only parses and answers. Identical media (by content hash) are encoded once while they stay in the
+embedding cache. A published buffer stays registered until pd's read completes (NIXL notifies us) or its
+time-to-live passes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import logging
+import time
+from collections import OrderedDict
+
+import httpx
+import torch
+from fastapi import Request
+from fastapi.responses import JSONResponse
+from prometheus_client import Counter, Gauge, Histogram
+from pydantic import ValidationError
+
+from mmgraph_workers import qwen2_vl
+from mmgraph_workers.media import MediaError
+from mmgraph_workers.media.fetch import fetch_bytes
+from mmgraph_workers.media.image import decode_image
+from mmgraph_workers.media.policy import MediaPolicy
+from mmgraph_workers.protocol import PROTOCOL_VERSION, EncodedItem, EncodeRequest, EncodeResponse, WorkerInfo
+from mmgraph_workers.server import add_common_arguments, add_transfer_arguments, make_app, serve
+from mmgraph_workers.transfer import Transfer, make_transfer
+
+log = logging.getLogger("mmgraph.encoder")
+ENCODED = Counter("mmgraph_encoder_items_total", "Media items encoded", ["cached"])
+ENCODE_SECONDS = Histogram("mmgraph_encoder_seconds", "Time to fetch, decode and encode one request's media")
+PUBLISHED = Gauge("mmgraph_encoder_published_buffers", "Embedding buffers waiting for pd to pull them")
+MEDIA_ERRORS = Counter("mmgraph_encoder_media_errors_total", "Requests refused for their media", ["status"])
+
+
+class EmbeddingCache:
+    """LRU of embeddings by media content hash, bounded in bytes."""
+
+    def __init__(self, capacity_bytes: int):
+        self.capacity = capacity_bytes
+        self.used = 0
+        self.items: OrderedDict[str, tuple[torch.Tensor, list[int]]] = OrderedDict()
+
+    def get(self, key: str) -> tuple[torch.Tensor, list[int]] | None:
+        if key in self.items:
+            self.items.move_to_end(key)
+            return self.items[key]
+        return None
+
+    def put(self, key: str, embeds: torch.Tensor, grid: list[int]) -> None:
+        size = embeds.numel() * embeds.element_size()
+        if size > self.capacity:
+            return
+        self.items[key] = (embeds, grid)
+        self.used += size
+        while self.used > self.capacity:
+            _, (old, _) = self.items.popitem(last=False)
+            self.used -= old.numel() * old.element_size()
+
+
+class Encoder:
+    def __init__(self, args: argparse.Namespace, transfer: Transfer):
+        self.args = args
+        self.policy = MediaPolicy.from_args(args)
+        self.processor = qwen2_vl.load_processor(args.model, args.revision, args.trust_remote_code)
+        self.tower = qwen2_vl.load_vision_tower(args.model, args.revision, args.trust_remote_code)
+        self.merge = self.tower.spatial_merge_size
+        self.transfer = transfer
+        self.cache = EmbeddingCache(args.cache_bytes)
+        self.client = httpx.AsyncClient(verify=True, trust_env=False)
+        self.lock = asyncio.Lock()  # one forward pass at a time: the tower uses every core
+
+    async def encode(self, request: EncodeRequest) -> EncodeResponse:
+        if len(request.urls) > self.policy.max_items:
+            raise MediaError(f"{len(request.urls)} media items, more than the {self.policy.max_items} allowed")
+        started = time.perf_counter()
+        blobs = await asyncio.gather(*(fetch_bytes(u, self.policy, self.client) for u in request.urls))
+        keys = [hashlib.sha256(b).hexdigest() for b in blobs]
+        found = {k: self.cache.get(k) for k in keys}
+        missing = [i for i, k in enumerate(keys) if found[k] is None]
+        if missing:
+            images = await asyncio.to_thread(lambda: [decode_image(blobs[i], self.policy) for i in missing])
+            async with self.lock:
+                embeds, grids = await asyncio.to_thread(self._forward, images)
+            for i, e, g in zip(missing, embeds, grids, strict=True):
+                self.cache.put(keys[i], e, g)
+                found[keys[i]] = (e, g)
+        items = []
+        ttl = self.args.transfer_timeout_seconds * 3 + 30
+        for i, key in enumerate(keys):
+            embeds, grid = found[key]  # type: ignore[misc]
+            ref = self.transfer.publish(embeds, ttl_seconds=ttl)
+            ref.owner_url = f"http://{self.args.advertise_host}:{self.args.port}"
+            items.append(
+                EncodedItem(embeddings=ref, grid_thw=grid, num_tokens=embeds.shape[0], cached=i not in missing)
+            )
+            ENCODED.labels(cached=str(i not in missing).lower()).inc()
+        PUBLISHED.set(self.transfer.published())
+        ENCODE_SECONDS.observe(time.perf_counter() - started)
+        return EncodeResponse(items=items)
+
+    def _forward(self, images: list) -> tuple[list[torch.Tensor], list[list[int]]]:
+        embeds: list[torch.Tensor] = []
+        grids: list[list[int]] = []
+        for start in range(0, len(images), self.args.max_batch_size):
+            pixels, grid = qwen2_vl.pixel_inputs(self.processor, images[start : start + self.args.max_batch_size])
+            embeds += [e.contiguous() for e in qwen2_vl.encode(self.tower, pixels, grid)]
+            grids += grid.tolist()
+        return embeds, grids
+
+    async def poll_transfers(self) -> None:
+        while True:
+            self.transfer.poll()
+            PUBLISHED.set(self.transfer.published())
+            await asyncio.sleep(0.005)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_common_arguments(parser)
+    add_transfer_arguments(parser)
+    MediaPolicy.add_arguments(parser)
+    parser.add_argument("--max-batch-size", type=int, default=16)
+    parser.add_argument("--cache-bytes", type=int, default=1 << 30)
+    parser.add_argument("--transfer-pool-bytes", type=int, default=256 << 20, help="registered memory for embeddings")
+
+
+def main(args: argparse.Namespace) -> None:
+    encoder: Encoder | None = None
+    app = make_app("encoder", lambda: encoder is not None)
+
+    @app.on_event("startup")
+    async def load() -> None:
+        nonlocal encoder
+        transfer = make_transfer("nixl", f"encoder-{args.advertise_host}-{args.port}", args.transfer_pool_bytes)
+        encoder = await asyncio.to_thread(Encoder, args, transfer)
+        app.state.poller = asyncio.create_task(encoder.poll_transfers())
+        log.info("encoder ready: %s", args.model)
+
+    @app.get("/v1/info")
+    async def info() -> WorkerInfo:
+        return WorkerInfo(stage="encoder", model=args.model, served_model_name=args.served_model_name)
+
+    @app.post("/encode")
+    async def encode(request: Request) -> JSONResponse:
+        try:
+            body = EncodeRequest.model_validate_json(await request.body())
+        except ValidationError as err:
+            return JSONResponse({"error": f"bad encode request: {err}", "status": 400}, status_code=400)
+        if body.version != PROTOCOL_VERSION:
+            return JSONResponse({"error": f"protocol version {body.version} unsupported"}, status_code=400)
+        try:
+            return JSONResponse((await encoder.encode(body)).model_dump())  # type: ignore[union-attr]
+        except MediaError as err:
+            MEDIA_ERRORS.labels(status=str(err.status)).inc()
+            return JSONResponse({"error": str(err), "status": err.status}, status_code=err.status)
+
+    @app.post("/release/{handle}")
+    async def release(handle: str) -> JSONResponse:
+        encoder.transfer.release(handle)  # type: ignore[union-attr]
+        return JSONResponse({"released": handle})
+
+    serve(app, args.host, args.port)

@@ -1,0 +1,254 @@
+"""The vLLM stages, pd and decode: vLLM's AsyncLLM embedded in the worker, behind a small streaming /generate.
+
+pd takes the prompt (token ids with ONE placeholder per image; vLLM expands it from the grid) and the images in
+one of two forms: URLs it loads itself (agg) or embeddings it pulls from the encoder over NIXL (e-pd, e-p-d).
+In e-p-d it only prefills (`prefill_only`): vLLM's NixlConnector keeps the KV blocks for the lease and the
+response carries `kv_transfer_params`. decode receives the same unexpanded prompt, the images' grids with
+placeholder embeddings of the right shape (positions depend on the grid; the values are never computed) and
+those `kv_transfer_params`, pulls the KV over NIXL and streams tokens.
+
+vLLM's own argument parser reads the engine arguments (`--engine-arg=--max-model-len=1024`), so every vLLM
+option works as vLLM documents it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import torch
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from prometheus_client import Counter, Gauge, Histogram
+from pydantic import ValidationError
+
+from mmgraph_workers.media import MediaError
+from mmgraph_workers.media.fetch import fetch_bytes
+from mmgraph_workers.media.image import decode_image
+from mmgraph_workers.media.policy import MediaPolicy
+from mmgraph_workers.protocol import PROTOCOL_VERSION, GenerateEvent, GenerateRequest, WorkerInfo
+from mmgraph_workers.server import add_common_arguments, add_transfer_arguments, make_app, serve
+from mmgraph_workers.transfer import TransferError, make_transfer
+
+log = logging.getLogger("mmgraph.engine")
+IN_FLIGHT = Gauge("mmgraph_engine_requests_in_flight", "Requests the engine is working on", ["stage"])
+REQUESTS = Counter("mmgraph_engine_requests_total", "Generate requests", ["stage", "outcome"])
+PULL_SECONDS = Histogram("mmgraph_engine_embedding_pull_seconds", "Time to pull a request's embeddings over NIXL")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_common_arguments(parser)
+    add_transfer_arguments(parser)
+    MediaPolicy.add_arguments(parser)  # agg: the engine loads images itself
+    parser.add_argument("--kv-role", choices=["producer", "consumer"], default=None)
+    parser.add_argument("--kv-lease-seconds", type=int, default=30)
+    parser.add_argument("--embeddings-input", action="store_true", help="accept precomputed image embeddings")
+    parser.add_argument("--engine-arg", action="append", default=[], help="a vLLM engine argument, e.g. --dtype=half")
+
+
+def engine_args(args: argparse.Namespace, stage: str) -> Any:
+    """AsyncEngineArgs from vLLM's own parser, plus what the graph decides (model, KV connector, embeddings)."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    argv = ["--model", args.model, "--served-model-name", args.served_model_name, *args.engine_arg]
+    if args.revision:
+        argv += ["--revision", args.revision]
+    if args.trust_remote_code:
+        argv.append("--trust-remote-code")
+    if args.embeddings_input or stage == "decode":
+        argv.append("--enable-mm-embeds")
+    if args.kv_role:
+        config = {
+            "kv_connector": "NixlConnector",
+            "kv_role": f"kv_{args.kv_role}",
+            "kv_connector_extra_config": {"kv_lease_duration": args.kv_lease_seconds},
+        }
+        if not torch.cuda.is_available():
+            config["kv_buffer_device"] = "cpu"
+        argv += ["--kv-transfer-config", json.dumps(config)]
+    parser = AsyncEngineArgs.add_cli_args(FlexibleArgumentParser())
+    return AsyncEngineArgs.from_cli_args(parser.parse_args(argv))
+
+
+class Engine:
+    """The engine-facing core: turns a GenerateRequest into vLLM inputs and vLLM outputs into GenerateEvents."""
+
+    def __init__(self, args: argparse.Namespace, stage: str):
+        self.args, self.stage = args, stage
+        self.policy = MediaPolicy.from_args(args)
+        self.llm: Any = None
+        self.transfer = make_transfer("nixl", f"{stage}-{args.advertise_host}-{args.port}") if stage == "pd" else None
+        self.http = httpx.AsyncClient(trust_env=False, timeout=5)
+        self.hidden_size: int | None = None
+        self.max_model_len: int | None = None
+
+    async def start(self) -> None:
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        if self.args.kv_role:  # vLLM's NixlConnector reads its side channel from the environment
+            os.environ["VLLM_NIXL_SIDE_CHANNEL_HOST"] = self.args.advertise_host
+            os.environ["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(self.args.transfer_port + 1)
+            # The KV owner must progress transfers while idle (scripts/cpu_shims.py; a no-op with CUDA).
+            os.environ["MMGRAPH_NIXL_PROGRESS_THREAD"] = "1" if self.args.kv_role == "producer" else "0"
+        self.llm = AsyncLLM.from_engine_args(engine_args(self.args, self.stage))
+        config = self.llm.model_config
+        self.max_model_len = config.max_model_len
+        self.hidden_size = config.get_hidden_size()
+
+    async def _images(self, req: GenerateRequest) -> Any:
+        if req.image_urls:
+            blobs = await asyncio.gather(*(fetch_bytes(u, self.policy, self.http) for u in req.image_urls))
+            images = await asyncio.to_thread(lambda: [decode_image(b, self.policy) for b in blobs])
+            return {"image": images if len(images) > 1 else images[0]}
+        if req.encoded:
+            if self.transfer is None:
+                raise MediaError("this stage does not accept embeddings")
+            started = time.perf_counter()
+            try:
+                embeds = [
+                    await asyncio.to_thread(self.transfer.fetch, item.embeddings, self.args.transfer_timeout_seconds)
+                    for item in req.encoded
+                ]
+            except TransferError as err:
+                await self._release_unpulled(req)
+                raise StageError(f"pulling embeddings from the encoder failed: {err}", 502) from err
+            PULL_SECONDS.observe(time.perf_counter() - started)
+            grid = torch.tensor([item.grid_thw for item in req.encoded])
+            return {"image": {"image_embeds": torch.cat(embeds), "image_grid_thw": grid}}
+        if req.placeholders:
+            dtype = self.llm.model_config.dtype
+            total = sum(p.num_tokens for p in req.placeholders)
+            grid = torch.tensor([p.grid_thw for p in req.placeholders])
+            zeros = torch.zeros(total, req.placeholders[0].hidden_size, dtype=dtype)
+            return {"image": {"image_embeds": zeros, "image_grid_thw": grid}}
+        return None
+
+    async def _release_unpulled(self, req: GenerateRequest) -> None:
+        for item in req.encoded:
+            if item.embeddings.owner_url:
+                try:
+                    await self.http.post(f"{item.embeddings.owner_url}/release/{item.embeddings.handle}")
+                except httpx.HTTPError:
+                    pass  # its time-to-live frees it
+
+    async def generate(self, req: GenerateRequest) -> AsyncIterator[GenerateEvent]:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        mm = await self._images(req)
+        prompt: dict[str, Any] = {"prompt_token_ids": req.prompt_token_ids}
+        if mm is not None:
+            prompt["multi_modal_data"] = mm
+        extra = None
+        if req.prefill_only:
+            extra = {"kv_transfer_params": {"do_remote_decode": True}}
+        elif req.kv_transfer_params is not None:
+            extra = {"kv_transfer_params": req.kv_transfer_params}
+        s = req.sampling
+        params = SamplingParams(
+            max_tokens=1 if req.prefill_only else s.max_tokens,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            seed=s.seed,
+            stop=s.stop or None,
+            output_kind=RequestOutputKind.DELTA,
+            extra_args=extra,
+        )
+        completion = 0
+        try:
+            async for out in self.llm.generate(prompt, params, req.request_id):
+                piece = out.outputs[0]
+                completion += len(piece.token_ids)
+                yield GenerateEvent(
+                    token_ids=list(piece.token_ids) if not req.prefill_only else [],
+                    text=piece.text if not req.prefill_only else "",
+                    finish_reason=piece.finish_reason if out.finished else None,
+                    prompt_tokens=len(out.prompt_token_ids or []) if out.finished else None,
+                    completion_tokens=completion if out.finished else None,
+                    kv_transfer_params=out.kv_transfer_params if out.finished else None,
+                    hidden_size=self.hidden_size,
+                )
+        except asyncio.CancelledError:
+            await self.llm.abort(req.request_id)
+            raise
+
+
+class StageError(RuntimeError):
+    def __init__(self, message: str, status: int = 500):
+        super().__init__(message)
+        self.status = status
+
+
+def main(args: argparse.Namespace, stage: str) -> None:
+    if not torch.cuda.is_available():
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    os.environ.setdefault("UCX_NET_DEVICES", "lo" if args.advertise_host.startswith("127.") else "all")
+    engine = Engine(args, stage)
+    ready = False
+    app = make_app(stage, lambda: ready)
+
+    @app.on_event("startup")
+    async def load() -> None:
+        nonlocal ready
+        await engine.start()
+        ready = True
+        log.info("%s ready: %s (max_model_len %s)", stage, args.model, engine.max_model_len)
+
+    @app.on_event("shutdown")
+    async def stop() -> None:
+        if engine.llm is not None:
+            engine.llm.shutdown()
+
+    @app.get("/v1/info")
+    async def info() -> WorkerInfo:
+        return WorkerInfo(
+            stage=stage,
+            model=args.model,
+            served_model_name=args.served_model_name,
+            max_model_len=engine.max_model_len,
+            hidden_size=engine.hidden_size,
+        )
+
+    @app.post("/generate")
+    async def generate(request: Request):
+        try:
+            req = GenerateRequest.model_validate_json(await request.body())
+        except ValidationError as err:
+            return JSONResponse({"error": f"bad generate request: {err}", "status": 400}, status_code=400)
+        if req.version != PROTOCOL_VERSION:
+            return JSONResponse({"error": f"protocol version {req.version} unsupported"}, status_code=400)
+
+        async def events() -> AsyncIterator[bytes]:
+            IN_FLIGHT.labels(stage).inc()
+            outcome = "ok"
+            try:
+                async for event in engine.generate(req):
+                    yield event.model_dump_json(exclude_none=True).encode() + b"\n"
+            except MediaError as err:
+                outcome = "bad_request"
+                yield GenerateEvent(error=str(err), status=err.status).model_dump_json().encode() + b"\n"
+            except StageError as err:
+                outcome = "error"
+                yield GenerateEvent(error=str(err), status=err.status).model_dump_json().encode() + b"\n"
+            except ValueError as err:  # vLLM refuses the input (e.g. longer than the model)
+                outcome = "bad_request"
+                yield GenerateEvent(error=str(err), status=400).model_dump_json().encode() + b"\n"
+            except Exception as err:
+                outcome = "error"
+                log.exception("%s failed on request %s", stage, req.request_id)
+                yield GenerateEvent(error=f"{stage} failed: {err}", status=500).model_dump_json().encode() + b"\n"
+            finally:
+                IN_FLIGHT.labels(stage).dec()
+                REQUESTS.labels(stage, outcome).inc()
+
+        return StreamingResponse(events(), media_type="application/x-ndjson")
+
+    serve(app, args.host, args.port)

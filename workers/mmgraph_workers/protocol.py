@@ -1,0 +1,105 @@
+"""The messages that cross process boundaries between stages (HTTP JSON bodies and NDJSON stream lines).
+
+Typed and versioned: every request carries `version`, and a worker refuses a version it does not speak with a
+clear error instead of misreading fields. The OpenAI-facing request/response shapes live in frontend.py; these
+are internal to a graph.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+PROTOCOL_VERSION = 1
+
+
+class Message(BaseModel):
+    version: int = PROTOCOL_VERSION
+
+
+class TensorRef(BaseModel):
+    """Where a tensor waits in its owner's memory for a reader to pull it (a NIXL descriptor and its agent)."""
+
+    handle: str
+    agent: str
+    agent_metadata: str  # base64 of the owner agent's NIXL metadata, so a reader can connect once
+    address: int
+    nbytes: int
+    dtype: str
+    shape: list[int]
+    mem_type: Literal["DRAM", "VRAM"] = "DRAM"
+    device_id: int = 0
+    owner_url: str = ""  # where to send a release if the reader cannot pull
+
+
+class EncodedItem(BaseModel):
+    """One media item after the encoder: its embeddings and what the engine needs to place them."""
+
+    modality: Literal["image"] = "image"
+    embeddings: TensorRef
+    grid_thw: list[int]  # Qwen2-VL: temporal, height, width patches before merging
+    num_tokens: int
+    cached: bool = False
+
+
+class EncodeRequest(Message):
+    request_id: str
+    urls: list[str] = Field(min_length=1)
+
+
+class EncodeResponse(Message):
+    items: list[EncodedItem]
+
+
+class Sampling(BaseModel):
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = Field(default_factory=list)
+
+
+class PlaceholderItem(BaseModel):
+    """What decode needs for an image it will not compute: the grid (positions) and the embedding shape."""
+
+    grid_thw: list[int]
+    num_tokens: int
+    hidden_size: int
+
+
+class GenerateRequest(Message):
+    """To a vLLM stage. Exactly one way of giving the images: `image_urls` (agg: the engine encodes),
+    `encoded` (pd fed by the encoder), or `placeholders` (decode: KV comes from pd)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: Sampling
+    image_urls: list[str] = Field(default_factory=list)
+    encoded: list[EncodedItem] = Field(default_factory=list)
+    placeholders: list[PlaceholderItem] = Field(default_factory=list)
+    prefill_only: bool = False  # e-p-d's pd: compute the KV, keep it for decode, return kv_transfer_params
+    kv_transfer_params: dict[str, Any] | None = None  # decode: where the KV is
+
+
+class GenerateEvent(BaseModel):
+    """One NDJSON line of a /generate stream."""
+
+    token_ids: list[int] = Field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    kv_transfer_params: dict[str, Any] | None = None
+    hidden_size: int | None = None
+    error: str | None = None
+    status: int | None = None  # HTTP-like status of an error: 4xx for the request, 5xx for the stage
+
+
+class WorkerInfo(BaseModel):
+    stage: str
+    model: str
+    served_model_name: str
+    max_model_len: int | None = None
+    hidden_size: int | None = None
+    protocol_version: int = PROTOCOL_VERSION

@@ -1,0 +1,58 @@
+"""What every worker's HTTP side shares: /health and /metrics, JSON errors, and serving with uvicorn.
+
+A worker is an engine-facing core plus this thin layer; nothing here knows about models or scheduling.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+log = logging.getLogger("mmgraph.worker")
+
+
+def make_app(stage: str, ready: Callable[[], bool]) -> FastAPI:
+    app = FastAPI(title=f"mmgraph {stage}", docs_url=None, redoc_url=None)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        ok = ready()
+        return JSONResponse({"stage": stage, "ready": ok}, status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> PlainTextResponse:
+        return PlainTextResponse(generate_latest().decode(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.exception_handler(Exception)
+    async def crash(request: Request, err: Exception) -> JSONResponse:
+        log.exception("%s failed on %s", stage, request.url.path)
+        return JSONResponse({"error": f"{stage} failed: {type(err).__name__}: {err}", "stage": stage}, status_code=500)
+
+    return app
+
+
+def serve(app: FastAPI, host: str, port: int) -> None:
+    """Run until SIGINT/SIGTERM; uvicorn drains in-flight requests for a few seconds, then stops."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+
+
+def add_common_arguments(parser) -> None:
+    """Flags every worker takes (commands.py emits them from the graph)."""
+    parser.add_argument("--model", required=True, help="local path or Hugging Face id of the weights")
+    parser.add_argument("--served-model-name", required=True)
+    parser.add_argument("--revision", default=None)
+    parser.add_argument("--trust-remote-code", action="store_true")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--transfer-timeout-seconds", type=float, default=10.0)
+
+
+def add_transfer_arguments(parser) -> None:
+    parser.add_argument("--advertise-host", default="127.0.0.1", help="address peers reach this pod at")
+    parser.add_argument("--transfer-port", type=int, default=5600, help="NIXL side channel port")

@@ -1,0 +1,225 @@
+"""Moving tensors between stage processes without copying them through HTTP.
+
+The map (the same three primitives whatever the implementation):
+
+    owner (encoder)                         reader (pd)
+    ---------------                         -----------
+    ref = publish(tensor)  ---- ref ---->   tensor = fetch(ref, deadline)
+      (keeps the buffer registered)           (pulls the bytes; its completion tells the owner)
+    release happens when the reader's        release(ref) is sent by the reader only when it
+      completion notice arrives, or when       could not pull (the owner must never free early:
+      the buffer's time-to-live passes          a read of a released buffer returns wrong bytes)
+
+Implementations sit side by side and are chosen by name (`make_transfer`), never by `if backend ==` in callers.
+NIXL (UCX underneath) is the one we ship: agents and peer connections are created once and reused, one side polls
+instead of running a progress thread, and every wait has a deadline.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import threading
+import time
+import uuid
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+from mmgraph_workers.protocol import TensorRef
+
+
+class TransferError(RuntimeError):
+    """A transfer failed or missed its deadline; the message names the peer."""
+
+
+class Transfer(ABC):
+    @abstractmethod
+    def publish(self, tensor: torch.Tensor, ttl_seconds: float) -> TensorRef:
+        """Copy `tensor` into registered memory and describe where it is; it stays until released."""
+
+    @abstractmethod
+    def fetch(self, ref: TensorRef, timeout_seconds: float) -> torch.Tensor:
+        """Pull the tensor `ref` describes; its completion tells the owner it may release it."""
+
+    @abstractmethod
+    def poll(self) -> None:
+        """Owner side: process completion notices and expiries (call periodically)."""
+
+    @abstractmethod
+    def release(self, handle: str) -> None: ...
+
+    @abstractmethod
+    def published(self) -> int:
+        """How many buffers are still registered (for metrics and tests)."""
+
+
+@dataclass
+class _Published:
+    offset: int
+    size: int
+    expires: float
+
+
+class Pool:
+    """First-fit allocator over one registered buffer: NIXL publishes a region's address in the agent's metadata
+    when it is registered, so registering once up front keeps the metadata (and every peer's connection) valid."""
+
+    ALIGN = 256
+
+    def __init__(self, size: int):
+        self.size = size
+        self.free: list[tuple[int, int]] = [(0, size)]  # (offset, length), sorted, coalesced
+
+    def alloc(self, nbytes: int) -> int | None:
+        need = -(-max(nbytes, 1) // self.ALIGN) * self.ALIGN
+        for i, (offset, length) in enumerate(self.free):
+            if length >= need:
+                self.free[i : i + 1] = [(offset + need, length - need)] if length > need else []
+                return offset
+        return None
+
+    def release(self, offset: int, nbytes: int) -> None:
+        size = -(-max(nbytes, 1) // self.ALIGN) * self.ALIGN
+        self.free.append((offset, size))
+        self.free.sort()
+        merged: list[tuple[int, int]] = []
+        for off, length in self.free:
+            if merged and merged[-1][0] + merged[-1][1] == off:
+                merged[-1] = (merged[-1][0], merged[-1][1] + length)
+            else:
+                merged.append((off, length))
+        self.free = merged
+
+    def used(self) -> int:
+        return self.size - sum(length for _, length in self.free)
+
+
+class NixlTransfer(Transfer):
+    """NIXL agent per process, UCX backend; DRAM here, VRAM where tensors live on a GPU."""
+
+    RELEASE = b"mmgraph-release:"
+
+    def __init__(self, name: str | None = None, pool_bytes: int = 0, device: str = "cpu"):
+        os.environ.setdefault("NIXL_LOG_LEVEL", "WARN")
+        from nixl._api import nixl_agent, nixl_agent_config
+
+        self.name = name or f"mmgraph-{uuid.uuid4().hex[:12]}"
+        self.agent = nixl_agent(self.name, nixl_agent_config(enable_prog_thread=False, backends=["UCX"]))
+        self.buffer = torch.empty(pool_bytes, dtype=torch.uint8, device=device)
+        self.pool = Pool(pool_bytes)
+        if pool_bytes:
+            self.agent.register_memory(self.buffer)
+        self.metadata = base64.b64encode(self.agent.get_agent_metadata()).decode()
+        self._published: dict[str, _Published] = {}
+        self._peers: dict[str, str] = {}  # agent name -> metadata we connected with
+        self._lock = threading.Lock()  # the agent is shared by request threads and the poller
+        self.stats = {"published": 0, "released": 0, "expired": 0, "fetched": 0, "fetched_bytes": 0}
+
+    # ---- owner ----------------------------------------------------------------------------------------------
+
+    def publish(self, tensor: torch.Tensor, ttl_seconds: float) -> TensorRef:
+        nbytes = tensor.numel() * tensor.element_size()
+        handle = uuid.uuid4().hex
+        with self._lock:
+            offset = self.pool.alloc(nbytes)
+            if offset is None:
+                raise TransferError(
+                    f"the transfer pool ({self.pool.size} B) is full: readers are not pulling fast enough"
+                )
+            region = self.buffer[offset : offset + nbytes]
+            region.copy_(tensor.contiguous().view(-1).view(torch.uint8))
+            self._published[handle] = _Published(offset, nbytes, time.monotonic() + ttl_seconds)
+            self.stats["published"] += 1
+        return TensorRef(
+            handle=handle,
+            agent=self.name,
+            agent_metadata=self.metadata,
+            address=region.data_ptr(),
+            nbytes=nbytes,
+            dtype=str(tensor.dtype).removeprefix("torch."),
+            shape=list(tensor.shape),
+            mem_type="VRAM" if self.buffer.is_cuda else "DRAM",
+            device_id=self.buffer.device.index or 0,
+        )
+
+    def poll(self) -> None:
+        with self._lock:
+            notices = self.agent.get_new_notifs()
+        for messages in notices.values():
+            for message in messages:
+                if message.startswith(self.RELEASE):
+                    self._drop(message[len(self.RELEASE) :].decode(), "released")
+        now = time.monotonic()
+        for handle in [h for h, p in self._published.items() if p.expires < now]:
+            self._drop(handle, "expired")
+
+    def release(self, handle: str) -> None:
+        self._drop(handle, "released")
+
+    def _drop(self, handle: str, why: str) -> None:
+        with self._lock:
+            entry = self._published.pop(handle, None)
+            if entry is not None:
+                self.pool.release(entry.offset, entry.size)
+                self.stats[why] += 1
+
+    def published(self) -> int:
+        return len(self._published)
+
+    # ---- reader ---------------------------------------------------------------------------------------------
+
+    def _connect(self, ref: TensorRef) -> None:
+        if self._peers.get(ref.agent) == ref.agent_metadata:
+            return
+        if ref.agent in self._peers:  # the owner restarted under the same name
+            self.agent.remove_remote_agent(ref.agent)
+        self.agent.add_remote_agent(base64.b64decode(ref.agent_metadata))
+        self._peers[ref.agent] = ref.agent_metadata
+
+    def fetch(self, ref: TensorRef, timeout_seconds: float) -> torch.Tensor:
+        dtype = getattr(torch, ref.dtype)
+        out = torch.empty(ref.shape, dtype=dtype)
+        if out.numel() * out.element_size() != ref.nbytes:
+            raise TransferError(f"descriptor of {ref.agent} is inconsistent: {ref.shape} {ref.dtype} != {ref.nbytes} B")
+        deadline = time.monotonic() + timeout_seconds
+        with self._lock:
+            self._connect(ref)
+            registration = self.agent.register_memory(out)
+            try:
+                local = self.agent.get_xfer_descs(out)
+                remote = self.agent.get_xfer_descs([(ref.address, ref.nbytes, ref.device_id)], ref.mem_type)
+                handle = self.agent.initialize_xfer(
+                    "READ", local, remote, ref.agent, self.RELEASE + ref.handle.encode()
+                )
+                try:
+                    state = self.agent.transfer(handle)
+                    while state != "DONE":
+                        if state == "ERR":
+                            raise TransferError(f"NIXL read from {ref.agent} failed")
+                        if time.monotonic() > deadline:
+                            raise TransferError(f"NIXL read from {ref.agent} missed its {timeout_seconds:g} s deadline")
+                        state = self.agent.check_xfer_state(handle)
+                finally:
+                    self.agent.release_xfer_handle(handle)
+            except TransferError:
+                raise
+            except Exception as err:  # nixl._bindings errors share no base class
+                raise TransferError(f"NIXL read from {ref.agent}: {type(err).__name__}: {err}") from err
+            finally:
+                self.agent.deregister_memory(registration)
+        self.stats["fetched"] += 1
+        self.stats["fetched_bytes"] += ref.nbytes
+        return out
+
+
+TRANSFERS: dict[str, type[Transfer]] = {"nixl": NixlTransfer}
+
+
+def make_transfer(backend: str, name: str | None = None, pool_bytes: int = 0) -> Transfer:
+    """`pool_bytes`: what an owner can have published at once (0 for a process that only reads)."""
+    try:
+        return TRANSFERS[backend](name, pool_bytes)
+    except KeyError:
+        raise ValueError(f"unknown transfer backend {backend!r}; known: {', '.join(TRANSFERS)}") from None

@@ -1,0 +1,234 @@
+"""`mmgraph up FILE`: the stages of a MultimodalGraph as local processes on this machine.
+
+The same `mmgraph worker <stage>` command lines a Deployment runs (commands.py), with peers on 127.0.0.1. Shows
+progress until every stage answers /health, prints the endpoint, and stops every process it started on Ctrl-C
+or as soon as one stage dies (saying which, and the end of its log). With --demo it sends one chat request with
+an image, prints the reply and its timings, and stops. A `path` model that does not exist yet is built as the
+tiny Qwen2-VL first, so the demo needs no download.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from mmgraph_operator.api import MultimodalGraph, StageName, parse, problems
+from mmgraph_operator.commands import worker_command
+
+START_TIMEOUT = 600.0  # seconds for every stage to become healthy (engines take ~30 s each on 2 CPU cores)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Stage:
+    name: StageName
+    port: int
+    proc: subprocess.Popen
+    log: Path
+
+    def tail(self, lines: int = 15) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+
+class LocalGraph:
+    """Starts, watches and stops the stage processes of one graph."""
+
+    def __init__(self, graph: MultimodalGraph, host: str = "127.0.0.1", logdir: Path | None = None):
+        self.graph, self.host = graph, host
+        self.logdir = logdir or Path(tempfile.mkdtemp(prefix=f"mmgraph-{graph.name}-"))
+        self.stages: dict[StageName, Stage] = {}
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://{self.host}:{self.stages[StageName.FRONTEND].port}"
+
+    def start(self) -> None:
+        spec = self.graph.spec
+        used = spec.used_stages()
+        ports = {s: free_port() for s in used}
+        peers = {s: f"http://{self.host}:{ports[s]}" for s in used if s != StageName.FRONTEND}
+        model = spec.model.path or (spec.model.hugging_face.id if spec.model.hugging_face else "")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "NIXL_LOG_LEVEL": "WARN"}
+        for stage in (s for s in used if s != StageName.FRONTEND):  # workers first, the frontend last
+            self._spawn(stage, ports, peers, model, env)
+        self._spawn(StageName.FRONTEND, ports, peers, model, env)
+
+    def _spawn(self, stage: StageName, ports: dict, peers: dict, model: str, env: dict) -> None:
+        argv = worker_command(
+            self.graph.spec,
+            stage,
+            model=model,
+            host=self.host,
+            advertise_host=self.host,
+            peers=peers,
+            ports=ports,
+            transfer_port=free_port(),
+        )
+        log = self.logdir / f"{stage.value}.log"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mmgraph_operator.cli", *argv],
+            stdout=open(log, "wb"),  # noqa: SIM115 - the child owns it
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,  # Ctrl-C reaches us, and we stop the stages in order
+        )
+        self.stages[stage] = Stage(stage, ports[stage], proc, log)
+
+    def dead(self) -> Stage | None:
+        return next((s for s in self.stages.values() if s.proc.poll() is not None), None)
+
+    def healthy(self, stage: Stage) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{self.host}:{stage.port}/health", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def wait_healthy(self, timeout: float = START_TIMEOUT, progress=print) -> None:
+        deadline, started, shown = time.monotonic() + timeout, time.monotonic(), None
+        while time.monotonic() < deadline:
+            dead = self.dead()
+            if dead:
+                raise StageDied(dead)
+            ready = [s.name.value for s in self.stages.values() if self.healthy(s)]
+            line = f"  {time.monotonic() - started:5.0f}s  ready: {', '.join(ready) or '-'}"
+            if line.split("ready")[1] != (shown or "").split("ready")[-1]:
+                progress(line)
+                shown = line
+            if len(ready) == len(self.stages):
+                return
+            time.sleep(0.5)
+        raise TimeoutError(f"stages not healthy within {timeout:.0f} s; logs in {self.logdir}")
+
+    def stop(self) -> None:
+        for stage in self.stages.values():  # SIGTERM to each process group, then wait, then SIGKILL
+            if stage.proc.poll() is None:
+                os.killpg(stage.proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        for stage in self.stages.values():
+            try:
+                stage.proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(stage.proc.pid, signal.SIGKILL)
+                stage.proc.wait(5)
+
+
+class StageDied(RuntimeError):
+    def __init__(self, stage: Stage):
+        super().__init__(f"stage {stage.name.value} exited with code {stage.proc.returncode}")
+        self.stage = stage
+
+
+def demo_image() -> str:
+    """A small synthetic picture as a data: URL (no network needed)."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (96, 64), "white")
+    draw = ImageDraw.Draw(image)
+    draw.rectangle((8, 8, 40, 56), fill="red")
+    draw.ellipse((52, 12, 88, 48), fill="blue")
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def send_demo_request(endpoint: str, model: str) -> None:
+    body = {
+        "model": model,
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": demo_image()}},
+                    {"type": "text", "text": "describe this image"},
+                ],
+            }
+        ],
+        "max_tokens": 16,
+        "temperature": 0,
+        "stream": True,
+    }
+    request = urllib.request.Request(
+        f"{endpoint}/v1/chat/completions", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    print(f"\n> POST {endpoint}/v1/chat/completions  (one 96x64 PNG + 'describe this image', greedy, 16 tokens)")
+    started, first, text = time.perf_counter(), None, []
+    with urllib.request.urlopen(request, timeout=120) as response:
+        for raw in response:
+            line = raw.decode().strip()
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise RuntimeError(chunk["error"]["message"])
+            piece = (chunk["choices"][0]["delta"].get("content") or "") if chunk["choices"] else ""
+            if piece and first is None:
+                first = time.perf_counter() - started
+            text.append(piece)
+    total = time.perf_counter() - started
+    print(f"< {''.join(text)!r}")
+    print(f"  time to first token {1000 * (first or total):.0f} ms, total {1000 * total:.0f} ms")
+    print("  (random weights: the words are noise; the point is that every stage ran and agreed)")
+
+
+def up(file: str, host: str = "127.0.0.1", demo: bool = False) -> int:
+    docs = [d for d in yaml.safe_load_all(Path(file).read_text()) if d]
+    graph = parse(docs[0])
+    found = problems(graph)
+    if found:
+        print("mmgraph up: the graph is invalid:\n  " + "\n  ".join(found), file=sys.stderr)
+        return 2
+    if graph.spec.model.path and not Path(graph.spec.model.path, "config.json").exists():
+        from mmgraph_workers.tiny_model import ensure
+
+        print(f"building the tiny Qwen2-VL at {graph.spec.model.path} (no download) ...", flush=True)
+        ensure(graph.spec.model.path)
+    local = LocalGraph(graph, host)
+    stages = ", ".join(s.value for s in graph.spec.used_stages())
+    print(f"starting {graph.name} ({graph.spec.topology.value}: {stages}); logs in {local.logdir}", flush=True)
+    interrupted = False
+
+    def on_signal(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        local.start()
+        local.wait_healthy(progress=lambda line: print(line, flush=True))
+        print(f"\nready: {local.endpoint}/v1/chat/completions  (model {graph.spec.model.name!r})", flush=True)
+        if demo:
+            send_demo_request(local.endpoint, graph.spec.model.name)
+            return 0
+        print("Ctrl-C stops every stage.", flush=True)
+        while True:
+            dead = local.dead()
+            if dead:
+                raise StageDied(dead)
+            time.sleep(0.5)
+    except StageDied as err:
+        print(f"\nmmgraph up: {err}; its last lines ({err.stage.log}):\n{err.stage.tail()}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        interrupted = True
+        return 130
+    finally:
+        print("stopping ..." if not interrupted else "\ninterrupted: stopping ...", flush=True)
+        local.stop()
+        print("stopped.", flush=True)
