@@ -230,7 +230,7 @@ class MediaSpec(Spec):
     allowed_schemes: list[Scheme] = Field(default=["https", "data"], min_length=1)
     """URL schemes the encoder may fetch; http must be named here to be allowed."""
     allow_private_networks: bool = False
-    """Allow URLs that resolve to private, loopback or link-local addresses (off: no SSRF into the cluster)."""
+    """Allow URLs resolving to private or loopback addresses; link-local ones (cloud metadata) stay refused."""
     fetch_timeout_seconds: float = Field(default=10.0, gt=0, le=600)
     """Deadline for fetching one media URL, redirects included."""
 

@@ -192,7 +192,7 @@ class Router:
             for stage, url in (("encoder", args.encoder_url), ("pd", args.pd_url), ("decode", args.decode_url))
             if url
         }
-        timeout = httpx.Timeout(args.request_timeout_seconds, connect=5.0)
+        timeout = httpx.Timeout(args.request_timeout_seconds, connect=30.0)
         self.http = httpx.AsyncClient(timeout=timeout, trust_env=False, limits=httpx.Limits(max_connections=256))
         self.pd_info: WorkerInfo | None = None
 

@@ -53,6 +53,7 @@ class LocalGraph:
     def __init__(self, graph: MultimodalGraph, host: str = "127.0.0.1", logdir: Path | None = None):
         self.graph, self.host = graph, host
         self.logdir = logdir or Path(tempfile.mkdtemp(prefix=f"mmgraph-{graph.name}-"))
+        self.logdir.mkdir(parents=True, exist_ok=True)
         self.stages: dict[StageName, Stage] = {}
 
     @property
@@ -60,25 +61,26 @@ class LocalGraph:
         return f"http://{self.host}:{self.stages[StageName.FRONTEND].port}"
 
     def start(self) -> None:
-        spec = self.graph.spec
-        used = spec.used_stages()
+        used = self.graph.spec.used_stages()
         ports = {s: free_port() for s in used}
         peers = {s: f"http://{self.host}:{ports[s]}" for s in used if s != StageName.FRONTEND}
+        for stage in (s for s in used if s != StageName.FRONTEND):  # workers first, the frontend last
+            self.spawn(stage, ports[stage], peers)
+        self.spawn(StageName.FRONTEND, ports[StageName.FRONTEND], peers)
+
+    def spawn(self, stage: StageName, port: int, peers: dict[StageName, str]) -> None:
+        """Start one stage on `port`, its peers at `peers` (a frontend may be routed to another graph's workers)."""
+        spec = self.graph.spec
         model = spec.model.path or (spec.model.hugging_face.id if spec.model.hugging_face else "")
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "NIXL_LOG_LEVEL": "WARN"}
-        for stage in (s for s in used if s != StageName.FRONTEND):  # workers first, the frontend last
-            self._spawn(stage, ports, peers, model, env)
-        self._spawn(StageName.FRONTEND, ports, peers, model, env)
-
-    def _spawn(self, stage: StageName, ports: dict, peers: dict, model: str, env: dict) -> None:
         argv = worker_command(
-            self.graph.spec,
+            spec,
             stage,
             model=model,
             host=self.host,
             advertise_host=self.host,
             peers=peers,
-            ports=ports,
+            ports={stage: port},
             transfer_port=free_port(),
         )
         log = self.logdir / f"{stage.value}.log"
@@ -89,7 +91,7 @@ class LocalGraph:
             env=env,
             start_new_session=True,  # Ctrl-C reaches us, and we stop the stages in order
         )
-        self.stages[stage] = Stage(stage, ports[stage], proc, log)
+        self.stages[stage] = Stage(stage, port, proc, log)
 
     def dead(self) -> Stage | None:
         return next((s for s in self.stages.values() if s.proc.poll() is not None), None)

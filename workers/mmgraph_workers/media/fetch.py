@@ -1,7 +1,8 @@
 """Getting media bytes from a URL without becoming a way into the cluster (SSRF) or a memory sink.
 
 The checks live here, where the connection is made: the scheme must be allowed; the host is resolved once and
-every address it resolves to must be public (unless the graph allows private networks); the connection goes to
+every address it resolves to must be public (unless the graph allows private networks; link-local addresses,
+where cloud metadata services answer, are refused always); the connection goes to
 the address that was checked (TLS still verifies the host name); each redirect is checked the same way; the body
 is cut off past max_bytes; the whole fetch, redirects included, has one deadline. data: URLs are decoded with the
 same size cap. A refusal happens before any connection is attempted.
@@ -50,11 +51,17 @@ def decode_data_url(url: str, policy: MediaPolicy) -> bytes:
         raise MediaError("data: URL payload is not valid base64") from None
 
 
-def _is_public(address: str) -> bool:
+def _refusal(address: str, policy: MediaPolicy) -> str | None:
+    """Why `address` may not be fetched from, or None. Link-local addresses (cloud metadata services live there)
+    are refused even where the graph allows private networks."""
     ip = ipaddress.ip_address(address)
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
         ip = ip.ipv4_mapped
-    return ip.is_global and not ip.is_multicast
+    if ip.is_link_local or ip.is_multicast or ip.is_unspecified:
+        return "link-local, multicast or unspecified"
+    if not ip.is_global and not policy.allow_private_networks:
+        return "private or loopback"
+    return None
 
 
 async def _resolve(host: str, port: int, policy: MediaPolicy) -> str:
@@ -64,15 +71,11 @@ async def _resolve(host: str, port: int, policy: MediaPolicy) -> str:
     except socket.gaierror as err:
         raise MediaError(f"cannot resolve media host {host!r}: {err.strerror}") from None
     addresses = list(dict.fromkeys(info[4][0] for info in infos))
-    if not policy.allow_private_networks:
-        refused = [a for a in addresses if not _is_public(a)]
-        if refused:
-            raise MediaError(
-                f"media host {host!r} resolves to a non-public address ({', '.join(refused)}); "
-                "private, loopback and link-local addresses are refused unless the graph sets "
-                "spec.media.allowPrivateNetworks",
-                status=403,
-            )
+    for address in addresses:
+        why = _refusal(address, policy)
+        if why:
+            hint = "" if "link-local" in why else " unless the graph sets spec.media.allowPrivateNetworks"
+            raise MediaError(f"media host {host!r} resolves to {address}, a {why} address: refused{hint}", status=403)
     return addresses[0]
 
 

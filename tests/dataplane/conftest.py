@@ -1,0 +1,221 @@
+"""Session fixtures for the data plane: the tiny model, the oracle's tokens, and one real graph of processes.
+
+The graph is an e-p-d graph run by `LocalGraph` (the same `mmgraph worker` command lines `mmgraph up` and a
+Deployment run): encoder, pd (vLLM + NixlConnector producer), decode (vLLM + NixlConnector consumer) and its
+frontend. Two more frontends, one with topology agg and one with e-pd, route to the same pd and encoder: vLLM
+engines start in ~25 s each on these CPUs, so the session shares them (an agg request to pd is the same engine
+code path as in an agg-only graph: the engine loads the images itself). Every process is stopped at the end.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import yaml
+from mmgraph_operator.api import StageName, parse
+from mmgraph_workers.up import LocalGraph, free_port
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[2]
+MODEL_NAME = "tiny-qwen2-vl"
+
+
+def png(width: int, height: int, seed: int) -> bytes:
+    rng = np.random.RandomState(seed)
+    image = Image.fromarray((rng.rand(height, width, 3) * 255).astype("uint8"))
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def data_url(data: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+def user(*parts: Any) -> list[dict[str, Any]]:
+    content = [
+        {"type": "image_url", "image_url": {"url": p}}
+        if p.startswith(("data:", "http"))
+        else {"type": "text", "text": p}
+        for p in parts
+    ]
+    return [{"role": "user", "content": content}]
+
+
+IMG_A, IMG_B, IMG_C = data_url(png(96, 64, 1)), data_url(png(64, 96, 2)), data_url(png(112, 112, 3))
+CASES: dict[str, dict[str, Any]] = {
+    "one-image": {"messages": user(IMG_A, "describe this image"), "max_tokens": 12},
+    "two-images": {"messages": user(IMG_A, IMG_B, "what differs between these two"), "max_tokens": 12},
+    "text-only": {"messages": user("hello world, what color is the sky"), "max_tokens": 12},
+}
+# 16 different requests for the concurrency test: each must get its own answer.
+for i in range(16):
+    image = data_url(png(56 + 8 * (i % 4), 56 + 8 * (i // 4), 100 + i))
+    CASES[f"concurrent-{i}"] = {"messages": user(image, f"question number {i}"), "max_tokens": 8}
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from mmgraph_workers.tiny_model import build
+
+    return build(tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[int]]:
+    """Greedy tokens of one in-process vLLM engine for every case (computed before any worker starts)."""
+    work = tmp_path_factory.mktemp("reference")
+    (work / "requests.json").write_text(json.dumps(list(CASES.values())))
+    subprocess.run(
+        [
+            sys.executable,
+            str(Path(__file__).with_name("reference_engine.py")),
+            str(tiny_model),
+            str(work / "requests.json"),
+            str(work / "out.json"),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    return dict(zip(CASES, json.loads((work / "out.json").read_text()), strict=True))
+
+
+def graph_spec(model: Path, topology: str = "e-p-d", **media: Any) -> dict[str, Any]:
+    body = yaml.safe_load((REPO / "examples" / "tiny-e-p-d.yaml").read_text())
+    body["spec"]["model"]["path"] = str(model)
+    body["spec"]["topology"] = topology
+    body["spec"]["media"] = {"allowedSchemes": ["https", "http", "data"], "allowPrivateNetworks": True, **media}
+    if topology != "e-p-d":
+        del body["spec"]["stages"]["decode"]
+    if topology == "agg":
+        del body["spec"]["stages"]["encoder"]
+    return body
+
+
+@pytest.fixture(scope="session")
+def graph(tiny_model: Path, reference: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalGraph]:
+    local = LocalGraph(parse(graph_spec(tiny_model)), logdir=tmp_path_factory.mktemp("graph-logs"))
+    local.start()
+    try:
+        local.wait_healthy(timeout=300, progress=lambda line: None)
+        yield local
+    finally:
+        local.stop()
+
+
+def start_frontend(graph: LocalGraph, model: Path, topology: str, logdir: Path, **media: Any) -> LocalGraph:
+    """Another frontend process for `topology`, routed to `graph`'s workers."""
+    spec = parse(graph_spec(model, topology, **media))
+    extra = LocalGraph(spec, logdir=logdir)
+    peers = {s: f"http://127.0.0.1:{graph.stages[s].port}" for s in spec.spec.used_stages() if s != StageName.FRONTEND}
+    extra.spawn(StageName.FRONTEND, free_port(), peers)
+    return extra
+
+
+@pytest.fixture(scope="session")
+def endpoints(
+    graph: LocalGraph, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, str]]:
+    logs = tmp_path_factory.mktemp("frontend-logs")
+    extras = {t: start_frontend(graph, tiny_model, t, logs / t) for t in ("agg", "e-pd")}
+    try:
+        for extra in extras.values():
+            extra.wait_healthy(timeout=120, progress=lambda line: None)
+        yield {"e-p-d": graph.endpoint, **{t: e.endpoint for t, e in extras.items()}}
+    finally:
+        for extra in extras.values():
+            extra.stop()
+
+
+def chat(endpoint: str, messages: list, max_tokens: int = 12, stream: bool = False, **extra: Any) -> httpx.Response:
+    body = {"model": MODEL_NAME, "messages": messages, "max_tokens": max_tokens, "temperature": 0, **extra}
+    if not stream:
+        body["return_token_ids"] = True
+    return httpx.post(f"{endpoint}/v1/chat/completions", json={**body, "stream": stream}, timeout=180)
+
+
+def tokens(endpoint: str, case: str) -> list[int]:
+    response = chat(endpoint, **CASES[case])
+    assert response.status_code == 200, response.text
+    return response.json()["choices"][0]["token_ids"]
+
+
+def stream_text(endpoint: str, messages: list, max_tokens: int = 12) -> tuple[str, list[dict]]:
+    with httpx.stream(
+        "POST",
+        f"{endpoint}/v1/chat/completions",
+        json={"model": MODEL_NAME, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True},
+        timeout=180,
+    ) as response:
+        assert response.status_code == 200
+        chunks, done = [], False
+        for line in response.iter_lines():
+            if line == "data: [DONE]":
+                done = True
+            elif line.startswith("data: "):
+                chunks.append(json.loads(line[6:]))
+    assert done, "the stream must end with [DONE]"
+    text = "".join((c["choices"][0]["delta"].get("content") or "") for c in chunks if c.get("choices"))
+    return text, chunks
+
+
+class MediaServer:
+    """A local HTTP server for media URLs (127.0.0.1 only); paths: /a.png, /big.png, /redirect?to=URL."""
+
+    def __init__(self) -> None:
+        files = {"/a.png": png(96, 64, 1), "/big.png": png(400, 400, 9), "/notimage.png": b"hello, not an image"}
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.path.startswith("/redirect?to="):
+                    self.send_response(302)
+                    self.send_header("Location", self.path.split("=", 1)[1])
+                    self.end_headers()
+                    return
+                body = files.get(self.path)
+                self.send_response(200 if body else 404)
+                self.send_header("Content-Length", str(len(body or b"")))
+                self.end_headers()
+                self.wfile.write(body or b"")
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture(scope="session")
+def media_server() -> Iterator[MediaServer]:
+    server = MediaServer()
+    yield server
+    server.stop()
+
+
+def wait(predicate, timeout: float = 30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError("timed out")

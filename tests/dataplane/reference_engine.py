@@ -1,0 +1,62 @@
+"""The oracle: one in-process vLLM engine (no disaggregation, no HTTP) computing greedy tokens for prompts.
+
+Run as a subprocess by the test session (`python reference_engine.py MODEL REQUESTS.json OUT.json`), so that its
+in-process engine (VLLM_ENABLE_V1_MULTIPROCESSING=0) and its memory are gone once the references are known.
+Each request: {"messages": [...OpenAI messages...], "max_tokens": N}. Images are data: URLs decoded with Pillow,
+the prompt is the model's own chat template with one placeholder per image, exactly what the frontend builds.
+"""
+
+import base64
+import io
+import json
+import os
+import sys
+
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+
+
+def main() -> None:
+    model, requests_file, out_file = sys.argv[1:4]
+    from PIL import Image
+    from transformers import AutoTokenizer
+    from vllm import LLM, SamplingParams
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    llm = LLM(
+        model=model,
+        dtype="float32",
+        enforce_eager=True,
+        block_size=32,
+        max_model_len=1024,
+        kv_cache_memory_bytes=64 << 20,
+        limit_mm_per_prompt={"image": 8},
+    )
+    prompts, params = [], []
+    for request in json.loads(open(requests_file).read()):
+        conversation, images = [], []
+        for message in request["messages"]:
+            content = message["content"]
+            if isinstance(content, str):
+                content = [{"type": "text", "text": content}]
+            parts = []
+            for part in content:
+                if part["type"] == "image_url":
+                    data = part["image_url"]["url"].split(",", 1)[1]
+                    images.append(Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB"))
+                    parts.append({"type": "image"})
+                else:
+                    parts.append(part)
+            conversation.append({"role": message["role"], "content": parts})
+        ids = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True, return_dict=False)
+        prompt = {"prompt_token_ids": list(ids)}
+        if images:
+            prompt["multi_modal_data"] = {"image": images if len(images) > 1 else images[0]}
+        prompts.append(prompt)
+        params.append(SamplingParams(temperature=0, max_tokens=request["max_tokens"]))
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    json.dump([list(o.outputs[0].token_ids) for o in outputs], open(out_file, "w"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""The oracle: for greedy decoding every topology returns exactly the tokens of one in-process vLLM engine."""
+
+from __future__ import annotations
+
+import re
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from .conftest import CASES, chat, start_frontend, stream_text, tokens
+
+TOPOLOGIES = ["agg", "e-pd", "e-p-d"]
+
+
+@pytest.mark.parametrize("case", ["one-image", "two-images", "text-only"])
+@pytest.mark.parametrize("topology", TOPOLOGIES)
+def test_topology_returns_the_single_engine_tokens(endpoints, reference, topology, case):
+    assert tokens(endpoints[topology], case) == reference[case]
+
+
+def test_the_oracle_is_sensitive_to_the_image(reference):
+    """Guards the guard: different images (and no image) give different tokens, so equality above means something."""
+    assert len({tuple(reference[c]) for c in ("one-image", "two-images", "text-only")}) == 3
+    assert len({tuple(reference[f"concurrent-{i}"]) for i in range(16)}) > 8
+
+
+@pytest.mark.parametrize("topology", TOPOLOGIES)
+def test_streaming_and_non_streaming_agree(endpoints, topology):
+    plain = chat(endpoints[topology], **CASES["one-image"]).json()["choices"][0]
+    text, chunks = stream_text(endpoints[topology], **CASES["one-image"])
+    assert text == plain["message"]["content"]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert chunks[-1]["choices"][0]["finish_reason"] == plain["finish_reason"] == "length"
+
+
+def test_sixteen_concurrent_requests_each_get_their_own_answer(endpoints, reference):
+    cases = [f"concurrent-{i}" for i in range(16)]
+    with ThreadPoolExecutor(16) as pool:
+        got = list(
+            pool.map(
+                lambda pair: tokens(endpoints[pair[1]], pair[0]), [(c, TOPOLOGIES[i % 3]) for i, c in enumerate(cases)]
+            )
+        )
+    assert got == [reference[c] for c in cases]
+
+
+def metric(endpoint: str, name: str) -> float:
+    text = httpx.get(f"{endpoint}/metrics", timeout=10).text
+    return sum(
+        float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if re.match(rf"^{re.escape(name)}(\{{| )", line)
+    )
+
+
+def test_decode_gets_kv_over_nixl_not_recomputed(graph, endpoints, reference):
+    decode = f"http://127.0.0.1:{graph.stages['decode'].port}"
+    before = metric(decode, "vllm:nixl_bytes_transferred_sum")
+    assert tokens(endpoints["e-p-d"], "two-images") == reference["two-images"]
+    moved = metric(decode, "vllm:nixl_bytes_transferred_sum") - before
+    assert moved > 0, "decode's NixlConnector pulled no KV bytes"
+
+
+def test_embeddings_travel_from_the_encoder(graph, endpoints, reference, tiny_model, tmp_path_factory):
+    """Control: an encoder whose vision weights differ changes the tokens, while pd and decode are unchanged."""
+    from mmgraph_operator.api import StageName, parse
+    from mmgraph_workers.tiny_model import build
+    from mmgraph_workers.up import LocalGraph, free_port
+
+    from .conftest import graph_spec
+
+    other = build(tmp_path_factory.mktemp("models") / "tiny-other-vision", vision_seed=7)
+    logs = tmp_path_factory.mktemp("control")
+    side = LocalGraph(parse(graph_spec(other, "e-pd")), logdir=logs)
+    side.spawn(StageName.ENCODER, free_port(), {})
+    try:
+        side.wait_healthy(timeout=120, progress=lambda line: None)
+        frontend = start_frontend(graph, tiny_model, "e-pd", logs / "frontend")
+        frontend.stages.clear()
+        peers = {
+            StageName.ENCODER: f"http://127.0.0.1:{side.stages[StageName.ENCODER].port}",
+            StageName.PD: f"http://127.0.0.1:{graph.stages[StageName.PD].port}",
+        }
+        frontend.spawn(StageName.FRONTEND, free_port(), peers)
+        try:
+            frontend.wait_healthy(timeout=120, progress=lambda line: None)
+            assert tokens(frontend.endpoint, "one-image") != reference["one-image"]
+            assert tokens(frontend.endpoint, "text-only") == reference["text-only"]  # no image: no difference
+        finally:
+            frontend.stop()
+    finally:
+        side.stop()
+
+
+def test_models_and_health(endpoints):
+    for endpoint in endpoints.values():
+        assert httpx.get(f"{endpoint}/health", timeout=10).status_code == 200
+        models = httpx.get(f"{endpoint}/v1/models", timeout=10).json()
+        assert [m["id"] for m in models["data"]] == ["tiny-qwen2-vl"]
+
+
+def test_usage_counts_expanded_prompt_and_completion(endpoints):
+    body = chat(endpoints["e-p-d"], **CASES["one-image"]).json()
+    usage = body["usage"]
+    assert usage["completion_tokens"] == 12
+    text_only = chat(endpoints["e-p-d"], **CASES["text-only"]).json()["usage"]
+    assert usage["prompt_tokens"] > text_only["prompt_tokens"]  # the image expanded to several tokens
+
+
+def test_metrics_count_requests_and_stage_latency(endpoints):
+    chat(endpoints["e-p-d"], **CASES["one-image"])
+    assert metric(endpoints["e-p-d"], "mmgraph_requests_total") > 0
+    for stage in ("encoder", "pd", "decode"):
+        assert metric(endpoints["e-p-d"], f'mmgraph_stage_seconds_count{{stage="{stage}"}}'.split("{")[0]) > 0
+    assert metric(endpoints["e-p-d"], "mmgraph_time_to_first_token_seconds_count") > 0
