@@ -48,7 +48,7 @@ def data_url(data: bytes, mime: str = "image/png") -> str:
 def user(*parts: Any) -> list[dict[str, Any]]:
     content = [
         {"type": "image_url", "image_url": {"url": p}}
-        if p.startswith(("data:", "http"))
+        if p.startswith("data:") or "://" in p
         else {"type": "text", "text": p}
         for p in parts
     ]

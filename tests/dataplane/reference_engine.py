@@ -33,7 +33,9 @@ def main() -> None:
         limit_mm_per_prompt={"image": 8},
     )
     prompts, params = [], []
-    for request in json.loads(open(requests_file).read()):
+    with open(requests_file) as f:
+        requests = json.load(f)
+    for request in requests:
         conversation, images = [], []
         for message in request["messages"]:
             content = message["content"]
@@ -55,7 +57,8 @@ def main() -> None:
         prompts.append(prompt)
         params.append(SamplingParams(temperature=0, max_tokens=request["max_tokens"]))
     outputs = llm.generate(prompts, params, use_tqdm=False)
-    json.dump([list(o.outputs[0].token_ids) for o in outputs], open(out_file, "w"))
+    with open(out_file, "w") as f:
+        json.dump([list(o.outputs[0].token_ids) for o in outputs], f)
 
 
 if __name__ == "__main__":

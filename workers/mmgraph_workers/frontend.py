@@ -320,11 +320,12 @@ class Router:
             return
         # e-p-d: prefill on pd, then decode must start within the KV lease (a late pull reads reused blocks).
         for attempt in range(2):
-            prefill = None
+            prefill, started = None, time.monotonic()
             async for event in self.stream_stage("pd", GenerateRequest(**base, encoded=encoded, prefill_only=True)):
                 prefill = event
             assert prefill is not None and prefill.kv_transfer_params is not None, "pd returned no KV parameters"
-            expires = time.monotonic() + self.args.kv_lease_seconds - self.args.transfer_timeout_seconds
+            # pd's lease began when its prefill ended, after `started`: counting from `started` is conservative.
+            expires = started + self.args.kv_lease_seconds - self.args.transfer_timeout_seconds
             if time.monotonic() < expires:
                 break
             KV_REPREFILLS.inc()

@@ -1,0 +1,261 @@
+"""Bad input: each an OpenAI-format 4xx with a message a person can act on, and the workers still serving.
+
+URL safety is tested where the connection is made (the encoder) with a guard loaded into that process that
+refuses, and records, any socket connect outside 127.0.0.0/8: refusals must happen before any connection.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import struct
+import time
+import zlib
+from pathlib import Path
+
+import httpx
+import pytest
+from mmgraph_operator.api import StageName, parse
+from mmgraph_workers.up import LocalGraph, free_port
+from PIL import Image
+
+from .conftest import CASES, MODEL_NAME, chat, data_url, graph_spec, png, tokens, user
+
+GUARD = Path(__file__).with_name("guard")
+STRICT = {
+    "allowedSchemes": ["https", "data"],
+    "allowPrivateNetworks": False,
+    "maxBytes": 200_000,
+    "maxPixels": 300 * 300,
+    "maxItems": 2,
+}
+
+
+@pytest.fixture(scope="module")
+def strict(graph, tiny_model, tmp_path_factory):
+    """An e-pd frontend and its own encoder with default URL safety and small caps, routed to the session's pd;
+    the encoder runs with the loopback-only socket guard."""
+    logs = tmp_path_factory.mktemp("strict")
+    guard_log = logs / "guard.log"
+    local = LocalGraph(parse(graph_spec(tiny_model, "e-pd", **STRICT)), logdir=logs)
+    encoder_port = free_port()
+    guard_env = {
+        "PYTHONPATH": f"{GUARD}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        "MMGRAPH_GUARD_LOG": str(guard_log),
+    }
+    local.spawn(StageName.ENCODER, encoder_port, {}, env=guard_env)
+    peers = {
+        StageName.ENCODER: f"http://127.0.0.1:{encoder_port}",
+        StageName.PD: f"http://127.0.0.1:{graph.stages[StageName.PD].port}",
+    }
+    local.spawn(StageName.FRONTEND, free_port(), peers)
+    try:
+        local.wait_healthy(timeout=120, progress=lambda line: None)
+        local.guard_log = guard_log
+        yield local
+    finally:
+        local.stop()
+
+
+def error_of(response: httpx.Response, status: int) -> str:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) >= {"message", "type", "code"} and error["type"] == "invalid_request_error"
+    return error["message"]
+
+
+def ask_image(endpoint: str, url: str) -> httpx.Response:
+    return chat(endpoint, user(url, "describe"), max_tokens=4)
+
+
+def bomb_png(width: int = 30000, height: int = 30000) -> bytes:
+    """A PNG header claiming a huge 1-bit image over a tiny body: what a decompression bomb looks like."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    )
+
+
+def test_malformed_json(endpoints):
+    r = httpx.post(f"{endpoints['e-p-d']}/v1/chat/completions", content=b'{"model": "x", "messages": [', timeout=30)
+    assert "not valid JSON" in error_of(r, 400)
+
+
+def test_missing_messages_names_the_field(endpoints):
+    r = httpx.post(f"{endpoints['e-p-d']}/v1/chat/completions", json={"model": MODEL_NAME}, timeout=30)
+    assert "messages" in error_of(r, 400)
+
+
+def test_unknown_content_part(endpoints):
+    messages = [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}]}]
+    message = error_of(chat(endpoints["e-p-d"], messages), 400)
+    assert "'input_audio'" in message and "'image_url'" in message
+
+
+def test_wrong_model_name(endpoints):
+    r = httpx.post(
+        f"{endpoints['e-p-d']}/v1/chat/completions", json={"model": "gpt-9", "messages": user("hi")}, timeout=30
+    )
+    assert "not served here" in error_of(r, 404)
+
+
+def test_max_tokens_beyond_the_model_length(endpoints):
+    message = error_of(chat(endpoints["e-p-d"], user("hello"), max_tokens=5000), 400)
+    assert "1024 token context" in message and "lower max_tokens" in message
+
+
+def test_undecodable_image(strict):
+    message = error_of(ask_image(strict.endpoint, data_url(b"this is not an image at all")), 400)
+    assert "cannot decode the image" in message
+
+
+def test_truncated_png(strict):
+    message = error_of(ask_image(strict.endpoint, data_url(png(96, 64, 5)[:300])), 400)
+    assert "cannot decode the image" in message
+
+
+def test_decompression_bomb(strict):
+    message = error_of(ask_image(strict.endpoint, data_url(bomb_png())), 413)
+    assert "pixel" in message or "decompression bomb" in message
+
+
+def test_too_many_pixels(strict):
+    buf = io.BytesIO()
+    Image.new("RGB", (400, 400), "green").save(buf, format="PNG")  # small file, 160000 pixels > 90000
+    message = error_of(ask_image(strict.endpoint, data_url(buf.getvalue())), 413)
+    assert "400x400" in message and "pixel limit" in message
+
+
+def test_too_many_bytes(strict):
+    message = error_of(ask_image(strict.endpoint, data_url(os.urandom(300_000))), 413)
+    assert "200000 byte limit" in message
+
+
+def test_too_many_images(strict):
+    image = data_url(png(56, 56, 1))
+    message = error_of(chat(strict.endpoint, user(image, image, image, "three")), 400)
+    assert "3 images" in message and "2 allowed" in message
+
+
+@pytest.mark.parametrize("url", ["file:///etc/passwd", "ftp://example.com/a.png", "http://example.com/a.png"])
+def test_disallowed_schemes(strict, url):
+    message = error_of(ask_image(strict.endpoint, url), 400)
+    assert "is not allowed for media" in message and "allowed: data, https" in message
+
+
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        ("https://127.0.0.1/a.png", "private or loopback"),
+        ("https://169.254.169.254/latest/meta-data/", "link-local"),
+        ("https://10.1.2.3/a.png", "private or loopback"),
+        ("https://localhost/a.png", "private or loopback"),  # a host name that resolves to a private address
+    ],
+)
+def test_private_addresses_refused_before_connecting(strict, url, why):
+    message = error_of(ask_image(strict.endpoint, url), 403)
+    assert why in message and "refused" in message
+    assert not strict.guard_log.exists(), strict.guard_log.read_text()
+
+
+def test_redirect_to_link_local_refused_even_where_private_is_allowed(endpoints, media_server):
+    """The session graph allows http and private networks (to reach the local media server); its redirect to the
+    metadata address must still be refused, checked again at the redirect."""
+    ok = ask_image(endpoints["e-pd"], f"{media_server.url}/a.png")
+    assert ok.status_code == 200, ok.text
+    r = ask_image(endpoints["e-pd"], f"{media_server.url}/redirect?to=http://169.254.169.254/latest/meta-data/")
+    assert "169.254.169.254" in error_of(r, 403)
+    r = ask_image(endpoints["e-pd"], f"{media_server.url}/redirect?to=file:///etc/passwd")
+    assert "'file' is not allowed" in error_of(r, 400)
+
+
+def test_workers_still_serve_after_all_of_it(endpoints, reference):
+    for topology, endpoint in endpoints.items():
+        assert tokens(endpoint, "one-image") == reference["one-image"], topology
+
+
+def test_api_key_required_when_configured(graph, tiny_model, tmp_path_factory):
+    spec = graph_spec(tiny_model, "agg")
+    spec["spec"]["stages"]["frontend"]["apiKeySecret"] = {"name": "api", "key": "key"}
+    local = LocalGraph(parse(spec), logdir=tmp_path_factory.mktemp("apikey"))
+    local.spawn(
+        StageName.FRONTEND,
+        free_port(),
+        {StageName.PD: f"http://127.0.0.1:{graph.stages[StageName.PD].port}"},
+        env={"MMGRAPH_API_KEY": "s3cret"},
+    )
+    try:
+        local.wait_healthy(timeout=120, progress=lambda line: None)
+        body = {"model": MODEL_NAME, "messages": user("hi"), "max_tokens": 2}
+        url = f"{local.endpoint}/v1/chat/completions"
+        assert httpx.post(url, json=body, timeout=60).status_code == 401
+        assert httpx.post(url, json=body, headers={"Authorization": "Bearer nope"}, timeout=60).status_code == 401
+        assert httpx.post(url, json=body, headers={"Authorization": "Bearer s3cret"}, timeout=60).status_code == 200
+        assert httpx.get(f"{local.endpoint}/health", timeout=10).status_code == 200  # probes need no key
+    finally:
+        local.stop()
+
+
+def test_kv_lease_that_would_expire_is_never_used(graph, tiny_model, tmp_path_factory):
+    """A frontend whose KV lease leaves no time to start decode re-prefills once, then fails with 503, and decode
+    never receives a request whose KV may have been reused."""
+    spec = graph_spec(tiny_model, "e-p-d")
+    spec["spec"]["transfer"] = {"kvLeaseSeconds": 1, "timeoutSeconds": 0.999}
+    local = LocalGraph(parse(spec), logdir=tmp_path_factory.mktemp("lease"))
+    peers = {s: f"http://127.0.0.1:{graph.stages[s].port}" for s in (StageName.ENCODER, StageName.PD, StageName.DECODE)}
+    local.spawn(StageName.FRONTEND, free_port(), peers)
+    decode = f"http://127.0.0.1:{graph.stages[StageName.DECODE].port}"
+
+    def decode_requests() -> float:
+        text = httpx.get(f"{decode}/metrics", timeout=10).text
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("mmgraph_engine_requests_total{")
+        )
+
+    try:
+        local.wait_healthy(timeout=120, progress=lambda line: None)
+        before = decode_requests()
+        r = chat(local.endpoint, **CASES["one-image"])
+        assert r.status_code == 503, r.text
+        assert "lease would expire before decode could start" in r.json()["error"]["message"]
+        assert decode_requests() == before
+        metrics = httpx.get(f"{local.endpoint}/metrics", timeout=10).text
+        assert "mmgraph_kv_lease_reprefills_total 2.0" in metrics
+    finally:
+        local.stop()
+
+
+def test_stage_killed_mid_request_fails_fast_naming_it(strict, endpoints, reference):
+    """The strict graph's encoder dies while fetching a slow URL: the client gets an error naming the encoder
+    well within the deadline, `mmgraph up`'s watcher names the dead stage, and the other graphs keep serving."""
+    import threading
+
+    from mmgraph_workers.up import StageDied
+
+    encoder = strict.stages[StageName.ENCODER]
+    results = {}
+    started = time.monotonic()
+    thread = threading.Thread(
+        target=lambda: results.setdefault("r", ask_image(strict.endpoint, data_url(png(250, 250, 3))))
+    )
+    thread.start()
+    time.sleep(0.05)
+    os.killpg(encoder.proc.pid, signal.SIGKILL)
+    thread.join(60)
+    response = results["r"]
+    if response.status_code == 200:  # the encoder finished before it died: a request after the kill must fail
+        response = ask_image(strict.endpoint, data_url(png(96, 64, 4)))
+    assert response.status_code in (502, 503, 504), response.text
+    assert "encoder" in response.json()["error"]["message"]
+    assert time.monotonic() - started < 45
+    dead = strict.dead()
+    assert dead is not None and dead.name == StageName.ENCODER
+    assert "stage encoder exited" in str(StageDied(dead))
+    assert tokens(endpoints["e-p-d"], "one-image") == reference["one-image"]
