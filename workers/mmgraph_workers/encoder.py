@@ -113,11 +113,10 @@ class Encoder:
             grids += grid.tolist()
         return embeds, grids
 
-    async def poll_transfers(self) -> None:
+    async def report_published(self) -> None:
         while True:
-            self.transfer.poll()
             PUBLISHED.set(self.transfer.published())
-            await asyncio.sleep(0.005)
+            await asyncio.sleep(1.0)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -138,7 +137,7 @@ def main(args: argparse.Namespace) -> None:
         nonlocal encoder
         transfer = make_transfer("nixl", f"encoder-{args.advertise_host}-{args.port}", args.transfer_pool_bytes)
         encoder = await asyncio.to_thread(Encoder, args, transfer)
-        app.state.poller = asyncio.create_task(encoder.poll_transfers())
+        app.state.metrics = asyncio.create_task(encoder.report_published())
         log.info("encoder ready: %s", args.model)
 
     @app.get("/v1/info")

@@ -85,7 +85,8 @@ class Engine:
         self.args, self.stage = args, stage
         self.policy = MediaPolicy.from_args(args)
         self.llm: Any = None
-        self.transfer = make_transfer("nixl", f"{stage}-{args.advertise_host}-{args.port}") if stage == "pd" else None
+        name = f"{stage}-{args.advertise_host}-{args.port}"
+        self.transfer = make_transfer("nixl", name, recv_pool_bytes=64 << 20) if stage == "pd" else None
         self.http = httpx.AsyncClient(trust_env=False, timeout=5)
         self.hidden_size: int | None = None
         self.max_model_len: int | None = None

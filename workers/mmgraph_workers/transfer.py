@@ -11,8 +11,11 @@ The map (the same three primitives whatever the implementation):
       the buffer's time-to-live passes          a read of a released buffer returns wrong bytes)
 
 Implementations sit side by side and are chosen by name (`make_transfer`), never by `if backend ==` in callers.
-NIXL (UCX underneath) is the one we ship: agents and peer connections are created once and reused, one side polls
-instead of running a progress thread, and every wait has a deadline.
+NIXL (UCX underneath) is the one we ship. Agents, peer connections and memory registrations are made once and
+reused: each side registers one pool up front (a registration is slow, and the owner's regions must be in the
+metadata peers connected with), and tensors are copied into or out of it. The owner must make progress for a
+read to complete, so a poller thread spins while anything is published and sleeps when nothing is; the reader
+drives its own reads. Every wait has a deadline.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ class Transfer(ABC):
 
     @abstractmethod
     def poll(self) -> None:
-        """Owner side: process completion notices and expiries (call periodically)."""
+        """Owner side: process completion notices and expiries (the poller thread calls it)."""
 
     @abstractmethod
     def release(self, handle: str) -> None: ...
@@ -101,7 +104,7 @@ class NixlTransfer(Transfer):
 
     RELEASE = b"mmgraph-release:"
 
-    def __init__(self, name: str | None = None, pool_bytes: int = 0, device: str = "cpu"):
+    def __init__(self, name: str | None = None, pool_bytes: int = 0, recv_pool_bytes: int = 0, device: str = "cpu"):
         os.environ.setdefault("NIXL_LOG_LEVEL", "WARN")
         from nixl._api import nixl_agent, nixl_agent_config
 
@@ -109,13 +112,19 @@ class NixlTransfer(Transfer):
         self.agent = nixl_agent(self.name, nixl_agent_config(enable_prog_thread=False, backends=["UCX"]))
         self.buffer = torch.empty(pool_bytes, dtype=torch.uint8, device=device)
         self.pool = Pool(pool_bytes)
-        if pool_bytes:
-            self.agent.register_memory(self.buffer)
+        self.recv_buffer = torch.empty(recv_pool_bytes, dtype=torch.uint8, device=device)
+        self.recv_pool = Pool(recv_pool_bytes)
+        for buffer in (self.buffer, self.recv_buffer):
+            if buffer.numel():
+                self.agent.register_memory(buffer)
         self.metadata = base64.b64encode(self.agent.get_agent_metadata()).decode()
         self._published: dict[str, _Published] = {}
         self._peers: dict[str, str] = {}  # agent name -> metadata we connected with
         self._lock = threading.Lock()  # the agent is shared by request threads and the poller
         self.stats = {"published": 0, "released": 0, "expired": 0, "fetched": 0, "fetched_bytes": 0}
+        self._stop, self._work = threading.Event(), threading.Event()
+        if pool_bytes:
+            threading.Thread(target=self._poller, name="nixl-poller", daemon=True).start()
 
     # ---- owner ----------------------------------------------------------------------------------------------
 
@@ -132,6 +141,7 @@ class NixlTransfer(Transfer):
             region.copy_(tensor.contiguous().view(-1).view(torch.uint8))
             self._published[handle] = _Published(offset, nbytes, time.monotonic() + ttl_seconds)
             self.stats["published"] += 1
+        self._work.set()
         return TensorRef(
             handle=handle,
             agent=self.name,
@@ -143,6 +153,18 @@ class NixlTransfer(Transfer):
             mem_type="VRAM" if self.buffer.is_cuda else "DRAM",
             device_id=self.buffer.device.index or 0,
         )
+
+    def _poller(self) -> None:
+        while not self._stop.is_set():
+            self.poll()
+            if self._published:
+                time.sleep(0)  # a reader may be pulling right now: progress it promptly
+            else:
+                self._work.wait(0.05)  # idle until the next publish
+                self._work.clear()
+
+    def close(self) -> None:
+        self._stop.set()
 
     def poll(self) -> None:
         with self._lock:
@@ -186,40 +208,54 @@ class NixlTransfer(Transfer):
         deadline = time.monotonic() + timeout_seconds
         with self._lock:
             self._connect(ref)
-            registration = self.agent.register_memory(out)
+            offset = self.recv_pool.alloc(ref.nbytes)
+            if offset is None:  # larger than the receive pool: register the destination itself (slower)
+                target, registration = out.view(-1).view(torch.uint8), self.agent.register_memory(out)
+            else:
+                target, registration = self.recv_buffer[offset : offset + ref.nbytes], None
             try:
-                local = self.agent.get_xfer_descs(out)
-                remote = self.agent.get_xfer_descs([(ref.address, ref.nbytes, ref.device_id)], ref.mem_type)
-                handle = self.agent.initialize_xfer(
-                    "READ", local, remote, ref.agent, self.RELEASE + ref.handle.encode()
-                )
-                try:
-                    state = self.agent.transfer(handle)
-                    while state != "DONE":
-                        if state == "ERR":
-                            raise TransferError(f"NIXL read from {ref.agent} failed")
-                        if time.monotonic() > deadline:
-                            raise TransferError(f"NIXL read from {ref.agent} missed its {timeout_seconds:g} s deadline")
-                        state = self.agent.check_xfer_state(handle)
-                finally:
-                    self.agent.release_xfer_handle(handle)
-            except TransferError:
-                raise
-            except Exception as err:  # nixl._bindings errors share no base class
-                raise TransferError(f"NIXL read from {ref.agent}: {type(err).__name__}: {err}") from err
+                self._read(ref, target, deadline, timeout_seconds)
+                if registration is None:
+                    out.view(-1).view(torch.uint8).copy_(target)
             finally:
-                self.agent.deregister_memory(registration)
+                if registration is not None:
+                    self.agent.deregister_memory(registration)
+                else:
+                    self.recv_pool.release(offset, ref.nbytes)
         self.stats["fetched"] += 1
         self.stats["fetched_bytes"] += ref.nbytes
         return out
+
+    def _read(self, ref: TensorRef, target: torch.Tensor, deadline: float, timeout_seconds: float) -> None:
+        try:
+            local = self.agent.get_xfer_descs(target)
+            remote = self.agent.get_xfer_descs([(ref.address, ref.nbytes, ref.device_id)], ref.mem_type)
+            notice = self.RELEASE + ref.handle.encode()  # reaches the owner when the read completes
+            handle = self.agent.initialize_xfer("READ", local, remote, ref.agent, notice)
+        except Exception as err:  # nixl._bindings errors share no base class
+            raise TransferError(f"NIXL read from {ref.agent}: {type(err).__name__}: {err}") from err
+        try:
+            state = self.agent.transfer(handle)
+            while state != "DONE":
+                if state == "ERR":
+                    raise TransferError(f"NIXL read from {ref.agent} failed")
+                if time.monotonic() > deadline:
+                    raise TransferError(f"NIXL read from {ref.agent} missed its {timeout_seconds:g} s deadline")
+                state = self.agent.check_xfer_state(handle)
+        except TransferError:
+            raise
+        except Exception as err:
+            raise TransferError(f"NIXL read from {ref.agent}: {type(err).__name__}: {err}") from err
+        finally:
+            self.agent.release_xfer_handle(handle)
 
 
 TRANSFERS: dict[str, type[Transfer]] = {"nixl": NixlTransfer}
 
 
-def make_transfer(backend: str, name: str | None = None, pool_bytes: int = 0) -> Transfer:
-    """`pool_bytes`: what an owner can have published at once (0 for a process that only reads)."""
+def make_transfer(backend: str, name: str | None = None, pool_bytes: int = 0, recv_pool_bytes: int = 0) -> Transfer:
+    """`pool_bytes`: what an owner can have published at once; `recv_pool_bytes`: a reader's landing area."""
     try:
-        return TRANSFERS[backend](name, pool_bytes)
+        return TRANSFERS[backend](name, pool_bytes, recv_pool_bytes)
     except KeyError:
         raise ValueError(f"unknown transfer backend {backend!r}; known: {', '.join(TRANSFERS)}") from None

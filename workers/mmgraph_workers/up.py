@@ -68,7 +68,9 @@ class LocalGraph:
             self.spawn(stage, ports[stage], peers)
         self.spawn(StageName.FRONTEND, ports[StageName.FRONTEND], peers)
 
-    def spawn(self, stage: StageName, port: int, peers: dict[StageName, str], env: dict[str, str] | None = None) -> None:
+    def spawn(
+        self, stage: StageName, port: int, peers: dict[StageName, str], env: dict[str, str] | None = None
+    ) -> None:
         """Start one stage on `port`, its peers at `peers` (a frontend may be routed to another graph's workers)."""
         spec = self.graph.spec
         model = spec.model.path or (spec.model.hugging_face.id if spec.model.hugging_face else "")
