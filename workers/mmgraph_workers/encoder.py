@@ -20,15 +20,14 @@ import torch
 from fastapi import Request
 from fastapi.responses import JSONResponse
 from prometheus_client import Counter, Gauge, Histogram
-from pydantic import ValidationError
 
 from mmgraph_workers import qwen2_vl
 from mmgraph_workers.media import MediaError
 from mmgraph_workers.media.fetch import fetch_bytes
 from mmgraph_workers.media.image import decode_image
 from mmgraph_workers.media.policy import MediaPolicy
-from mmgraph_workers.protocol import PROTOCOL_VERSION, EncodedItem, EncodeRequest, EncodeResponse, WorkerInfo
-from mmgraph_workers.server import add_common_arguments, add_transfer_arguments, make_app, serve
+from mmgraph_workers.protocol import EncodedItem, EncodeRequest, EncodeResponse, WorkerInfo
+from mmgraph_workers.server import add_common_arguments, add_transfer_arguments, make_app, read_message, serve
 from mmgraph_workers.transfer import Transfer, make_transfer
 
 log = logging.getLogger("mmgraph.encoder")
@@ -146,12 +145,9 @@ def main(args: argparse.Namespace) -> None:
 
     @app.post("/encode")
     async def encode(request: Request) -> JSONResponse:
-        try:
-            body = EncodeRequest.model_validate_json(await request.body())
-        except ValidationError as err:
-            return JSONResponse({"error": f"bad encode request: {err}", "status": 400}, status_code=400)
-        if body.version != PROTOCOL_VERSION:
-            return JSONResponse({"error": f"protocol version {body.version} unsupported"}, status_code=400)
+        body = await read_message(request, EncodeRequest)
+        if isinstance(body, JSONResponse):
+            return body
         try:
             return JSONResponse((await encoder.encode(body)).model_dump())  # type: ignore[union-attr]
         except MediaError as err:

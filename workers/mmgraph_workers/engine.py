@@ -27,14 +27,13 @@ import torch
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import Counter, Gauge, Histogram
-from pydantic import ValidationError
 
 from mmgraph_workers.media import MediaError
 from mmgraph_workers.media.fetch import fetch_bytes
 from mmgraph_workers.media.image import decode_image
 from mmgraph_workers.media.policy import MediaPolicy
-from mmgraph_workers.protocol import PROTOCOL_VERSION, GenerateEvent, GenerateRequest, WorkerInfo
-from mmgraph_workers.server import add_common_arguments, add_transfer_arguments, make_app, serve
+from mmgraph_workers.protocol import GenerateEvent, GenerateRequest, WorkerInfo
+from mmgraph_workers.server import add_common_arguments, add_transfer_arguments, make_app, read_message, serve
 from mmgraph_workers.transfer import TransferError, make_transfer
 
 log = logging.getLogger("mmgraph.engine")
@@ -97,8 +96,6 @@ class Engine:
         if self.args.kv_role:  # vLLM's NixlConnector reads its side channel from the environment
             os.environ["VLLM_NIXL_SIDE_CHANNEL_HOST"] = self.args.advertise_host
             os.environ["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(self.args.transfer_port + 1)
-            # The KV owner must progress transfers while idle (scripts/cpu_shims.py; a no-op with CUDA).
-            os.environ["MMGRAPH_NIXL_PROGRESS_THREAD"] = "1" if self.args.kv_role == "producer" else "0"
         self.llm = AsyncLLM.from_engine_args(engine_args(self.args, self.stage))
         config = self.llm.model_config
         self.max_model_len = config.max_model_len
@@ -220,12 +217,9 @@ def main(args: argparse.Namespace, stage: str) -> None:
 
     @app.post("/generate")
     async def generate(request: Request):
-        try:
-            req = GenerateRequest.model_validate_json(await request.body())
-        except ValidationError as err:
-            return JSONResponse({"error": f"bad generate request: {err}", "status": 400}, status_code=400)
-        if req.version != PROTOCOL_VERSION:
-            return JSONResponse({"error": f"protocol version {req.version} unsupported"}, status_code=400)
+        req = await read_message(request, GenerateRequest)
+        if isinstance(req, JSONResponse):
+            return req
 
         async def events() -> AsyncIterator[bytes]:
             IN_FLIGHT.labels(stage).inc()

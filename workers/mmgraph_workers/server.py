@@ -7,13 +7,33 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import TypeVar
 
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
+
+from mmgraph_workers.protocol import PROTOCOL_VERSION, Message
 
 log = logging.getLogger("mmgraph.worker")
+M = TypeVar("M", bound=Message)
+
+
+async def read_message(request: Request, kind: type[M]) -> M | JSONResponse:
+    """The typed inter-stage message in the request body, or the 400 answer that says why it is not one."""
+    try:
+        message = kind.model_validate_json(await request.body())
+    except ValidationError as err:
+        return JSONResponse({"error": f"bad {kind.__name__}: {err}", "status": 400}, status_code=400)
+    if message.version != PROTOCOL_VERSION:
+        error = (
+            f"protocol version {message.version} is not spoken here ({PROTOCOL_VERSION}); "
+            "upgrade the graph's stages together"
+        )
+        return JSONResponse({"error": error, "status": 400}, status_code=400)
+    return message
 
 
 def make_app(stage: str, ready: Callable[[], bool]) -> FastAPI:

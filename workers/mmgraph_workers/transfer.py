@@ -47,8 +47,8 @@ class Transfer(ABC):
         """Pull the tensor `ref` describes; its completion tells the owner it may release it."""
 
     @abstractmethod
-    def poll(self) -> None:
-        """Owner side: process completion notices and expiries (the poller thread calls it)."""
+    def poll(self) -> bool:
+        """Owner side: process completion notices and expiries; True when a notice arrived."""
 
     @abstractmethod
     def release(self, handle: str) -> None: ...
@@ -56,6 +56,9 @@ class Transfer(ABC):
     @abstractmethod
     def published(self) -> int:
         """How many buffers are still registered (for metrics and tests)."""
+
+
+SPIN_SECONDS = 0.005  # after a publish or a completion, poll without sleeping this long
 
 
 @dataclass
@@ -122,7 +125,7 @@ class NixlTransfer(Transfer):
         self._peers: dict[str, str] = {}  # agent name -> metadata we connected with
         self._lock = threading.Lock()  # the agent is shared by request threads and the poller
         self.stats = {"published": 0, "released": 0, "expired": 0, "fetched": 0, "fetched_bytes": 0}
-        self._stop, self._work = threading.Event(), threading.Event()
+        self._stop, self._work, self._active = threading.Event(), threading.Event(), 0.0
         if pool_bytes:
             threading.Thread(target=self._poller, name="nixl-poller", daemon=True).start()
 
@@ -141,6 +144,7 @@ class NixlTransfer(Transfer):
             region.copy_(tensor.contiguous().view(-1).view(torch.uint8))
             self._published[handle] = _Published(offset, nbytes, time.monotonic() + ttl_seconds)
             self.stats["published"] += 1
+        self._active = time.monotonic()
         self._work.set()
         return TensorRef(
             handle=handle,
@@ -155,18 +159,21 @@ class NixlTransfer(Transfer):
         )
 
     def _poller(self) -> None:
+        """Progress reads of what we published: spin (yielding) right after a publish or a completion, when a
+        read is most likely under way, then poll every millisecond, and sleep while nothing is published."""
         while not self._stop.is_set():
-            self.poll()
-            if self._published:
-                time.sleep(0)  # a reader may be pulling right now: progress it promptly
-            else:
-                self._work.wait(0.05)  # idle until the next publish
+            if self.poll():
+                self._active = time.monotonic()
+            if not self._published:
+                self._work.wait(0.05)
                 self._work.clear()
+            else:
+                time.sleep(0 if time.monotonic() - self._active < SPIN_SECONDS else 0.001)
 
     def close(self) -> None:
         self._stop.set()
 
-    def poll(self) -> None:
+    def poll(self) -> bool:
         with self._lock:
             notices = self.agent.get_new_notifs()
         for messages in notices.values():
@@ -176,6 +183,7 @@ class NixlTransfer(Transfer):
         now = time.monotonic()
         for handle in [h for h, p in self._published.items() if p.expires < now]:
             self._drop(handle, "expired")
+        return bool(notices)
 
     def release(self, handle: str) -> None:
         self._drop(handle, "released")
