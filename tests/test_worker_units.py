@@ -1,0 +1,164 @@
+"""Pieces of the workers that need no model and no engine: routing, the transfer pool, URL safety rules, media
+decoding caps. URL fetches run against a local HTTP server with a guard that fails the test if any socket
+connects outside 127.0.0.0/8."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import ipaddress
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import httpx
+import pytest
+from mmgraph_workers.frontend import Peer, StageFailure
+from mmgraph_workers.media import MediaError
+from mmgraph_workers.media.fetch import fetch_bytes
+from mmgraph_workers.media.image import decode_image
+from mmgraph_workers.media.policy import MediaPolicy
+from mmgraph_workers.transfer import Pool
+from PIL import Image
+
+
+@pytest.fixture
+def loopback_only(monkeypatch):
+    """Every socket connect outside loopback fails the test (and is refused), whatever code makes it."""
+    attempts: list = []
+    original = socket.socket.connect
+
+    def connect(self, address):
+        if isinstance(address, tuple) and not ipaddress.ip_address(address[0]).is_loopback:
+            attempts.append(address)
+            raise ConnectionRefusedError(f"guard: {address}")
+        return original(self, address)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    yield attempts
+    assert attempts == [], f"connections outside loopback were attempted: {attempts}"
+
+
+@pytest.fixture(scope="module")
+def server():
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path.startswith("/to/"):
+                self.send_response(302)
+                self.send_header("Location", self.path[len("/to/") :])
+                self.end_headers()
+                return
+            body = b"x" * 5000 if self.path == "/big" else b"hello"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def fetch(url: str, **policy) -> bytes:
+    async def go() -> bytes:
+        async with httpx.AsyncClient(trust_env=False) as client:
+            return await fetch_bytes(url, MediaPolicy(**policy), client)
+
+    return asyncio.run(go())
+
+
+LOCAL = {"allowed_schemes": frozenset({"http", "https", "data"}), "allow_private_networks": True}
+
+
+def test_fetch_from_an_allowed_private_host(server, loopback_only):
+    assert fetch(f"{server}/a", **LOCAL) == b"hello"
+
+
+def test_body_cut_off_past_max_bytes(server, loopback_only):
+    with pytest.raises(MediaError, match="1000 byte limit") as info:
+        fetch(f"{server}/big", **LOCAL, max_bytes=1000)
+    assert info.value.status == 413
+
+
+@pytest.mark.parametrize("target", ["http://169.254.169.254/latest/", "http://[fe80::1]/x"])
+def test_redirect_to_link_local_refused_before_connecting(server, loopback_only, target):
+    with pytest.raises(MediaError, match="link-local") as info:
+        fetch(f"{server}/to/{target}", **LOCAL)
+    assert info.value.status == 403
+
+
+@pytest.mark.parametrize(
+    "url", ["http://127.0.0.1:9/x", "http://10.0.0.1/x", "http://192.168.1.1/x", "http://localhost/x"]
+)
+def test_private_refused_by_default_before_connecting(loopback_only, url):
+    with pytest.raises(MediaError, match="private or loopback"):
+        fetch(url, allowed_schemes=frozenset({"http"}))
+
+
+@pytest.mark.parametrize("url", ["file:///etc/passwd", "ftp://x/y", "gopher://x", "http://example.com/"])
+def test_schemes_outside_the_policy_refused(loopback_only, url):
+    with pytest.raises(MediaError, match="is not allowed for media"):
+        fetch(url)  # default policy: https and data only
+
+
+def test_data_url_size_and_encoding_checked():
+    with pytest.raises(MediaError, match="byte limit"):
+        fetch("data:image/png;base64," + "A" * 4000, max_bytes=1000)
+    with pytest.raises(MediaError, match="not valid base64"):
+        fetch("data:image/png;base64,@@@")
+
+
+def test_pixel_cap_checked_before_decoding():
+    buf = io.BytesIO()
+    Image.new("RGB", (300, 200)).save(buf, format="PNG")
+    with pytest.raises(MediaError, match="300x200"):
+        decode_image(buf.getvalue(), MediaPolicy(max_pixels=50_000))
+    assert decode_image(buf.getvalue(), MediaPolicy()).size == (300, 200)
+
+
+def test_only_safe_image_formats_open():
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, format="TIFF")
+    with pytest.raises(MediaError, match="not one of PNG"):
+        decode_image(buf.getvalue(), MediaPolicy())
+
+
+def test_peer_picks_the_least_busy_replica():
+    peer = Peer("pd", "http://pd.ns.svc:8002", addresses=["10.0.0.1", "10.0.0.2"])
+    with peer.pick() as first, peer.pick() as second:
+        assert {first, second} == {"http://10.0.0.1:8002", "http://10.0.0.2:8002"}
+        with peer.pick() as third:
+            assert third in (first, second)
+    assert peer.outstanding == {"10.0.0.1": 0, "10.0.0.2": 0}
+
+
+def test_peer_with_no_ready_replica_fails_naming_the_stage():
+    with pytest.raises(StageFailure, match="pd: no address"), Peer("pd", "http://pd:1").pick():
+        pass
+
+
+def test_peer_re_resolves_and_keeps_addresses_when_dns_fails():
+    peer = Peer("encoder", "http://localhost:8001")
+    asyncio.run(peer.refresh())
+    assert "127.0.0.1" in peer.addresses
+    gone = Peer("encoder", "http://no-such-host.invalid:8001", addresses=["127.0.0.9"])
+    asyncio.run(gone.refresh())
+    assert gone.addresses == ["127.0.0.9"]
+
+
+def test_pool_allocates_aligned_and_coalesces():
+    pool = Pool(4096)
+    a, b, c = pool.alloc(100), pool.alloc(300), pool.alloc(256)
+    assert (a, b, c) == (0, 256, 768)
+    assert pool.alloc(4096) is None
+    pool.release(b, 300)
+    pool.release(a, 100)
+    assert pool.alloc(512) == 0  # the two freed neighbours merged
+    pool.release(0, 512)
+    pool.release(c, 256)
+    assert pool.free == [(0, 4096)] and pool.used() == 0
