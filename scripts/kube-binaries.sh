@@ -9,7 +9,7 @@ if [[ -x "$CACHE/kube-apiserver" && -x "$CACHE/kube-controller-manager" ]]; then
 fi
 SUDO=""; [[ $(id -u) -eq 0 ]] || SUDO="sudo"
 need=()
-for p in golang-go rsync jq etcd-server golang-github-modern-go-reflect2-dev openssl; do
+for p in golang-go rsync jq etcd-server golang-github-modern-go-reflect2-dev openssl dpkg-dev make; do
   dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
 done
 if ((${#need[@]})); then

@@ -255,6 +255,7 @@ def test_stage_killed_mid_request_fails_fast_naming_it(strict, endpoints, refere
     assert response.status_code in (502, 503, 504), response.text
     assert "encoder" in response.json()["error"]["message"]
     assert time.monotonic() - started < 45
+    encoder.proc.wait(10)  # the kernel may still be tearing the killed process down
     dead = strict.dead()
     assert dead is not None and dead.name == StageName.ENCODER
     assert "stage encoder exited" in str(StageDied(dead))
