@@ -35,14 +35,11 @@ def test_streaming_and_non_streaming_agree(endpoints, topology):
 
 
 def test_sixteen_concurrent_requests_each_get_their_own_answer(endpoints, reference):
-    cases = [f"concurrent-{i}" for i in range(16)]
+    """16 different requests, twice over (32 in flight through 16 client threads), spread over the topologies."""
+    jobs = [(f"concurrent-{i % 16}", TOPOLOGIES[i % 3]) for i in range(32)]
     with ThreadPoolExecutor(16) as pool:
-        got = list(
-            pool.map(
-                lambda pair: tokens(endpoints[pair[1]], pair[0]), [(c, TOPOLOGIES[i % 3]) for i, c in enumerate(cases)]
-            )
-        )
-    assert got == [reference[c] for c in cases]
+        got = list(pool.map(lambda job: tokens(endpoints[job[1]], job[0]), jobs))
+    assert got == [reference[case] for case, _ in jobs]
 
 
 def metric(endpoint: str, name: str) -> float:

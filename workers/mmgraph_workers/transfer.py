@@ -21,6 +21,7 @@ drives its own reads. Every wait has a deadline.
 from __future__ import annotations
 
 import base64
+import logging
 import os
 import threading
 import time
@@ -31,6 +32,8 @@ from dataclasses import dataclass
 import torch
 
 from mmgraph_workers.protocol import TensorRef
+
+log = logging.getLogger("mmgraph.transfer")
 
 
 class TransferError(RuntimeError):
@@ -162,8 +165,11 @@ class NixlTransfer(Transfer):
         """Progress reads of what we published: spin (yielding) right after a publish or a completion, when a
         read is most likely under way, then poll every millisecond, and sleep while nothing is published."""
         while not self._stop.is_set():
-            if self.poll():
-                self._active = time.monotonic()
+            try:
+                if self.poll():
+                    self._active = time.monotonic()
+            except Exception:  # the poller must outlive any one bad notice, or every later read stalls
+                log.exception("NIXL poller")
             if not self._published:
                 self._work.wait(0.05)
                 self._work.clear()
@@ -181,7 +187,9 @@ class NixlTransfer(Transfer):
                 if message.startswith(self.RELEASE):
                     self._drop(message[len(self.RELEASE) :].decode(), "released")
         now = time.monotonic()
-        for handle in [h for h, p in self._published.items() if p.expires < now]:
+        with self._lock:  # publish() adds entries from other threads
+            expired = [h for h, p in self._published.items() if p.expires < now]
+        for handle in expired:
             self._drop(handle, "expired")
         return bool(notices)
 
