@@ -61,9 +61,6 @@ class Transfer(ABC):
         """How many buffers are still registered (for metrics and tests)."""
 
 
-SPIN_SECONDS = 0.005  # after a publish or a completion, poll without sleeping this long
-
-
 @dataclass
 class _Published:
     offset: int
@@ -128,7 +125,7 @@ class NixlTransfer(Transfer):
         self._peers: dict[str, str] = {}  # agent name -> metadata we connected with
         self._lock = threading.Lock()  # the agent is shared by request threads and the poller
         self.stats = {"published": 0, "released": 0, "expired": 0, "fetched": 0, "fetched_bytes": 0}
-        self._stop, self._work, self._active = threading.Event(), threading.Event(), 0.0
+        self._stop, self._work = threading.Event(), threading.Event()
         if pool_bytes:
             threading.Thread(target=self._poller, name="nixl-poller", daemon=True).start()
 
@@ -147,7 +144,6 @@ class NixlTransfer(Transfer):
             region.copy_(tensor.contiguous().view(-1).view(torch.uint8))
             self._published[handle] = _Published(offset, nbytes, time.monotonic() + ttl_seconds)
             self.stats["published"] += 1
-        self._active = time.monotonic()
         self._work.set()
         return TensorRef(
             handle=handle,
@@ -162,19 +158,18 @@ class NixlTransfer(Transfer):
         )
 
     def _poller(self) -> None:
-        """Progress reads of what we published: spin (yielding) right after a publish or a completion, when a
-        read is most likely under way, then poll every millisecond, and sleep while nothing is published."""
+        """Progress reads of what we published: poll continuously while anything is published (a rendezvous read
+        stalls without the owner's progress), sleep while nothing is."""
         while not self._stop.is_set():
             try:
-                if self.poll():
-                    self._active = time.monotonic()
+                self.poll()
             except Exception:  # the poller must outlive any one bad notice, or every later read stalls
                 log.exception("NIXL poller")
             if not self._published:
                 self._work.wait(0.05)
                 self._work.clear()
             else:
-                time.sleep(0 if time.monotonic() - self._active < SPIN_SECONDS else 0.001)
+                time.sleep(0)  # a reader may be pulling right now: keep progressing, yielding only the GIL
 
     def close(self) -> None:
         self._stop.set()
