@@ -104,3 +104,33 @@ def test_metrics_count_requests_and_stage_latency(endpoints):
     for stage in ("encoder", "pd", "decode"):
         assert metric(endpoints["e-p-d"], f'mmgraph_stage_seconds_count{{stage="{stage}"}}'.split("{")[0]) > 0
     assert metric(endpoints["e-p-d"], "mmgraph_time_to_first_token_seconds_count") > 0
+
+
+def test_kv_travels_from_pd_to_decode(tiny_model, reference, tmp_path_factory):
+    """Control: a pd whose language weights differ from decode's changes the tokens. If decode recomputed the
+    prompt instead of using the KV it pulled, it would return the reference tokens. (NixlConnector's handshake
+    compares a hash that includes the model path; the control turns that check off on both engines.)"""
+    from mmgraph_operator.api import StageName, parse
+    from mmgraph_workers.tiny_model import build
+    from mmgraph_workers.up import LocalGraph, free_port
+
+    from .conftest import graph_spec
+
+    other = build(tmp_path_factory.mktemp("models") / "tiny-other-text", text_seed=11)
+    body = graph_spec(tiny_model, "e-p-d")
+    lax = {"kv-transfer-config": {"kv_connector_extra_config": {"enforce_handshake_compat": False}}}
+    for stage in ("pd", "decode"):
+        body["spec"]["stages"][stage]["engineArgs"].update(lax)
+    local = LocalGraph(parse(body), logdir=tmp_path_factory.mktemp("kv-control"))
+    ports = {s: free_port() for s in (StageName.ENCODER, StageName.PD, StageName.DECODE, StageName.FRONTEND)}
+    peers = {s: f"http://127.0.0.1:{p}" for s, p in ports.items() if s != StageName.FRONTEND}
+    local.spawn(StageName.ENCODER, ports[StageName.ENCODER], peers)
+    local.spawn(StageName.PD, ports[StageName.PD], peers, model=str(other))
+    local.spawn(StageName.DECODE, ports[StageName.DECODE], peers)
+    local.spawn(StageName.FRONTEND, ports[StageName.FRONTEND], peers)
+    try:
+        local.wait_healthy(timeout=300, progress=lambda line: None)
+        for case in ("one-image", "text-only"):
+            assert tokens(local.endpoint, case) != reference[case], case
+    finally:
+        local.stop()

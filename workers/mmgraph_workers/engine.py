@@ -57,7 +57,13 @@ def engine_args(args: argparse.Namespace, stage: str) -> Any:
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-    argv = ["--model", args.model, "--served-model-name", args.served_model_name, *args.engine_arg]
+    user_args, user_kv = [], {}
+    for arg in args.engine_arg:  # a user's --kv-transfer-config (e.g. NIXL backends) is merged into ours below
+        if arg.startswith("--kv-transfer-config="):
+            user_kv = json.loads(arg.split("=", 1)[1])
+        else:
+            user_args.append(arg)
+    argv = ["--model", args.model, "--served-model-name", args.served_model_name, *user_args]
     if args.revision:
         argv += ["--revision", args.revision]
     if args.trust_remote_code:
@@ -72,6 +78,8 @@ def engine_args(args: argparse.Namespace, stage: str) -> Any:
         }
         if not torch.cuda.is_available():
             config["kv_buffer_device"] = "cpu"
+        extra = {**config["kv_connector_extra_config"], **user_kv.get("kv_connector_extra_config", {})}
+        config = {**config, **user_kv, "kv_connector_extra_config": extra}
         argv += ["--kv-transfer-config", json.dumps(config)]
     parser = AsyncEngineArgs.add_cli_args(FlexibleArgumentParser())
     return AsyncEngineArgs.from_cli_args(parser.parse_args(argv))

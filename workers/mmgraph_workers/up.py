@@ -69,11 +69,17 @@ class LocalGraph:
         self.spawn(StageName.FRONTEND, ports[StageName.FRONTEND], peers)
 
     def spawn(
-        self, stage: StageName, port: int, peers: dict[StageName, str], env: dict[str, str] | None = None
+        self,
+        stage: StageName,
+        port: int,
+        peers: dict[StageName, str],
+        env: dict[str, str] | None = None,
+        model: str | None = None,
     ) -> None:
-        """Start one stage on `port`, its peers at `peers` (a frontend may be routed to another graph's workers)."""
+        """Start one stage on `port`, its peers at `peers` (a frontend may be routed to another graph's workers);
+        `model` overrides the graph's weights for this one stage (the tests' controls use it)."""
         spec = self.graph.spec
-        model = spec.model.path or (spec.model.hugging_face.id if spec.model.hugging_face else "")
+        model = model or spec.model.path or (spec.model.hugging_face.id if spec.model.hugging_face else "")
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "NIXL_LOG_LEVEL": "WARN", **(env or {})}
         argv = worker_command(
             spec,
