@@ -223,3 +223,18 @@ def wait(predicate, timeout: float = 30.0):
             return value
         time.sleep(0.2)
     raise AssertionError("timed out")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_worker_outlives_the_session() -> Iterator[None]:
+    """Every fixture stops what it started; this is the safety net: any `mmgraph worker` child of this test
+    process still alive at the end is stopped, and reported."""
+    yield
+    import psutil
+
+    leaked = [p for p in psutil.Process().children(recursive=False) if "mmgraph_operator.cli" in " ".join(p.cmdline())]
+    for proc in leaked:
+        proc.kill()
+    psutil.wait_procs(leaked, timeout=10)
+    if leaked:
+        print(f"\nstopped {len(leaked)} leaked worker process(es): {[p.pid for p in leaked]}", file=sys.stderr)
