@@ -286,8 +286,7 @@ class Reconciler:
 
     async def _write_status(self, body: dict[str, Any], new: dict[str, Any]) -> None:
         old = body.get("status") or {}
-        new = with_transition_times(new, old, now())
-        # Compare ignoring timestamps that only differ because we stamped `now` for an unchanged condition.
+        new = with_transition_times(new, old, now())  # unchanged conditions keep their time: no spurious diff
         patch = status_patch(new, old)
         if patch is None:
             return

@@ -50,8 +50,8 @@ class Transfer(ABC):
         """Pull the tensor `ref` describes; its completion tells the owner it may release it."""
 
     @abstractmethod
-    def poll(self) -> bool:
-        """Owner side: process completion notices and expiries; True when a notice arrived."""
+    def poll(self) -> None:
+        """Owner side: process completion notices and expiries (the poller thread calls it)."""
 
     @abstractmethod
     def release(self, handle: str) -> None: ...
@@ -124,7 +124,6 @@ class NixlTransfer(Transfer):
         self._published: dict[str, _Published] = {}
         self._peers: dict[str, str] = {}  # agent name -> metadata we connected with
         self._lock = threading.Lock()  # the agent is shared by request threads and the poller
-        self.stats = {"published": 0, "released": 0, "expired": 0, "fetched": 0, "fetched_bytes": 0}
         self._stop, self._work = threading.Event(), threading.Event()
         if pool_bytes:
             threading.Thread(target=self._poller, name="nixl-poller", daemon=True).start()
@@ -143,7 +142,6 @@ class NixlTransfer(Transfer):
             region = self.buffer[offset : offset + nbytes]
             region.copy_(tensor.contiguous().view(-1).view(torch.uint8))
             self._published[handle] = _Published(offset, nbytes, time.monotonic() + ttl_seconds)
-            self.stats["published"] += 1
         self._work.set()
         return TensorRef(
             handle=handle,
@@ -174,29 +172,27 @@ class NixlTransfer(Transfer):
     def close(self) -> None:
         self._stop.set()
 
-    def poll(self) -> bool:
+    def poll(self) -> None:
         with self._lock:
             notices = self.agent.get_new_notifs()
         for messages in notices.values():
             for message in messages:
                 if message.startswith(self.RELEASE):
-                    self._drop(message[len(self.RELEASE) :].decode(), "released")
+                    self._drop(message[len(self.RELEASE) :].decode())
         now = time.monotonic()
         with self._lock:  # publish() adds entries from other threads
             expired = [h for h, p in self._published.items() if p.expires < now]
         for handle in expired:
-            self._drop(handle, "expired")
-        return bool(notices)
+            self._drop(handle)
 
     def release(self, handle: str) -> None:
-        self._drop(handle, "released")
+        self._drop(handle)
 
-    def _drop(self, handle: str, why: str) -> None:
+    def _drop(self, handle: str) -> None:
         with self._lock:
             entry = self._published.pop(handle, None)
             if entry is not None:
                 self.pool.release(entry.offset, entry.size)
-                self.stats[why] += 1
 
     def published(self) -> int:
         return len(self._published)
@@ -233,8 +229,6 @@ class NixlTransfer(Transfer):
                     self.agent.deregister_memory(registration)
                 else:
                     self.recv_pool.release(offset, ref.nbytes)
-        self.stats["fetched"] += 1
-        self.stats["fetched_bytes"] += ref.nbytes
         return out
 
     def _read(self, ref: TensorRef, target: torch.Tensor, deadline: float, timeout_seconds: float) -> None:
