@@ -22,6 +22,7 @@ from pathlib import Path
 
 os.environ.setdefault("UCX_NET_DEVICES", "lo")
 os.environ.setdefault("NIXL_LOG_LEVEL", "WARN")
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as `mmgraph worker` sets it (see mmgraph_workers.cli)
 
 import torch
 
@@ -72,7 +73,7 @@ def main() -> None:
 
     import httpx
     from mmgraph_workers.protocol import TensorRef
-    from mmgraph_workers.transfer import make_transfer
+    from mmgraph_workers.transfer import copy_bytes, make_transfer
 
     ctx = mp.get_context("spawn")
     ours, theirs = ctx.Pipe()
@@ -91,22 +92,20 @@ def main() -> None:
             dst = torch.empty_like(src)
             body = src.numpy().tobytes()
             nixl_s, http_s, copy_s = [], [], []
-            for i in range(args.repeat + 2):  # each method on its own; the first two runs are warm-up
+            for i in range(args.repeat + 2):  # the methods take turns, so they meet the same noise; 2 warm-ups
                 ours.send(size)
                 ref = TensorRef.model_validate_json(ours.recv())
                 t0 = time.perf_counter()
                 reader.fetch(ref, timeout_seconds=30)
-                if i >= 2:
-                    nixl_s.append(time.perf_counter() - t0)
-            for i in range(args.repeat + 2):
-                t0 = time.perf_counter()
+                t1 = time.perf_counter()
                 http.post(f"http://127.0.0.1:{http_port}/", content=body)
+                t2 = time.perf_counter()
+                copy_bytes(dst, src)  # one thread, as the transfer's own copies (see transfer.copy_bytes)
+                t3 = time.perf_counter()
                 if i >= 2:
-                    http_s.append(time.perf_counter() - t0)
-            for _ in range(args.repeat):
-                t0 = time.perf_counter()
-                dst.copy_(src)
-                copy_s.append(time.perf_counter() - t0)
+                    nixl_s.append(t1 - t0)
+                    http_s.append(t2 - t1)
+                    copy_s.append(t3 - t2)
             row = {
                 "bytes": size,
                 "nixl_median_s": statistics.median(nixl_s),

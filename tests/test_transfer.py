@@ -1,0 +1,105 @@
+"""The tensor hand-off between two processes over real NIXL (UCX on loopback): bytes, shapes and dtypes arrive
+intact through both read paths (the pre-registered receive pool, and a registered destination for large reads),
+the owner frees each buffer once the reader's notice arrives, and a reader whose owner is gone gets an error
+naming it within the deadline."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import time
+
+import pytest
+import torch
+
+os.environ.setdefault("UCX_NET_DEVICES", "lo")
+
+from mmgraph_workers.protocol import TensorRef
+from mmgraph_workers.transfer import NixlTransfer, TransferError, make_transfer
+
+
+def tensor_for(shape: list[int], dtype: str, seed: int) -> torch.Tensor:
+    return (torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 100).to(getattr(torch, dtype))
+
+
+def owner(conn) -> None:
+    """The encoder's side, in its own process: publishes on request and reports what is still published."""
+    transfer = make_transfer("nixl", f"test-owner-{os.getpid()}", pool_bytes=16 << 20)
+    while (command := conn.recv()) is not None:
+        if command[0] == "publish":
+            _, shape, dtype, seed, ttl = command
+            conn.send(transfer.publish(tensor_for(shape, dtype, seed), ttl_seconds=ttl).model_dump_json())
+        else:
+            conn.send(transfer.published())
+
+
+@pytest.fixture(scope="module")
+def peer():
+    ctx = mp.get_context("spawn")
+    ours, theirs = ctx.Pipe()
+    proc = ctx.Process(target=owner, args=(theirs,), daemon=True)
+    proc.start()
+
+    def call(*command):
+        ours.send(command)
+        return ours.recv()
+
+    yield call, proc
+    if proc.is_alive():
+        ours.send(None)
+        proc.join(10)
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def reader():
+    return make_transfer("nixl", "test-reader", recv_pool_bytes=4 << 20)
+
+
+def published_soon(call, expected: int) -> int:
+    deadline = time.monotonic() + 10
+    while (count := call("published")) != expected and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return count
+
+
+@pytest.mark.parametrize(
+    ("shape", "dtype"),
+    [([3], "float32"), ([256, 64], "bfloat16"), ([1024, 1024], "float32"), ([5, 7, 3], "int64")],
+    ids=["12B", "32KiB-bf16", "4MiB-registered-destination", "int64-3d"],
+)
+def test_tensor_arrives_intact_and_the_owner_frees_it(peer, reader, shape, dtype):
+    call, _ = peer
+    ref = TensorRef.model_validate_json(call("publish", shape, dtype, 7, 60.0))
+    assert (ref.nbytes > NixlTransfer.COPY_MAX) == (shape == [1024, 1024])
+    got = reader.fetch(ref, timeout_seconds=10)
+    assert got.dtype == getattr(torch, dtype) and list(got.shape) == shape
+    assert torch.equal(got, tensor_for(shape, dtype, 7))
+    assert published_soon(call, 0) == 0, "the owner kept the buffer after the reader's notice"
+
+
+def test_many_reads_reuse_the_pools(peer, reader):
+    call, _ = peer
+    for seed in range(40):  # 40 x 1 MiB through a 4 MiB receive pool and a 16 MiB owner pool
+        ref = TensorRef.model_validate_json(call("publish", [512, 512], "float32", seed, 60.0))
+        assert torch.equal(reader.fetch(ref, timeout_seconds=10), tensor_for([512, 512], "float32", seed))
+    assert published_soon(call, 0) == 0
+    assert reader.recv_pool.used() == 0
+
+
+def test_unread_buffer_freed_when_its_time_to_live_passes(peer):
+    call, _ = peer
+    call("publish", [1000], "float32", 1, 0.2)
+    assert published_soon(call, 0) == 0
+
+
+def test_reader_of_a_dead_owner_gets_an_error_naming_it(peer, reader):
+    call, proc = peer
+    ref = TensorRef.model_validate_json(call("publish", [512, 512], "float32", 3, 60.0))
+    proc.kill()
+    proc.join(10)
+    started = time.monotonic()
+    with pytest.raises(TransferError, match=ref.agent):
+        reader.fetch(ref, timeout_seconds=3)
+    assert time.monotonic() - started < 5
+    assert reader.recv_pool.used() == 0
