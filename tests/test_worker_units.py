@@ -130,11 +130,15 @@ def test_only_safe_image_formats_open():
 
 def test_peer_picks_the_least_busy_replica():
     peer = Peer("pd", "http://pd.ns.svc:8002", addresses=["10.0.0.1", "10.0.0.2"])
-    with peer.pick() as first, peer.pick() as second:
+    with peer.pick() as (_, first), peer.pick() as (_, second):
         assert {first, second} == {"http://10.0.0.1:8002", "http://10.0.0.2:8002"}
-        with peer.pick() as third:
+        with peer.pick() as (_, third):
             assert third in (first, second)
+        with peer.pick(avoid={"10.0.0.1"}) as (address, fourth):  # e.g. 10.0.0.1 refused the connection
+            assert (address, fourth) == ("10.0.0.2", "http://10.0.0.2:8002")
     assert peer.outstanding == {"10.0.0.1": 0, "10.0.0.2": 0}
+    with pytest.raises(StageFailure, match="no replica took the connection"), peer.pick(avoid=set(peer.addresses)):
+        pass
 
 
 def test_peer_with_no_ready_replica_fails_naming_the_stage():

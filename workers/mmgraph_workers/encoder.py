@@ -139,6 +139,14 @@ def main(args: argparse.Namespace) -> None:
         app.state.metrics = asyncio.create_task(encoder.report_published())
         log.info("encoder ready: %s", args.model)
 
+    @app.on_event("shutdown")
+    async def drain() -> None:
+        """Stay until pd has pulled what we published (or the pulls' deadline passes): a replica being scaled
+        down has answered requests whose embeddings are still to be read from this process's memory."""
+        deadline = time.monotonic() + args.transfer_timeout_seconds
+        while encoder is not None and encoder.transfer.published() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+
     @app.get("/v1/info")
     async def info() -> WorkerInfo:
         return WorkerInfo(stage="encoder", model=args.model, served_model_name=args.served_model_name)

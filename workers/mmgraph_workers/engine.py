@@ -125,7 +125,7 @@ class Engine:
                 ]
             except TransferError as err:
                 await self._release_unpulled(req)
-                raise StageError(f"pulling embeddings from the encoder failed: {err}", 502) from err
+                raise StageError(f"pulling embeddings from the encoder failed: {err}", 502, retry=True) from err
             PULL_SECONDS.observe(time.perf_counter() - started)
             grid = torch.tensor([item.grid_thw for item in req.encoded])
             return {"image": {"image_embeds": torch.cat(embeds), "image_grid_thw": grid}}
@@ -188,9 +188,9 @@ class Engine:
 
 
 class StageError(RuntimeError):
-    def __init__(self, message: str, status: int = 500):
+    def __init__(self, message: str, status: int = 500, retry: bool = False):
         super().__init__(message)
-        self.status = status
+        self.status, self.retry = status, retry
 
 
 def main(args: argparse.Namespace, stage: str) -> None:
@@ -240,7 +240,9 @@ def main(args: argparse.Namespace, stage: str) -> None:
                 yield GenerateEvent(error=str(err), status=err.status).model_dump_json().encode() + b"\n"
             except StageError as err:
                 outcome = "error"
-                yield GenerateEvent(error=str(err), status=err.status).model_dump_json().encode() + b"\n"
+                yield (
+                    GenerateEvent(error=str(err), status=err.status, retry=err.retry).model_dump_json().encode() + b"\n"
+                )
             except ValueError as err:  # vLLM refuses the input (e.g. longer than the model)
                 outcome = "bad_request"
                 yield GenerateEvent(error=str(err), status=400).model_dump_json().encode() + b"\n"

@@ -23,8 +23,9 @@ import socket
 import time
 import urllib.parse
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import httpx
@@ -37,6 +38,7 @@ from mmgraph_workers.media import MediaError
 from mmgraph_workers.media.fetch import check_scheme, decode_data_url, scheme_of
 from mmgraph_workers.media.policy import MediaPolicy
 from mmgraph_workers.protocol import (
+    PEER_HOSTS_ENV,
     EncodeRequest,
     EncodeResponse,
     GenerateEvent,
@@ -54,6 +56,9 @@ TTFT = Histogram("mmgraph_time_to_first_token_seconds", "Time from request to fi
 STAGE_SECONDS = Histogram("mmgraph_stage_seconds", "Time spent in each stage call", ["stage"])
 IN_FLIGHT = Gauge("mmgraph_requests_in_flight", "Requests being served (the frontend's queue depth)")
 CACHE_HITS = Counter("mmgraph_embedding_cache_hits_total", "Media items the encoder served from its cache")
+RETRIES = Counter(
+    "mmgraph_stage_retries_total", "Calls sent again after a stage failed before doing any work", ["stage"]
+)
 KV_REPREFILLS = Counter("mmgraph_kv_lease_reprefills_total", "Prefills redone because the KV lease would expire")
 
 
@@ -126,9 +131,9 @@ class RequestError(ValueError):
 class StageFailure(RuntimeError):
     """A stage failed or missed its deadline: answered 5xx naming the stage."""
 
-    def __init__(self, stage: str, message: str, status: int = 502):
+    def __init__(self, stage: str, message: str, status: int = 502, retry: bool = False):
         super().__init__(f"{stage}: {message}")
-        self.stage, self.status = stage, status
+        self.stage, self.status, self.retry = stage, status, retry
 
 
 def openai_error(message: str, status: int, param: str | None = None, kind: str | None = None) -> JSONResponse:
@@ -140,20 +145,45 @@ def openai_error(message: str, status: int, param: str | None = None, kind: str 
 # ---- peers -------------------------------------------------------------------------------------------------
 
 
+def read_hosts(path: str) -> dict[str, list[str]]:
+    """Name -> addresses from a file in /etc/hosts format ("ADDRESS NAME..." lines, # comments)."""
+    names: dict[str, list[str]] = {}
+    try:
+        text = Path(path).read_text()
+    except OSError:
+        return names
+    for line in text.splitlines():
+        address, *aliases = line.split("#", 1)[0].split() or [""]
+        for name in aliases:
+            names.setdefault(name, []).append(address)
+    return names
+
+
 @dataclass
 class Peer:
-    """A stage's replicas: the URL's host re-resolved to every address, each call to the least busy one."""
+    """A stage's replicas: the URL's host re-resolved to every address, each call to the least busy one.
+
+    Names come from DNS (in a cluster, a headless Service lists its ready pods), or, for a name listed in the
+    optional peer hosts file, from that file only: `mmgraph up` keeps one there, its local stand-in for cluster
+    DNS, so adding or removing a local replica works the same way."""
 
     stage: str
     url: str
     addresses: list[str] = field(default_factory=list)
     outstanding: dict[str, int] = field(default_factory=dict)
+    hosts_file: str | None = None
 
     def __post_init__(self) -> None:
         parts = urllib.parse.urlsplit(self.url)
         self.host, self.port, self.scheme = parts.hostname or "", parts.port or 80, parts.scheme
+        self.from_file = False
 
     async def refresh(self) -> None:
+        if self.hosts_file:
+            listed = read_hosts(self.hosts_file).get(self.host)
+            if listed is not None or self.from_file:  # once listed, a name leaves only by leaving the file
+                self.from_file, self.addresses = True, sorted(dict.fromkeys(listed or []))
+                return
         try:
             infos = await asyncio.get_running_loop().getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
         except socket.gaierror:
@@ -163,14 +193,17 @@ class Peer:
             self.addresses = addresses
 
     @contextlib.contextmanager
-    def pick(self):
-        if not self.addresses:
-            raise StageFailure(self.stage, f"no address for {self.url} (no ready replica)", 503)
-        address = min(self.addresses, key=lambda a: self.outstanding.get(a, 0))
+    def pick(self, avoid: Collection[str] = ()) -> Iterator[tuple[str, str]]:
+        """(address, base URL) of the least busy replica not in `avoid`, counted as busy until the block ends."""
+        choices = [a for a in self.addresses if a not in avoid]
+        if not choices:
+            reason = "no ready replica" if not avoid else f"no replica took the connection (tried {', '.join(avoid)})"
+            raise StageFailure(self.stage, f"no address for {self.url} ({reason})", 503)
+        address = min(choices, key=lambda a: self.outstanding.get(a, 0))
         self.outstanding[address] = self.outstanding.get(address, 0) + 1
         try:
             host = f"[{address}]" if ":" in address else address
-            yield f"{self.scheme}://{host}:{self.port}"
+            yield address, f"{self.scheme}://{host}:{self.port}"
         finally:
             self.outstanding[address] -= 1
 
@@ -188,7 +221,7 @@ class Router:
             args.model, revision=args.revision, trust_remote_code=args.trust_remote_code
         )
         self.peers = {
-            stage: Peer(stage, url)
+            stage: Peer(stage, url, hosts_file=os.environ.get(PEER_HOSTS_ENV))
             for stage, url in (("encoder", args.encoder_url), ("pd", args.pd_url), ("decode", args.decode_url))
             if url
         }
@@ -202,7 +235,7 @@ class Router:
             if self.pd_info is None and self.peers["pd"].addresses:
                 with (
                     contextlib.suppress(httpx.HTTPError, StageFailure, ValidationError),
-                    self.peers["pd"].pick() as base,
+                    self.peers["pd"].pick() as (_, base),
                 ):
                     r = await self.http.get(f"{base}/v1/info", timeout=2)
                     if r.status_code == 200:
@@ -264,13 +297,17 @@ class Router:
 
     async def encode(self, request_id: str, urls: list[str]) -> EncodeResponse:
         started = time.perf_counter()
-        with self.peers["encoder"].pick() as base:
-            try:
-                r = await self.http.post(
-                    f"{base}/encode", content=EncodeRequest(request_id=request_id, urls=urls).model_dump_json()
-                )
-            except httpx.HTTPError as err:
-                raise StageFailure("encoder", f"{type(err).__name__} calling {base}: {err}", _status(err)) from None
+        body = EncodeRequest(request_id=request_id, urls=urls).model_dump_json()
+        avoid: set[str] = set()
+        while True:
+            with self.peers["encoder"].pick(avoid) as (address, base):
+                try:
+                    r = await self.http.post(f"{base}/encode", content=body)
+                    break
+                except httpx.ConnectError:  # the replica is gone (DNS lags a scale-down): nothing was sent
+                    avoid.add(address)
+                except httpx.HTTPError as err:
+                    raise StageFailure("encoder", f"{type(err).__name__} calling {base}: {err}", _status(err)) from None
         STAGE_SECONDS.labels("encoder").observe(time.perf_counter() - started)
         if r.status_code != 200:
             message = _error_text(r)
@@ -282,28 +319,55 @@ class Router:
         return response
 
     async def stream_stage(self, stage: str, request: GenerateRequest) -> AsyncIterator[GenerateEvent]:
-        started = time.perf_counter()
-        with self.peers[stage].pick() as base:
-            try:
-                async with self.http.stream("POST", f"{base}/generate", content=request.model_dump_json()) as r:
-                    if r.status_code != 200:
-                        await r.aread()
-                        raise StageFailure(stage, _error_text(r), 502)
-                    async for line in r.aiter_lines():
-                        if not line.strip():
-                            continue
-                        event = GenerateEvent.model_validate_json(line)
-                        if event.error:
-                            if event.status and 400 <= event.status < 500:
-                                raise RequestError(event.error, None, event.status)
-                            raise StageFailure(stage, event.error, 502)
+        started, avoid, body, sent = time.perf_counter(), set(), request.model_dump_json(), False
+        while True:
+            with self.peers[stage].pick(avoid) as (address, base):
+                try:
+                    async for event in self._stream(stage, base, body):
+                        sent = True
                         yield event
                         if event.finish_reason is not None:
                             STAGE_SECONDS.labels(stage).observe(time.perf_counter() - started)
                             return
-            except httpx.HTTPError as err:
-                raise StageFailure(stage, f"{type(err).__name__} calling {base}: {err}", _status(err)) from None
-        raise StageFailure(stage, "the stream ended before the request finished (the stage died?)", 502)
+                    raise StageFailure(stage, "the stream ended before the request finished (the stage died?)", 502)
+                except httpx.ConnectError as err:
+                    if sent:
+                        raise StageFailure(stage, f"ConnectError calling {base}: {err}", 502) from None
+                    avoid.add(address)  # the replica is gone (DNS lags a scale-down) and nothing was sent: next
+                except httpx.HTTPError as err:
+                    raise StageFailure(stage, f"{type(err).__name__} calling {base}: {err}", _status(err)) from None
+
+    async def _stream(self, stage: str, base: str, body: str) -> AsyncIterator[GenerateEvent]:
+        async with self.http.stream("POST", f"{base}/generate", content=body) as r:
+            if r.status_code != 200:
+                await r.aread()
+                raise StageFailure(stage, _error_text(r), 502)
+            async for line in r.aiter_lines():
+                if line.strip():
+                    event = GenerateEvent.model_validate_json(line)
+                    if event.error:
+                        if event.status and 400 <= event.status < 500:
+                            raise RequestError(event.error, None, event.status)
+                        raise StageFailure(stage, event.error, 502, retry=event.retry)
+                    yield event
+
+    async def prefill(
+        self, request_id: str, urls: list[str], base: dict, encoded: list, prefill_only: bool = False
+    ) -> AsyncIterator[GenerateEvent]:
+        """pd's stream for embeddings from the encoder. If pd could not pull them (it did no work yet), encode
+        again, on whichever encoder replica is least busy, and send once more."""
+        for attempt in range(2):
+            try:
+                request = GenerateRequest(**base, encoded=encoded, prefill_only=prefill_only)
+                async for event in self.stream_stage("pd", request):
+                    yield event
+                return
+            except StageFailure as err:
+                if not (err.retry and encoded) or attempt:
+                    raise
+                RETRIES.labels("pd").inc()
+                log.warning("request %s: %s; encoding again", request_id, err)
+                encoded[:] = (await self.encode(request_id, urls)).items
 
     async def run(self, request_id: str, token_ids: list[int], urls: list[str], sampling: Sampling):
         """The tokens of one request, as GenerateEvents from the last engine."""
@@ -315,13 +379,13 @@ class Router:
             return
         encoded = (await self.encode(request_id, urls)).items if urls and topology != "agg" else []
         if topology == "e-pd":
-            async for event in self.stream_stage("pd", GenerateRequest(**base, encoded=encoded)):
+            async for event in self.prefill(request_id, urls, base, encoded):
                 yield event
             return
         # e-p-d: prefill on pd, then decode must start within the KV lease (a late pull reads reused blocks).
         for attempt in range(2):
             prefill, started = None, time.monotonic()
-            async for event in self.stream_stage("pd", GenerateRequest(**base, encoded=encoded, prefill_only=True)):
+            async for event in self.prefill(request_id, urls, base, encoded, prefill_only=True):
                 prefill = event
             assert prefill is not None and prefill.kv_transfer_params is not None, "pd returned no KV parameters"
             # pd's lease began when its prefill ended, after `started`: counting from `started` is conservative.

@@ -12,6 +12,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 PROTOCOL_VERSION = 1
+# Where a frontend reads peer addresses before DNS (/etc/hosts format): `mmgraph up`'s stand-in for cluster DNS.
+PEER_HOSTS_ENV = "MMGRAPH_PEER_HOSTS_FILE"
 
 
 class Message(BaseModel):
@@ -94,6 +96,7 @@ class GenerateEvent(BaseModel):
     hidden_size: int | None = None
     error: str | None = None
     status: int | None = None  # HTTP-like status of an error: 4xx for the request, 5xx for the stage
+    retry: bool = False  # the error happened before any work on the request: sending it again is safe
 
 
 class WorkerInfo(BaseModel):

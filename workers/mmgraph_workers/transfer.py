@@ -241,8 +241,13 @@ class NixlTransfer(Transfer):
                 target, registration = out.view(-1).view(torch.uint8), self.agent.register_memory(out)
             else:
                 target, registration = self.recv_buffer[offset : offset + ref.nbytes], None
+            if (waited := time.monotonic() - deadline + timeout_seconds) > 0.5:
+                log.warning("NIXL read from %s waited %.2f s for the agent (another read held it)", ref.agent, waited)
             try:
+                started = time.monotonic()
                 self._read(ref, target, deadline, timeout_seconds)
+                if (took := time.monotonic() - started) > 0.5:
+                    log.warning("NIXL read of %d B from %s took %.2f s", ref.nbytes, ref.agent, took)
                 if registration is None:
                     copy_bytes(out.view(-1).view(torch.uint8), target)
             finally:

@@ -24,8 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-from mmgraph_operator.api import MultimodalGraph, StageName, parse, problems
+from mmgraph_operator.api import MultimodalGraph, MultimodalGraphSpec, StageName, parse, problems
 from mmgraph_operator.commands import worker_command
+
+from mmgraph_workers.protocol import PEER_HOSTS_ENV
 
 START_TIMEOUT = 600.0  # seconds for every stage to become healthy (engines take ~30 s each on 2 CPU cores)
 
@@ -36,12 +38,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def cpu_share(spec: MultimodalGraphSpec, stage: StageName) -> dict[str, str]:
+    """OpenMP threads for a CPU engine: the machine's cores split between the graph's engines. Each engine would
+    otherwise run one thread per core, and their thread teams, spinning at every barrier, would wait on each other
+    (e-p-d on 2 cores: decode's inter-token latency ~40 ms instead of ~8 ms). The user's OMP_NUM_THREADS wins."""
+    engines = [s for s in spec.used_stages() if s in (StageName.PD, StageName.DECODE)]
+    cfg = spec.stages.get(stage)
+    if stage not in engines or cfg is None or cfg.gpus or "OMP_NUM_THREADS" in os.environ:
+        return {}
+    return {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // len(engines)))}
+
+
 @dataclass
 class Stage:
     name: StageName
     port: int
     proc: subprocess.Popen
     log: Path
+    host: str = "127.0.0.1"
 
     def tail(self, lines: int = 15) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
@@ -54,19 +68,60 @@ class LocalGraph:
         self.graph, self.host = graph, host
         self.logdir = logdir or Path(tempfile.mkdtemp(prefix=f"mmgraph-{graph.name}-"))
         self.logdir.mkdir(parents=True, exist_ok=True)
-        self.stages: dict[StageName, Stage] = {}
+        self.stages: dict[StageName, Stage] = {}  # the first replica of each stage
+        self.replicas: list[Stage] = []  # the others (add_replica)
+        self.hosts_file = self.logdir / "peers.hosts"  # the frontend's stand-in for a headless Service's DNS
 
     @property
     def endpoint(self) -> str:
         return f"http://{self.host}:{self.stages[StageName.FRONTEND].port}"
 
+    def peer_name(self, stage: StageName) -> str:
+        return f"{stage.value}.{self.graph.name}.mmgraph.local"
+
     def start(self) -> None:
         used = self.graph.spec.used_stages()
         ports = {s: free_port() for s in used}
-        peers = {s: f"http://{self.host}:{ports[s]}" for s in used if s != StageName.FRONTEND}
+        peers = {s: f"http://{self.peer_name(s)}:{ports[s]}" for s in used if s != StageName.FRONTEND}
         for stage in (s for s in used if s != StageName.FRONTEND):  # workers first, the frontend last
             self.spawn(stage, ports[stage], peers)
-        self.spawn(StageName.FRONTEND, ports[StageName.FRONTEND], peers)
+        self.write_hosts()
+        self.spawn(StageName.FRONTEND, ports[StageName.FRONTEND], peers, env={PEER_HOSTS_ENV: str(self.hosts_file)})
+
+    def write_hosts(self, leaving: Stage | None = None) -> None:
+        """List every worker replica under its stage's name (but `leaving`); the frontend re-reads the file."""
+        lines = [
+            f"{s.host} {self.peer_name(s.name)}"
+            for s in [*self.stages.values(), *self.replicas]
+            if s.name != StageName.FRONTEND and s is not leaving and s.proc.poll() is None
+        ]
+        tmp = self.hosts_file.with_suffix(".tmp")
+        tmp.write_text("".join(f"{line}\n" for line in lines))
+        tmp.replace(self.hosts_file)  # atomic: a reader never sees half a file
+
+    def add_replica(self, stage: StageName, timeout: float = START_TIMEOUT) -> Stage:
+        """Start one more replica of a worker stage on the next loopback address (same port, as pods of a
+        Deployment), and list it for the frontend once it is healthy (as a Service lists a ready pod)."""
+        first = self.stages[stage]
+        taken = {s.host for s in [*self.stages.values(), *self.replicas]}
+        host = next(f"127.0.0.{i}" for i in range(2, 255) if f"127.0.0.{i}" not in taken)
+        replica = self.spawn(stage, first.port, {}, host=host)
+        self.replicas.append(replica)
+        deadline = time.monotonic() + timeout
+        while not self.healthy(replica):
+            if replica.proc.poll() is not None or time.monotonic() > deadline:
+                raise StageDied(replica)
+            time.sleep(0.2)
+        self.write_hosts()
+        return replica
+
+    def remove_replica(self, replica: Stage, drain_seconds: float = 3.0) -> None:
+        """Unlist a replica, give the frontend time to notice (it re-resolves every 2 s), then stop it: it
+        finishes what it is doing (uvicorn drains; the encoder waits for pd to pull what it published)."""
+        self.write_hosts(leaving=replica)
+        time.sleep(drain_seconds)
+        self._stop([replica])
+        self.replicas.remove(replica)
 
     def spawn(
         self,
@@ -75,23 +130,26 @@ class LocalGraph:
         peers: dict[StageName, str],
         env: dict[str, str] | None = None,
         model: str | None = None,
-    ) -> None:
+        host: str | None = None,
+    ) -> Stage:
         """Start one stage on `port`, its peers at `peers` (a frontend may be routed to another graph's workers);
-        `model` overrides the graph's weights for this one stage (the tests' controls use it)."""
+        `model` overrides the graph's weights for this one stage (the tests' controls use it); `host` is the
+        address it listens and advertises on (another replica's)."""
+        host = host or self.host
         spec = self.graph.spec
         model = model or spec.model.path or (spec.model.hugging_face.id if spec.model.hugging_face else "")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "NIXL_LOG_LEVEL": "WARN", **(env or {})}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "NIXL_LOG_LEVEL": "WARN", **cpu_share(spec, stage), **(env or {})}
         argv = worker_command(
             spec,
             stage,
             model=model,
-            host=self.host,
-            advertise_host=self.host,
+            host=host,
+            advertise_host=host,
             peers=peers,
             ports={stage: port},
             transfer_port=free_port(),
         )
-        log = self.logdir / f"{stage.value}.log"
+        log = self.logdir / (f"{stage.value}.log" if host == self.host else f"{stage.value}-{host}.log")
         proc = subprocess.Popen(
             [sys.executable, "-m", "mmgraph_operator.cli", *argv],
             stdout=open(log, "wb"),  # noqa: SIM115 - the child owns it
@@ -99,14 +157,17 @@ class LocalGraph:
             env=env,
             start_new_session=True,  # Ctrl-C reaches us, and we stop the stages in order
         )
-        self.stages[stage] = Stage(stage, port, proc, log)
+        replica = Stage(stage, port, proc, log, host)
+        if host == self.host:
+            self.stages[stage] = replica
+        return replica
 
     def dead(self) -> Stage | None:
-        return next((s for s in self.stages.values() if s.proc.poll() is not None), None)
+        return next((s for s in [*self.stages.values(), *self.replicas] if s.proc.poll() is not None), None)
 
     def healthy(self, stage: Stage) -> bool:
         try:
-            with urllib.request.urlopen(f"http://{self.host}:{stage.port}/health", timeout=2) as r:
+            with urllib.request.urlopen(f"http://{stage.host}:{stage.port}/health", timeout=2) as r:
                 return r.status == 200
         except OSError:
             return False
@@ -128,11 +189,15 @@ class LocalGraph:
         raise TimeoutError(f"stages not healthy within {timeout:.0f} s; logs in {self.logdir}")
 
     def stop(self) -> None:
-        for stage in self.stages.values():  # SIGTERM to each process group, then wait, then SIGKILL
+        self._stop([*self.replicas, *self.stages.values()])
+
+    @staticmethod
+    def _stop(stages: list[Stage]) -> None:
+        for stage in stages:  # SIGTERM to each process group, then wait, then SIGKILL
             if stage.proc.poll() is None:
                 os.killpg(stage.proc.pid, signal.SIGTERM)
         deadline = time.monotonic() + 15
-        for stage in self.stages.values():
+        for stage in stages:
             try:
                 stage.proc.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:

@@ -1,0 +1,129 @@
+"""Replicas coming and going under load, and a decode dying mid-stream.
+
+The session graph's frontend finds its peers by name, re-resolved every 2 s from the peer hosts file that
+`mmgraph up` keeps (its stand-in for a headless Service's DNS). A replica is another `mmgraph worker` process
+on the next loopback address and the same port, as pods of one Deployment are.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import httpx
+from mmgraph_operator.api import StageName, parse
+from mmgraph_workers.up import LocalGraph, free_port
+
+from .conftest import CASES, MODEL_NAME, chat, graph_spec, wait
+
+LOAD = [f"concurrent-{i}" for i in range(16)]
+
+
+class Load:
+    """Clients sending LOAD's requests back to back until stopped; every answer is kept."""
+
+    def __init__(self, endpoint: str, clients: int = 3):
+        self.endpoint, self.results, self.stopping = endpoint, [], threading.Event()
+        self.threads = [threading.Thread(target=self._client, args=(k,), daemon=True) for k in range(clients)]
+        for thread in self.threads:
+            thread.start()
+
+    def _client(self, k: int) -> None:
+        i = k
+        while not self.stopping.is_set():
+            case = LOAD[i % len(LOAD)]
+            response = chat(self.endpoint, **CASES[case])
+            body = response.json()
+            got = body["choices"][0]["token_ids"] if response.status_code == 200 else body
+            self.results.append((case, response.status_code, got))
+            i += len(self.threads)
+
+    def wait_for(self, more: int, timeout: float = 120) -> None:
+        target = len(self.results) + more
+        wait(lambda: len(self.results) >= target, timeout)
+
+    def stop(self) -> list[tuple[str, int, object]]:
+        self.stopping.set()
+        for thread in self.threads:
+            thread.join(200)
+        return self.results
+
+
+def encoded_by(replica) -> float:
+    text = httpx.get(f"http://{replica.host}:{replica.port}/metrics", timeout=5).text
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("mmgraph_encoder_items_total"))
+
+
+def test_encoder_replicas_added_and_removed_under_load(graph, reference):
+    """Scale the encoder 1 -> 2 -> 1 while three clients keep sending: the new replica gets work without a
+    restart of anything, the one scaled down finishes what it had (pd pulls its embeddings first), and no
+    request fails or gets other tokens than the single-engine oracle."""
+    load = Load(graph.endpoint)
+    try:
+        load.wait_for(3)
+        replica = graph.add_replica(StageName.ENCODER)
+        wait(lambda: encoded_by(replica) > 0, timeout=60)  # picked up by re-resolution alone
+        load.wait_for(6)
+        graph.remove_replica(replica)
+        assert replica.proc.returncode is not None
+        load.wait_for(6)
+    finally:
+        results = load.stop()
+    failed = [r for r in results if r[1] != 200]
+    assert not failed, failed[:3]
+    wrong = [case for case, _, got in results if got != reference[case]]
+    assert not wrong, wrong
+
+
+def test_crashed_replica_still_listed_is_skipped(graph, reference):
+    """A replica dies while still listed (as a pod that crashed before its endpoint is removed): requests the
+    router sends its way are refused at connect and go to the other replica, so none fails."""
+    replica = graph.add_replica(StageName.ENCODER)
+    os.killpg(replica.proc.pid, signal.SIGKILL)
+    replica.proc.wait(10)
+    assert replica.host in Path(graph.hosts_file).read_text()  # still listed: the frontend must cope
+    load = Load(graph.endpoint)
+    try:
+        load.wait_for(9)
+    finally:
+        results = load.stop()
+        graph.replicas.remove(replica)
+        graph.write_hosts()
+    assert all(status == 200 for _, status, _ in results), [r for r in results if r[1] != 200][:3]
+    assert all(got == reference[case] for case, _, got in results)
+
+
+def test_decode_killed_mid_stream(graph, tiny_model, reference, tmp_path_factory):
+    """A decode engine dies while it streams: the client's stream ends with an error naming decode (after the
+    tokens it had), quickly; the session graph keeps serving."""
+    spec = parse(graph_spec(tiny_model))
+    local = LocalGraph(spec, logdir=tmp_path_factory.mktemp("decode-dies"))
+    decode_port = free_port()
+    peers = {s: f"http://127.0.0.1:{graph.stages[s].port}" for s in (StageName.ENCODER, StageName.PD)}
+    try:
+        local.spawn(StageName.DECODE, decode_port, {})
+        peers[StageName.DECODE] = f"http://127.0.0.1:{decode_port}"
+        local.spawn(StageName.FRONTEND, free_port(), peers)
+        local.wait_healthy(timeout=300, progress=lambda line: None)
+        decode = local.stages[StageName.DECODE]
+        body = {**CASES["one-image"], "model": MODEL_NAME, "max_tokens": 400, "temperature": 0, "stream": True}
+        lines, killed_at = [], None
+        with httpx.stream("POST", f"{local.endpoint}/v1/chat/completions", json=body, timeout=120) as response:
+            assert response.status_code == 200
+            for line in filter(None, response.iter_lines()):  # SSE events are separated by blank lines
+                lines.append(line)
+                if killed_at is None and '"content": "' in line and '"content": ""' not in line:
+                    os.killpg(decode.proc.pid, signal.SIGKILL)  # the first token is out: decode is streaming
+                    killed_at = time.monotonic()
+        assert killed_at is not None, "no token arrived"
+        assert time.monotonic() - killed_at < 30
+        assert lines[-1] == "data: [DONE]"
+        error = json.loads(next(line for line in reversed(lines) if '"error"' in line)[6:])["error"]
+        assert "decode" in error["message"] and error["code"] >= 500, error
+    finally:
+        local.stop()
+    assert chat(graph.endpoint, **CASES["one-image"]).json()["choices"][0]["token_ids"] == reference["one-image"]
