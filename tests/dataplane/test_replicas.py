@@ -26,7 +26,7 @@ LOAD = [f"concurrent-{i}" for i in range(16)]
 class Load:
     """Clients sending LOAD's requests back to back until stopped; every answer is kept."""
 
-    def __init__(self, endpoint: str, clients: int = 3):
+    def __init__(self, endpoint: str, clients: int = 2):
         self.endpoint, self.results, self.stopping = endpoint, [], threading.Event()
         self.threads = [threading.Thread(target=self._client, args=(k,), daemon=True) for k in range(clients)]
         for thread in self.threads:
@@ -59,7 +59,7 @@ def encoded_by(replica) -> float:
 
 
 def test_encoder_replicas_added_and_removed_under_load(graph, reference):
-    """Scale the encoder 1 -> 2 -> 1 while three clients keep sending: the new replica gets work without a
+    """Scale the encoder 1 -> 2 -> 1 while two clients keep sending: the new replica gets work without a
     restart of anything, the one scaled down finishes what it had (pd pulls its embeddings first), and no
     request fails or gets other tokens than the single-engine oracle."""
     load = Load(graph.endpoint)
