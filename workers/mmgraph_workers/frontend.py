@@ -171,16 +171,16 @@ class Peer:
     url: str
     addresses: list[str] = field(default_factory=list)
     outstanding: dict[str, int] = field(default_factory=dict)
-    hosts_file: str | None = None
 
     def __post_init__(self) -> None:
         parts = urllib.parse.urlsplit(self.url)
         self.host, self.port, self.scheme = parts.hostname or "", parts.port or 80, parts.scheme
         self.from_file = False
 
-    async def refresh(self) -> None:
-        if self.hosts_file:
-            listed = read_hosts(self.hosts_file).get(self.host)
+    async def refresh(self, hosts: dict[str, list[str]] | None = None) -> None:
+        """`hosts`: the peer hosts file's names, read once per round for every peer."""
+        if hosts is not None:
+            listed = hosts.get(self.host)
             if listed is not None or self.from_file:  # once listed, a name leaves only by leaving the file
                 self.from_file, self.addresses = True, sorted(dict.fromkeys(listed or []))
                 return
@@ -221,17 +221,19 @@ class Router:
             args.model, revision=args.revision, trust_remote_code=args.trust_remote_code
         )
         self.peers = {
-            stage: Peer(stage, url, hosts_file=os.environ.get(PEER_HOSTS_ENV))
+            stage: Peer(stage, url)
             for stage, url in (("encoder", args.encoder_url), ("pd", args.pd_url), ("decode", args.decode_url))
             if url
         }
         timeout = httpx.Timeout(args.request_timeout_seconds, connect=30.0)
         self.http = httpx.AsyncClient(timeout=timeout, trust_env=False, limits=httpx.Limits(max_connections=256))
         self.pd_info: WorkerInfo | None = None
+        self.hosts_file = os.environ.get(PEER_HOSTS_ENV)
 
     async def watch_peers(self) -> None:
         while True:
-            await asyncio.gather(*(p.refresh() for p in self.peers.values()))
+            hosts = read_hosts(self.hosts_file) if self.hosts_file else None
+            await asyncio.gather(*(p.refresh(hosts) for p in self.peers.values()))
             if self.pd_info is None and self.peers["pd"].addresses:
                 with (
                     contextlib.suppress(httpx.HTTPError, StageFailure, ValidationError),
@@ -300,14 +302,9 @@ class Router:
         body = EncodeRequest(request_id=request_id, urls=urls).model_dump_json()
         avoid: set[str] = set()
         while True:
-            with self.peers["encoder"].pick(avoid) as (address, base):
-                try:
-                    r = await self.http.post(f"{base}/encode", content=body)
-                    break
-                except httpx.ConnectError:  # the replica is gone (DNS lags a scale-down): nothing was sent
-                    avoid.add(address)
-                except httpx.HTTPError as err:
-                    raise StageFailure("encoder", f"{type(err).__name__} calling {base}: {err}", _status(err)) from None
+            with self._call("encoder", avoid) as base:
+                r = await self.http.post(f"{base}/encode", content=body)
+                break
         STAGE_SECONDS.labels("encoder").observe(time.perf_counter() - started)
         if r.status_code != 200:
             message = _error_text(r)
@@ -321,21 +318,29 @@ class Router:
     async def stream_stage(self, stage: str, request: GenerateRequest) -> AsyncIterator[GenerateEvent]:
         started, avoid, body, sent = time.perf_counter(), set(), request.model_dump_json(), False
         while True:
-            with self.peers[stage].pick(avoid) as (address, base):
-                try:
-                    async for event in self._stream(stage, base, body):
-                        sent = True
-                        yield event
-                        if event.finish_reason is not None:
-                            STAGE_SECONDS.labels(stage).observe(time.perf_counter() - started)
-                            return
-                    raise StageFailure(stage, "the stream ended before the request finished (the stage died?)", 502)
-                except httpx.ConnectError as err:
-                    if sent:
-                        raise StageFailure(stage, f"ConnectError calling {base}: {err}", 502) from None
-                    avoid.add(address)  # the replica is gone (DNS lags a scale-down) and nothing was sent: next
-                except httpx.HTTPError as err:
-                    raise StageFailure(stage, f"{type(err).__name__} calling {base}: {err}", _status(err)) from None
+            with self._call(stage, avoid) as base:
+                async for event in self._stream(stage, base, body):
+                    sent = True
+                    yield event
+                    if event.finish_reason is not None:
+                        STAGE_SECONDS.labels(stage).observe(time.perf_counter() - started)
+                        return
+                raise StageFailure(stage, "the stream ended before the request finished (the stage died?)", 502)
+            if sent:  # a refused connection after events came: never send the request a second time
+                raise StageFailure(stage, "the connection was refused after the stream had begun", 502)
+
+    @contextlib.contextmanager
+    def _call(self, stage: str, avoid: set[str]) -> Iterator[str]:
+        """Base URL of the least busy replica of `stage` not in `avoid`. A refused connection (the replica is gone
+        and DNS has not caught up; nothing was sent) adds it to `avoid` and ends the block quietly, so the
+        caller's loop tries the next; any other HTTP error becomes a StageFailure naming the stage."""
+        with self.peers[stage].pick(avoid) as (address, base):
+            try:
+                yield base
+            except httpx.ConnectError:
+                avoid.add(address)
+            except httpx.HTTPError as err:
+                raise StageFailure(stage, f"{type(err).__name__} calling {base}: {err}", _status(err)) from None
 
     async def _stream(self, stage: str, base: str, body: str) -> AsyncIterator[GenerateEvent]:
         async with self.http.stream("POST", f"{base}/generate", content=body) as r:

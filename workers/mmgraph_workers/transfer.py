@@ -16,8 +16,7 @@ reused: the owner registers one pool up front (its regions must be in the metada
 copies tensors into it; a reader lands small reads in its own registered pool and registers the destination of
 large ones. Copies run on the calling thread, not torch's OpenMP pool (see `copy_bytes`). Over a network the owner
 must make progress for a read to complete, so a poller thread spins while anything is published and sleeps when
-nothing is; the reader drives its own reads. Every wait has a
-deadline.
+nothing is; the reader drives its own reads. Every wait has a deadline.
 """
 
 from __future__ import annotations
