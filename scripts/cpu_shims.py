@@ -14,6 +14,11 @@ processes get them too). Each runs only when its module is first imported, and o
    (pd and decode) then keep up to four spinning processes, and each engine step waits for a core: in e-p-d on
    2 cores the decode's inter-token latency went from ~8 ms to ~40 ms. Here the reader spins for
    MMGRAPH_VLLM_SPIN_SECONDS (default 0.1 s) instead; a GPU node has cores to spare and keeps vLLM's default.
+   The wake-up that ends the sleep can be lost (the writer's notify socket drops a ping while one is queued, and
+   the reader then sleeps out its 5 s recheck interval): with the 1 s spin that is rare, with 0.1 s it stalled
+   a batch of requests for 5 s every minute or so under load, and a decode engine long enough to let pd's KV
+   lease run out. The recheck interval is cut to MMGRAPH_VLLM_RECHECK_MS (default 20 ms): an idle reader wakes
+   50 times a second to look, which costs little; a lost ping costs at most that.
 """
 
 import contextlib
@@ -65,6 +70,8 @@ def _vllm_shm_after(module) -> None:
         spin(self, is_reader, context, notify_address, min(busy_loop_s, seconds))
 
     module.SpinCondition.__init__ = with_short_spin
+    recheck = int(os.environ.get("MMGRAPH_VLLM_RECHECK_MS", "20"))
+    module.SHM_READER_RECHECK_INTERVAL_MS = min(module.SHM_READER_RECHECK_INTERVAL_MS, recheck)
 
 
 class _Shims(importlib.abc.MetaPathFinder):

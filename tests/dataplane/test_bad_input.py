@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 from mmgraph_operator.api import StageName, parse
+from mmgraph_workers.protocol import GenerateEvent, GenerateRequest, Sampling
 from mmgraph_workers.up import LocalGraph, free_port
 from PIL import Image
 
@@ -230,6 +231,52 @@ def test_kv_lease_that_would_expire_is_never_used(graph, tiny_model, tmp_path_fa
         assert "mmgraph_kv_lease_reprefills_total 2.0" in metrics
     finally:
         local.stop()
+
+
+def test_decode_that_cannot_pull_the_kv_within_the_lease_stops_before_any_token(graph, endpoints, reference):
+    """The frontend gives decode the time left on pd's lease; decode must produce its first token (so have pulled
+    the KV) within it, or stop the request before any token and say so (retry: nothing was sent). Without the
+    guard a decode stuck past the lease would pull blocks pd may have given to another request and answer with
+    wrong tokens, silently."""
+    pd, decode = (f"http://127.0.0.1:{graph.stages[s].port}" for s in (StageName.PD, StageName.DECODE))
+    ids = list(range(40, 72))
+    sampling = Sampling(max_tokens=4, temperature=0)
+
+    def events(base: str, request: GenerateRequest) -> list[GenerateEvent]:
+        r = httpx.post(f"{base}/generate", content=request.model_dump_json(), timeout=60)
+        assert r.status_code == 200, r.text
+        return [GenerateEvent.model_validate_json(line) for line in r.text.splitlines() if line.strip()]
+
+    def missed() -> float:
+        text = httpx.get(f"{decode}/metrics", timeout=10).text
+        return next(float(x.split()[1]) for x in text.splitlines() if x.startswith("mmgraph_engine_kv_deadline_missed"))
+
+    before = missed()
+    for deadline in (0.0, 30.0):
+        rid = f"lease-{deadline}-{time.monotonic_ns()}"
+        prefill = events(
+            pd, GenerateRequest(request_id=rid, prompt_token_ids=ids, sampling=sampling, prefill_only=True)
+        )
+        params = prefill[-1].kv_transfer_params
+        assert params and params.get("remote_block_ids"), prefill[-1]
+        out = events(
+            decode,
+            GenerateRequest(
+                request_id=rid,
+                prompt_token_ids=ids,
+                sampling=sampling,
+                kv_transfer_params=params,
+                kv_deadline_seconds=deadline,
+            ),
+        )
+        if deadline == 0.0:
+            assert len(out) == 1 and out[0].status == 503 and out[0].retry, out
+            assert "not pulled within 0.0 s" in (out[0].error or "")
+            assert not any(e.token_ids for e in out)
+        else:  # the same path with time to spare: tokens, so the guard is not what always answers
+            assert out[-1].finish_reason and sum(len(e.token_ids) for e in out) == 4, out
+    assert missed() == before + 1
+    assert tokens(endpoints["e-p-d"], "one-image") == reference["one-image"]  # decode and pd still serve
 
 
 def test_stage_killed_mid_request_fails_fast_naming_it(strict, endpoints, reference):

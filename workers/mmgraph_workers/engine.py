@@ -39,6 +39,9 @@ from mmgraph_workers.transfer import TransferError, make_transfer
 log = logging.getLogger("mmgraph.engine")
 IN_FLIGHT = Gauge("mmgraph_engine_requests_in_flight", "Requests the engine is working on", ["stage"])
 REQUESTS = Counter("mmgraph_engine_requests_total", "Generate requests", ["stage", "outcome"])
+LATE_KV = Counter(
+    "mmgraph_engine_kv_deadline_missed_total", "decode requests stopped because the KV came too late for pd's lease"
+)
 PULL_SECONDS = Histogram("mmgraph_engine_embedding_pull_seconds", "Time to pull a request's embeddings over NIXL")
 
 
@@ -170,21 +173,34 @@ class Engine:
         )
         completion = 0
         try:
-            async for out in self.llm.generate(prompt, params, req.request_id):
-                piece = out.outputs[0]
-                completion += len(piece.token_ids)
-                yield GenerateEvent(
-                    token_ids=list(piece.token_ids) if not req.prefill_only else [],
-                    text=piece.text if not req.prefill_only else "",
-                    finish_reason=piece.finish_reason if out.finished else None,
-                    prompt_tokens=len(out.prompt_token_ids or []) if out.finished else None,
-                    completion_tokens=completion if out.finished else None,
-                    kv_transfer_params=out.kv_transfer_params if out.finished else None,
-                    hidden_size=self.hidden_size,
-                )
+            async with asyncio.timeout(req.kv_deadline_seconds) as lease:
+                async for out in self.llm.generate(prompt, params, req.request_id):
+                    lease.reschedule(None)  # the KV was pulled in time: no deadline for the rest
+                    piece = out.outputs[0]
+                    completion += len(piece.token_ids)
+                    yield GenerateEvent(
+                        token_ids=list(piece.token_ids) if not req.prefill_only else [],
+                        text=piece.text if not req.prefill_only else "",
+                        finish_reason=piece.finish_reason if out.finished else None,
+                        prompt_tokens=len(out.prompt_token_ids or []) if out.finished else None,
+                        completion_tokens=completion if out.finished else None,
+                        kv_transfer_params=out.kv_transfer_params if out.finished else None,
+                        hidden_size=self.hidden_size,
+                    )
         except asyncio.CancelledError:
             await self.llm.abort(req.request_id)
             raise
+        except TimeoutError:  # no token before the deadline: whatever KV it pulls now may be another request's
+            if not lease.expired():
+                raise
+            await self.llm.abort(req.request_id)
+            LATE_KV.inc()
+            raise StageError(
+                f"the KV cache was not pulled within {req.kv_deadline_seconds:.1f} s, before pd's lease could end; "
+                "the request was stopped before its first token",
+                503,
+                retry=True,
+            ) from None
 
 
 class StageError(RuntimeError):
@@ -196,7 +212,6 @@ class StageError(RuntimeError):
 def main(args: argparse.Namespace, stage: str) -> None:
     if not torch.cuda.is_available():
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
-    os.environ.setdefault("UCX_NET_DEVICES", "lo" if args.advertise_host.startswith("127.") else "all")
     engine = Engine(args, stage)
     ready = False
     app = make_app(stage, lambda: ready)

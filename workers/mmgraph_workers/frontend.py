@@ -59,7 +59,12 @@ CACHE_HITS = Counter("mmgraph_embedding_cache_hits_total", "Media items the enco
 RETRIES = Counter(
     "mmgraph_stage_retries_total", "Calls sent again after a stage failed before doing any work", ["stage"]
 )
-KV_REPREFILLS = Counter("mmgraph_kv_lease_reprefills_total", "Prefills redone because the KV lease would expire")
+KV_REPREFILLS = Counter(
+    "mmgraph_kv_lease_reprefills_total", "Prefills redone because decode could not start or pull within the KV lease"
+)
+# decode's first token must come this long before pd's lease ends: covers the frontend-to-decode hop (the deadline
+# travels as seconds left, so clocks need not agree) with room to spare.
+KV_DEADLINE_MARGIN_SECONDS = 1.0
 
 
 # ---- OpenAI request shapes ---------------------------------------------------------------------------------
@@ -387,33 +392,44 @@ class Router:
             async for event in self.prefill(request_id, urls, base, encoded):
                 yield event
             return
-        # e-p-d: prefill on pd, then decode must start within the KV lease (a late pull reads reused blocks).
+        # e-p-d: prefill on pd; decode must start, and pull the KV, within pd's lease (a late pull reads blocks
+        # that may hold another request's KV). Either check failing, before any token, prefills once more.
         for attempt in range(2):
+            if attempt and encoded:
+                encoded = (await self.encode(request_id, urls)).items  # pd released the first embeddings
             prefill, started = None, time.monotonic()
             async for event in self.prefill(request_id, urls, base, encoded, prefill_only=True):
                 prefill = event
             assert prefill is not None and prefill.kv_transfer_params is not None, "pd returned no KV parameters"
             # pd's lease began when its prefill ended, after `started`: counting from `started` is conservative.
-            expires = started + self.args.kv_lease_seconds - self.args.transfer_timeout_seconds
-            if time.monotonic() < expires:
-                break
+            lease_ends = started + self.args.kv_lease_seconds
+            if time.monotonic() < lease_ends - self.args.transfer_timeout_seconds:
+                placeholders = [
+                    PlaceholderItem(grid_thw=i.grid_thw, num_tokens=i.num_tokens, hidden_size=prefill.hidden_size or 0)
+                    for i in encoded
+                ]
+                deadline = max(0.0, lease_ends - KV_DEADLINE_MARGIN_SECONDS - time.monotonic())
+                decode = GenerateRequest(
+                    **base,
+                    placeholders=placeholders,
+                    kv_transfer_params=prefill.kv_transfer_params,
+                    kv_deadline_seconds=deadline,
+                )
+                sent = False
+                try:
+                    async for event in self.stream_stage("decode", decode):
+                        sent = True
+                        yield event
+                    return
+                except StageFailure as err:
+                    if sent or not err.retry:
+                        raise
+                    reason = str(err).removeprefix("decode: ")
+            else:
+                reason = "the KV cache lease would expire before decode could start"
             KV_REPREFILLS.inc()
-            log.warning("request %s: KV lease would expire before decode starts (attempt %d)", request_id, attempt)
-            if attempt == 0 and encoded:
-                encoded = (await self.encode(request_id, urls)).items  # the first embeddings were released
-        else:
-            raise StageFailure(
-                "decode",
-                "the KV cache lease would expire before decode could start, twice; the graph is overloaded",
-                503,
-            )
-        placeholders = [
-            PlaceholderItem(grid_thw=i.grid_thw, num_tokens=i.num_tokens, hidden_size=prefill.hidden_size or 0)
-            for i in encoded
-        ]
-        decode = GenerateRequest(**base, placeholders=placeholders, kv_transfer_params=prefill.kv_transfer_params)
-        async for event in self.stream_stage("decode", decode):
-            yield event
+            log.warning("request %s: %s (attempt %d)", request_id, reason, attempt)
+        raise StageFailure("decode", f"{reason}, twice; the graph is overloaded", 503)
 
 
 def _status(err: httpx.HTTPError) -> int:

@@ -82,6 +82,9 @@ class GenerateRequest(Message):
     placeholders: list[PlaceholderItem] = Field(default_factory=list)
     prefill_only: bool = False  # e-p-d's pd: compute the KV, keep it for decode, return kv_transfer_params
     kv_transfer_params: dict[str, Any] | None = None  # decode: where the KV is
+    # decode: seconds (from when the frontend sent this) within which the first token must come, i.e. the KV must
+    # have been pulled; after that pd's lease may have ended and the blocks may hold another request's KV.
+    kv_deadline_seconds: float | None = None
 
 
 class GenerateEvent(BaseModel):
