@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 from mmgraph_operator.api import StageName, parse
+from mmgraph_workers.frontend import KV_ATTEMPTS
 from mmgraph_workers.protocol import GenerateEvent, GenerateRequest, Sampling
 from mmgraph_workers.up import LocalGraph, free_port
 from PIL import Image
@@ -203,8 +204,8 @@ def test_api_key_required_when_configured(graph, tiny_model, tmp_path_factory):
 
 
 def test_kv_lease_that_would_expire_is_never_used(graph, tiny_model, tmp_path_factory):
-    """A frontend whose KV lease leaves no time to start decode re-prefills once, then fails with 503, and decode
-    never receives a request whose KV may have been reused."""
+    """A frontend whose KV lease leaves no time to start decode prefills again (KV_ATTEMPTS in all), then fails
+    with 503, and decode never receives a request whose KV may have been reused."""
     spec = graph_spec(tiny_model, "e-p-d")
     spec["spec"]["transfer"] = {"kvLeaseSeconds": 1, "timeoutSeconds": 0.999}
     local = LocalGraph(parse(spec), logdir=tmp_path_factory.mktemp("lease"))
@@ -228,7 +229,7 @@ def test_kv_lease_that_would_expire_is_never_used(graph, tiny_model, tmp_path_fa
         assert "lease would expire before decode could start" in r.json()["error"]["message"]
         assert decode_requests() == before
         metrics = httpx.get(f"{local.endpoint}/metrics", timeout=10).text
-        assert "mmgraph_kv_lease_reprefills_total 2.0" in metrics
+        assert f"mmgraph_kv_lease_reprefills_total {float(KV_ATTEMPTS)}" in metrics
     finally:
         local.stop()
 

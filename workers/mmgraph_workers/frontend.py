@@ -65,6 +65,9 @@ KV_REPREFILLS = Counter(
 # decode's first token must come this long before pd's lease ends: covers the frontend-to-decode hop (the deadline
 # travels as seconds left, so clocks need not agree) with room to spare.
 KV_DEADLINE_MARGIN_SECONDS = 1.0
+# Prefills per request when decode cannot start, or pull the KV, within the lease. A stalled KV read (see
+# docs/architecture.md, known issues) usually clears for the next attempt.
+KV_ATTEMPTS = 3
 
 
 # ---- OpenAI request shapes ---------------------------------------------------------------------------------
@@ -393,8 +396,8 @@ class Router:
                 yield event
             return
         # e-p-d: prefill on pd; decode must start, and pull the KV, within pd's lease (a late pull reads blocks
-        # that may hold another request's KV). Either check failing, before any token, prefills once more.
-        for attempt in range(2):
+        # that may hold another request's KV). Either check failing, before any token, prefills again.
+        for attempt in range(KV_ATTEMPTS):
             if attempt and encoded:
                 encoded = (await self.encode(request_id, urls)).items  # pd released the first embeddings
             prefill, started = None, time.monotonic()
@@ -429,7 +432,7 @@ class Router:
                 reason = "the KV cache lease would expire before decode could start"
             KV_REPREFILLS.inc()
             log.warning("request %s: %s (attempt %d)", request_id, reason, attempt)
-        raise StageFailure("decode", f"{reason}, twice; the graph is overloaded", 503)
+        raise StageFailure("decode", f"{reason}, {KV_ATTEMPTS} times; the graph is overloaded", 503)
 
 
 def _status(err: httpx.HTTPError) -> int:
