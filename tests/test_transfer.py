@@ -8,6 +8,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -83,6 +84,20 @@ def test_many_reads_reuse_the_pools(peer, reader):
     for seed in range(40):  # 40 x 1 MiB through a 4 MiB receive pool and a 16 MiB owner pool
         ref = TensorRef.model_validate_json(call("publish", [512, 512], "float32", seed, 60.0))
         assert torch.equal(reader.fetch(ref, timeout_seconds=10), tensor_for([512, 512], "float32", seed))
+    assert published_soon(call, 0) == 0
+    assert reader.recv_pool.used() == 0
+
+
+def test_concurrent_reads_from_many_threads_each_get_their_own_bytes(peer, reader):
+    """pd pulls the embeddings of concurrent requests from several threads; the reads overlap (the agent is locked
+    per call, not per read) and each must land its own tensor, through both read paths."""
+    call, _ = peer
+    jobs = [([256, 64], "float32", 100 + i) if i % 3 else ([600, 512], "float32", 100 + i) for i in range(24)]
+    refs = [TensorRef.model_validate_json(call("publish", shape, dtype, seed, 60.0)) for shape, dtype, seed in jobs]
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda ref: reader.fetch(ref, timeout_seconds=20), refs))
+    for (shape, dtype, seed), tensor in zip(jobs, got, strict=True):
+        assert torch.equal(tensor, tensor_for(shape, dtype, seed)), seed
     assert published_soon(call, 0) == 0
     assert reader.recv_pool.used() == 0
 

@@ -240,16 +240,17 @@ class NixlTransfer(Transfer):
                 target, registration = out.view(-1).view(torch.uint8), self.agent.register_memory(out)
             else:
                 target, registration = self.recv_buffer[offset : offset + ref.nbytes], None
-            if (waited := time.monotonic() - deadline + timeout_seconds) > 0.5:
-                log.warning("NIXL read from %s waited %.2f s for the agent (another read held it)", ref.agent, waited)
-            try:
-                started = time.monotonic()
-                self._read(ref, target, deadline, timeout_seconds)
-                if (took := time.monotonic() - started) > 0.5:
-                    log.warning("NIXL read of %d B from %s took %.2f s", ref.nbytes, ref.agent, took)
-                if registration is None:
-                    copy_bytes(out.view(-1).view(torch.uint8), target)
-            finally:
+        if (waited := time.monotonic() - deadline + timeout_seconds) > 0.5:
+            log.warning("NIXL read from %s waited %.2f s for the agent", ref.agent, waited)
+        try:
+            started = time.monotonic()
+            self._read(ref, target, deadline, timeout_seconds)
+            if (took := time.monotonic() - started) > 0.5:
+                log.warning("NIXL read of %d B from %s took %.2f s", ref.nbytes, ref.agent, took)
+            if registration is None:
+                copy_bytes(out.view(-1).view(torch.uint8), target)
+        finally:
+            with self._lock:
                 if registration is not None:
                     self.agent.deregister_memory(registration)
                 else:
@@ -257,27 +258,36 @@ class NixlTransfer(Transfer):
         return out
 
     def _read(self, ref: TensorRef, target: torch.Tensor, deadline: float, timeout_seconds: float) -> None:
+        """One READ with its release notice. The agent lock is held per NIXL call, not across the wait: reads of
+        several requests overlap, and one slow read does not hold up the others."""
         try:
-            local = self.agent.get_xfer_descs([(target.data_ptr(), ref.nbytes, target.device.index or 0)], _mem(target))
-            remote = self.agent.get_xfer_descs([(ref.address, ref.nbytes, ref.device_id)], ref.mem_type)
-            notice = self.RELEASE + ref.handle.encode()  # NIXL delivers it to the owner after the data
-            handle = self.agent.initialize_xfer("READ", local, remote, ref.agent, notice)
+            with self._lock:
+                local = self.agent.get_xfer_descs(
+                    [(target.data_ptr(), ref.nbytes, target.device.index or 0)], _mem(target)
+                )
+                remote = self.agent.get_xfer_descs([(ref.address, ref.nbytes, ref.device_id)], ref.mem_type)
+                notice = self.RELEASE + ref.handle.encode()  # NIXL delivers it to the owner after the data
+                handle = self.agent.initialize_xfer("READ", local, remote, ref.agent, notice)
         except Exception as err:  # nixl._bindings errors share no base class
             raise TransferError(f"NIXL read from {ref.agent}: {type(err).__name__}: {err}") from err
         try:
-            state = self.agent.transfer(handle)
+            with self._lock:
+                state = self.agent.transfer(handle)
             while state != "DONE":
                 if state == "ERR":
                     raise TransferError(f"NIXL read from {ref.agent} failed")
                 if time.monotonic() > deadline:
                     raise TransferError(f"NIXL read from {ref.agent} missed its {timeout_seconds:g} s deadline")
-                state = self.agent.check_xfer_state(handle)
+                time.sleep(0)  # let the other readers' threads have the GIL between checks
+                with self._lock:
+                    state = self.agent.check_xfer_state(handle)
         except TransferError:
             raise
         except Exception as err:
             raise TransferError(f"NIXL read from {ref.agent}: {type(err).__name__}: {err}") from err
         finally:
-            self.agent.release_xfer_handle(handle)
+            with self._lock:
+                self.agent.release_xfer_handle(handle)
 
 
 TRANSFERS: dict[str, type[Transfer]] = {"nixl": NixlTransfer}
