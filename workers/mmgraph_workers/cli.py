@@ -42,10 +42,10 @@ def run_worker(args: argparse.Namespace) -> int:
     parser = argparse.ArgumentParser(prog=f"mmgraph worker {args.stage}")
     module.add_arguments(parser)
     stage_args = parser.parse_args(args.rest)
-    # UCX (under NIXL) opens its sockets on every interface unless told otherwise: a worker advertising a loopback
-    # address keeps its transfers on loopback too.
-    loopback = getattr(stage_args, "advertise_host", "").startswith("127.")
-    os.environ.setdefault("UCX_NET_DEVICES", "lo" if loopback else "all")
+    if hasattr(stage_args, "advertise_host"):  # the stages that move tensors over NIXL
+        # UCX (under NIXL) opens its sockets on every interface unless told otherwise: a worker advertising a
+        # loopback address keeps its transfers on loopback too.
+        os.environ.setdefault("UCX_NET_DEVICES", "lo" if stage_args.advertise_host.startswith("127.") else "all")
     if STAGES[args.stage] == "engine":
         module.main(stage_args, args.stage)
     else:

@@ -141,7 +141,7 @@ class StageFailure(RuntimeError):
 
     def __init__(self, stage: str, message: str, status: int = 502, retry: bool = False):
         super().__init__(f"{stage}: {message}")
-        self.stage, self.status, self.retry = stage, status, retry
+        self.stage, self.detail, self.status, self.retry = stage, message, status, retry
 
 
 def openai_error(message: str, status: int, param: str | None = None, kind: str | None = None) -> JSONResponse:
@@ -427,7 +427,7 @@ class Router:
                 except StageFailure as err:
                     if sent or not err.retry:
                         raise
-                    reason = str(err).removeprefix("decode: ")
+                    reason = err.detail
             else:
                 reason = "the KV cache lease would expire before decode could start"
             KV_REPREFILLS.inc()
