@@ -94,6 +94,7 @@ async def run_http(endpoint: str, model: str, n: int, concurrency: int) -> dict:
 
 
 async def run_in_process(model_dir: Path, n: int, levels: list[int]) -> dict[int, dict]:
+    from mmgraph_workers.engine import single_process_on_cpu
     from transformers import AutoTokenizer
     from vllm import SamplingParams
     from vllm.engine.arg_utils import AsyncEngineArgs
@@ -109,6 +110,8 @@ async def run_in_process(model_dir: Path, n: int, levels: list[int]) -> dict[int
             block_size=32,
             max_model_len=1024,
             kv_cache_memory_bytes=64 << 20,
+            # the same executor as the graph's engines, or the baseline would pay for vLLM's worker process
+            distributed_executor_backend="uni" if single_process_on_cpu([]) else None,
         )
     )
     conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "describe image"}]}]

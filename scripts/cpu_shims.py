@@ -9,21 +9,10 @@ processes get them too). Each runs only when its module is first imported, and o
    Without the thread, transfers stall until some loop happens to poll (vLLM's engine loop sleeps while a
    request waits for its KV). Here the thread keeps running but pauses PROGRESS_DELAY_US between rounds (NIXL's
    C++ config has the knob; the Python API hard-codes 0).
-3. vLLM: the engine core and its worker process talk over a shared-memory queue whose reader spins
-   (sched_yield) for 1 s after each message before it sleeps on a socket. Two engines on one small machine
-   (pd and decode) then keep up to four spinning processes, and each engine step waits for a core: in e-p-d on
-   2 cores the decode's inter-token latency went from ~8 ms to ~40 ms. Here the reader spins for
-   MMGRAPH_VLLM_SPIN_SECONDS (default 0.1 s) instead; a GPU node has cores to spare and keeps vLLM's default.
-   The wake-up that ends the sleep can be lost (the writer's notify socket drops a ping while one is queued, and
-   the reader then sleeps out its 5 s recheck interval): with the 1 s spin that is rare, with 0.1 s it stalled
-   a batch of requests for 5 s every minute or so under load, and a decode engine long enough to let pd's KV
-   lease run out. The recheck interval is cut to MMGRAPH_VLLM_RECHECK_MS (default 20 ms): an idle reader wakes
-   50 times a second to look, which costs little; a lost ping costs at most that.
 """
 
 import contextlib
 import importlib.abc
-import os
 import sys
 
 
@@ -60,20 +49,6 @@ def _nixl_after(module) -> None:
     bindings.nixlAgent = with_delay
 
 
-def _vllm_shm_after(module) -> None:
-    if not _cpu_only():
-        return
-    spin = module.SpinCondition.__init__
-    seconds = float(os.environ.get("MMGRAPH_VLLM_SPIN_SECONDS", "0.1"))
-
-    def with_short_spin(self, is_reader, context, notify_address, busy_loop_s=seconds):
-        spin(self, is_reader, context, notify_address, min(busy_loop_s, seconds))
-
-    module.SpinCondition.__init__ = with_short_spin
-    recheck = int(os.environ.get("MMGRAPH_VLLM_RECHECK_MS", "20"))
-    module.SHM_READER_RECHECK_INTERVAL_MS = min(module.SHM_READER_RECHECK_INTERVAL_MS, recheck)
-
-
 class _Shims(importlib.abc.MetaPathFinder):
     """Runs `before` just before a module is imported and `after` once it is loaded, then steps aside."""
 
@@ -82,7 +57,6 @@ class _Shims(importlib.abc.MetaPathFinder):
         self.after = {
             "nixl_cu12._api": _nixl_after,
             "nixl_cu13._api": _nixl_after,
-            "vllm.distributed.device_communicators.shm_broadcast": _vllm_shm_after,
         }
         self.busy = set()
 
