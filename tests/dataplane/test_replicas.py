@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import httpx
-import pytest
 from mmgraph_operator.api import StageName, parse
 from mmgraph_workers.up import LocalGraph, free_port
 
@@ -59,11 +58,6 @@ def encoded_by(replica) -> float:
     return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("mmgraph_encoder_items_total"))
 
 
-@pytest.mark.xfail(
-    reason="known issue (docs/architecture.md): in the full suite on 2 cores, one of pd's embedding reads from the "
-    "encoder sometimes stalls past its deadline and the re-encode retry, failing one request; cause not found",
-    strict=False,
-)
 def test_encoder_replicas_added_and_removed_under_load(graph, reference):
     """Scale the encoder 1 -> 2 -> 1 while two clients keep sending: the new replica gets work without a
     restart of anything, the one scaled down finishes what it had (pd pulls its embeddings first), and no
