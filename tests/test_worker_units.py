@@ -166,3 +166,29 @@ def test_pool_allocates_aligned_and_coalesces():
     pool.release(0, 512)
     pool.release(c, 256)
     assert pool.free == [(0, 4096)] and pool.used() == 0
+
+
+@pytest.mark.parametrize(
+    ("engine_arg", "backend"),
+    [(None, "uni"), ("--distributed-executor-backend=mp", "mp"), ("--tensor-parallel-size=2", None)],
+)
+def test_cpu_engines_keep_the_model_in_the_engine_core_unless_told_otherwise(monkeypatch, engine_arg, backend):
+    """On CPU the pd/decode engines run vLLM's `uni` executor (the worker-process queue stalled under load), and
+    say so to vLLM's CPU platform, which would turn `uni` back into `mp`; a user's parallelism settings win."""
+    import argparse
+    import os
+
+    import torch
+    from mmgraph_workers import engine
+
+    if torch.cuda.is_available():
+        pytest.skip("CPU-only behaviour")
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
+    parser = argparse.ArgumentParser()
+    engine.add_arguments(parser)
+    argv = ["--model=/models/tiny", "--served-model-name=tiny", "--port=1", "--kv-role=consumer"]
+    args = parser.parse_args(argv + ([f"--engine-arg={engine_arg}"] if engine_arg else []))
+    built = engine.engine_args(args, "decode")
+    assert built.distributed_executor_backend == backend
+    assert built.kv_transfer_config.kv_connector == "NixlConnector"
+    assert (engine_arg is None) == (os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0")
