@@ -192,3 +192,35 @@ def test_cpu_engines_keep_the_model_in_the_engine_core_unless_told_otherwise(mon
     assert built.distributed_executor_backend == backend
     assert built.kv_transfer_config.kv_connector == "NixlConnector"
     assert (engine_arg is None) == (os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0")
+
+
+def test_encoder_passes_together_what_arrived_during_a_pass_and_a_bad_request_fails_alone():
+    """The first request starts a pass at once; the three that arrive while it runs share the next pass; that
+    pass fails on one request's image, so each of the three is retried alone and only that one fails."""
+    from mmgraph_workers.encoder import Batcher
+
+    started, release, calls = threading.Event(), threading.Event(), []
+
+    def forward(images):  # stands in for the processor and vision tower; the real ones run in tests/dataplane
+        calls.append(list(images))
+        started.set()
+        release.wait(10)
+        if "broken" in images:
+            raise ValueError("the tower failed on this image")
+        return [f"emb-{image}" for image in images], [[1, 2, len(image)] for image in images]
+
+    async def scenario():
+        batcher = Batcher(forward, max_images=16)
+        first = asyncio.create_task(batcher.run(["a"]))
+        await asyncio.to_thread(started.wait, 10)
+        later = [asyncio.create_task(batcher.run(images)) for images in (["b", "cc"], ["broken"], ["d"])]
+        await asyncio.sleep(0.05)
+        release.set()
+        return await first, await asyncio.gather(*later, return_exceptions=True)
+
+    first, (two, broken, last) = asyncio.run(scenario())
+    assert calls == [["a"], ["b", "cc", "broken", "d"], ["b", "cc"], ["broken"], ["d"]]
+    assert first == (["emb-a"], [[1, 2, 1]])
+    assert two == (["emb-b", "emb-cc"], [[1, 2, 1], [1, 2, 2]])
+    assert isinstance(broken, ValueError)
+    assert last == (["emb-d"], [[1, 2, 1]])

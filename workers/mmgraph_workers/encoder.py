@@ -2,8 +2,9 @@
 
 Core (`Encoder`) and HTTP (`app`) are separate: the core knows the model, the media policy and the transfer; the
 HTTP layer only parses and answers. Identical media (by content hash) are encoded once while they stay in the
-embedding cache. A published buffer stays registered until pd's read completes (NIXL notifies us) or its
-time-to-live passes.
+embedding cache. The images of every request that arrives while a pass of the vision tower runs go through the
+next pass together (`Batcher`). A published buffer stays registered until pd's read completes (NIXL notifies us)
+or its time-to-live passes.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import hashlib
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
 
 import httpx
 import torch
@@ -35,6 +38,57 @@ ENCODED = Counter("mmgraph_encoder_items_total", "Media items encoded", ["cached
 ENCODE_SECONDS = Histogram("mmgraph_encoder_seconds", "Time to fetch, decode and encode one request's media")
 PUBLISHED = Gauge("mmgraph_encoder_published_buffers", "Embedding buffers waiting for pd to pull them")
 MEDIA_ERRORS = Counter("mmgraph_encoder_media_errors_total", "Requests refused for their media", ["status"])
+BATCH_IMAGES = Histogram(
+    "mmgraph_encoder_batch_images", "Images per pass of the vision tower", buckets=(1, 2, 4, 8, 16, 32, 64)
+)
+Embedded = tuple[list[torch.Tensor], list[list[int]]]  # embeddings and grid per image
+
+
+class Batcher:
+    """Runs `forward` once over the images of every request that arrived while the previous pass ran: no waiting
+    window (a lone request starts at once), and under load one pass per wave of requests instead of one each (a
+    GPU's vision tower is far from busy with one image). A failed pass is retried request by request, so a request
+    that breaks the tower fails alone."""
+
+    def __init__(self, forward: Callable[[list[Any]], Embedded], max_images: int):
+        self.forward, self.max_images = forward, max_images
+        self.queue: list[tuple[list[Any], asyncio.Future]] = []
+        self.worker: asyncio.Task | None = None
+
+    async def run(self, images: list[Any]) -> Embedded:
+        future = asyncio.get_running_loop().create_future()
+        self.queue.append((images, future))
+        if self.worker is None or self.worker.done():
+            self.worker = asyncio.create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        while self.queue:
+            batch = [self.queue.pop(0)]
+            count = len(batch[0][0])
+            while self.queue and count + len(self.queue[0][0]) <= self.max_images:
+                batch.append(self.queue.pop(0))
+                count += len(batch[-1][0])
+            await self._pass(batch)
+
+    async def _pass(self, batch: list[tuple[list[Any], asyncio.Future]]) -> None:
+        images = [image for request, _ in batch for image in request]
+        BATCH_IMAGES.observe(len(images))
+        try:
+            embeds, grids = await asyncio.to_thread(self.forward, images)
+        except Exception as err:
+            if len(batch) == 1:
+                if not batch[0][1].done():
+                    batch[0][1].set_exception(err)
+                return
+            for item in batch:
+                await self._pass([item])
+            return
+        start = 0
+        for request, future in batch:
+            if not future.done():  # the client may have gone
+                future.set_result((embeds[start : start + len(request)], grids[start : start + len(request)]))
+            start += len(request)
 
 
 class EmbeddingCache:
@@ -72,7 +126,7 @@ class Encoder:
         self.transfer = transfer
         self.cache = EmbeddingCache(args.cache_bytes)
         self.client = httpx.AsyncClient(verify=True, trust_env=False)
-        self.lock = asyncio.Lock()  # one forward pass at a time: the tower uses every core
+        self.batcher = Batcher(self._forward, args.max_batch_size)  # one pass at a time: the tower uses every core
 
     async def encode(self, request: EncodeRequest) -> EncodeResponse:
         if len(request.urls) > self.policy.max_items:
@@ -84,8 +138,7 @@ class Encoder:
         missing = [i for i, k in enumerate(keys) if found[k] is None]
         if missing:
             images = await asyncio.to_thread(lambda: [decode_image(blobs[i], self.policy) for i in missing])
-            async with self.lock:
-                embeds, grids = await asyncio.to_thread(self._forward, images)
+            embeds, grids = await self.batcher.run(images)
             for i, e, g in zip(missing, embeds, grids, strict=True):
                 self.cache.put(keys[i], e, g)
                 found[keys[i]] = (e, g)
@@ -103,7 +156,7 @@ class Encoder:
         ENCODE_SECONDS.observe(time.perf_counter() - started)
         return EncodeResponse(items=items)
 
-    def _forward(self, images: list) -> tuple[list[torch.Tensor], list[list[int]]]:
+    def _forward(self, images: list) -> Embedded:
         embeds: list[torch.Tensor] = []
         grids: list[list[int]] = []
         for start in range(0, len(images), self.args.max_batch_size):
