@@ -195,8 +195,8 @@ def test_cpu_engines_keep_the_model_in_the_engine_core_unless_told_otherwise(mon
 
 
 def test_encoder_passes_together_what_arrived_during_a_pass_and_a_bad_request_fails_alone():
-    """The first request starts a pass at once; the three that arrive while it runs share the next pass; that
-    pass fails on one request's image, so each of the three is retried alone and only that one fails."""
+    """The first request starts a pass at once; those that arrive while it runs share the next pass (less one
+    whose client left); that pass fails on one request's image, so each is retried alone and only that one fails."""
     from mmgraph_workers.encoder import Batcher
 
     started, release, calls = threading.Event(), threading.Event(), []
@@ -213,12 +213,14 @@ def test_encoder_passes_together_what_arrived_during_a_pass_and_a_bad_request_fa
         batcher = Batcher(forward, max_images=16)
         first = asyncio.create_task(batcher.run(["a"]))
         await asyncio.to_thread(started.wait, 10)
-        later = [asyncio.create_task(batcher.run(images)) for images in (["b", "cc"], ["broken"], ["d"])]
+        later = [asyncio.create_task(batcher.run(images)) for images in (["b", "cc"], ["broken"], ["d"], ["gone"])]
         await asyncio.sleep(0.05)
+        later[-1].cancel()  # its client left while it waited: no pass includes it
         release.set()
         return await first, await asyncio.gather(*later, return_exceptions=True)
 
-    first, (two, broken, last) = asyncio.run(scenario())
+    first, (two, broken, last, gone) = asyncio.run(scenario())
+    assert isinstance(gone, asyncio.CancelledError)
     assert calls == [["a"], ["b", "cc", "broken", "d"], ["b", "cc"], ["broken"], ["d"]]
     assert first == (["emb-a"], [[1, 2, 1]])
     assert two == (["emb-b", "emb-cc"], [[1, 2, 1], [1, 2, 2]])

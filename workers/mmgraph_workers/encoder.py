@@ -72,13 +72,16 @@ class Batcher:
             await self._pass(batch)
 
     async def _pass(self, batch: list[tuple[list[Any], asyncio.Future]]) -> None:
+        batch = [item for item in batch if not item[1].done()]  # a client that left needs no embeddings
+        if not batch:
+            return
         images = [image for request, _ in batch for image in request]
         BATCH_IMAGES.observe(len(images))
         try:
             embeds, grids = await asyncio.to_thread(self.forward, images)
         except Exception as err:
             if len(batch) == 1:
-                if not batch[0][1].done():
+                if not batch[0][1].done():  # the client may have gone during the pass
                     batch[0][1].set_exception(err)
                 return
             for item in batch:
