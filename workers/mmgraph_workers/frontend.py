@@ -65,8 +65,8 @@ KV_REPREFILLS = Counter(
 # decode's first token must come this long before pd's lease ends: covers the frontend-to-decode hop (the deadline
 # travels as seconds left, so clocks need not agree) with room to spare.
 KV_DEADLINE_MARGIN_SECONDS = 1.0
-# Prefills per request when decode cannot start, or pull the KV, within the lease. A stalled KV read (see
-# docs/architecture.md, known issues) usually clears for the next attempt.
+# Prefills per request when decode cannot start, or pull the KV, within the lease: a late decode is usually a
+# passing overload (on 2 cores it was mostly vLLM's worker queue, now avoided; docs/architecture.md).
 KV_ATTEMPTS = 3
 
 
