@@ -226,3 +226,42 @@ def test_encoder_passes_together_what_arrived_during_a_pass_and_a_bad_request_fa
     assert two == (["emb-b", "emb-cc"], [[1, 2, 1], [1, 2, 2]])
     assert isinstance(broken, ValueError)
     assert last == (["emb-d"], [[1, 2, 1]])
+
+
+def test_content_key_changes_with_whatever_changes_the_kv():
+    """The key covers the decoded media, the adapter's metadata and token count, and the encoder's identity
+    (tower weights and processor settings); the same item through the same encoder keeps its key."""
+    import copy
+
+    import torch
+    from mmgraph_workers.content_key import encoder_identity, item_key, media_digest
+
+    tower = torch.nn.Linear(4, 4)
+    identity = encoder_identity(tower, {"max_pixels": 12544})
+    image = Image.new("RGB", (96, 64), (10, 20, 30))
+    digest = media_digest(image)
+    key = item_key(identity, "image", digest, {"grid_thw": [1, 4, 6]}, 6)
+    assert key == item_key(
+        encoder_identity(tower, {"max_pixels": 12544}), "image", media_digest(image.copy()), {"grid_thw": [1, 4, 6]}, 6
+    )
+    other_pixels = image.copy()
+    other_pixels.putpixel((0, 0), (10, 20, 31))
+    retrained = torch.nn.Linear(4, 4)
+    variants = [
+        item_key(identity, "image", media_digest(other_pixels), {"grid_thw": [1, 4, 6]}, 6),
+        item_key(identity, "image", media_digest(image.convert("L").convert("RGB")), {"grid_thw": [1, 4, 6]}, 6),
+        item_key(identity, "image", digest, {"grid_thw": [1, 6, 4]}, 6),
+        item_key(identity, "image", digest, {"grid_thw": [1, 4, 6]}, 8),
+        item_key(identity, "video", digest, {"grid_thw": [1, 4, 6]}, 6),
+        item_key(encoder_identity(tower, {"max_pixels": 50176}), "image", digest, {"grid_thw": [1, 4, 6]}, 6),
+        item_key(encoder_identity(retrained, {"max_pixels": 12544}), "image", digest, {"grid_thw": [1, 4, 6]}, 6),
+        item_key(
+            encoder_identity(copy.deepcopy(tower).double(), {"max_pixels": 12544}),
+            "image",
+            digest,
+            {"grid_thw": [1, 4, 6]},
+            6,
+        ),
+    ]
+    assert len({key, *variants}) == len(variants) + 1
+    assert "http" not in key and len(key) == len("mmg1-") + 64

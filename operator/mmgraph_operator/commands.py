@@ -66,7 +66,7 @@ def worker_command(
         engine_args = dict(cfg.engine_args or {})
         if cfg.gpus > 1 and cfg.engine_arg("tensor-parallel-size") is None:
             engine_args["tensor-parallel-size"] = cfg.tensor_parallel_size()
-        argv += [_engine_flag(k, v) for k, v in sorted(engine_args.items())]
+        argv += [f"--engine-arg={flag}" for flag in vllm_flags(engine_args)]
     return argv
 
 
@@ -87,13 +87,18 @@ def _media_flags(spec: MultimodalGraphSpec) -> list[str]:
     return flags
 
 
-def _engine_flag(key: str, value: object) -> str:
-    """vLLM's CLI spelling: --max-model-len=8192; booleans become bare flags (--enforce-eager / --no-...)."""
-    key = key.replace("_", "-")
-    if value is True:
-        return f"--engine-arg=--{key}"
-    if value is False:
-        return f"--engine-arg=--no-{key}"
-    if isinstance(value, (dict, list)):
-        return f"--engine-arg=--{key}={json.dumps(value, separators=(',', ':'), sort_keys=True)}"
-    return f"--engine-arg=--{key}={value}"
+def vllm_flags(engine_args: Mapping[str, object]) -> list[str]:
+    """Engine arguments in vLLM's own CLI spelling, sorted: --max-model-len=8192; booleans become bare flags
+    (--enforce-eager / --no-...). The same list starts vLLM's own server with the graph's arguments."""
+    flags = []
+    for key, value in sorted(engine_args.items()):
+        key = key.replace("_", "-")
+        if value is True:
+            flags.append(f"--{key}")
+        elif value is False:
+            flags.append(f"--no-{key}")
+        elif isinstance(value, (dict, list)):
+            flags.append(f"--{key}={json.dumps(value, separators=(',', ':'), sort_keys=True)}")
+        else:
+            flags.append(f"--{key}={value}")
+    return flags

@@ -12,6 +12,8 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
+import re
 import subprocess
 import sys
 import threading
@@ -65,6 +67,20 @@ CASES: dict[str, dict[str, Any]] = {
 for i in range(16):
     image = data_url(png(56 + 8 * (i % 4), 56 + 8 * (i // 4), 100 + i))
     CASES[f"concurrent-{i}"] = {"messages": user(image, f"question number {i}"), "max_tokens": 8}
+# Prefix caching: images of ONE size with ONE multi-block text (158 prompt tokens, block size 32), so two requests
+# differ only in their images' content; alone ("long-i") and as the second of two ("pair-i", same first image).
+LONG_TEXT = " ".join(["describe this image in detail please"] * 12)
+SAME_SIZE = [data_url(png(96, 64, 200 + i)) for i in range(4)]
+FIRST = data_url(png(96, 64, 300))
+for i, image in enumerate(SAME_SIZE):
+    CASES[f"long-{i}"] = {"messages": user(image, LONG_TEXT), "max_tokens": 12}
+    CASES[f"pair-{i}"] = {"messages": user(FIRST, image, LONG_TEXT), "max_tokens": 12}
+# Reuse: one image only these cases send; "reuse-longer" shares the first blocks of "reuse" and then differs.
+REUSE = data_url(png(96, 64, 400))
+CASES["reuse"] = {"messages": user(REUSE, LONG_TEXT), "max_tokens": 12}
+CASES["reuse-longer"] = {"messages": user(REUSE, LONG_TEXT + " and then tell me the colors"), "max_tokens": 12}
+# Proof that decode's KV came over NIXL: a prompt no other test sends, so no engine has it cached.
+CASES["nixl-probe"] = {"messages": user(data_url(png(64, 64, 500)), IMG_B, "compare these two"), "max_tokens": 12}
 
 
 @pytest.fixture(scope="session")
@@ -152,6 +168,14 @@ def chat(endpoint: str, messages: list, max_tokens: int = 12, stream: bool = Fal
     return httpx.post(f"{endpoint}/v1/chat/completions", json={**body, "stream": stream}, timeout=180)
 
 
+def metric(endpoint: str, name: str) -> float:
+    """The sum of a Prometheus metric's samples (every label set) on a worker's /metrics."""
+    text = httpx.get(f"{endpoint}/metrics", timeout=10).text
+    return sum(
+        float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if re.match(rf"^{re.escape(name)}(\{{| )", line)
+    )
+
+
 def tokens(endpoint: str, case: str) -> list[int]:
     response = chat(endpoint, **CASES[case])
     assert response.status_code == 200, response.text
@@ -175,6 +199,44 @@ def stream_text(endpoint: str, messages: list, max_tokens: int = 12) -> tuple[st
     assert done, "the stream must end with [DONE]"
     text = "".join((c["choices"][0]["delta"].get("content") or "") for c in chunks if c.get("choices"))
     return text, chunks
+
+
+@pytest.fixture(scope="module")
+def vllm_server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """vLLM's own OpenAI server (`python -m vllm.entrypoints.openai.api_server`) on the same weights and with the
+    same engine arguments as the graph's pd: what a user would run instead of mmgraph. Per module: it is one more
+    engine on two cores, stopped as soon as the tests that compare with it are done."""
+    from mmgraph_operator.commands import vllm_flags
+
+    engine_args = vllm_flags(parse(graph_spec(tiny_model)).spec.stages.pd.engine_args or {})
+    port = free_port()
+    log = tmp_path_factory.mktemp("vllm-server") / "server.log"
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+    env.setdefault("OMP_NUM_THREADS", "1")  # as `mmgraph up` gives each of the graph's two engines on 2 cores
+    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_model)]
+    argv += ["--served-model-name", MODEL_NAME, "--host", "127.0.0.1", "--port", str(port), *engine_args]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert proc.poll() is None, f"vLLM's server exited:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"vLLM's server not healthy in 300 s:\n{log.read_text()[-3000:]}"
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 class MediaServer:

@@ -16,6 +16,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -25,6 +26,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import Counter, Gauge, Histogram
 
 from mmgraph_workers import qwen2_vl
+from mmgraph_workers.content_key import encoder_identity, item_key, media_digest
 from mmgraph_workers.media import MediaError
 from mmgraph_workers.media.fetch import fetch_bytes
 from mmgraph_workers.media.image import decode_image
@@ -94,29 +96,39 @@ class Batcher:
             start += len(request)
 
 
+@dataclass(frozen=True)
+class Embedding:
+    """One item's encoder output: what pd consumes, its adapter metadata, and its content key."""
+
+    tensor: torch.Tensor
+    grid: list[int]
+    key: str
+
+
 class EmbeddingCache:
-    """LRU of embeddings by media content hash, bounded in bytes."""
+    """LRU of embeddings by the media's bytes (sha256), bounded in bytes. Within one encoder process the bytes
+    determine the decoded media and so the content key, which the entry keeps."""
 
     def __init__(self, capacity_bytes: int):
         self.capacity = capacity_bytes
         self.used = 0
-        self.items: OrderedDict[str, tuple[torch.Tensor, list[int]]] = OrderedDict()
+        self.items: OrderedDict[str, Embedding] = OrderedDict()
 
-    def get(self, key: str) -> tuple[torch.Tensor, list[int]] | None:
+    def get(self, key: str) -> Embedding | None:
         if key in self.items:
             self.items.move_to_end(key)
             return self.items[key]
         return None
 
-    def put(self, key: str, embeds: torch.Tensor, grid: list[int]) -> None:
-        size = embeds.numel() * embeds.element_size()
-        if size > self.capacity:
+    def put(self, key: str, item: Embedding) -> None:
+        size = item.tensor.numel() * item.tensor.element_size()
+        if size > self.capacity or key in self.items:
             return
-        self.items[key] = (embeds, grid)
+        self.items[key] = item
         self.used += size
         while self.used > self.capacity:
-            _, (old, _) = self.items.popitem(last=False)
-            self.used -= old.numel() * old.element_size()
+            _, old = self.items.popitem(last=False)
+            self.used -= old.tensor.numel() * old.tensor.element_size()
 
 
 class Encoder:
@@ -125,7 +137,9 @@ class Encoder:
         self.policy = MediaPolicy.from_args(args)
         self.processor = qwen2_vl.load_processor(args.model, args.revision, args.trust_remote_code)
         self.tower = qwen2_vl.load_vision_tower(args.model, args.revision, args.trust_remote_code)
-        self.merge = self.tower.spatial_merge_size
+        started = time.perf_counter()
+        self.identity = encoder_identity(self.tower, self.processor.image_processor.to_dict())
+        log.info("encoder identity %s… (%.2f s)", self.identity[:16], time.perf_counter() - started)
         self.transfer = transfer
         self.cache = EmbeddingCache(args.cache_bytes)
         self.client = httpx.AsyncClient(verify=True, trust_env=False)
@@ -136,25 +150,31 @@ class Encoder:
             raise MediaError(f"{len(request.urls)} media items, more than the {self.policy.max_items} allowed")
         started = time.perf_counter()
         blobs = await asyncio.gather(*(fetch_bytes(u, self.policy, self.client) for u in request.urls))
-        keys = [hashlib.sha256(b).hexdigest() for b in blobs]
-        found = {k: self.cache.get(k) for k in keys}
-        missing = [i for i, k in enumerate(keys) if found[k] is None]
+        hashes = [hashlib.sha256(b).hexdigest() for b in blobs]
+        found = {h: self.cache.get(h) for h in hashes}
+        missing = list({h: i for i, h in enumerate(hashes) if found[h] is None}.values())
         if missing:
             images = await asyncio.to_thread(lambda: [decode_image(blobs[i], self.policy) for i in missing])
+            digests = await asyncio.to_thread(lambda: [media_digest(image) for image in images])  # off the loop
             embeds, grids = await self.batcher.run(images)
-            for i, e, g in zip(missing, embeds, grids, strict=True):
-                self.cache.put(keys[i], e, g)
-                found[keys[i]] = (e, g)
+            for i, e, g, digest in zip(missing, embeds, grids, digests, strict=True):
+                key = item_key(self.identity, "image", digest, {"grid_thw": g}, e.shape[0])
+                found[hashes[i]] = Embedding(e, g, key)
+                self.cache.put(hashes[i], found[hashes[i]])
         items = []
         ttl = self.args.transfer_timeout_seconds * 3 + 30
-        for i, key in enumerate(keys):
-            embeds, grid = found[key]  # type: ignore[misc]
-            ref = self.transfer.publish(embeds, ttl_seconds=ttl)
+        for i, h in enumerate(hashes):
+            item = found[h]
+            assert item is not None
+            ref = self.transfer.publish(item.tensor, ttl_seconds=ttl)
             ref.owner_url = f"http://{self.args.advertise_host}:{self.args.port}"
+            cached = i not in missing
             items.append(
-                EncodedItem(embeddings=ref, grid_thw=grid, num_tokens=embeds.shape[0], cached=i not in missing)
+                EncodedItem(
+                    key=item.key, embeddings=ref, grid_thw=item.grid, num_tokens=item.tensor.shape[0], cached=cached
+                )
             )
-            ENCODED.labels(cached=str(i not in missing).lower()).inc()
+            ENCODED.labels(cached=str(cached).lower()).inc()
         PUBLISHED.set(self.transfer.published())
         ENCODE_SECONDS.observe(time.perf_counter() - started)
         return EncodeResponse(items=items)

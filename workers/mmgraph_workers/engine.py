@@ -130,11 +130,14 @@ class Engine:
         self.max_model_len = config.max_model_len
         self.hidden_size = config.get_hidden_size()
 
-    async def _images(self, req: GenerateRequest) -> Any:
+    async def _images(self, req: GenerateRequest) -> tuple[Any, dict[str, list[str]] | None]:
+        """vLLM's `multi_modal_data` for the request's images, and their `multi_modal_uuids`: the content keys
+        (content_key.py) of embeddings and placeholders, so this engine's prefix cache keys each image by what
+        it is, never by placeholder values; with images it loads itself (agg) vLLM hashes the pixels."""
         if req.image_urls:
             blobs = await asyncio.gather(*(fetch_bytes(u, self.policy, self.http) for u in req.image_urls))
             images = await asyncio.to_thread(lambda: [decode_image(b, self.policy) for b in blobs])
-            return {"image": images if len(images) > 1 else images[0]}
+            return {"image": images if len(images) > 1 else images[0]}, None
         if req.encoded:
             if self.transfer is None:
                 raise MediaError("this stage does not accept embeddings")
@@ -149,14 +152,16 @@ class Engine:
                 raise StageError(f"pulling embeddings from the encoder failed: {err}", 502, retry=True) from err
             PULL_SECONDS.observe(time.perf_counter() - started)
             grid = torch.tensor([item.grid_thw for item in req.encoded])
-            return {"image": {"image_embeds": torch.cat(embeds), "image_grid_thw": grid}}
+            mm = {"image": {"image_embeds": torch.cat(embeds), "image_grid_thw": grid}}
+            return mm, {"image": [item.key for item in req.encoded]}
         if req.placeholders:
             dtype = self.llm.model_config.dtype
             total = sum(p.num_tokens for p in req.placeholders)
             grid = torch.tensor([p.grid_thw for p in req.placeholders])
             zeros = torch.zeros(total, req.placeholders[0].hidden_size, dtype=dtype)
-            return {"image": {"image_embeds": zeros, "image_grid_thw": grid}}
-        return None
+            mm = {"image": {"image_embeds": zeros, "image_grid_thw": grid}}
+            return mm, {"image": [p.key for p in req.placeholders]}
+        return None, None
 
     async def _release_unpulled(self, req: GenerateRequest) -> None:
         for item in req.encoded:
@@ -170,10 +175,12 @@ class Engine:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        mm = await self._images(req)
+        mm, uuids = await self._images(req)
         prompt: dict[str, Any] = {"prompt_token_ids": req.prompt_token_ids}
         if mm is not None:
             prompt["multi_modal_data"] = mm
+        if uuids is not None:
+            prompt["multi_modal_uuids"] = uuids
         extra = None
         if req.prefill_only:
             extra = {"kv_transfer_params": {"do_remote_decode": True}}

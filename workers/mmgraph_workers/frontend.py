@@ -408,7 +408,9 @@ class Router:
             lease_ends = started + self.args.kv_lease_seconds
             if time.monotonic() < lease_ends - self.args.transfer_timeout_seconds:
                 placeholders = [
-                    PlaceholderItem(grid_thw=i.grid_thw, num_tokens=i.num_tokens, hidden_size=prefill.hidden_size or 0)
+                    PlaceholderItem(
+                        key=i.key, grid_thw=i.grid_thw, num_tokens=i.num_tokens, hidden_size=prefill.hidden_size or 0
+                    )
                     for i in encoded
                 ]
                 deadline = max(0.0, lease_ends - KV_DEADLINE_MARGIN_SECONDS - time.monotonic())

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: every media item carries its content key
 # Where a frontend reads peer addresses before DNS (/etc/hosts format): `mmgraph up`'s stand-in for cluster DNS.
 PEER_HOSTS_ENV = "MMGRAPH_PEER_HOSTS_FILE"
 
@@ -39,6 +39,7 @@ class EncodedItem(BaseModel):
     """One media item after the encoder: its embeddings and what the engine needs to place them."""
 
     modality: Literal["image"] = "image"
+    key: str  # content key (content_key.py): the item's identity in every engine's prefix cache
     embeddings: TensorRef
     grid_thw: list[int]  # Qwen2-VL: temporal, height, width patches before merging
     num_tokens: int
@@ -63,8 +64,10 @@ class Sampling(BaseModel):
 
 
 class PlaceholderItem(BaseModel):
-    """What decode needs for an image it will not compute: the grid (positions) and the embedding shape."""
+    """What decode needs for an image it will not compute: its content key (decode's prefix cache keys the item by
+    it, never by the placeholder's values), the grid (positions) and the embedding shape."""
 
+    key: str
     grid_thw: list[int]
     num_tokens: int
     hidden_size: int

@@ -1,0 +1,62 @@
+"""Content keys: the one identity of a media item's KV cache, from the encoder to every engine that places it.
+
+vLLM keys prefix-cache blocks by their token ids plus, per media item, a hash of the item's data, or the
+caller's `multi_modal_uuids` when given. decode is handed placeholder embeddings (zeros of the right shape: it
+never computes them), so hashing its data would give two different images of one size the same key, and decode
+would serve one image's KV for the other. So the encoder computes a key for every item and the engines that get
+its embeddings (pd) or its placeholders (decode) pass it as the item's uuid.
+
+A key must change whenever the item's KV could: it covers what the tower sees and what the tower is:
+- the decoded media (pixels, mode and size after decoding: how bytes decode is part of it, e.g. EXIF handling);
+- the adapter's processing result for the item (metadata such as Qwen's grid, and the token count);
+- the encoder's identity: the tower's weights, dtype and class, and the processor's settings (resizing limits,
+  normalisation), so old and new encoders side by side in a rollout, or another model, never share keys.
+It is never a URL (the same URL can serve other bytes) and never the placeholder's values.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import torch
+
+KEY_PREFIX = "mmg1-"
+
+
+def _hasher() -> Any:
+    return hashlib.blake2b(digest_size=32)
+
+
+def encoder_identity(tower: torch.nn.Module, processor_config: dict[str, Any]) -> str:
+    """Digest of everything in the encoder that changes an item's embeddings, computed once at start-up.
+
+    Hashes every tensor of the tower in full (~1 s per GB on one core): a sample could miss a fine-tune that
+    changed a few rows, and a path or a name says nothing about the bytes behind it."""
+    h = _hasher()
+    h.update(type(tower).__qualname__.encode())
+    h.update(json.dumps(processor_config, sort_keys=True, default=str).encode())
+    for name, tensor in sorted(tower.state_dict().items()):
+        h.update(f"{name}:{tensor.dtype}:{list(tensor.shape)}".encode())
+        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+        h.update(flat.view(torch.uint8).numpy().data)
+    return h.hexdigest()
+
+
+def media_digest(media: Any) -> bytes:
+    """Digest of decoded media as the processor receives it (a PIL image: mode, size and pixels)."""
+    h = _hasher()
+    h.update(f"{media.mode}:{media.size}".encode())
+    h.update(media.tobytes())
+    return h.digest()
+
+
+def item_key(identity: str, modality: str, digest: bytes, metadata: dict[str, Any], num_tokens: int) -> str:
+    """The key of one encoded item: encoder identity + modality + decoded media + the adapter's metadata."""
+    h = _hasher()
+    h.update(identity.encode())
+    h.update(modality.encode())
+    h.update(digest)
+    h.update(json.dumps({"metadata": metadata, "num_tokens": num_tokens}, sort_keys=True).encode())
+    return KEY_PREFIX + h.hexdigest()
