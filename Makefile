@@ -4,7 +4,8 @@
 setup:
 	@bash scripts/setup.sh
 
-demo: setup
+demo:
+	@bash scripts/setup.sh demo
 	.venv/bin/mmgraph up examples/tiny-e-p-d.yaml --demo
 
 test: setup

@@ -5,7 +5,9 @@
 # skipped when what it makes is already there and current.
 #
 # Usage: scripts/setup.sh            everything (tests and demo)
+#        scripts/setup.sh demo       what the demo needs: the virtual environment only (no etcd, no kube binaries)
 set -euo pipefail
+MODE=${1:-all}
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=.venv
@@ -16,7 +18,7 @@ SUDO=""; [[ $(id -u) -eq 0 ]] || SUDO="sudo"
 say() { printf '\033[1m[setup]\033[0m %s\n' "$*" >&2; }
 
 # System packages: etcd for the test control plane (the Go toolchain comes with kube-binaries.sh).
-if ! command -v etcd >/dev/null 2>&1; then
+if [[ $MODE == all ]] && ! command -v etcd >/dev/null 2>&1; then
   say "installing etcd-server (apt)"
   $SUDO apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq etcd-server >&2
   $SUDO systemctl disable --now etcd >/dev/null 2>&1 || true
@@ -46,5 +48,7 @@ site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["pur
 cp scripts/cpu_shims.py "$site/mmgraph_cpu_shims.py"
 echo "import mmgraph_cpu_shims" > "$site/mmgraph-cpu-shims.pth"
 
-say "kube-apiserver / kube-controller-manager: $(bash scripts/kube-binaries.sh)"
+if [[ $MODE == all ]]; then
+  say "kube-apiserver / kube-controller-manager: $(bash scripts/kube-binaries.sh)"
+fi
 say "ready: $VENV"
