@@ -153,3 +153,13 @@ def test_worker_command_is_shared_by_render_and_local_runs():
     )
     assert "--kv-role=consumer" in decode and "--engine-arg=--enforce-eager" in decode
     assert "--engine-arg=--block-size=32" in decode
+
+
+@pytest.mark.parametrize(("gpus", "device"), [(0, "cpu"), (1, "cuda")])
+def test_the_encoder_runs_on_the_device_its_stage_has(gpus, device):
+    body = load("tiny-e-p-d.yaml")
+    body["spec"]["stages"]["encoder"]["gpus"] = gpus
+    argv = worker_command(
+        parse(body).spec, StageName.ENCODER, model="/m", host="0.0.0.0", advertise_host="10.0.0.1", peers={}
+    )
+    assert [a for a in argv if a.startswith("--device")] == [f"--device={device}"]

@@ -54,6 +54,7 @@ def worker_command(
     argv.append(f"--transfer-port={transfer_port or xfer.port}")
     argv.append(f"--transfer-timeout-seconds={xfer.timeout_seconds:g}")
     if isinstance(cfg, EncoderSpec):
+        argv.append("--device=" + ("cuda" if cfg.gpus else "cpu"))
         argv += _media_flags(spec)
         argv.append(f"--max-batch-size={cfg.max_batch_size}")
         argv.append(f"--cache-bytes={spec.embedding_cache.capacity_bytes}")

@@ -10,6 +10,7 @@ code path as in an agg-only graph: the engine loads the images itself). Every pr
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import os
@@ -33,6 +34,7 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL_NAME = "tiny-qwen2-vl"
+QWEN_EXAMPLE, LLAVA_EXAMPLE = "tiny-e-p-d.yaml", "tiny-llava-e-p-d.yaml"
 
 
 def png(width: int, height: int, seed: int) -> bytes:
@@ -93,25 +95,26 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def reference(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[int]]:
     """Greedy tokens of one in-process vLLM engine for every case (computed before any worker starts)."""
-    work = tmp_path_factory.mktemp("reference")
-    (work / "requests.json").write_text(json.dumps(list(CASES.values())))
-    subprocess.run(
-        [
-            sys.executable,
-            str(Path(__file__).with_name("reference_engine.py")),
-            str(tiny_model),
-            str(work / "requests.json"),
-            str(work / "out.json"),
-        ],
-        check=True,
+    return reference_tokens(tiny_model, CASES, tmp_path_factory.mktemp("reference"))
+
+
+def reference_tokens(model: Path, cases: dict[str, dict[str, Any]], work: Path) -> dict[str, list[int]]:
+    """The oracle (reference_engine.py, in a subprocess so its engine and memory are gone afterwards)."""
+    (work / "requests.json").write_text(json.dumps(list(cases.values())))
+    script = str(Path(__file__).with_name("reference_engine.py"))
+    done = subprocess.run(
+        [sys.executable, script, str(model), str(work / "requests.json"), str(work / "out.json")],
         capture_output=True,
+        text=True,
         timeout=300,
     )
-    return dict(zip(CASES, json.loads((work / "out.json").read_text()), strict=True))
+    assert done.returncode == 0, f"the reference engine failed:\n{done.stderr[-3000:]}"
+    return dict(zip(cases, json.loads((work / "out.json").read_text()), strict=True))
 
 
-def graph_spec(model: Path, topology: str = "e-p-d", **media: Any) -> dict[str, Any]:
-    body = yaml.safe_load((REPO / "examples" / "tiny-e-p-d.yaml").read_text())
+def graph_spec(model: Path, topology: str = "e-p-d", example: str = QWEN_EXAMPLE, **media: Any) -> dict[str, Any]:
+    """The tiny example graph (`example`, under examples/) on `model`, cut down to `topology`."""
+    body = yaml.safe_load((REPO / "examples" / example).read_text())
     body["spec"]["model"]["path"] = str(model)
     body["spec"]["topology"] = topology
     body["spec"]["media"] = {"allowedSchemes": ["https", "http", "data"], "allowPrivateNetworks": True, **media}
@@ -134,10 +137,16 @@ def graph(tiny_model: Path, reference: dict, tmp_path_factory: pytest.TempPathFa
 
 
 def start_frontend(
-    graph: LocalGraph, model: Path, topology: str, logdir: Path, encoder_port: int | None = None, **media: Any
+    graph: LocalGraph,
+    model: Path,
+    topology: str,
+    logdir: Path,
+    encoder_port: int | None = None,
+    example: str = QWEN_EXAMPLE,
+    **media: Any,
 ) -> LocalGraph:
     """Another frontend process for `topology`, routed to `graph`'s workers (or to another encoder)."""
-    spec = parse(graph_spec(model, topology, **media))
+    spec = parse(graph_spec(model, topology, example, **media))
     extra = LocalGraph(spec, logdir=logdir)
     peers = {s: f"http://127.0.0.1:{graph.stages[s].port}" for s in spec.spec.used_stages() if s != StageName.FRONTEND}
     if encoder_port is not None:
@@ -150,8 +159,14 @@ def start_frontend(
 def endpoints(
     graph: LocalGraph, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[dict[str, str]]:
-    logs = tmp_path_factory.mktemp("frontend-logs")
-    extras = {t: start_frontend(graph, tiny_model, t, logs / t) for t in ("agg", "e-pd")}
+    with frontends(graph, tiny_model, tmp_path_factory.mktemp("frontend-logs")) as endpoints:
+        yield endpoints
+
+
+@contextlib.contextmanager
+def frontends(graph: LocalGraph, model: Path, logs: Path, example: str = QWEN_EXAMPLE) -> Iterator[dict[str, str]]:
+    """Topology -> endpoint: `graph`'s own (e-p-d) and an agg and an e-pd frontend routed to its workers."""
+    extras = {t: start_frontend(graph, model, t, logs / t, example=example) for t in ("agg", "e-pd")}
     try:
         for extra in extras.values():
             extra.wait_healthy(timeout=120, progress=lambda line: None)
@@ -161,8 +176,10 @@ def endpoints(
             extra.stop()
 
 
-def chat(endpoint: str, messages: list, max_tokens: int = 12, stream: bool = False, **extra: Any) -> httpx.Response:
-    body = {"model": MODEL_NAME, "messages": messages, "max_tokens": max_tokens, "temperature": 0, **extra}
+def chat(
+    endpoint: str, messages: list, max_tokens: int = 12, stream: bool = False, model: str = MODEL_NAME, **extra: Any
+) -> httpx.Response:
+    body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0, **extra}
     if not stream:
         body["return_token_ids"] = True
     return httpx.post(f"{endpoint}/v1/chat/completions", json={**body, "stream": stream}, timeout=180)
@@ -176,10 +193,20 @@ def metric(endpoint: str, name: str) -> float:
     )
 
 
-def tokens(endpoint: str, case: str) -> list[int]:
-    response = chat(endpoint, **CASES[case])
+def tokens(endpoint: str, case: str, model: str = MODEL_NAME) -> list[int]:
+    response = chat(endpoint, **CASES[case], model=model)
     assert response.status_code == 200, response.text
     return response.json()["choices"][0]["token_ids"]
+
+
+def assert_same_as_vllm_server(endpoint: str, server: str, case: str, model: str = MODEL_NAME) -> None:
+    """The same HTTP request to mmgraph and to vLLM's own server gives the same text and token counts."""
+    ours, theirs = chat(endpoint, **CASES[case], model=model), chat(server, **CASES[case], model=model)
+    assert ours.status_code == theirs.status_code == 200, (ours.text, theirs.text)
+    ours_body, theirs_body = ours.json(), theirs.json()
+    assert ours_body["choices"][0]["message"]["content"] == theirs_body["choices"][0]["message"]["content"], case
+    counts = ("prompt_tokens", "completion_tokens", "total_tokens")
+    assert {k: ours_body["usage"][k] for k in counts} == {k: theirs_body["usage"][k] for k in counts}, case
 
 
 def stream_text(endpoint: str, messages: list, max_tokens: int = 12) -> tuple[str, list[dict]]:
@@ -203,18 +230,25 @@ def stream_text(endpoint: str, messages: list, max_tokens: int = 12) -> tuple[st
 
 @pytest.fixture(scope="module")
 def vllm_server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """vLLM's own OpenAI server (`python -m vllm.entrypoints.openai.api_server`) on the same weights and with the
-    same engine arguments as the graph's pd: what a user would run instead of mmgraph. Per module: it is one more
-    engine on two cores, stopped as soon as the tests that compare with it are done."""
+    """vLLM's own OpenAI server for the tiny Qwen2-VL. Per module: it is one more engine on two cores, stopped as
+    soon as the tests that compare with it are done."""
+    with vllm_openai_server(tiny_model, MODEL_NAME, QWEN_EXAMPLE, tmp_path_factory.mktemp("vllm-server")) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def vllm_openai_server(model: Path, name: str, example: str, logdir: Path) -> Iterator[str]:
+    """`python -m vllm.entrypoints.openai.api_server` on the same weights and with the same engine arguments as
+    the example graph's pd: what a user would run instead of mmgraph."""
     from mmgraph_operator.commands import vllm_flags
 
-    engine_args = vllm_flags(parse(graph_spec(tiny_model)).spec.stages.pd.engine_args or {})
+    engine_args = vllm_flags(parse(graph_spec(model, example=example)).spec.stages.pd.engine_args or {})
     port = free_port()
-    log = tmp_path_factory.mktemp("vllm-server") / "server.log"
+    log = logdir / "server.log"
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
     env.setdefault("OMP_NUM_THREADS", "1")  # as `mmgraph up` gives each of the graph's two engines on 2 cores
-    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_model)]
-    argv += ["--served-model-name", MODEL_NAME, "--host", "127.0.0.1", "--port", str(port), *engine_args]
+    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model)]
+    argv += ["--served-model-name", name, "--host", "127.0.0.1", "--port", str(port), *engine_args]
     with open(log, "wb") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"

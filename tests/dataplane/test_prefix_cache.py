@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from .conftest import CASES, chat, metric, tokens
+from .conftest import assert_same_as_vllm_server, metric, tokens
 
 TOPOLOGIES = ["agg", "e-pd", "e-p-d"]
 LONG = [f"long-{i}" for i in range(4)]
@@ -43,12 +43,7 @@ def test_the_same_concurrently_in_every_topology(endpoints, reference):
 def test_vllm_server_gives_the_same_text_and_usage(vllm_server, endpoints, topology):
     """The same HTTP request to vLLM's own OpenAI server (same weights and engine arguments)."""
     for case in LONG + PAIRS:
-        ours, theirs = chat(endpoints[topology], **CASES[case]), chat(vllm_server, **CASES[case])
-        assert ours.status_code == theirs.status_code == 200, (ours.text, theirs.text)
-        ours_body, theirs_body = ours.json(), theirs.json()
-        assert ours_body["choices"][0]["message"]["content"] == theirs_body["choices"][0]["message"]["content"], case
-        counts = ("prompt_tokens", "completion_tokens", "total_tokens")
-        assert {k: ours_body["usage"][k] for k in counts} == {k: theirs_body["usage"][k] for k in counts}, case
+        assert_same_as_vllm_server(endpoints[topology], vllm_server, case)
 
 
 def test_a_repeated_image_and_prompt_reuse_cached_blocks_on_pd_and_decode(graph, endpoints, reference):

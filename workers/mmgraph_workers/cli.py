@@ -30,8 +30,9 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     up.add_argument("--host", default="127.0.0.1")
     up.set_defaults(func=run_up)
 
-    tiny = sub.add_parser("tiny-model", help="build a tiny random-weight Qwen2-VL (no download)")
+    tiny = sub.add_parser("tiny-model", help="build a tiny random-weight model of a supported family (no download)")
     tiny.add_argument("dir")
+    tiny.add_argument("--family", choices=["qwen2-vl", "llava"], default="qwen2-vl")
     tiny.set_defaults(func=run_tiny_model)
 
 
@@ -62,5 +63,5 @@ def run_up(args: argparse.Namespace) -> int:
 def run_tiny_model(args: argparse.Namespace) -> int:
     from mmgraph_workers.tiny_model import build
 
-    print(f"tiny Qwen2-VL written to {build(args.dir)}")
+    print(f"tiny {args.family} model written to {build(args.dir, family=args.family)}")
     return 0

@@ -25,12 +25,12 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 from prometheus_client import Counter, Gauge, Histogram
 
-from mmgraph_workers import qwen2_vl
 from mmgraph_workers.content_key import encoder_identity, item_key, media_digest
 from mmgraph_workers.media import MediaError
 from mmgraph_workers.media.fetch import fetch_bytes
 from mmgraph_workers.media.image import decode_image
 from mmgraph_workers.media.policy import MediaPolicy
+from mmgraph_workers.models import Encoded, adapter_for
 from mmgraph_workers.protocol import EncodedItem, EncodeRequest, EncodeResponse, WorkerInfo
 from mmgraph_workers.server import add_common_arguments, add_transfer_arguments, make_app, read_message, serve
 from mmgraph_workers.transfer import Transfer, make_transfer
@@ -43,7 +43,6 @@ MEDIA_ERRORS = Counter("mmgraph_encoder_media_errors_total", "Requests refused f
 BATCH_IMAGES = Histogram(
     "mmgraph_encoder_batch_images", "Images per pass of the vision tower", buckets=(1, 2, 4, 8, 16, 32, 64)
 )
-Embedded = tuple[list[torch.Tensor], list[list[int]]]  # embeddings and grid per image
 
 
 class Batcher:
@@ -52,12 +51,13 @@ class Batcher:
     GPU's vision tower is far from busy with one image). A failed pass is retried request by request, so a request
     that breaks the tower fails alone."""
 
-    def __init__(self, forward: Callable[[list[Any]], Embedded], max_images: int):
+    def __init__(self, forward: Callable[[list[Any]], list[Any]], max_images: int):
         self.forward, self.max_images = forward, max_images
         self.queue: list[tuple[list[Any], asyncio.Future]] = []
         self.worker: asyncio.Task | None = None
 
-    async def run(self, images: list[Any]) -> Embedded:
+    async def run(self, images: list[Any]) -> list[Any]:
+        """`forward`'s results for `images`, in order."""
         future = asyncio.get_running_loop().create_future()
         self.queue.append((images, future))
         if self.worker is None or self.worker.done():
@@ -80,7 +80,7 @@ class Batcher:
         images = [image for request, _ in batch for image in request]
         BATCH_IMAGES.observe(len(images))
         try:
-            embeds, grids = await asyncio.to_thread(self.forward, images)
+            results = await asyncio.to_thread(self.forward, images)
         except Exception as err:
             if len(batch) == 1:
                 if not batch[0][1].done():  # the client may have gone during the pass
@@ -92,16 +92,16 @@ class Batcher:
         start = 0
         for request, future in batch:
             if not future.done():  # the client may have gone
-                future.set_result((embeds[start : start + len(request)], grids[start : start + len(request)]))
+                future.set_result(results[start : start + len(request)])
             start += len(request)
 
 
 @dataclass(frozen=True)
 class Embedding:
-    """One item's encoder output: what pd consumes, its adapter metadata, and its content key."""
+    """One item's encoder output: what pd consumes, the family's metadata, and its content key."""
 
     tensor: torch.Tensor
-    grid: list[int]
+    metadata: dict[str, Any]
     key: str
 
 
@@ -135,10 +135,13 @@ class Encoder:
     def __init__(self, args: argparse.Namespace, transfer: Transfer):
         self.args = args
         self.policy = MediaPolicy.from_args(args)
-        self.processor = qwen2_vl.load_processor(args.model, args.revision, args.trust_remote_code)
-        self.tower = qwen2_vl.load_vision_tower(args.model, args.revision, args.trust_remote_code)
+        self.adapter = adapter_for(args.model, args.revision, args.trust_remote_code)
+        self.processor = self.adapter.load_processor()
         started = time.perf_counter()
-        self.identity = encoder_identity(self.tower, self.processor.image_processor.to_dict())
+        self.module = self.adapter.load_encoder(args.device)
+        log.info("%s encoder loaded on %s (%.2f s)", self.adapter.family, args.device, time.perf_counter() - started)
+        started = time.perf_counter()
+        self.identity = encoder_identity(self.module, self.processor.image_processor.to_dict())
         log.info("encoder identity %s… (%.2f s)", self.identity[:16], time.perf_counter() - started)
         self.transfer = transfer
         self.cache = EmbeddingCache(args.cache_bytes)
@@ -156,10 +159,10 @@ class Encoder:
         if missing:
             images = await asyncio.to_thread(lambda: [decode_image(blobs[i], self.policy) for i in missing])
             digests = await asyncio.to_thread(lambda: [media_digest(image) for image in images])  # off the loop
-            embeds, grids = await self.batcher.run(images)
-            for i, e, g, digest in zip(missing, embeds, grids, digests, strict=True):
-                key = item_key(self.identity, "image", digest, {"grid_thw": g}, e.shape[0])
-                found[hashes[i]] = Embedding(e, g, key)
+            encoded: list[Encoded] = await self.batcher.run(images)
+            for i, out, digest in zip(missing, encoded, digests, strict=True):
+                key = item_key(self.identity, "image", digest, out.metadata, out.embeddings.shape[0])
+                found[hashes[i]] = Embedding(out.embeddings, out.metadata, key)
                 self.cache.put(hashes[i], found[hashes[i]])
         items = []
         ttl = self.args.transfer_timeout_seconds * 3 + 30
@@ -171,7 +174,7 @@ class Encoder:
             cached = i not in missing
             items.append(
                 EncodedItem(
-                    key=item.key, embeddings=ref, grid_thw=item.grid, num_tokens=item.tensor.shape[0], cached=cached
+                    key=item.key, embeddings=ref, num_tokens=item.tensor.shape[0], metadata=item.metadata, cached=cached
                 )
             )
             ENCODED.labels(cached=str(cached).lower()).inc()
@@ -179,14 +182,11 @@ class Encoder:
         ENCODE_SECONDS.observe(time.perf_counter() - started)
         return EncodeResponse(items=items)
 
-    def _forward(self, images: list) -> Embedded:
-        embeds: list[torch.Tensor] = []
-        grids: list[list[int]] = []
+    def _forward(self, images: list) -> list[Encoded]:
+        out: list[Encoded] = []
         for start in range(0, len(images), self.args.max_batch_size):
-            pixels, grid = qwen2_vl.pixel_inputs(self.processor, images[start : start + self.args.max_batch_size])
-            embeds += [e.contiguous() for e in qwen2_vl.encode(self.tower, pixels, grid)]
-            grids += grid.tolist()
-        return embeds, grids
+            out += self.adapter.encode(self.module, self.processor, images[start : start + self.args.max_batch_size])
+        return out
 
     async def report_published(self) -> None:
         while True:
@@ -198,6 +198,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_common_arguments(parser)
     add_transfer_arguments(parser)
     MediaPolicy.add_arguments(parser)
+    parser.add_argument("--device", default="cpu", help="where the tower runs: cuda when the stage has GPUs")
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--cache-bytes", type=int, default=1 << 30)
     parser.add_argument("--transfer-pool-bytes", type=int, default=256 << 20, help="registered memory for embeddings")

@@ -32,6 +32,7 @@ from mmgraph_workers.media import MediaError
 from mmgraph_workers.media.fetch import fetch_bytes
 from mmgraph_workers.media.image import decode_image
 from mmgraph_workers.media.policy import MediaPolicy
+from mmgraph_workers.models import ItemShape, adapter_for
 from mmgraph_workers.protocol import GenerateEvent, GenerateRequest, WorkerInfo
 from mmgraph_workers.server import add_common_arguments, add_transfer_arguments, make_app, read_message, serve
 from mmgraph_workers.transfer import TransferError, make_transfer
@@ -115,6 +116,9 @@ class Engine:
         self.llm: Any = None
         name = f"{stage}-{args.advertise_host}-{args.port}"
         self.transfer = make_transfer("nixl", name, recv_pool_bytes=64 << 20) if stage == "pd" else None
+        # the family turns embeddings and placeholders into vLLM's inputs (agg's pd needs none: vLLM loads pixels)
+        takes_embeddings = args.embeddings_input or stage == "decode"
+        self.adapter = adapter_for(args.model, args.revision, args.trust_remote_code) if takes_embeddings else None
         self.http = httpx.AsyncClient(trust_env=False, timeout=5)
         self.hidden_size: int | None = None
         self.max_model_len: int | None = None
@@ -139,7 +143,7 @@ class Engine:
             images = await asyncio.to_thread(lambda: [decode_image(b, self.policy) for b in blobs])
             return {"image": images if len(images) > 1 else images[0]}, None
         if req.encoded:
-            if self.transfer is None:
+            if self.transfer is None or self.adapter is None:
                 raise MediaError("this stage does not accept embeddings")
             started = time.perf_counter()
             try:
@@ -151,15 +155,12 @@ class Engine:
                 await self._release_unpulled(req)
                 raise StageError(f"pulling embeddings from the encoder failed: {err}", 502, retry=True) from err
             PULL_SECONDS.observe(time.perf_counter() - started)
-            grid = torch.tensor([item.grid_thw for item in req.encoded])
-            mm = {"image": {"image_embeds": torch.cat(embeds), "image_grid_thw": grid}}
-            return mm, {"image": [item.key for item in req.encoded]}
+            shapes = [ItemShape(item.num_tokens, item.metadata) for item in req.encoded]
+            return self.adapter.embeddings_data(embeds, shapes), {"image": [item.key for item in req.encoded]}
         if req.placeholders:
-            dtype = self.llm.model_config.dtype
-            total = sum(p.num_tokens for p in req.placeholders)
-            grid = torch.tensor([p.grid_thw for p in req.placeholders])
-            zeros = torch.zeros(total, req.placeholders[0].hidden_size, dtype=dtype)
-            mm = {"image": {"image_embeds": zeros, "image_grid_thw": grid}}
+            assert self.adapter is not None
+            shapes = [ItemShape(p.num_tokens, p.metadata) for p in req.placeholders]
+            mm = self.adapter.placeholder_data(shapes, req.placeholders[0].hidden_size, self.llm.model_config.dtype)
             return mm, {"image": [p.key for p in req.placeholders]}
         return None, None
 

@@ -409,7 +409,7 @@ class Router:
             if time.monotonic() < lease_ends - self.args.transfer_timeout_seconds:
                 placeholders = [
                     PlaceholderItem(
-                        key=i.key, grid_thw=i.grid_thw, num_tokens=i.num_tokens, hidden_size=prefill.hidden_size or 0
+                        key=i.key, num_tokens=i.num_tokens, metadata=i.metadata, hidden_size=prefill.hidden_size or 0
                     )
                     for i in encoded
                 ]

@@ -41,8 +41,8 @@ class EncodedItem(BaseModel):
     modality: Literal["image"] = "image"
     key: str  # content key (content_key.py): the item's identity in every engine's prefix cache
     embeddings: TensorRef
-    grid_thw: list[int]  # Qwen2-VL: temporal, height, width patches before merging
     num_tokens: int
+    metadata: dict[str, Any] = Field(default_factory=dict)  # the model family's, e.g. Qwen's {"grid_thw": [t, h, w]}
     cached: bool = False
 
 
@@ -65,12 +65,13 @@ class Sampling(BaseModel):
 
 class PlaceholderItem(BaseModel):
     """What decode needs for an image it will not compute: its content key (decode's prefix cache keys the item by
-    it, never by the placeholder's values), the grid (positions) and the embedding shape."""
+    it, never by the placeholder's values), the embedding shape and the family's metadata (positions may depend
+    on it, e.g. Qwen's grid)."""
 
     key: str
-    grid_thw: list[int]
     num_tokens: int
     hidden_size: int
+    metadata: dict[str, Any] = Field(default_factory=dict)
 
 
 class GenerateRequest(Message):

@@ -1,6 +1,7 @@
-"""`mmgraph tiny-model DIR`: a tiny Qwen2-VL with random weights, built locally with no download.
+"""`mmgraph tiny-model DIR [--family qwen2-vl|llava]`: a tiny model of a supported family with random weights,
+built locally with no download.
 
-It is a real transformers model (config, safetensors weights, a byte-level BPE tokenizer trained here with
+Each is a real transformers model (config, safetensors weights, a byte-level BPE tokenizer trained here with
 Qwen's special tokens, a Qwen-style chat template, an image processor), small enough to load in seconds on a CPU
 and to run through vLLM. Two deliberate tweaks make it a useful test oracle: q/k projections are scaled up so
 attention is sharp (a position bug, e.g. wrong M-RoPE grids, changes the tokens), and lm_head is scaled up so
@@ -12,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-SPECIAL_TOKENS = [
+QWEN_SPECIAL_TOKENS = [
     "<|endoftext|>",
     "<|im_start|>",
     "<|im_end|>",
@@ -21,7 +22,7 @@ SPECIAL_TOKENS = [
     "<|image_pad|>",
     "<|video_pad|>",
 ]
-CHAT_TEMPLATE = (
+QWEN_CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}"
     "{% else %}{% for part in message['content'] %}"
@@ -30,6 +31,17 @@ CHAT_TEMPLATE = (
     "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+LLAVA_SPECIAL_TOKENS = ["<pad>", "</s>", "<image>"]
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] | upper }}: "
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] in ('image', 'image_url') %}<image>\n"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+FAMILIES = ("qwen2-vl", "llava")
 VOCAB = 512
 MIN_PIXELS, MAX_PIXELS = 56 * 56, 112 * 112
 SEED = 1234
@@ -45,7 +57,7 @@ def _corpus() -> list[str]:
     return [" ".join(words[(i * 7 + j * 3) % len(words)] for j in range(12)) for i in range(400)]
 
 
-def build_tokenizer(out: Path):
+def build_tokenizer(out: Path, special_tokens: list[str], chat_template: str, eos: str, pad: str):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -54,26 +66,46 @@ def build_tokenizer(out: Path):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=VOCAB - 64,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=special_tokens,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(_corpus(), trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        additional_special_tokens=SPECIAL_TOKENS[1:],
+        eos_token=eos,
+        pad_token=pad,
+        additional_special_tokens=[t for t in special_tokens if t not in (eos, pad)],
         model_max_length=4096,
     )
-    fast.chat_template = CHAT_TEMPLATE
+    fast.chat_template = chat_template
     fast.save_pretrained(out)
     return fast
 
 
-def build(out: str | Path, *, seed: int = SEED, vision_seed: int | None = None, text_seed: int | None = None) -> Path:
+def build(
+    out: str | Path,
+    *,
+    family: str = "qwen2-vl",
+    seed: int = SEED,
+    vision_seed: int | None = None,
+    text_seed: int | None = None,
+) -> Path:
     """Write the model to `out`; `vision_seed`/`text_seed` give variants whose vision or language weights differ
     (the controls that prove embeddings and KV really travel between stages)."""
+    if family not in FAMILIES:
+        raise ValueError(f"no tiny model for family {family!r}; families: {', '.join(FAMILIES)}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    builder = _qwen2_vl if family == "qwen2-vl" else _llava
+    builder(out, seed, vision_seed, text_seed)
+    (out / "mmgraph-tiny.json").write_text(
+        json.dumps({"family": family, "seed": seed, "vision_seed": vision_seed, "text_seed": text_seed})
+    )
+    return out
+
+
+def _qwen2_vl(out: Path, seed: int, vision_seed: int | None, text_seed: int | None) -> None:
     import torch
     from transformers import (
         AutoProcessor,
@@ -84,10 +116,8 @@ def build(out: str | Path, *, seed: int = SEED, vision_seed: int | None = None, 
         Qwen2VLVideoProcessor,
     )
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(out)
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    tokenizer = build_tokenizer(out, QWEN_SPECIAL_TOKENS, QWEN_CHAT_TEMPLATE, "<|im_end|>", "<|endoftext|>")
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
     config = Qwen2VLConfig(
         text_config={
             "vocab_size": VOCAB,
@@ -120,17 +150,8 @@ def build(out: str | Path, *, seed: int = SEED, vision_seed: int | None = None, 
         tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(config).to(torch.float32).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith(("q_proj.weight", "k_proj.weight")) and "visual" not in name:
-                param.mul_(4.0)  # sharp attention: positions matter
-        model.lm_head.weight.mul_(20.0)  # decisive greedy decoding
-        _reseed(model, "visual", vision_seed)
-        _reseed(model, "language_model", text_seed)
-    model.generation_config.eos_token_id = ids["<|im_end|>"]
-    model.generation_config.pad_token_id = ids["<|endoftext|>"]
-    model.save_pretrained(out, safe_serialization=True)
+    model = Qwen2VLForConditionalGeneration(config)
+    _sharpen_and_save(model, out, ("visual",), vision_seed, text_seed, ids["<|im_end|>"], ids["<|endoftext|>"])
     image_processor = Qwen2VLImageProcessor(
         size={"shortest_edge": MIN_PIXELS, "longest_edge": MAX_PIXELS}, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS
     )
@@ -139,14 +160,116 @@ def build(out: str | Path, *, seed: int = SEED, vision_seed: int | None = None, 
         image_processor=image_processor,
         tokenizer=tokenizer,
         video_processor=video_processor,
-        chat_template=CHAT_TEMPLATE,
+        chat_template=QWEN_CHAT_TEMPLATE,
     )
     processor.save_pretrained(out)
     AutoProcessor.from_pretrained(out)  # fail here, not in a worker, if what we wrote does not load
-    (out / "mmgraph-tiny.json").write_text(
-        json.dumps({"seed": seed, "vision_seed": vision_seed, "text_seed": text_seed})
+
+
+def _llava(out: Path, seed: int, vision_seed: int | None, text_seed: int | None) -> None:
+    """LLaVA-1.5-style: CLIP tower (56x56 input, 14-pixel patches: 16 tokens per image after dropping CLS),
+    features from the second-to-last layer, a GELU projector, a Llama-style language model."""
+    import torch
+    from transformers import (
+        AutoProcessor,
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
     )
-    return out
+
+    tokenizer = build_tokenizer(out, LLAVA_SPECIAL_TOKENS, LLAVA_CHAT_TEMPLATE, "</s>", "<pad>")
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in LLAVA_SPECIAL_TOKENS}
+    text = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=4096,
+        bos_token_id=ids["<pad>"],
+        eos_token_id=ids["</s>"],
+        pad_token_id=ids["<pad>"],
+        tie_word_embeddings=False,
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=56,
+        patch_size=14,
+        projection_dim=64,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=ids["<image>"],
+        projector_hidden_act="gelu",
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        image_seq_length=16,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    vision_parts = ("vision_tower", "multi_modal_projector")
+    _sharpen_and_save(model, out, vision_parts, vision_seed, text_seed, ids["</s>"], ids["<pad>"])
+    _as_llava_hf_checkpoint(out / "model.safetensors")
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56}, do_center_crop=True
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        image_token="<image>",
+        chat_template=LLAVA_CHAT_TEMPLATE,
+    )
+    processor.save_pretrained(out)
+    AutoProcessor.from_pretrained(out)
+
+
+def _as_llava_hf_checkpoint(path: Path) -> None:
+    """Write the tower's tensors as published LLaVA checkpoints (llava-hf/*) name them, which vLLM reads:
+    `vision_tower.vision_model.*`. transformers 5 saves a CLIP tower without the `vision_model.` level."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(path))
+    renamed = {
+        "vision_tower.vision_model." + name.removeprefix("vision_tower.")
+        if name.startswith("vision_tower.") and not name.startswith("vision_tower.vision_model.")
+        else name: tensor
+        for name, tensor in tensors.items()
+    }
+    save_file(renamed, str(path), metadata={"format": "pt"})
+
+
+def _sharpen_and_save(
+    model, out: Path, vision_parts: tuple[str, ...], vision_seed: int | None, text_seed: int | None, eos: int, pad: int
+) -> None:
+    """float32, sharp attention in the language model (a position bug changes the tokens), a decisive lm_head
+    (token equality is stable across engines), optional reseeded parts; then save."""
+    import torch
+
+    model = model.to(torch.float32).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            is_vision = any(part in name for part in vision_parts)
+            if name.endswith(("q_proj.weight", "k_proj.weight")) and not is_vision:
+                param.mul_(4.0)
+        model.lm_head.weight.mul_(20.0)
+        for part in vision_parts:
+            _reseed(model, part, vision_seed)
+        _reseed(model, "language_model", text_seed)
+    model.generation_config.eos_token_id = eos
+    model.generation_config.pad_token_id = pad
+    model.save_pretrained(out, safe_serialization=True)
 
 
 def _reseed(model, part: str, seed: int | None) -> None:
@@ -161,9 +284,9 @@ def _reseed(model, part: str, seed: int | None) -> None:
             param.copy_(torch.randn(param.shape, generator=generator) * param.std())
 
 
-def ensure(path: str | Path) -> Path:
+def ensure(path: str | Path, family: str = "qwen2-vl") -> Path:
     """Build the tiny model at `path` unless one is already there (what `mmgraph up` calls)."""
     path = Path(path)
     if not (path / "config.json").exists() or not (path / "mmgraph-tiny.json").exists():
-        build(path)
+        build(path, family=family)
     return path

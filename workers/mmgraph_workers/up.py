@@ -3,8 +3,9 @@
 The same `mmgraph worker <stage>` command lines a Deployment runs (commands.py), with peers on 127.0.0.1. Shows
 progress until every stage answers /health, prints the endpoint, and stops every process it started on Ctrl-C
 or as soon as one stage dies (saying which, and the end of its log). With --demo it sends one chat request with
-an image, prints the reply and its timings, and stops. A `path` model that does not exist yet is built as the
-tiny Qwen2-VL first, so the demo needs no download.
+an image, prints the reply and its timings, and stops. A `path` model that does not exist yet is built as a tiny
+model first (Qwen2-VL, or the family the graph's `mmgraph.io/tiny-model-family` annotation names), so the demo
+needs no download.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from mmgraph_operator.commands import worker_command
 
 from mmgraph_workers.protocol import PEER_HOSTS_ENV
 
+# Which tiny model `up` builds where the graph's model path is empty (the demo examples set it; default Qwen2-VL).
+TINY_FAMILY_ANNOTATION = "mmgraph.io/tiny-model-family"
 START_TIMEOUT = 600.0  # seconds for every stage to become healthy (engines take ~30 s each on 2 CPU cores)
 
 
@@ -273,8 +276,9 @@ def up(file: str, host: str = "127.0.0.1", demo: bool = False) -> int:
     if graph.spec.model.path and not Path(graph.spec.model.path, "config.json").exists():
         from mmgraph_workers.tiny_model import ensure
 
-        print(f"building the tiny Qwen2-VL at {graph.spec.model.path} (no download) ...", flush=True)
-        ensure(graph.spec.model.path)
+        family = graph.metadata.get("annotations", {}).get(TINY_FAMILY_ANNOTATION, "qwen2-vl")
+        print(f"building the tiny {family} model at {graph.spec.model.path} (no download) ...", flush=True)
+        ensure(graph.spec.model.path, family)
     local = LocalGraph(graph, host)
     stages = ", ".join(s.value for s in graph.spec.used_stages())
     print(f"starting {graph.name} ({graph.spec.topology.value}: {stages}); logs in {local.logdir}", flush=True)

@@ -1,0 +1,156 @@
+"""The model-adapter interface: everything a stage must know about one model family, and nothing else.
+
+A family is one module in this package, chosen from the model's `config.json` (`architectures`), never from its
+name. The stages, the inter-stage protocol and the frontend stay family-agnostic; each calls only this:
+
+    stage     call                         what the family decides
+    encoder   load_encoder(device, dtype)  which weights form the encoder (tower, projector), loaded alone onto
+                                           the stage's device: never the language model
+    encoder   encode(module, images)       processor + tower (+ projector) -> per item: embeddings as the language
+                                           model consumes them, and the metadata the engine needs to place them
+                                           (Qwen's grid); that metadata travels in `EncodedItem.metadata`
+    pd        embeddings_data(items)       vLLM's `multi_modal_data` from real embeddings and their metadata
+    decode    placeholder_data(items)      the same shape filled with zeros: decode never computes them (the KV
+                                           comes over NIXL) but positions and token counts depend on the metadata
+
+The frontend needs nothing from a family: the model's chat template renders one placeholder per media part and
+vLLM expands it from the metadata. Weights come from the model's safetensors (a local directory, or the Hugging
+Face Hub, where only the shards holding the encoder's weights are fetched).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One media item after the encoder: [tokens, hidden] embeddings and the family's metadata for the engine."""
+
+    embeddings: torch.Tensor
+    metadata: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ItemShape:
+    """What an engine knows of an item it receives as embeddings or as a placeholder."""
+
+    num_tokens: int
+    metadata: dict[str, Any]
+
+
+class ModelAdapter(ABC):
+    """One model family. Subclasses name the `architectures` they serve and implement the calls above."""
+
+    family: ClassVar[str]
+    architectures: ClassVar[tuple[str, ...]]
+    modalities: ClassVar[tuple[str, ...]] = ("image",)
+
+    def __init__(self, model: str, config: Any, revision: str | None = None, trust_remote_code: bool = False):
+        self.model, self.config, self.revision, self.trust_remote_code = model, config, revision, trust_remote_code
+
+    def load_processor(self) -> Any:
+        from transformers import AutoProcessor
+
+        return AutoProcessor.from_pretrained(
+            self.model, revision=self.revision, trust_remote_code=self.trust_remote_code
+        )
+
+    @abstractmethod
+    def load_encoder(self, device: str, dtype: torch.dtype | None = None) -> torch.nn.Module:
+        """The encoder's module (tower and projector) with its weights, on `device`, in eval mode."""
+
+    @abstractmethod
+    def encode(self, module: torch.nn.Module, processor: Any, images: list[Any]) -> list[Encoded]:
+        """Embeddings and metadata per image, in order."""
+
+    @abstractmethod
+    def embeddings_data(self, embeddings: list[torch.Tensor], items: list[ItemShape]) -> dict[str, Any]:
+        """vLLM's `multi_modal_data` for real embeddings (pd)."""
+
+    def placeholder_data(self, items: list[ItemShape], hidden_size: int, dtype: torch.dtype) -> dict[str, Any]:
+        """vLLM's `multi_modal_data` for placeholders (decode): zeros of the shapes real embeddings would have."""
+        zeros = [torch.zeros(item.num_tokens, hidden_size, dtype=dtype) for item in items]
+        return self.embeddings_data(zeros, items)
+
+    def checkpoint_dtype(self) -> torch.dtype:
+        dtype = getattr(self.config, "dtype", None) or getattr(self.config, "torch_dtype", None) or torch.float32
+        return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+    def _load(self, module: torch.nn.Module, prefixes: dict[str, str], device: str, dtype: torch.dtype | None):
+        """Fill `module` (built under `skeleton()`) with the checkpoint tensors under `prefixes` (checkpoint
+        prefix -> module prefix) and nothing else, then move it to `device`."""
+        state = read_weights(self.model, self.revision, prefixes)
+        missing = set(module.state_dict()) - set(state)
+        if missing:
+            raise RuntimeError(
+                f"{self.model}: the checkpoint has no {sorted(missing)[:3]}... for the {self.family} encoder "
+                f"(looked under {sorted(prefixes)})"
+            )
+        module.load_state_dict(state, strict=True, assign=True)
+        return module.to(device=device, dtype=dtype or self.checkpoint_dtype()).eval()
+
+
+@contextlib.contextmanager
+def skeleton() -> Iterator[None]:
+    """Build a module without initialising its weights (the checkpoint's replace them): parameters are allocated
+    on the CPU but not filled, so building costs the tower's size once and no random-number work; buffers that
+    are computed, not stored (rotary frequencies), are computed as usual."""
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights():
+        yield
+
+
+def read_weights(model: str, revision: str | None, prefixes: dict[str, str]) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors checkpoint whose names start with one of `prefixes`, renamed. Only those
+    tensors are read (and, from the Hub, only the shards that hold them are fetched)."""
+    from safetensors import safe_open
+
+    def matches(name: str) -> str | None:
+        for prefix, to in prefixes.items():
+            if name.startswith(prefix):
+                return to + name[len(prefix) :]
+        return None
+
+    index = _file(model, revision, "model.safetensors.index.json", required=False)
+    if index is not None:
+        weight_map: dict[str, str] = json.loads(Path(index).read_text())["weight_map"]
+        shards = sorted({shard for name, shard in weight_map.items() if matches(name)})
+    else:
+        shards = ["model.safetensors"]
+    state: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        path = _file(model, revision, shard, required=True)
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                target = matches(name)
+                if target is not None:
+                    state[target] = f.get_tensor(name)
+    return state
+
+
+def _file(model: str, revision: str | None, name: str, required: bool) -> Path | None:
+    local = Path(model)
+    if local.is_dir():
+        path = local / name
+        if path.exists() or not required:
+            return path if path.exists() else None
+        raise FileNotFoundError(f"{path} is missing: the encoder reads the model's safetensors")
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        return Path(hf_hub_download(model, name, revision=revision))
+    except EntryNotFoundError:
+        if required:
+            raise
+        return None

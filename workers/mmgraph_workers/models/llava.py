@@ -1,0 +1,65 @@
+"""LLaVA (1.5-style): a CLIP/SigLIP vision tower whose hidden states at `vision_feature_layer` (one layer, or
+several concatenated) are taken, with the CLS position dropped under the "default" selection strategy, and a
+projector MLP into the language model's space; a fixed number of tokens per image, no extra metadata. vLLM
+takes `image` embeddings [n, tokens, hidden]."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from mmgraph_workers.models.base import Encoded, ItemShape, ModelAdapter, skeleton
+
+
+class LlavaEncoder(torch.nn.Module):
+    """Tower + projector, selecting features as the model's config says (as transformers' LlavaModel does)."""
+
+    def __init__(self, tower: torch.nn.Module, projector: torch.nn.Module, layer: int | list[int], strategy: str):
+        super().__init__()
+        self.tower, self.projector, self.layer, self.strategy = tower, projector, layer, strategy
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        hidden = self.tower(pixel_values, output_hidden_states=True, return_dict=True).hidden_states
+        layers = [self.layer] if isinstance(self.layer, int) else list(self.layer)
+        chosen = [hidden[i][:, 1:] if self.strategy == "default" else hidden[i] for i in layers]
+        return self.projector(torch.cat(chosen, dim=-1))
+
+
+class Llava(ModelAdapter):
+    family = "llava"
+    architectures = ("LlavaForConditionalGeneration",)
+
+    def load_encoder(self, device: str, dtype: torch.dtype | None = None) -> torch.nn.Module:
+        from transformers import AutoModel
+        from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+        config = self.config
+        with skeleton():
+            module = LlavaEncoder(
+                AutoModel.from_config(config.vision_config),
+                LlavaMultiModalProjector(config),
+                config.vision_feature_layer,
+                config.vision_feature_select_strategy,
+            )
+        # Checkpoints name the CLIP tower `[model.]vision_tower.vision_model.*`; transformers 5's CLIPVisionModel
+        # has no `vision_model` level (4.x has one), so map onto whichever this module has.
+        nested = any(name.startswith("tower.vision_model.") for name in module.state_dict())
+        tower = "tower.vision_model." if nested else "tower."
+        prefixes = {
+            "model.vision_tower.vision_model.": tower,
+            "vision_tower.vision_model.": tower,
+            "model.multi_modal_projector.": "projector.",
+            "multi_modal_projector.": "projector.",
+        }
+        return self._load(module, prefixes, device, dtype)
+
+    @torch.inference_mode()
+    def encode(self, module: torch.nn.Module, processor: Any, images: list[Any]) -> list[Encoded]:
+        pixels = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        weight = next(module.parameters())
+        embeds = module(pixels.to(device=weight.device, dtype=weight.dtype))
+        return [Encoded(e.contiguous(), {}) for e in embeds]
+
+    def embeddings_data(self, embeddings: list[torch.Tensor], items: list[ItemShape]) -> dict[str, Any]:
+        return {"image": torch.stack(embeddings)}

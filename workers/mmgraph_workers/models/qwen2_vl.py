@@ -1,0 +1,50 @@
+"""Qwen2-VL and Qwen2.5-VL: a vision transformer whose output is already in the language model's space (patch
+merging is its last step), one item per image with a (temporal, height, width) patch grid that the language
+model's M-RoPE positions depend on. vLLM takes `image_embeds` [tokens, hidden] with `image_grid_thw` [n, 3]."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from mmgraph_workers.models.base import Encoded, ItemShape, ModelAdapter, skeleton
+
+TOWERS = {
+    "Qwen2VLForConditionalGeneration": ("qwen2_vl", "Qwen2VisionTransformerPretrainedModel"),
+    "Qwen2_5_VLForConditionalGeneration": ("qwen2_5_vl", "Qwen2_5_VisionTransformerPretrainedModel"),
+}
+
+
+class Qwen2VL(ModelAdapter):
+    family = "qwen2-vl"
+    architectures = tuple(TOWERS)
+
+    def load_encoder(self, device: str, dtype: torch.dtype | None = None) -> torch.nn.Module:
+        import importlib
+
+        module_name, class_name = TOWERS[self.config.architectures[0]]
+        tower_class = getattr(
+            importlib.import_module(f"transformers.models.{module_name}.modeling_{module_name}"), class_name
+        )
+        with skeleton():
+            tower = tower_class._from_config(self.config.vision_config)
+        # transformers >= 4.52 saves the tower as `model.visual.*`; Qwen's own checkpoints as `visual.*`
+        return self._load(tower, {"model.visual.": "", "visual.": ""}, device, dtype)
+
+    @torch.inference_mode()
+    def encode(self, module: torch.nn.Module, processor: Any, images: list[Any]) -> list[Encoded]:
+        inputs = processor.image_processor(images=images, return_tensors="pt")
+        pixels, grid = inputs["pixel_values"], inputs["image_grid_thw"]
+        weight = next(module.parameters())
+        out = module(pixels.to(device=weight.device, dtype=weight.dtype), grid_thw=grid.to(weight.device))
+        embeds = getattr(out, "pooler_output", out)
+        sizes = (grid.prod(-1) // module.spatial_merge_size**2).tolist()
+        return [
+            Encoded(e.contiguous(), {"grid_thw": g})
+            for e, g in zip(torch.split(embeds, sizes), grid.tolist(), strict=True)
+        ]
+
+    def embeddings_data(self, embeddings: list[torch.Tensor], items: list[ItemShape]) -> dict[str, Any]:
+        grid = torch.tensor([item.metadata["grid_thw"] for item in items])  # 2-D, one row per image
+        return {"image": {"image_embeds": torch.cat(embeddings), "image_grid_thw": grid}}
