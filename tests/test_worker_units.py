@@ -13,7 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
-from mmgraph_workers.frontend import Peer, StageFailure
+from mmgraph_workers.frontend.peers import NoReplica, Peer
 from mmgraph_workers.media import MediaError
 from mmgraph_workers.media.fetch import fetch_bytes
 from mmgraph_workers.media.image import decode_image
@@ -130,20 +130,22 @@ def test_only_safe_image_formats_open():
 
 def test_peer_picks_the_least_busy_replica():
     peer = Peer("pd", "http://pd.ns.svc:8002", addresses=["10.0.0.1", "10.0.0.2"])
-    with peer.pick() as (_, first), peer.pick() as (_, second):
-        assert {first, second} == {"http://10.0.0.1:8002", "http://10.0.0.2:8002"}
-        with peer.pick() as (_, third):
-            assert third in (first, second)
-        with peer.pick(avoid={"10.0.0.1"}) as (address, fourth):  # e.g. 10.0.0.1 refused the connection
-            assert (address, fourth) == ("10.0.0.2", "http://10.0.0.2:8002")
+    (a1, first), (a2, second) = peer.acquire(), peer.acquire()
+    assert {first, second} == {"http://10.0.0.1:8002", "http://10.0.0.2:8002"}
+    a3, third = peer.acquire()
+    assert third in (first, second)
+    peer.release(a3)
+    assert peer.acquire(avoid={"10.0.0.1"}) == ("10.0.0.2", "http://10.0.0.2:8002")  # 10.0.0.1 refused, say
+    for address in (a1, a2, "10.0.0.2"):
+        peer.release(address)
     assert peer.outstanding == {"10.0.0.1": 0, "10.0.0.2": 0}
-    with pytest.raises(StageFailure, match="no replica took the connection"), peer.pick(avoid=set(peer.addresses)):
-        pass
+    with pytest.raises(NoReplica, match="no replica took the connection"):
+        peer.acquire(avoid=set(peer.addresses))
 
 
 def test_peer_with_no_ready_replica_fails_naming_the_stage():
-    with pytest.raises(StageFailure, match="pd: no address"), Peer("pd", "http://pd:1").pick():
-        pass
+    with pytest.raises(NoReplica, match="pd: no address"):
+        Peer("pd", "http://pd:1").acquire()
 
 
 def test_peer_re_resolves_and_keeps_addresses_when_dns_fails():

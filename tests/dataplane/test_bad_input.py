@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 from mmgraph_operator.api import StageName, parse
-from mmgraph_workers.frontend import KV_ATTEMPTS
+from mmgraph_workers.frontend.router import KV_ATTEMPTS
 from mmgraph_workers.protocol import GenerateEvent, GenerateRequest, Sampling
 from mmgraph_workers.up import LocalGraph, free_port
 from PIL import Image

@@ -92,11 +92,13 @@ def test_usage_counts_expanded_prompt_and_completion(endpoints):
 
 
 def test_metrics_count_requests_and_stage_latency(endpoints):
-    chat(endpoints["e-p-d"], **CASES["one-image"])
-    assert metric(endpoints["e-p-d"], "mmgraph_requests_total") > 0
-    for stage in ("encoder", "pd", "decode"):
-        assert metric(endpoints["e-p-d"], f'mmgraph_stage_seconds_count{{stage="{stage}"}}'.split("{")[0]) > 0
-    assert metric(endpoints["e-p-d"], "mmgraph_time_to_first_token_seconds_count") > 0
+    """One request moves each of its own counters by exactly one: per stage, on deltas this test caused."""
+    frontend = endpoints["e-p-d"]
+    names = [f'mmgraph_stage_seconds_count{{stage="{s}"}}' for s in ("encoder", "pd", "decode")]
+    names += ['mmgraph_requests_total{status="200"}', "mmgraph_time_to_first_token_seconds_count"]
+    before = {name: metric(frontend, name) for name in names}
+    assert chat(frontend, **CASES["one-image"]).status_code == 200
+    assert {name: metric(frontend, name) - before[name] for name in names} == dict.fromkeys(names, 1.0)
 
 
 def test_kv_travels_from_pd_to_decode(tiny_model, reference, tmp_path_factory):

@@ -12,8 +12,6 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 PROTOCOL_VERSION = 2  # 2: every media item carries its content key
-# Where a frontend reads peer addresses before DNS (/etc/hosts format): `mmgraph up`'s stand-in for cluster DNS.
-PEER_HOSTS_ENV = "MMGRAPH_PEER_HOSTS_FILE"
 
 
 class Message(BaseModel):

@@ -28,8 +28,6 @@ import yaml
 from mmgraph_operator.api import MultimodalGraph, MultimodalGraphSpec, StageName, parse, problems
 from mmgraph_operator.commands import worker_command
 
-from mmgraph_workers.protocol import PEER_HOSTS_ENV
-
 # Which tiny model `up` builds where the graph's model path is empty (the demo examples set it; default Qwen2-VL).
 TINY_FAMILY_ANNOTATION = "mmgraph.io/tiny-model-family"
 START_TIMEOUT = 600.0  # seconds for every stage to become healthy (engines take ~30 s each on 2 CPU cores)
@@ -89,7 +87,7 @@ class LocalGraph:
         for stage in (s for s in used if s != StageName.FRONTEND):  # workers first, the frontend last
             self.spawn(stage, ports[stage], peers)
         self.write_hosts()
-        self.spawn(StageName.FRONTEND, ports[StageName.FRONTEND], peers, env={PEER_HOSTS_ENV: str(self.hosts_file)})
+        self.spawn(StageName.FRONTEND, ports[StageName.FRONTEND], peers, args=[f"--peer-hosts-file={self.hosts_file}"])
 
     def write_hosts(self, leaving: Stage | None = None) -> None:
         """List every worker replica under its stage's name (but `leaving`); the frontend re-reads the file."""
@@ -134,6 +132,7 @@ class LocalGraph:
         env: dict[str, str] | None = None,
         model: str | None = None,
         host: str | None = None,
+        args: list[str] | None = None,
     ) -> Stage:
         """Start one stage on `port`, its peers at `peers` (a frontend may be routed to another graph's workers);
         `model` overrides the graph's weights for this one stage (the tests' controls use it); `host` is the
@@ -154,7 +153,7 @@ class LocalGraph:
         )
         log = self.logdir / (f"{stage.value}.log" if host == self.host else f"{stage.value}-{host}.log")
         proc = subprocess.Popen(
-            [sys.executable, "-m", "mmgraph_operator.cli", *argv],
+            [sys.executable, "-m", "mmgraph_operator.cli", *argv, *(args or [])],
             stdout=open(log, "wb"),  # noqa: SIM115 - the child owns it
             stderr=subprocess.STDOUT,
             env=env,

@@ -1,0 +1,174 @@
+"""The frontend's HTTP app (`build_app(args)`), its flags and its process: parses, asks the processor, hands the
+request to the router, and relays its events as one JSON answer or as SSE chunks. Errors in either form come
+from one formatter."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from prometheus_client import Counter, Gauge, Histogram
+from pydantic import ValidationError
+
+from mmgraph_workers.frontend.openai_api import (
+    ChatRequest,
+    RequestError,
+    chunk,
+    completion,
+    error_body,
+    error_response,
+    sse,
+    usage,
+)
+from mmgraph_workers.frontend.processor import Processor
+from mmgraph_workers.frontend.router import Router, StageFailure
+from mmgraph_workers.media.policy import MediaPolicy
+from mmgraph_workers.protocol import GenerateEvent
+from mmgraph_workers.server import add_common_arguments, make_app, serve
+
+log = logging.getLogger("mmgraph.frontend")
+REQUESTS = Counter("mmgraph_requests_total", "Chat completion requests", ["status"])
+ERRORS = Counter("mmgraph_request_errors_total", "Requests that failed, by the stage that failed", ["stage"])
+TTFT = Histogram("mmgraph_time_to_first_token_seconds", "Time from request to first token")
+IN_FLIGHT = Gauge("mmgraph_requests_in_flight", "Requests being served (the frontend's queue depth)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_common_arguments(parser)
+    MediaPolicy.add_arguments(parser)
+    parser.add_argument("--topology", choices=["agg", "e-pd", "e-p-d"], required=True)
+    parser.add_argument("--encoder-url", default=None)
+    parser.add_argument("--pd-url", required=True)
+    parser.add_argument("--decode-url", default=None)
+    parser.add_argument("--kv-lease-seconds", type=int, default=30)
+    parser.add_argument("--request-timeout-seconds", type=float, default=120)
+    parser.add_argument("--api-key-env", default=None, help="environment variable holding the API key")
+    parser.add_argument(
+        "--peer-hosts-file", default=None, help="/etc/hosts-style file read before DNS (`mmgraph up`'s replicas)"
+    )
+
+
+def failure(err: Exception, request_id: str) -> tuple[int, dict]:
+    """(status, OpenAI error body) for anything a request can end with; counts it."""
+    if isinstance(err, RequestError):
+        status, body = err.status, error_body(str(err), err.status, err.param)
+    elif isinstance(err, StageFailure):
+        ERRORS.labels(err.stage).inc()
+        status, body = err.status, error_body(str(err), err.status)
+    else:  # a bug of ours: still a well-formed error for the client, and a log line
+        log.error("request %s failed", request_id, exc_info=err)
+        status, body = 500, error_body(f"frontend failed: {err}", 500)
+    REQUESTS.labels(str(status)).inc()
+    return status, body
+
+
+def build_app(args: argparse.Namespace) -> FastAPI:
+    api_key = os.environ.get(args.api_key_env, "") if args.api_key_env else ""
+    if args.api_key_env and not api_key:
+        raise SystemExit(f"--api-key-env {args.api_key_env} is set but the variable is empty")
+    state: dict[str, Processor | Router] = {}
+    app = make_app("frontend", lambda: "router" in state and state["router"].pd_info is not None)  # type: ignore[union-attr]
+
+    @app.on_event("startup")
+    async def load() -> None:
+        state["processor"] = await asyncio.to_thread(Processor, args)
+        router = state["router"] = Router(args)
+        app.state.watcher = asyncio.create_task(router.watch_peers())
+
+    @app.middleware("http")
+    async def authenticate(request: Request, call_next):
+        if api_key and request.url.path.startswith("/v1/"):
+            if request.headers.get("authorization", "") != f"Bearer {api_key}":
+                return error_response(
+                    "missing or wrong API key (Authorization: Bearer <key>)", 401, kind="authentication_error"
+                )
+        return await call_next(request)
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {
+            "object": "list",
+            "data": [{"id": args.served_model_name, "object": "model", "created": 0, "owned_by": "mmgraph"}],
+        }
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        processor, router = state["processor"], state["router"]
+        assert isinstance(processor, Processor) and isinstance(router, Router), "not ready"
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        try:
+            req = ChatRequest.model_validate(json.loads(await request.body()))
+            max_len = router.pd_info.max_model_len if router.pd_info else None
+            token_ids, urls, sampling = processor.prepare(req, max_len)
+        except json.JSONDecodeError as err:
+            status, body = failure(RequestError(f"the request body is not valid JSON: {err}"), request_id)
+            return JSONResponse(body, status_code=status)
+        except ValidationError as err:
+            first = err.errors(include_url=False)[0]
+            where = ".".join(map(str, first["loc"]))
+            status, body = failure(RequestError(f"{where}: {first['msg']}", where), request_id)
+            return JSONResponse(body, status_code=status)
+        except RequestError as err:
+            status, body = failure(err, request_id)
+            return JSONResponse(body, status_code=status)
+        events = router.run(request_id, token_ids, urls, sampling)
+        if req.stream:
+            return StreamingResponse(_sse(request_id, req, events), media_type="text/event-stream")
+        return await _complete(request_id, req, events)
+
+    return app
+
+
+def main(args: argparse.Namespace) -> None:
+    serve(build_app(args), args.host, args.port)
+
+
+async def _sse(request_id: str, req: ChatRequest, events: AsyncIterator[GenerateEvent]) -> AsyncIterator[bytes]:
+    started, first = time.perf_counter(), True
+    include_usage = bool((req.stream_options or {}).get("include_usage"))
+    IN_FLIGHT.inc()
+    try:
+        yield sse(chunk(request_id, req.model, {"role": "assistant", "content": ""}, None))
+        async for event in events:
+            if first and (event.token_ids or event.text):
+                TTFT.observe(time.perf_counter() - started)
+                first = False
+            if event.text or event.finish_reason:
+                yield sse(
+                    chunk(request_id, req.model, {"content": event.text} if event.text else {}, event.finish_reason)
+                )
+            if event.finish_reason and include_usage:
+                yield sse(chunk(request_id, req.model, {}, None, usage(event)))
+        REQUESTS.labels("200").inc()
+    except Exception as err:
+        yield sse(failure(err, request_id)[1])
+    finally:
+        IN_FLIGHT.dec()
+    yield sse("[DONE]")
+
+
+async def _complete(request_id: str, req: ChatRequest, events: AsyncIterator[GenerateEvent]) -> JSONResponse:
+    started, text, token_ids, last = time.perf_counter(), [], [], None
+    IN_FLIGHT.inc()
+    try:
+        async for event in events:
+            if not text and (event.token_ids or event.text):
+                TTFT.observe(time.perf_counter() - started)
+            text.append(event.text)
+            token_ids += event.token_ids
+            last = event
+    except Exception as err:
+        status, body = failure(err, request_id)
+        return JSONResponse(body, status_code=status)
+    finally:
+        IN_FLIGHT.dec()
+    REQUESTS.labels("200").inc()
+    return JSONResponse(completion(request_id, req, "".join(text), token_ids, last))

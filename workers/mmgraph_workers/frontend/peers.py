@@ -1,0 +1,76 @@
+"""Each stage's replicas, as the frontend sees them: a URL whose host is re-resolved continuously (a headless
+Service resolves to every ready pod), and the least-busy address picked for each call. `mmgraph up` keeps a
+hosts file, its local stand-in for cluster DNS, so local replicas come and go the same way."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import urllib.parse
+from collections.abc import Collection
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class NoReplica(RuntimeError):
+    """No address of the stage is left to try."""
+
+
+def read_hosts(path: str) -> dict[str, list[str]]:
+    """Name -> addresses from a file in /etc/hosts format ("ADDRESS NAME..." lines, # comments)."""
+    names: dict[str, list[str]] = {}
+    try:
+        text = Path(path).read_text()
+    except OSError:
+        return names
+    for line in text.splitlines():
+        address, *aliases = line.split("#", 1)[0].split() or [""]
+        for name in aliases:
+            names.setdefault(name, []).append(address)
+    return names
+
+
+@dataclass
+class Peer:
+    """A stage's replicas: the URL's host re-resolved to every address, each call to the least busy one.
+
+    Names come from DNS, or, for a name listed in the optional peer hosts file, from that file only."""
+
+    stage: str
+    url: str
+    addresses: list[str] = field(default_factory=list)
+    outstanding: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        parts = urllib.parse.urlsplit(self.url)
+        self.host, self.port, self.scheme = parts.hostname or "", parts.port or 80, parts.scheme
+        self.from_file = False
+
+    async def refresh(self, hosts: dict[str, list[str]] | None = None) -> None:
+        """`hosts`: the peer hosts file's names, read once per round for every peer."""
+        if hosts is not None:
+            listed = hosts.get(self.host)
+            if listed is not None or self.from_file:  # once listed, a name leaves only by leaving the file
+                self.from_file, self.addresses = True, sorted(dict.fromkeys(listed or []))
+                return
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
+        except socket.gaierror:
+            return  # keep the last known addresses; a Service with no ready pods resolves to nothing
+        addresses = sorted(dict.fromkeys(i[4][0] for i in infos))
+        if addresses:
+            self.addresses = addresses
+
+    def acquire(self, avoid: Collection[str] = ()) -> tuple[str, str]:
+        """(address, base URL) of the least busy replica not in `avoid`, counted busy until `release`."""
+        choices = [a for a in self.addresses if a not in avoid]
+        if not choices:
+            reason = "no ready replica" if not avoid else f"no replica took the connection (tried {', '.join(avoid)})"
+            raise NoReplica(f"{self.stage}: no address for {self.url} ({reason})")
+        address = min(choices, key=lambda a: self.outstanding.get(a, 0))
+        self.outstanding[address] = self.outstanding.get(address, 0) + 1
+        host = f"[{address}]" if ":" in address else address
+        return address, f"{self.scheme}://{host}:{self.port}"
+
+    def release(self, address: str) -> None:
+        self.outstanding[address] -= 1

@@ -1,0 +1,260 @@
+"""The router: each request through the graph's stages, every call with a deadline, every failure naming its stage.
+
+Retries are explicit loops, each for one reason:
+- a refused connection (the replica left before DNS caught up; nothing was sent) goes to the next replica;
+- pd could not pull a request's embeddings (it did no work yet): encode again, send pd the request once more;
+- e-p-d: decode could not start, or pull the KV, within pd's lease: prefill again, KV_ATTEMPTS times in all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from prometheus_client import Counter, Histogram
+from pydantic import ValidationError
+
+from mmgraph_workers.frontend.openai_api import RequestError
+from mmgraph_workers.frontend.peers import NoReplica, Peer, read_hosts
+from mmgraph_workers.protocol import (
+    EncodedItem,
+    EncodeRequest,
+    EncodeResponse,
+    GenerateEvent,
+    GenerateRequest,
+    PlaceholderItem,
+    Sampling,
+    WorkerInfo,
+)
+
+log = logging.getLogger("mmgraph.frontend")
+STAGE_SECONDS = Histogram("mmgraph_stage_seconds", "Time spent in each stage call", ["stage"])
+CACHE_HITS = Counter("mmgraph_embedding_cache_hits_total", "Media items the encoder served from its cache")
+RETRIES = Counter(
+    "mmgraph_stage_retries_total", "Calls sent again after a stage failed before doing any work", ["stage"]
+)
+KV_REPREFILLS = Counter(
+    "mmgraph_kv_lease_reprefills_total", "Prefills redone because decode could not start or pull within the KV lease"
+)
+# decode's first token must come this long before pd's lease ends: covers the frontend-to-decode hop (the deadline
+# travels as seconds left, so clocks need not agree) with room to spare.
+KV_DEADLINE_MARGIN_SECONDS = 1.0
+# Prefills per request when decode cannot start, or pull the KV, within the lease: a late decode is usually a
+# passing overload.
+KV_ATTEMPTS = 3
+PEER_REFRESH_SECONDS = 2.0
+
+
+class StageFailure(RuntimeError):
+    """A stage failed or missed its deadline: answered 5xx naming the stage."""
+
+    def __init__(self, stage: str, message: str, status: int = 502, retry: bool = False):
+        super().__init__(f"{stage}: {message}")
+        self.stage, self.detail, self.status, self.retry = stage, message, status, retry
+
+
+@dataclass
+class Media:
+    """A request's media: the URLs, and the encoder's items for them (replaced when they are encoded again)."""
+
+    urls: list[str]
+    encoded: list[EncodedItem] = field(default_factory=list)
+
+
+class Router:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.peers = {
+            stage: Peer(stage, url)
+            for stage, url in (("encoder", args.encoder_url), ("pd", args.pd_url), ("decode", args.decode_url))
+            if url
+        }
+        timeout = httpx.Timeout(args.request_timeout_seconds, connect=30.0)
+        self.http = httpx.AsyncClient(timeout=timeout, trust_env=False, limits=httpx.Limits(max_connections=256))
+        self.pd_info: WorkerInfo | None = None
+
+    async def watch_peers(self) -> None:
+        """Re-resolve every stage's replicas (quickly until pd has answered once, then every 2 s)."""
+        while True:
+            hosts = read_hosts(self.args.peer_hosts_file) if self.args.peer_hosts_file else None
+            await asyncio.gather(*(p.refresh(hosts) for p in self.peers.values()))
+            if self.pd_info is None and self.peers["pd"].addresses:
+                with contextlib.suppress(httpx.HTTPError, NoReplica, ValidationError):
+                    address, base = self.peers["pd"].acquire()
+                    try:
+                        r = await self.http.get(f"{base}/v1/info", timeout=2)
+                    finally:
+                        self.peers["pd"].release(address)
+                    if r.status_code == 200:
+                        self.pd_info = WorkerInfo.model_validate(r.json())
+            await asyncio.sleep(PEER_REFRESH_SECONDS if self.pd_info else 0.5)
+
+    # ---- one call to one stage ------------------------------------------------------------------------------
+
+    def _acquire(self, stage: str, tried: set[str]) -> tuple[str, str]:
+        try:
+            return self.peers[stage].acquire(tried)
+        except NoReplica as err:
+            raise StageFailure(stage, str(err).removeprefix(f"{stage}: "), 503) from None
+
+    async def encode(self, request_id: str, urls: list[str]) -> list[EncodedItem]:
+        started, body, tried = (
+            time.perf_counter(),
+            EncodeRequest(request_id=request_id, urls=urls).model_dump_json(),
+            set(),
+        )
+        while True:
+            address, base = self._acquire("encoder", tried)
+            try:
+                r = await self.http.post(f"{base}/encode", content=body)
+                break
+            except httpx.ConnectError:
+                tried.add(address)  # nothing was sent: the next replica
+            except httpx.HTTPError as err:
+                raise StageFailure("encoder", f"{type(err).__name__} calling {base}: {err}", _status(err)) from None
+            finally:
+                self.peers["encoder"].release(address)
+        STAGE_SECONDS.labels("encoder").observe(time.perf_counter() - started)
+        if r.status_code != 200:
+            message = _error_text(r)
+            if 400 <= r.status_code < 500:
+                raise RequestError(message, "messages", r.status_code)
+            raise StageFailure("encoder", message, 502)
+        items = EncodeResponse.model_validate_json(r.content).items
+        CACHE_HITS.inc(sum(item.cached for item in items))
+        return items
+
+    async def stream_stage(self, stage: str, request: GenerateRequest) -> AsyncIterator[GenerateEvent]:
+        """The stage's events until the request finishes. A refused connection goes to the next replica, but only
+        before any event came: a request is never sent twice once a stage has begun answering it."""
+        started, body, tried, sent = time.perf_counter(), request.model_dump_json(), set(), False
+        while True:
+            address, base = self._acquire(stage, tried)
+            try:
+                async for event in self._stream(stage, base, body):
+                    sent = True
+                    yield event
+                    if event.finish_reason is not None:
+                        STAGE_SECONDS.labels(stage).observe(time.perf_counter() - started)
+                        return
+                raise StageFailure(stage, "the stream ended before the request finished (the stage died?)", 502)
+            except httpx.ConnectError:
+                if sent:
+                    raise StageFailure(stage, "the connection was refused after the stream had begun", 502) from None
+                tried.add(address)
+            except httpx.HTTPError as err:
+                raise StageFailure(stage, f"{type(err).__name__} calling {base}: {err}", _status(err)) from None
+            finally:
+                self.peers[stage].release(address)
+
+    async def _stream(self, stage: str, base: str, body: str) -> AsyncIterator[GenerateEvent]:
+        async with self.http.stream("POST", f"{base}/generate", content=body) as r:
+            if r.status_code != 200:
+                await r.aread()
+                raise StageFailure(stage, _error_text(r), 502)
+            async for line in r.aiter_lines():
+                if line.strip():
+                    event = GenerateEvent.model_validate_json(line)
+                    if event.error:
+                        if event.status and 400 <= event.status < 500:
+                            raise RequestError(event.error, None, event.status)
+                        raise StageFailure(stage, event.error, 502, retry=event.retry)
+                    yield event
+
+    # ---- the topologies ---------------------------------------------------------------------------------------
+
+    async def run(self, request_id: str, token_ids: list[int], urls: list[str], sampling: Sampling):
+        """The tokens of one request, as GenerateEvents from the last engine."""
+        topology = self.args.topology
+        base: dict[str, Any] = {"request_id": request_id, "prompt_token_ids": token_ids, "sampling": sampling}
+        if topology == "agg" or (topology == "e-pd" and not urls):
+            stream = self.stream_stage("pd", GenerateRequest(**base, image_urls=urls))
+        elif topology == "e-pd":
+            stream = self.prefill(base, Media(urls, await self.encode(request_id, urls)))
+        else:
+            stream = self.prefill_then_decode(base, Media(urls))
+        async for event in stream:
+            yield event
+
+    async def prefill(
+        self, base: dict[str, Any], media: Media, prefill_only: bool = False
+    ) -> AsyncIterator[GenerateEvent]:
+        """pd's stream for the encoder's embeddings. If pd could not pull them (it did no work yet), encode again,
+        on whichever encoder replica is least busy, and send pd the request once more."""
+        for attempt in (1, 2):
+            request = GenerateRequest(**base, encoded=media.encoded, prefill_only=prefill_only)
+            try:
+                async for event in self.stream_stage("pd", request):
+                    yield event
+                return
+            except StageFailure as err:
+                if attempt == 2 or not (err.retry and media.encoded):
+                    raise
+                RETRIES.labels("pd").inc()
+                log.warning("request %s: %s; encoding again", base["request_id"], err)
+            media.encoded = await self.encode(base["request_id"], media.urls)
+
+    async def prefill_then_decode(self, base: dict[str, Any], media: Media) -> AsyncIterator[GenerateEvent]:
+        """e-p-d: pd prefills, decode pulls the KV and streams. decode must start, and pull the KV, within pd's
+        lease (a late pull reads blocks that may hold another request's KV); either check failing, before any
+        token, prefills again (re-encoding: pd released the embeddings it pulled)."""
+        request_id = base["request_id"]
+        for attempt in range(1, KV_ATTEMPTS + 1):
+            if media.urls:
+                media.encoded = await self.encode(request_id, media.urls)
+            prefill, started = None, time.monotonic()
+            async for event in self.prefill(base, media, prefill_only=True):
+                prefill = event
+            assert prefill is not None and prefill.kv_transfer_params is not None, "pd returned no KV parameters"
+            # pd's lease began when its prefill ended, after `started`: counting from `started` is conservative.
+            lease_ends = started + self.args.kv_lease_seconds
+            if time.monotonic() >= lease_ends - self.args.transfer_timeout_seconds:
+                reason = "the KV cache lease would expire before decode could start"
+            else:
+                decode = GenerateRequest(
+                    **base,
+                    placeholders=[
+                        PlaceholderItem(
+                            key=i.key,
+                            num_tokens=i.num_tokens,
+                            metadata=i.metadata,
+                            hidden_size=prefill.hidden_size or 0,
+                        )
+                        for i in media.encoded
+                    ],
+                    kv_transfer_params=prefill.kv_transfer_params,
+                    kv_deadline_seconds=max(0.0, lease_ends - KV_DEADLINE_MARGIN_SECONDS - time.monotonic()),
+                )
+                sent = False
+                try:
+                    async for event in self.stream_stage("decode", decode):
+                        sent = True
+                        yield event
+                    return
+                except StageFailure as err:
+                    if sent or not err.retry:
+                        raise
+                    reason = err.detail
+            KV_REPREFILLS.inc()
+            log.warning("request %s: %s (attempt %d of %d)", request_id, reason, attempt, KV_ATTEMPTS)
+        raise StageFailure("decode", f"{reason}, {KV_ATTEMPTS} times; the graph is overloaded", 503)
+
+
+def _status(err: httpx.HTTPError) -> int:
+    return 504 if isinstance(err, httpx.TimeoutException) else 502
+
+
+def _error_text(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+        return str(body.get("error") or body)
+    except (json.JSONDecodeError, ValueError):
+        return f"HTTP {response.status_code}: {response.text[:300]}"
