@@ -181,7 +181,7 @@ def test_cpu_engines_keep_the_model_in_the_engine_core_unless_told_otherwise(mon
     import os
 
     import torch
-    from mmgraph_workers import engine
+    from mmgraph_workers import cpu, engine
 
     if torch.cuda.is_available():
         pytest.skip("CPU-only behaviour")
@@ -193,6 +193,8 @@ def test_cpu_engines_keep_the_model_in_the_engine_core_unless_told_otherwise(mon
     built = engine.engine_args(args, "decode")
     assert built.distributed_executor_backend == backend
     assert built.kv_transfer_config.kv_connector == "NixlConnector"
+    assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "1", "engine_args has no side effects"
+    cpu.apply_engine_env(engine.user_engine_args(args)[0])
     assert (engine_arg is None) == (os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0")
 
 
@@ -267,3 +269,28 @@ def test_content_key_changes_with_whatever_changes_the_kv():
     ]
     assert len({key, *variants}) == len(variants) + 1
     assert "http" not in key and len(key) == len("mmg1-") + 64
+
+
+def test_a_users_kv_transfer_config_is_accepted_and_merged_into_the_graphs():
+    """One behaviour everywhere: the webhook's rules accept it, the engine merges it over what the graph implies."""
+    import argparse
+    from pathlib import Path
+
+    import yaml
+    from mmgraph_operator.api import StageName, parse, problems
+    from mmgraph_operator.commands import worker_command
+    from mmgraph_workers import engine
+
+    body = yaml.safe_load((Path(__file__).parents[1] / "examples" / "tiny-e-p-d.yaml").read_text())
+    user = {"kv_connector_extra_config": {"enforce_handshake_compat": False}}
+    body["spec"]["stages"]["decode"]["engineArgs"]["kv-transfer-config"] = user
+    graph = parse(body)
+    assert problems(graph) == []
+    argv = worker_command(
+        graph.spec, StageName.DECODE, model="/m", host="127.0.0.1", advertise_host="127.0.0.1", peers={}
+    )
+    parser = argparse.ArgumentParser()
+    engine.add_arguments(parser)
+    config = engine.engine_args(parser.parse_args(argv[2:]), "decode").kv_transfer_config
+    assert config.kv_connector == "NixlConnector" and config.kv_role == "kv_consumer"
+    assert config.kv_connector_extra_config == {"kv_lease_duration": 30, "enforce_handshake_compat": False}

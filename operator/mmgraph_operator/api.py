@@ -10,6 +10,7 @@ defaults become schema defaults (what is stored is what runs). Rules that a stru
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
@@ -205,7 +206,7 @@ class Stages(Spec):
     decode: EngineSpec | None = None
     """The decode engine, fed the KV cache by pd; used by e-p-d."""
 
-    def get(self, name: StageName) -> StageSpec | None:
+    def get(self, name: StageName) -> FrontendSpec | EncoderSpec | EngineSpec | None:
         return getattr(self, name.value)
 
 
@@ -235,6 +236,11 @@ class MediaSpec(Spec):
     """Deadline for fetching one media URL, redirects included."""
 
 
+def kv_side_channel_port(transfer_port: int) -> int:
+    """The KV side channel's port, given the embeddings' side channel port (both NIXL, in the same pod)."""
+    return transfer_port + 1
+
+
 class TransferSpec(Spec):
     """How embeddings (encoder to pd) and the KV cache (pd to decode) move between pods."""
 
@@ -248,6 +254,11 @@ class TransferSpec(Spec):
     """How long pd keeps a request's KV blocks for decode to pull; decode must start within it."""
     timeout_seconds: float = Field(default=10.0, gt=0, le=3600)
     """Deadline for one transfer; shorter than kvLeaseSeconds, so no pull can outlive its lease."""
+
+    @property
+    def kv_port(self) -> int:
+        """vLLM's NixlConnector side channel (KV metadata), next to the embeddings' one."""
+        return kv_side_channel_port(self.port)
 
 
 class EmbeddingCacheSpec(Spec):
@@ -365,18 +376,31 @@ MAX_NAME = 63 - len("-frontend")  # the longest derived child name must still be
 
 
 def problems(graph: MultimodalGraph) -> list[str]:
-    """Every reason this graph cannot be rendered, each a sentence that says what to change; [] when valid."""
-    spec, out = graph.spec, []
+    """Every reason this graph cannot be rendered, each a sentence that says what to change; [] when valid.
+    Each rule below is checked on its own, so one problem never hides another."""
+    return [problem for rule in RULES for problem in rule(graph)]
+
+
+def _name_is_a_dns_label(graph: MultimodalGraph) -> list[str]:
     name = graph.name
-    if not DNS_LABEL.match(name) or len(name) > MAX_NAME:
-        out.append(
-            f"metadata.name {name!r} must be a DNS label (lower-case letters, digits and '-', starting with a "
-            f"letter) of at most {MAX_NAME} characters, because the Services are named <name>-<stage>"
-        )
-    sources = spec.model.sources()
-    if len(sources) != 1:
-        what = ", ".join(sources) if sources else "none"
-        out.append(f"spec.model must name exactly one of huggingFace, pvc or path (found: {what})")
+    if DNS_LABEL.match(name) and len(name) <= MAX_NAME:
+        return []
+    return [
+        f"metadata.name {name!r} must be a DNS label (lower-case letters, digits and '-', starting with a "
+        f"letter) of at most {MAX_NAME} characters, because the Services are named <name>-<stage>"
+    ]
+
+
+def _one_model_source(graph: MultimodalGraph) -> list[str]:
+    sources = graph.spec.model.sources()
+    if len(sources) == 1:
+        return []
+    what = ", ".join(sources) if sources else "none"
+    return [f"spec.model must name exactly one of huggingFace, pvc or path (found: {what})"]
+
+
+def _stages_match_the_topology(graph: MultimodalGraph) -> list[str]:
+    spec, out = graph.spec, []
     used = spec.used_stages()
     for stage in StageName:
         given = spec.stages.get(stage) is not None
@@ -387,41 +411,74 @@ def problems(graph: MultimodalGraph) -> list[str]:
             )
         if not given and stage in used:
             out.append(f"topology {spec.topology.value} needs spec.stages.{stage.value}; add it (e.g. `{{}}`)")
-    for stage in (StageName.PD, StageName.DECODE):
-        engine = spec.stages.get(stage)
-        if not isinstance(engine, EngineSpec):
-            continue
+    return out
+
+
+def _engines(graph: MultimodalGraph) -> list[tuple[StageName, EngineSpec]]:
+    return [(s, e) for s in (StageName.PD, StageName.DECODE) if isinstance(e := graph.spec.stages.get(s), EngineSpec)]
+
+
+def _gpus_match_parallelism(graph: MultimodalGraph) -> list[str]:
+    out = []
+    for stage, engine in _engines(graph):
+        bad = []
         for key in ("tensor-parallel-size", "pipeline-parallel-size", "data-parallel-size"):
             value = engine.engine_arg(key)
             if value is not None and (isinstance(value, bool) or not str(value).isdigit() or int(value) < 1):
-                out.append(f"spec.stages.{stage.value}.engineArgs.{key} must be a positive integer, not {value!r}")
-        if not out and engine.gpus and engine.parallel_size() != engine.gpus:
+                bad.append(f"spec.stages.{stage.value}.engineArgs.{key} must be a positive integer, not {value!r}")
+        out += bad
+        if not bad and engine.gpus and engine.parallel_size() != engine.gpus:
             out.append(
                 f"spec.stages.{stage.value}.gpus is {engine.gpus} but its engineArgs ask for "
                 f"{engine.parallel_size()} GPUs (tensor x pipeline x data parallel size); make them equal"
             )
-        reserved = {"model", "port", "host", "served-model-name", "kv-transfer-config"}
-        for key in engine.engine_args or {}:
-            if key.replace("_", "-") in reserved:
-                out.append(
-                    f"spec.stages.{stage.value}.engineArgs.{key} is set by the operator from the graph; remove it"
-                )
-    xfer = spec.transfer
-    if spec.topology == Topology.E_P_D and xfer.timeout_seconds >= xfer.kv_lease_seconds:
-        out.append(
-            f"spec.transfer.timeoutSeconds ({xfer.timeout_seconds:g}) must be shorter than "
-            f"spec.transfer.kvLeaseSeconds ({xfer.kv_lease_seconds}): decode must finish "
-            "pulling the KV cache before pd may reuse its blocks"
-        )
-    for stage in used:
+    return out
+
+
+def _no_reserved_engine_args(graph: MultimodalGraph) -> list[str]:
+    # kv-transfer-config is not reserved: a user's is merged into the NixlConnector config the graph implies
+    reserved = {"model", "port", "host", "served-model-name"}
+    return [
+        f"spec.stages.{stage.value}.engineArgs.{key} is set by the operator from the graph; remove it"
+        for stage, engine in _engines(graph)
+        for key in engine.engine_args or {}
+        if key.replace("_", "-") in reserved
+    ]
+
+
+def _transfers_end_within_the_kv_lease(graph: MultimodalGraph) -> list[str]:
+    xfer = graph.spec.transfer
+    if graph.spec.topology != Topology.E_P_D or xfer.timeout_seconds < xfer.kv_lease_seconds:
+        return []
+    return [
+        f"spec.transfer.timeoutSeconds ({xfer.timeout_seconds:g}) must be shorter than "
+        f"spec.transfer.kvLeaseSeconds ({xfer.kv_lease_seconds}): decode must finish "
+        "pulling the KV cache before pd may reuse its blocks"
+    ]
+
+
+def _ports_do_not_clash(graph: MultimodalGraph) -> list[str]:
+    spec, out = graph.spec, []
+    for stage in spec.used_stages():
         cfg = spec.stages.get(stage)
-        port = getattr(cfg, "port", None)
-        if stage != StageName.FRONTEND and port in (spec.transfer.port, spec.transfer.port + 1):
+        port = cfg.port if cfg is not None else None
+        if stage != StageName.FRONTEND and port in (spec.transfer.port, spec.transfer.kv_port):
             out.append(
                 f"spec.stages.{stage.value}.port {port} clashes with the NIXL side channels in the same pod "
-                f"(spec.transfer.port {spec.transfer.port} and the KV channel on port {spec.transfer.port + 1})"
+                f"(spec.transfer.port {spec.transfer.port} and the KV channel on port {spec.transfer.kv_port})"
             )
     return out
+
+
+RULES: tuple[Callable[[MultimodalGraph], list[str]], ...] = (
+    _name_is_a_dns_label,
+    _one_model_source,
+    _stages_match_the_topology,
+    _gpus_match_parallelism,
+    _no_reserved_engine_args,
+    _transfers_end_within_the_kv_lease,
+    _ports_do_not_clash,
+)
 
 
 def _topologies_with(stage: StageName) -> str:

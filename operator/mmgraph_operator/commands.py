@@ -27,7 +27,7 @@ def worker_command(
     """argv after `mmgraph`, e.g. ["worker", "pd", "--model", ...]; `ports`/`transfer_port` override the graph's."""
     cfg = spec.stages.get(stage)
     assert cfg is not None, f"topology {spec.topology.value} has no {stage.value} stage"
-    port = (ports or {}).get(stage, cfg.port)  # type: ignore[attr-defined]
+    port = (ports or {}).get(stage, cfg.port)
     argv = [
         "worker",
         stage.value,
@@ -51,6 +51,7 @@ def worker_command(
             argv.append("--api-key-env=MMGRAPH_API_KEY")
         return argv
     argv.append(f"--advertise-host={advertise_host}")
+    argv.append(f"--transfer-backend={xfer.backend}")
     argv.append(f"--transfer-port={transfer_port or xfer.port}")
     argv.append(f"--transfer-timeout-seconds={xfer.timeout_seconds:g}")
     if isinstance(cfg, EncoderSpec):

@@ -18,7 +18,7 @@ from kubernetes import client, config
 
 from mmgraph_operator.api import GROUP, PLURAL, VERSION
 from mmgraph_operator.reconcile import Reconciler
-from mmgraph_operator.render import GRAPH_LABEL, MANAGED_BY, KubeVersion
+from mmgraph_operator.render import GRAPH_LABEL, MANAGED_BY, KubeVersion, pdb_api_version
 
 CHILD_LABELS = {GRAPH_LABEL: kopf.PRESENT, "app.kubernetes.io/managed-by": MANAGED_BY}
 CHILD_KINDS = [  # every kind render() can produce: (group, version, plural, kind); PDBs in the served version
@@ -59,7 +59,7 @@ def register(registry: kopf.OperatorRegistry, namespaces: list[str], webhook_por
         version = client.VersionApi(api).get_code()
         kube_version = f"{version.major}.{version.minor}"
         memo.reconciler = Reconciler(api, kube_version)
-        pdb = "policy/v1" if KubeVersion.parse(kube_version) >= (1, 21) else "policy/v1beta1"
+        pdb = pdb_api_version(KubeVersion.parse(kube_version))
         kinds = [(f"{g}/{v}" if g else v, kind) if v else (pdb, kind) for g, v, _, kind in CHILD_KINDS]
         await memo.reconciler.prime(namespaces, kinds)
         logger.info("mmgraph operator for Kubernetes %s", kube_version)

@@ -19,7 +19,7 @@ import json
 import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from kubernetes import client, dynamic
 from kubernetes.client.exceptions import ApiException
@@ -28,7 +28,7 @@ from pydantic import ValidationError
 
 from mmgraph_operator import metrics
 from mmgraph_operator.api import GROUP, KIND, PLURAL, VERSION, explain, parse
-from mmgraph_operator.render import GRAPH_LABEL, MANAGED_BY, InvalidGraph, endpoint, render
+from mmgraph_operator.render import GRAPH_LABEL, MANAGED_BY, InvalidGraph, child_name, endpoint, render
 from mmgraph_operator.status import (
     degraded_status,
     running_status,
@@ -42,14 +42,21 @@ DEBOUNCE = 0.05  # seconds to gather a burst of events into one pass
 MAX_BACKOFF = 60.0
 
 GraphKey = tuple[str, str]  # namespace, name
-ChildKey = tuple[str, str, str, str]  # apiVersion, kind, namespace, name
+
+
+class ChildKey(NamedTuple):
+    api_version: str
+    kind: str
+    namespace: str
+    name: str
+
 
 log = logging.getLogger("mmgraph.operator")
 
 
 def child_key(obj: dict[str, Any]) -> ChildKey:
     meta = obj["metadata"]
-    return obj["apiVersion"], obj["kind"], meta.get("namespace", ""), meta["name"]
+    return ChildKey(obj["apiVersion"], obj["kind"], meta.get("namespace", ""), meta["name"])
 
 
 def owner_of(obj: dict[str, Any]) -> GraphKey | None:
@@ -208,10 +215,10 @@ class Reconciler:
             changed: list[str] = []
             try:
                 applied = await asyncio.gather(*(self._ensure(key, ck, m) for ck, m in desired.items()))
-                changed += [f"{ck[1]} {ck[3]}" for ck, wrote in zip(desired, applied, strict=True) if wrote]
+                changed += [f"{ck.kind} {ck.name}" for ck, wrote in zip(desired, applied, strict=True) if wrote]
                 stale = [ck for ck in self.children[key] if ck not in desired]
                 pruned = await asyncio.gather(*(self._prune(key, ck) for ck in stale))
-                changed += [f"deleted {ck[1]} {ck[3]}" for ck, gone in zip(stale, pruned, strict=True) if gone]
+                changed += [f"deleted {ck.kind} {ck.name}" for ck, gone in zip(stale, pruned, strict=True) if gone]
             except ApiException as err:
                 if _terminating(err):
                     return  # the namespace is being deleted: nothing to converge to
@@ -222,7 +229,9 @@ class Reconciler:
             if changed:
                 await self._event(body, "Normal", "Applied", "; ".join(changed)[:1000])
             deployments = {
-                stage.value: self.children[key].get(("apps/v1", "Deployment", key[0], f"{key[1]}-{stage.value}"))
+                stage.value: self.children[key].get(
+                    ChildKey("apps/v1", "Deployment", key[0], child_name(key[1], stage))
+                )
                 for stage in graph.spec.used_stages()
             }
             await self._write_status(body, running_status(graph, deployments, endpoint(graph)))
@@ -240,19 +249,19 @@ class Reconciler:
             where = drifted(manifest, fresh)
             if not where or self.applied.get(ck) == (digest(manifest), _rv_text(fresh)):
                 return False  # in sync, or the server normalised what we applied last time
-            log.info("%s %s/%s drifted at %s; applying", ck[1], ck[2], ck[3], where)
+            log.info("%s %s/%s drifted at %s; applying", ck.kind, ck.namespace, ck.name, where)
         result = await self._call(
             self._resource(ck).server_side_apply,
             body=manifest,
-            name=ck[3],
-            namespace=ck[2],
+            name=ck.name,
+            namespace=ck.namespace,
             field_manager=FIELD_MANAGER,
             force_conflicts=True,
         )
         live = result.to_dict()
         self.children[key][ck] = live
         self.applied[ck] = (digest(manifest), _rv_text(live))
-        metrics.WRITES.labels(verb="apply", kind=ck[1]).inc()
+        metrics.WRITES.labels(verb="apply", kind=ck.kind).inc()
         return True
 
     async def _prune(self, key: GraphKey, ck: ChildKey) -> bool:
@@ -261,17 +270,17 @@ class Reconciler:
         if fresh is None:
             return False
         try:
-            await self._call(self._resource(ck).delete, name=ck[3], namespace=ck[2])
+            await self._call(self._resource(ck).delete, name=ck.name, namespace=ck.namespace)
         except ApiException as err:
             if err.status != 404:
                 raise
             return False
-        metrics.WRITES.labels(verb="delete", kind=ck[1]).inc()
+        metrics.WRITES.labels(verb="delete", kind=ck.kind).inc()
         return True
 
     async def _get(self, ck: ChildKey) -> dict[str, Any] | None:
         try:
-            return (await self._call(self._resource(ck).get, name=ck[3], namespace=ck[2])).to_dict()
+            return (await self._call(self._resource(ck).get, name=ck.name, namespace=ck.namespace)).to_dict()
         except ApiException as err:
             if err.status == 404:
                 return None
@@ -334,7 +343,7 @@ class Reconciler:
             log.warning("could not post Event %s for %s: %s", reason, meta["name"], err.reason)
 
     def _resource(self, ck: ChildKey) -> Any:
-        return self.dyn.resources.get(api_version=ck[0], kind=ck[1])
+        return self.dyn.resources.get(api_version=ck.api_version, kind=ck.kind)
 
     async def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         kwargs.setdefault("_request_timeout", API_TIMEOUT)

@@ -55,14 +55,20 @@ class KubeVersion:
         return (self.major, self.minor) >= other
 
 
-def service_name(graph: str, stage: StageName) -> str:
+def child_name(graph: str, stage: StageName) -> str:
+    """The name of a stage's Deployment, Service and PodDisruptionBudget."""
     return f"{graph}-{stage.value}"
+
+
+def pdb_api_version(version: KubeVersion) -> str:
+    """PodDisruptionBudget is policy/v1 from Kubernetes 1.21 (policy/v1beta1 before, gone in 1.25)."""
+    return "policy/v1" if version >= (1, 21) else "policy/v1beta1"
 
 
 def endpoint(graph: MultimodalGraph) -> str:
     """The frontend's in-cluster URL, as reported in status.endpoint."""
     port = graph.spec.stages.frontend.port
-    return f"http://{service_name(graph.name, StageName.FRONTEND)}.{graph.namespace}.svc:{port}"
+    return f"http://{child_name(graph.name, StageName.FRONTEND)}.{graph.namespace}.svc:{port}"
 
 
 def render(graph: MultimodalGraph, kube_version: str = DEFAULT_KUBE_VERSION) -> list[dict[str, Any]]:
@@ -121,11 +127,11 @@ def _metadata(graph: MultimodalGraph, name: str, stage: StageName | None = None)
 
 
 def _ports(graph: MultimodalGraph, stage: StageName, cfg: StageSpec) -> list[dict[str, Any]]:
-    ports = [{"name": "http", "containerPort": cfg.port, "protocol": "TCP"}]  # type: ignore[attr-defined]
+    ports = [{"name": "http", "containerPort": cfg.port, "protocol": "TCP"}]
     if stage != StageName.FRONTEND:
         ports.append({"name": "nixl", "containerPort": graph.spec.transfer.port, "protocol": "TCP"})
     if isinstance(cfg, EngineSpec):
-        ports.append({"name": "nixl-kv", "containerPort": graph.spec.transfer.port + 1, "protocol": "TCP"})
+        ports.append({"name": "nixl-kv", "containerPort": graph.spec.transfer.kv_port, "protocol": "TCP"})
     return ports
 
 
@@ -145,7 +151,7 @@ def _service(graph: MultimodalGraph, stage: StageName) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": _metadata(graph, service_name(graph.name, stage), stage),
+        "metadata": _metadata(graph, child_name(graph.name, stage), stage),
         "spec": spec,
     }
 
@@ -155,7 +161,7 @@ def _peer_urls(graph: MultimodalGraph) -> dict[StageName, str]:
     for stage in graph.spec.used_stages():
         if stage != StageName.FRONTEND:
             cfg = graph.spec.stages.get(stage)
-            host = f"{service_name(graph.name, stage)}.{graph.namespace}.svc"
+            host = f"{child_name(graph.name, stage)}.{graph.namespace}.svc"
             peers[stage] = f"http://{host}:{cfg.port}"  # type: ignore[union-attr]
     return peers
 
@@ -275,11 +281,11 @@ def _deployment(graph: MultimodalGraph, stage: StageName, cfg: StageSpec) -> dic
         "prometheus.io/scrape": "true",
         "prometheus.io/port": str(cfg.port),
         "prometheus.io/path": "/metrics",
-    }  # type: ignore[attr-defined]
+    }
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": _metadata(graph, service_name(graph.name, stage), stage),
+        "metadata": _metadata(graph, child_name(graph.name, stage), stage),
         "spec": {
             "replicas": cfg.replicas,
             "revisionHistoryLimit": 3,
@@ -293,9 +299,9 @@ def _deployment(graph: MultimodalGraph, stage: StageName, cfg: StageSpec) -> dic
 def _pdb(graph: MultimodalGraph, stage: StageName, version: KubeVersion) -> dict[str, Any]:
     """At most one pod of a replicated stage down at a time during voluntary disruptions (drains)."""
     return {
-        "apiVersion": "policy/v1" if version >= (1, 21) else "policy/v1beta1",
+        "apiVersion": pdb_api_version(version),
         "kind": "PodDisruptionBudget",
-        "metadata": _metadata(graph, service_name(graph.name, stage), stage),
+        "metadata": _metadata(graph, child_name(graph.name, stage), stage),
         "spec": {"maxUnavailable": 1, "selector": {"matchLabels": _selector(graph, stage)}},
     }
 
@@ -315,7 +321,7 @@ def _network_policies(graph: MultimodalGraph) -> list[dict[str, Any]]:
     frontend = {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
-        "metadata": _metadata(graph, service_name(graph.name, StageName.FRONTEND), StageName.FRONTEND),
+        "metadata": _metadata(graph, child_name(graph.name, StageName.FRONTEND), StageName.FRONTEND),
         "spec": {
             "podSelector": {"matchLabels": _selector(graph, StageName.FRONTEND)},
             "policyTypes": ["Ingress"],

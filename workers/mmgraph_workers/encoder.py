@@ -211,7 +211,9 @@ def main(args: argparse.Namespace) -> None:
     @app.on_event("startup")
     async def load() -> None:
         nonlocal encoder
-        transfer = make_transfer("nixl", f"encoder-{args.advertise_host}-{args.port}", args.transfer_pool_bytes)
+        transfer = make_transfer(
+            args.transfer_backend, f"encoder-{args.advertise_host}-{args.port}", args.transfer_pool_bytes
+        )
         encoder = await asyncio.to_thread(Encoder, args, transfer)
         app.state.metrics = asyncio.create_task(encoder.report_published())
         log.info("encoder ready: %s", args.model)
@@ -223,6 +225,8 @@ def main(args: argparse.Namespace) -> None:
         deadline = time.monotonic() + args.transfer_timeout_seconds
         while encoder is not None and encoder.transfer.published() and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
+        if encoder is not None:
+            encoder.transfer.close()
 
     @app.get("/v1/info")
     async def info() -> WorkerInfo:

@@ -26,8 +26,10 @@ import httpx
 import torch
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from mmgraph_operator.api import kv_side_channel_port
 from prometheus_client import Counter, Gauge, Histogram
 
+from mmgraph_workers import cpu
 from mmgraph_workers.media import MediaError
 from mmgraph_workers.media.fetch import fetch_bytes
 from mmgraph_workers.media.image import decode_image
@@ -56,17 +58,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--engine-arg", action="append", default=[], help="a vLLM engine argument, e.g. --dtype=half")
 
 
-def engine_args(args: argparse.Namespace, stage: str) -> Any:
-    """AsyncEngineArgs from vLLM's own parser, plus what the graph decides (model, KV connector, embeddings)."""
-    from vllm.engine.arg_utils import AsyncEngineArgs
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
-
+def user_engine_args(args: argparse.Namespace) -> tuple[list[str], dict[str, Any]]:
+    """The user's engine arguments, and their --kv-transfer-config apart (it is merged into the graph's)."""
     user_args, user_kv = [], {}
-    for arg in args.engine_arg:  # a user's --kv-transfer-config (e.g. NIXL backends) is merged into ours below
+    for arg in args.engine_arg:
         if arg.startswith("--kv-transfer-config="):
             user_kv = json.loads(arg.split("=", 1)[1])
         else:
             user_args.append(arg)
+    return user_args, user_kv
+
+
+def engine_args(args: argparse.Namespace, stage: str) -> Any:
+    """AsyncEngineArgs from vLLM's own parser, plus what the graph decides (model, KV connector, embeddings).
+    Pure: what the engine needs in its environment is set by `main`."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    user_args, user_kv = user_engine_args(args)
     argv = ["--model", args.model, "--served-model-name", args.served_model_name, *user_args]
     if args.revision:
         argv += ["--revision", args.revision]
@@ -85,26 +94,9 @@ def engine_args(args: argparse.Namespace, stage: str) -> Any:
         extra = {**config["kv_connector_extra_config"], **user_kv.get("kv_connector_extra_config", {})}
         config = {**config, **user_kv, "kv_connector_extra_config": extra}
         argv += ["--kv-transfer-config", json.dumps(config)]
-    argv += single_process_on_cpu(user_args)
+    argv += cpu.engine_executor_args(user_args)
     parser = AsyncEngineArgs.add_cli_args(FlexibleArgumentParser())
     return AsyncEngineArgs.from_cli_args(parser.parse_args(argv))
-
-
-PARALLEL_ARGS = ("--distributed-executor-backend", "--tensor-parallel-size", "-tp", "--pipeline-parallel-size", "-pp")
-
-
-def single_process_on_cpu(user_args: list[str]) -> list[str]:
-    """On CPU, run the model in vLLM's engine-core process (the `uni` executor) instead of a worker process
-    behind vLLM's shared-memory queue. With the worker process, under load on 2 cores, an engine step's reply
-    went missing for 10-60 s at a time (engine core waiting for the worker's reply, worker waiting for the next
-    step; docs/architecture.md): every request in that engine stalled, decode missed pd's KV lease. With `uni`:
-    no stall in 4,600 e-p-d requests, p50 halved. vLLM's CPU platform turns `uni` into `mp` unless
-    VLLM_ENABLE_V1_MULTIPROCESSING=0, which here only keeps the model in the engine-core process (AsyncLLM still
-    runs that in its own process). A user's own parallelism settings win."""
-    if torch.cuda.is_available() or any(arg.startswith(PARALLEL_ARGS) for arg in user_args):
-        return []
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    return ["--distributed-executor-backend", "uni"]
 
 
 class Engine:
@@ -115,7 +107,7 @@ class Engine:
         self.policy = MediaPolicy.from_args(args)
         self.llm: Any = None
         name = f"{stage}-{args.advertise_host}-{args.port}"
-        self.transfer = make_transfer("nixl", name, recv_pool_bytes=64 << 20) if stage == "pd" else None
+        self.transfer = make_transfer(args.transfer_backend, name, recv_pool_bytes=64 << 20) if stage == "pd" else None
         # the family turns embeddings and placeholders into vLLM's inputs (agg's pd needs none: vLLM loads pixels)
         takes_embeddings = args.embeddings_input or stage == "decode"
         self.adapter = adapter_for(args.model, args.revision, args.trust_remote_code) if takes_embeddings else None
@@ -128,7 +120,7 @@ class Engine:
 
         if self.args.kv_role:  # vLLM's NixlConnector reads its side channel from the environment
             os.environ["VLLM_NIXL_SIDE_CHANNEL_HOST"] = self.args.advertise_host
-            os.environ["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(self.args.transfer_port + 1)
+            os.environ["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(kv_side_channel_port(self.args.transfer_port))
         self.llm = AsyncLLM.from_engine_args(engine_args(self.args, self.stage))
         config = self.llm.model_config
         self.max_model_len = config.max_model_len
@@ -236,8 +228,7 @@ class StageError(RuntimeError):
 
 
 def main(args: argparse.Namespace, stage: str) -> None:
-    if not torch.cuda.is_available():
-        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    cpu.apply_engine_env(user_engine_args(args)[0])
     engine = Engine(args, stage)
     ready = False
     app = make_app(stage, lambda: ready)
@@ -253,6 +244,8 @@ def main(args: argparse.Namespace, stage: str) -> None:
     async def stop() -> None:
         if engine.llm is not None:
             engine.llm.shutdown()
+        if engine.transfer is not None:
+            engine.transfer.close()
 
     @app.get("/v1/info")
     async def info() -> WorkerInfo:

@@ -75,4 +75,5 @@ def add_common_arguments(parser) -> None:
 
 def add_transfer_arguments(parser) -> None:
     parser.add_argument("--advertise-host", default="127.0.0.1", help="address peers reach this pod at")
+    parser.add_argument("--transfer-backend", default="nixl", help="transfer implementation (spec.transfer.backend)")
     parser.add_argument("--transfer-port", type=int, default=5600, help="NIXL side channel port")

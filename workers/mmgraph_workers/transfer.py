@@ -62,6 +62,9 @@ class Transfer(ABC):
     def published(self) -> int:
         """How many buffers are still registered (for metrics and tests)."""
 
+    def close(self) -> None:  # noqa: B027 (optional: implementations without background work need nothing)
+        """Stop any background work (a poller thread); called at worker shutdown."""
+
 
 @dataclass
 class _Published:

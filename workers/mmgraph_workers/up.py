@@ -28,6 +28,8 @@ import yaml
 from mmgraph_operator.api import MultimodalGraph, MultimodalGraphSpec, StageName, parse, problems
 from mmgraph_operator.commands import worker_command
 
+from mmgraph_workers import cpu
+
 # Which tiny model `up` builds where the graph's model path is empty (the demo examples set it; default Qwen2-VL).
 TINY_FAMILY_ANNOTATION = "mmgraph.io/tiny-model-family"
 START_TIMEOUT = 600.0  # seconds for every stage to become healthy (engines take ~30 s each on 2 CPU cores)
@@ -40,14 +42,12 @@ def free_port() -> int:
 
 
 def cpu_share(spec: MultimodalGraphSpec, stage: StageName) -> dict[str, str]:
-    """OpenMP threads for a CPU engine: the machine's cores split between the graph's engines. Each engine would
-    otherwise run one thread per core, and their thread teams, spinning at every barrier, would wait on each other
-    (e-p-d on 2 cores: decode's inter-token latency ~40 ms instead of ~8 ms). The user's OMP_NUM_THREADS wins."""
+    """OpenMP threads for a CPU engine of this graph: the machine's cores split between its engines (cpu.py)."""
     engines = [s for s in spec.used_stages() if s in (StageName.PD, StageName.DECODE)]
     cfg = spec.stages.get(stage)
-    if stage not in engines or cfg is None or cfg.gpus or "OMP_NUM_THREADS" in os.environ:
+    if stage not in engines or cfg is None:
         return {}
-    return {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // len(engines)))}
+    return cpu.omp_threads(len(engines), cfg.gpus)
 
 
 @dataclass
