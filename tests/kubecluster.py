@@ -13,6 +13,7 @@ import ipaddress
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -412,10 +413,15 @@ def start_cluster(workdir: Path | None = None) -> KubeCluster:
     return KubeCluster(workdir or Path(tempfile.mkdtemp(prefix="mmgraph-kube-")), kube_bin_dir()).start()
 
 
+def _stop_on_sigterm(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM stops the control plane exactly as Ctrl-C does
+
+
 if __name__ == "__main__":  # a cluster to poke at by hand: python tests/kubecluster.py
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     cluster = start_cluster()
     cluster.start_controller_manager()
-    print(f"export KUBECONFIG={cluster.kubeconfig}  (Ctrl-C stops it)")
+    print(f"export KUBECONFIG={cluster.kubeconfig}  (Ctrl-C or SIGTERM stops it)", flush=True)
     try:
         while True:
             time.sleep(3600)

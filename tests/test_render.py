@@ -163,3 +163,13 @@ def test_the_encoder_runs_on_the_device_its_stage_has(gpus, device):
         parse(body).spec, StageName.ENCODER, model="/m", host="0.0.0.0", advertise_host="10.0.0.1", peers={}
     )
     assert [a for a in argv if a.startswith("--device")] == [f"--device={device}"]
+
+
+def test_every_rule_is_checked_whatever_else_is_wrong():
+    """A bad name does not hide the GPU/parallelism mismatch of an engine (each rule runs on its own)."""
+    body = load("tiny-e-p-d.yaml")
+    body["metadata"]["name"] = "Not_A_Label"
+    body["spec"]["stages"]["pd"].update(gpus=2, engineArgs={"tensor-parallel-size": 4})
+    found = problems(parse(body))
+    assert any("metadata.name" in p for p in found)
+    assert any("spec.stages.pd.gpus is 2 but its engineArgs ask for 4 GPUs" in p for p in found)

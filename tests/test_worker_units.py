@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import io
-import ipaddress
-import socket
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import httpx
 import pytest
@@ -23,19 +23,15 @@ from PIL import Image
 
 
 @pytest.fixture
-def loopback_only(monkeypatch):
+def loopback_only():
     """Every socket connect outside loopback fails the test (and is refused), whatever code makes it."""
+    sys.path.insert(0, str(Path(__file__).parent / "dataplane" / "guard"))
+    from loopback_guard import install
+
     attempts: list = []
-    original = socket.socket.connect
-
-    def connect(self, address):
-        if isinstance(address, tuple) and not ipaddress.ip_address(address[0]).is_loopback:
-            attempts.append(address)
-            raise ConnectionRefusedError(f"guard: {address}")
-        return original(self, address)
-
-    monkeypatch.setattr(socket.socket, "connect", connect)
+    undo = install(attempts.append)
     yield attempts
+    undo()
     assert attempts == [], f"connections outside loopback were attempted: {attempts}"
 
 

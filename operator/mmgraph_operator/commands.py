@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 
-from mmgraph_operator.api import EncoderSpec, EngineSpec, MultimodalGraphSpec, StageName
+from mmgraph_operator.api import EncoderSpec, EngineSpec, MediaSpec, MultimodalGraphSpec, StageName
 
 
 def worker_command(
@@ -73,19 +73,17 @@ def worker_command(
 
 
 def _media_flags(spec: MultimodalGraphSpec) -> list[str]:
-    m = spec.media
-    flags = [
-        f"--modalities={','.join(m.modalities)}",
-        f"--max-items={m.max_items}",
-        f"--max-bytes={m.max_bytes}",
-        f"--max-pixels={m.max_pixels}",
-        f"--max-frames={m.max_frames}",
-        f"--max-seconds={m.max_seconds:g}",
-        f"--allowed-schemes={','.join(m.allowed_schemes)}",
-        f"--fetch-timeout-seconds={m.fetch_timeout_seconds:g}",
-    ]
-    if m.allow_private_networks:
-        flags.append("--allow-private-networks")
+    """spec.media as worker flags, one per MediaSpec field (the workers parse them back from the same fields:
+    mmgraph_workers/media/policy.py): lists comma-joined, true booleans bare, false ones left out."""
+    flags = []
+    for name in MediaSpec.model_fields:
+        value, flag = getattr(spec.media, name), "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            flags += [flag] if value else []
+        elif isinstance(value, list):
+            flags.append(f"{flag}={','.join(value)}")
+        else:
+            flags.append(f"{flag}={value:g}" if isinstance(value, float) else f"{flag}={value}")
     return flags
 
 

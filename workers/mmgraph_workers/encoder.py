@@ -26,10 +26,9 @@ from fastapi.responses import JSONResponse
 from prometheus_client import Counter, Gauge, Histogram
 
 from mmgraph_workers.content_key import encoder_identity, item_key, media_digest
-from mmgraph_workers.media import MediaError
+from mmgraph_workers.media import MediaError, policy
 from mmgraph_workers.media.fetch import fetch_bytes
 from mmgraph_workers.media.image import decode_image
-from mmgraph_workers.media.policy import MediaPolicy
 from mmgraph_workers.models import Encoded, adapter_for
 from mmgraph_workers.protocol import EncodedItem, EncodeRequest, EncodeResponse, WorkerInfo
 from mmgraph_workers.server import add_common_arguments, add_transfer_arguments, make_app, read_message, serve
@@ -134,7 +133,7 @@ class EmbeddingCache:
 class Encoder:
     def __init__(self, args: argparse.Namespace, transfer: Transfer):
         self.args = args
-        self.policy = MediaPolicy.from_args(args)
+        self.policy = policy.from_args(args)
         self.adapter = adapter_for(args.model, args.revision, args.trust_remote_code)
         self.processor = self.adapter.load_processor()
         started = time.perf_counter()
@@ -197,7 +196,7 @@ class Encoder:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_common_arguments(parser)
     add_transfer_arguments(parser)
-    MediaPolicy.add_arguments(parser)
+    policy.add_arguments(parser)
     parser.add_argument("--device", default="cpu", help="where the tower runs: cuda when the stage has GPUs")
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--cache-bytes", type=int, default=1 << 30)

@@ -30,10 +30,9 @@ from mmgraph_operator.api import kv_side_channel_port
 from prometheus_client import Counter, Gauge, Histogram
 
 from mmgraph_workers import cpu
-from mmgraph_workers.media import MediaError
+from mmgraph_workers.media import MediaError, policy
 from mmgraph_workers.media.fetch import fetch_bytes
 from mmgraph_workers.media.image import decode_image
-from mmgraph_workers.media.policy import MediaPolicy
 from mmgraph_workers.models import ItemShape, adapter_for
 from mmgraph_workers.protocol import GenerateEvent, GenerateRequest, WorkerInfo
 from mmgraph_workers.server import add_common_arguments, add_transfer_arguments, make_app, read_message, serve
@@ -51,7 +50,7 @@ PULL_SECONDS = Histogram("mmgraph_engine_embedding_pull_seconds", "Time to pull 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_common_arguments(parser)
     add_transfer_arguments(parser)
-    MediaPolicy.add_arguments(parser)  # agg: the engine loads images itself
+    policy.add_arguments(parser)  # agg: the engine loads images itself
     parser.add_argument("--kv-role", choices=["producer", "consumer"], default=None)
     parser.add_argument("--kv-lease-seconds", type=int, default=30)
     parser.add_argument("--embeddings-input", action="store_true", help="accept precomputed image embeddings")
@@ -104,7 +103,7 @@ class Engine:
 
     def __init__(self, args: argparse.Namespace, stage: str):
         self.args, self.stage = args, stage
-        self.policy = MediaPolicy.from_args(args)
+        self.policy = policy.from_args(args)
         self.llm: Any = None
         name = f"{stage}-{args.advertise_host}-{args.port}"
         self.transfer = make_transfer(args.transfer_backend, name, recv_pool_bytes=64 << 20) if stage == "pd" else None

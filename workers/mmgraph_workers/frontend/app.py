@@ -30,7 +30,7 @@ from mmgraph_workers.frontend.openai_api import (
 )
 from mmgraph_workers.frontend.processor import Processor
 from mmgraph_workers.frontend.router import Router, StageFailure
-from mmgraph_workers.media.policy import MediaPolicy
+from mmgraph_workers.media import policy
 from mmgraph_workers.protocol import GenerateEvent
 from mmgraph_workers.server import add_common_arguments, make_app, serve
 
@@ -43,7 +43,7 @@ IN_FLIGHT = Gauge("mmgraph_requests_in_flight", "Requests being served (the fron
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_common_arguments(parser)
-    MediaPolicy.add_arguments(parser)
+    policy.add_arguments(parser)
     parser.add_argument("--topology", choices=["agg", "e-pd", "e-p-d"], required=True)
     parser.add_argument("--encoder-url", default=None)
     parser.add_argument("--pd-url", required=True)

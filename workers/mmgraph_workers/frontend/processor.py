@@ -7,9 +7,8 @@ from __future__ import annotations
 import argparse
 
 from mmgraph_workers.frontend.openai_api import ChatRequest, ImagePart, RequestError
-from mmgraph_workers.media import MediaError
+from mmgraph_workers.media import MediaError, policy
 from mmgraph_workers.media.fetch import check_scheme, decode_data_url, scheme_of
-from mmgraph_workers.media.policy import MediaPolicy
 from mmgraph_workers.protocol import Sampling
 
 DEFAULT_MAX_TOKENS = 16
@@ -20,7 +19,7 @@ class Processor:
         from transformers import AutoTokenizer
 
         self.served_model_name = args.served_model_name
-        self.policy = MediaPolicy.from_args(args)
+        self.policy = policy.from_args(args)
         self.tokenizer = AutoTokenizer.from_pretrained(
             args.model, revision=args.revision, trust_remote_code=args.trust_remote_code
         )

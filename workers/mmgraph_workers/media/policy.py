@@ -1,45 +1,44 @@
-"""The limits a graph puts on media (spec.media), as the workers receive them on their command line."""
+"""The limits a graph puts on media (spec.media), as the workers receive them on their command line.
+
+The graph's `MediaSpec` is the policy itself, with its defaults and validation; its fields become the workers'
+flags (`--max-bytes=...`), emitted by commands.py and parsed back here: one list of fields, two ends of one
+mapping.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import argparse
+import typing
+
+from mmgraph_operator.api import MediaSpec
+
+MediaPolicy = MediaSpec
 
 
-@dataclass(frozen=True)
-class MediaPolicy:
-    allowed_schemes: frozenset[str] = frozenset({"https", "data"})
-    allow_private_networks: bool = False
-    max_items: int = 8
-    max_bytes: int = 20 * 1024 * 1024
-    max_pixels: int = 4096 * 4096
-    max_frames: int = 64
-    max_seconds: float = 600.0
-    fetch_timeout_seconds: float = 10.0
-    modalities: frozenset[str] = frozenset({"image"})
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
-    @staticmethod
-    def add_arguments(parser) -> None:
-        """The flags commands.py emits from spec.media (one mapping, two ends)."""
-        parser.add_argument("--modalities", default="image")
-        parser.add_argument("--max-items", type=int, default=8)
-        parser.add_argument("--max-bytes", type=int, default=20 * 1024 * 1024)
-        parser.add_argument("--max-pixels", type=int, default=4096 * 4096)
-        parser.add_argument("--max-frames", type=int, default=64)
-        parser.add_argument("--max-seconds", type=float, default=600.0)
-        parser.add_argument("--allowed-schemes", default="https,data")
-        parser.add_argument("--allow-private-networks", action="store_true")
-        parser.add_argument("--fetch-timeout-seconds", type=float, default=10.0)
 
-    @classmethod
-    def from_args(cls, args) -> MediaPolicy:
-        return cls(
-            allowed_schemes=frozenset(s for s in args.allowed_schemes.split(",") if s),
-            allow_private_networks=args.allow_private_networks,
-            max_items=args.max_items,
-            max_bytes=args.max_bytes,
-            max_pixels=args.max_pixels,
-            max_frames=args.max_frames,
-            max_seconds=args.max_seconds,
-            fetch_timeout_seconds=args.fetch_timeout_seconds,
-            modalities=frozenset(m for m in args.modalities.split(",") if m),
-        )
+def _is_list(name: str) -> bool:
+    return typing.get_origin(MediaSpec.model_fields[name].annotation) is list
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """A flag per MediaSpec field, defaulting to the field's default (the graph's)."""
+    for name, field in MediaSpec.model_fields.items():
+        default = field.get_default(call_default_factory=True)
+        if isinstance(default, bool):
+            parser.add_argument(_flag(name), action="store_true", default=default)
+        elif _is_list(name):
+            parser.add_argument(_flag(name), default=",".join(default))
+        else:
+            parser.add_argument(_flag(name), type=type(default), default=default)
+
+
+def from_args(args: argparse.Namespace) -> MediaSpec:
+    """The policy from parsed flags, validated by the graph's own model."""
+    values = {name: getattr(args, name) for name in MediaSpec.model_fields}
+    for name in values:
+        if _is_list(name):
+            values[name] = [item for item in values[name].split(",") if item]
+    return MediaSpec.model_validate(values)
