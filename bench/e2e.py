@@ -94,7 +94,7 @@ async def run_http(endpoint: str, model: str, n: int, concurrency: int) -> dict:
 
 
 async def run_in_process(model_dir: Path, n: int, levels: list[int]) -> dict[int, dict]:
-    from mmgraph_workers.engine import single_process_on_cpu
+    from mmgraph_workers import cpu
     from transformers import AutoTokenizer
     from vllm import SamplingParams
     from vllm.engine.arg_utils import AsyncEngineArgs
@@ -102,6 +102,7 @@ async def run_in_process(model_dir: Path, n: int, levels: list[int]) -> dict[int
     from vllm.v1.engine.async_llm import AsyncLLM
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    cpu.apply_engine_env([])  # the same environment as the graph's CPU engines
     llm = AsyncLLM.from_engine_args(
         AsyncEngineArgs(
             model=str(model_dir),
@@ -111,7 +112,7 @@ async def run_in_process(model_dir: Path, n: int, levels: list[int]) -> dict[int
             max_model_len=1024,
             kv_cache_memory_bytes=64 << 20,
             # the same executor as the graph's engines, or the baseline would pay for vLLM's worker process
-            distributed_executor_backend="uni" if single_process_on_cpu([]) else None,
+            distributed_executor_backend="uni" if cpu.uses_uni_executor([]) else None,
         )
     )
     conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "describe image"}]}]
