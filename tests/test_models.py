@@ -72,6 +72,29 @@ def test_encoder_output_equals_transformers_whole_model(tiny, family):
         assert [item.metadata["grid_thw"] for item in ours] == inputs["image_grid_thw"].tolist()
 
 
+def test_a_bf16_checkpoint_encodes_as_transformers_does(tiny, tmp_path):
+    """Parameters keep the checkpoint's dtype and computed buffers (rotary frequencies) stay float32, as in
+    transformers' own loading: casting the whole tower would round them and move the embeddings."""
+    from transformers import AutoModelForImageTextToText
+
+    whole = AutoModelForImageTextToText.from_pretrained(tiny["qwen2-vl"]).to(torch.bfloat16)
+    whole.save_pretrained(tmp_path / "bf16")
+    for source in tiny["qwen2-vl"].iterdir():  # the processor and tokenizer, as they were
+        if not (tmp_path / "bf16" / source.name).exists():
+            (tmp_path / "bf16" / source.name).write_bytes(source.read_bytes())
+    adapter = adapter_for(str(tmp_path / "bf16"))
+    processor = adapter.load_processor()
+    ours = adapter.encode(adapter.load_encoder("cpu"), processor, images())
+    whole = AutoModelForImageTextToText.from_pretrained(tmp_path / "bf16", dtype="auto").eval()
+    inputs = processor.image_processor(images=images(), return_tensors="pt")
+    with torch.no_grad():
+        theirs = whole.model.get_image_features(inputs["pixel_values"].to(torch.bfloat16), inputs["image_grid_thw"])
+    theirs = getattr(theirs, "pooler_output", theirs)
+    assert ours[0].embeddings.dtype == torch.bfloat16
+    for item, reference in zip(ours, theirs, strict=True):
+        assert torch.equal(item.embeddings, reference)
+
+
 def test_the_encoder_loads_only_the_tower_not_the_language_model(tmp_path):
     """A model whose language weights are ~400 MB and whose tower is ~1 MB: loading the encoder raises the
     process's peak RSS by far less than the language model (loading the whole model would add all of it)."""

@@ -290,3 +290,27 @@ def test_a_users_kv_transfer_config_is_accepted_and_merged_into_the_graphs():
     config = engine.engine_args(parser.parse_args(argv[2:]), "decode").kv_transfer_config
     assert config.kv_connector == "NixlConnector" and config.kv_role == "kv_consumer"
     assert config.kv_connector_extra_config == {"kv_lease_duration": 30, "enforce_handshake_compat": False}
+
+
+@pytest.mark.parametrize(
+    ("topology", "config", "refused"),
+    [
+        ("e-p-d", {"kv_role": "kv_both"}, "sets kv_role"),
+        ("e-p-d", {"kv_connector_extra_config": {"kv_lease_duration": 5}}, "kv_lease_duration"),
+        ("e-pd", {"kv_connector_extra_config": {"backends": ["UCX"]}}, "moves no KV cache"),
+    ],
+)
+def test_kv_transfer_config_cannot_change_what_the_graph_decides(topology, config, refused):
+    """The frontend times decode's pull by spec.transfer.kvLeaseSeconds: a user's lease, role or connector would
+    make that timing wrong, and outside e-p-d the setting would be silently unused."""
+    from pathlib import Path
+
+    import yaml
+    from mmgraph_operator.api import parse, problems
+
+    body = yaml.safe_load((Path(__file__).parents[1] / "examples" / "tiny-e-p-d.yaml").read_text())
+    body["spec"]["topology"] = topology
+    if topology != "e-p-d":
+        del body["spec"]["stages"]["decode"]
+    body["spec"]["stages"]["pd"]["engineArgs"]["kv-transfer-config"] = config
+    assert any(refused in p for p in problems(parse(body))), problems(parse(body))

@@ -446,6 +446,35 @@ def _no_reserved_engine_args(graph: MultimodalGraph) -> list[str]:
     ]
 
 
+GRAPH_KV_KEYS = ("kv_connector", "kv_role", "kv_connector_extra_config.kv_lease_duration")
+
+
+def _kv_transfer_config_only_tunes(graph: MultimodalGraph) -> list[str]:
+    """A user's kv-transfer-config is merged under the graph's (NIXL backends, handshake checks), but the
+    connector, the roles and the lease are the graph's: the frontend times decode's pull by spec.transfer."""
+    out = []
+    for stage, engine in _engines(graph):
+        config = engine.engine_arg("kv-transfer-config")
+        if config is None:
+            continue
+        where = f"spec.stages.{stage.value}.engineArgs.kv-transfer-config"
+        if graph.spec.topology != Topology.E_P_D:
+            out.append(f"{where} is set but topology {graph.spec.topology.value} moves no KV cache; remove it")
+            continue
+        if not isinstance(config, dict):
+            out.append(f"{where} must be an object (vLLM's KVTransferConfig fields)")
+            continue
+        extra = config.get("kv_connector_extra_config") or {}
+        given = [k for k in ("kv_connector", "kv_role") if k in config]
+        given += ["kv_connector_extra_config.kv_lease_duration"] if "kv_lease_duration" in extra else []
+        if given:
+            out.append(
+                f"{where} sets {', '.join(given)}, which the graph decides (the NixlConnector, the producer and "
+                "consumer roles, and spec.transfer.kvLeaseSeconds); remove them"
+            )
+    return out
+
+
 def _transfers_end_within_the_kv_lease(graph: MultimodalGraph) -> list[str]:
     xfer = graph.spec.transfer
     if graph.spec.topology != Topology.E_P_D or xfer.timeout_seconds < xfer.kv_lease_seconds:
@@ -476,6 +505,7 @@ RULES: tuple[Callable[[MultimodalGraph], list[str]], ...] = (
     _stages_match_the_topology,
     _gpus_match_parallelism,
     _no_reserved_engine_args,
+    _kv_transfer_config_only_tunes,
     _transfers_end_within_the_kv_lease,
     _ports_do_not_clash,
 )

@@ -9,8 +9,9 @@ its embeddings (pd) or its placeholders (decode) pass it as the item's uuid.
 A key must change whenever the item's KV could: it covers what the tower sees and what the tower is:
 - the decoded media (pixels, mode and size after decoding: how bytes decode is part of it, e.g. EXIF handling);
 - the adapter's processing result for the item (metadata such as Qwen's grid, and the token count);
-- the encoder's identity: the tower's weights, dtype and class, and the processor's settings (resizing limits,
-  normalisation), so old and new encoders side by side in a rollout, or another model, never share keys.
+- the encoder's identity: the tower's weights, dtype and class, the processor's settings (resizing limits,
+  normalisation) and the family's (vision config, feature layer and selection, projector), so old and new
+  encoders side by side in a rollout, or another model, never share keys.
 It is never a URL (the same URL can serve other bytes) and never the placeholder's values.
 """
 
@@ -29,14 +30,15 @@ def _hasher() -> Any:
     return hashlib.blake2b(digest_size=32)
 
 
-def encoder_identity(tower: torch.nn.Module, processor_config: dict[str, Any]) -> str:
-    """Digest of everything in the encoder that changes an item's embeddings, computed once at start-up.
+def encoder_identity(tower: torch.nn.Module, settings: dict[str, Any]) -> str:
+    """Digest of everything in the encoder that changes an item's embeddings, computed once at start-up: the
+    tower's tensors, and `settings` (the processor's and the family's: vision config, feature selection).
 
     Hashes every tensor of the tower in full (~1 s per GB on one core): a sample could miss a fine-tune that
     changed a few rows, and a path or a name says nothing about the bytes behind it."""
     h = _hasher()
     h.update(type(tower).__qualname__.encode())
-    h.update(json.dumps(processor_config, sort_keys=True, default=str).encode())
+    h.update(json.dumps(settings, sort_keys=True, default=str).encode())
     for name, tensor in sorted(tower.state_dict().items()):
         h.update(f"{name}:{tensor.dtype}:{list(tensor.shape)}".encode())
         flat = tensor.detach().to("cpu").contiguous().reshape(-1)

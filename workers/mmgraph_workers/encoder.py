@@ -140,7 +140,8 @@ class Encoder:
         self.module = self.adapter.load_encoder(args.device)
         log.info("%s encoder loaded on %s (%.2f s)", self.adapter.family, args.device, time.perf_counter() - started)
         started = time.perf_counter()
-        self.identity = encoder_identity(self.module, self.processor.image_processor.to_dict())
+        settings = {"processor": self.processor.image_processor.to_dict(), "encoder": self.adapter.encoder_settings()}
+        self.identity = encoder_identity(self.module, settings)
         log.info("encoder identity %s… (%.2f s)", self.identity[:16], time.perf_counter() - started)
         self.transfer = transfer
         self.cache = EmbeddingCache(args.cache_bytes)
@@ -154,6 +155,7 @@ class Encoder:
         blobs = await asyncio.gather(*(fetch_bytes(u, self.policy, self.client) for u in request.urls))
         hashes = [hashlib.sha256(b).hexdigest() for b in blobs]
         found = {h: self.cache.get(h) for h in hashes}
+        was_cached = {h: item is not None for h, item in found.items()}
         missing = list({h: i for i, h in enumerate(hashes) if found[h] is None}.values())
         if missing:
             images = await asyncio.to_thread(lambda: [decode_image(blobs[i], self.policy) for i in missing])
@@ -165,12 +167,12 @@ class Encoder:
                 self.cache.put(hashes[i], found[hashes[i]])
         items = []
         ttl = self.args.transfer_timeout_seconds * 3 + 30
-        for i, h in enumerate(hashes):
+        for h in hashes:
             item = found[h]
             assert item is not None
             ref = self.transfer.publish(item.tensor, ttl_seconds=ttl)
             ref.owner_url = f"http://{self.args.advertise_host}:{self.args.port}"
-            cached = i not in missing
+            cached = was_cached[h]
             items.append(
                 EncodedItem(
                     key=item.key, embeddings=ref, num_tokens=item.tensor.shape[0], metadata=item.metadata, cached=cached

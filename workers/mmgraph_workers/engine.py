@@ -1,11 +1,12 @@
 """The vLLM stages, pd and decode: vLLM's AsyncLLM embedded in the worker, behind a small streaming /generate.
 
-pd takes the prompt (token ids with ONE placeholder per image; vLLM expands it from the grid) and the images in
-one of two forms: URLs it loads itself (agg) or embeddings it pulls from the encoder over NIXL (e-pd, e-p-d).
-In e-p-d it only prefills (`prefill_only`): vLLM's NixlConnector keeps the KV blocks for the lease and the
-response carries `kv_transfer_params`. decode receives the same unexpanded prompt, the images' grids with
-placeholder embeddings of the right shape (positions depend on the grid; the values are never computed) and
-those `kv_transfer_params`, pulls the KV over NIXL and streams tokens.
+pd takes the prompt (token ids with ONE placeholder per image; vLLM expands it) and the images in one of two
+forms: URLs it loads itself (agg) or embeddings it pulls from the encoder over NIXL (e-pd, e-p-d), which the
+model family's adapter turns into vLLM's `multi_modal_data`. In e-p-d it only prefills (`prefill_only`): vLLM's
+NixlConnector keeps the KV blocks for the lease and the response carries `kv_transfer_params`. decode receives
+the same unexpanded prompt, placeholder embeddings of the right shape with the family's metadata (positions may
+depend on it, e.g. Qwen's grid; the values are never computed) and those `kv_transfer_params`, pulls the KV over
+NIXL and streams tokens. Every image is keyed in the prefix cache by its content key (content_key.py).
 
 vLLM's own argument parser reads the engine arguments (`--engine-arg=--max-model-len=1024`), so every vLLM
 option works as vLLM documents it.
@@ -90,8 +91,10 @@ def engine_args(args: argparse.Namespace, stage: str) -> Any:
         }
         if not torch.cuda.is_available():
             config["kv_buffer_device"] = "cpu"
-        extra = {**config["kv_connector_extra_config"], **user_kv.get("kv_connector_extra_config", {})}
-        config = {**config, **user_kv, "kv_connector_extra_config": extra}
+        # the user's settings (e.g. NIXL backends) under the graph's: connector, role and lease are the graph's,
+        # since the frontend times decode's pull by the graph's lease
+        extra = {**user_kv.get("kv_connector_extra_config", {}), **config["kv_connector_extra_config"]}
+        config = {**user_kv, **config, "kv_connector_extra_config": extra}
         argv += ["--kv-transfer-config", json.dumps(config)]
     argv += cpu.engine_executor_args(user_args)
     parser = AsyncEngineArgs.add_cli_args(FlexibleArgumentParser())
@@ -149,7 +152,8 @@ class Engine:
             shapes = [ItemShape(item.num_tokens, item.metadata) for item in req.encoded]
             return self.adapter.embeddings_data(embeds, shapes), {"image": [item.key for item in req.encoded]}
         if req.placeholders:
-            assert self.adapter is not None
+            if self.adapter is None:
+                raise MediaError("this stage does not accept placeholders (it is not a decode stage)")
             shapes = [ItemShape(p.num_tokens, p.metadata) for p in req.placeholders]
             mm = self.adapter.placeholder_data(shapes, req.placeholders[0].hidden_size, self.llm.model_config.dtype)
             return mm, {"image": [p.key for p in req.placeholders]}

@@ -1,8 +1,8 @@
 """The messages that cross process boundaries between stages (HTTP JSON bodies and NDJSON stream lines).
 
 Typed and versioned: every request carries `version`, and a worker refuses a version it does not speak with a
-clear error instead of misreading fields. The OpenAI-facing request/response shapes live in frontend.py; these
-are internal to a graph.
+clear error instead of misreading fields. The OpenAI-facing request/response shapes live in
+frontend/openai_api.py; these are internal to a graph.
 """
 
 from __future__ import annotations

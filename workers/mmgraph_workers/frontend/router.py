@@ -84,18 +84,24 @@ class Router:
     async def watch_peers(self) -> None:
         """Re-resolve every stage's replicas (quickly until pd has answered once, then every 2 s)."""
         while True:
-            hosts = read_hosts(self.args.peer_hosts_file) if self.args.peer_hosts_file else None
-            await asyncio.gather(*(p.refresh(hosts) for p in self.peers.values()))
-            if self.pd_info is None and self.peers["pd"].addresses:
-                with contextlib.suppress(httpx.HTTPError, NoReplica, ValidationError):
-                    address, base = self.peers["pd"].acquire()
-                    try:
-                        r = await self.http.get(f"{base}/v1/info", timeout=2)
-                    finally:
-                        self.peers["pd"].release(address)
-                    if r.status_code == 200:
-                        self.pd_info = WorkerInfo.model_validate(r.json())
+            try:
+                await self._refresh_peers()
+            except Exception:  # one bad round (a pd answering garbage, a resolver error) must not end the watch
+                log.exception("refreshing the stages' addresses failed; trying again")
             await asyncio.sleep(PEER_REFRESH_SECONDS if self.pd_info else 0.5)
+
+    async def _refresh_peers(self) -> None:
+        hosts = read_hosts(self.args.peer_hosts_file) if self.args.peer_hosts_file else None
+        await asyncio.gather(*(p.refresh(hosts) for p in self.peers.values()))
+        if self.pd_info is None and self.peers["pd"].addresses:
+            with contextlib.suppress(httpx.HTTPError, NoReplica, ValidationError):
+                address, base = self.peers["pd"].acquire()
+                try:
+                    r = await self.http.get(f"{base}/v1/info", timeout=2)
+                finally:
+                    self.peers["pd"].release(address)
+                if r.status_code == 200:
+                    self.pd_info = WorkerInfo.model_validate(r.json())
 
     # ---- one call to one stage ------------------------------------------------------------------------------
 

@@ -3,15 +3,18 @@
 A family is one module in this package, chosen from the model's `config.json` (`architectures`), never from its
 name. The stages, the inter-stage protocol and the frontend stay family-agnostic; each calls only this:
 
-    stage     call                         what the family decides
-    encoder   load_encoder(device, dtype)  which weights form the encoder (tower, projector), loaded alone onto
-                                           the stage's device: never the language model
-    encoder   encode(module, images)       processor + tower (+ projector) -> per item: embeddings as the language
-                                           model consumes them, and the metadata the engine needs to place them
-                                           (Qwen's grid); that metadata travels in `EncodedItem.metadata`
-    pd        embeddings_data(items)       vLLM's `multi_modal_data` from real embeddings and their metadata
-    decode    placeholder_data(items)      the same shape filled with zeros: decode never computes them (the KV
-                                           comes over NIXL) but positions and token counts depend on the metadata
+    stage    call                                  what the family decides
+    encoder  load_encoder(device)                  which weights form the encoder (tower, projector), loaded
+                                                   alone onto the stage's device: never the language model
+    encoder  encoder_settings()                    what besides weights changes its output (for content keys)
+    encoder  encode(module, processor, images)     processor + tower (+ projector) -> per item: embeddings as
+                                                   the language model consumes them, and the metadata the
+                                                   engine needs to place them (Qwen's grid), which travels in
+                                                   `EncodedItem.metadata`
+    pd       embeddings_data(embeddings, items)    vLLM's `multi_modal_data` from real embeddings
+    decode   placeholder_data(items, hidden, dtype) the same shape filled with zeros: decode never computes them
+                                                   (the KV comes over NIXL), but positions and token counts
+                                                   depend on the metadata
 
 The frontend needs nothing from a family: the model's chat template renders one placeholder per media part and
 vLLM expands it from the metadata. Weights come from the model's safetensors (a local directory, or the Hugging
@@ -65,8 +68,13 @@ class ModelAdapter(ABC):
         )
 
     @abstractmethod
-    def load_encoder(self, device: str, dtype: torch.dtype | None = None) -> torch.nn.Module:
-        """The encoder's module (tower and projector) with its weights, on `device`, in eval mode."""
+    def load_encoder(self, device: str) -> torch.nn.Module:
+        """The encoder's module (tower and projector) with the checkpoint's weights and dtype, on `device`."""
+
+    def encoder_settings(self) -> dict[str, Any]:
+        """Everything besides weights and the processor that changes the encoder's output (content_key.py):
+        the vision tower's config; families add how features are selected and projected."""
+        return {"family": self.family, "vision_config": self.config.vision_config.to_dict()}
 
     @abstractmethod
     def encode(self, module: torch.nn.Module, processor: Any, images: list[Any]) -> list[Encoded]:
@@ -81,11 +89,7 @@ class ModelAdapter(ABC):
         zeros = [torch.zeros(item.num_tokens, hidden_size, dtype=dtype) for item in items]
         return self.embeddings_data(zeros, items)
 
-    def checkpoint_dtype(self) -> torch.dtype:
-        dtype = getattr(self.config, "dtype", None) or getattr(self.config, "torch_dtype", None) or torch.float32
-        return getattr(torch, dtype) if isinstance(dtype, str) else dtype
-
-    def _load(self, module: torch.nn.Module, prefixes: dict[str, str], device: str, dtype: torch.dtype | None):
+    def _load(self, module: torch.nn.Module, prefixes: dict[str, str], device: str) -> torch.nn.Module:
         """Fill `module` (built under `skeleton()`) with the checkpoint tensors under `prefixes` (checkpoint
         prefix -> module prefix) and nothing else, then move it to `device`."""
         state = read_weights(self.model, self.revision, prefixes)
@@ -96,7 +100,9 @@ class ModelAdapter(ABC):
                 f"(looked under {sorted(prefixes)})"
             )
         module.load_state_dict(state, strict=True, assign=True)
-        return module.to(device=device, dtype=dtype or self.checkpoint_dtype()).eval()
+        # parameters keep the checkpoint's dtype; computed buffers (rotary frequencies) stay float32, as in
+        # transformers and vLLM: casting the whole module would round them
+        return module.to(device=device).eval()
 
 
 @contextlib.contextmanager
@@ -104,7 +110,10 @@ def skeleton() -> Iterator[None]:
     """Build a module without initialising its weights (the checkpoint's replace them): parameters are allocated
     on the CPU but not filled, so building costs the tower's size once and no random-number work; buffers that
     are computed, not stored (rotary frequencies), are computed as usual."""
-    from transformers.initialization import no_init_weights
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4.x
+        from transformers.modeling_utils import no_init_weights
 
     with no_init_weights():
         yield

@@ -30,7 +30,17 @@ class Llava(ModelAdapter):
     family = "llava"
     architectures = ("LlavaForConditionalGeneration",)
 
-    def load_encoder(self, device: str, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    def encoder_settings(self) -> dict[str, Any]:
+        config = self.config
+        return {
+            **super().encoder_settings(),
+            "vision_feature_layer": config.vision_feature_layer,
+            "vision_feature_select_strategy": config.vision_feature_select_strategy,
+            "projector_hidden_act": config.projector_hidden_act,
+            "multimodal_projector_bias": getattr(config, "multimodal_projector_bias", True),
+        }
+
+    def load_encoder(self, device: str) -> torch.nn.Module:
         from transformers import AutoModel
         from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
@@ -52,7 +62,7 @@ class Llava(ModelAdapter):
             "model.multi_modal_projector.": "projector.",
             "multi_modal_projector.": "projector.",
         }
-        return self._load(module, prefixes, device, dtype)
+        return self._load(module, prefixes, device)
 
     @torch.inference_mode()
     def encode(self, module: torch.nn.Module, processor: Any, images: list[Any]) -> list[Encoded]:

@@ -20,7 +20,7 @@ class Qwen2VL(ModelAdapter):
     family = "qwen2-vl"
     architectures = tuple(TOWERS)
 
-    def load_encoder(self, device: str, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    def load_encoder(self, device: str) -> torch.nn.Module:
         import importlib
 
         module_name, class_name = TOWERS[self.config.architectures[0]]
@@ -30,7 +30,7 @@ class Qwen2VL(ModelAdapter):
         with skeleton():
             tower = tower_class._from_config(self.config.vision_config)
         # transformers >= 4.52 saves the tower as `model.visual.*`; Qwen's own checkpoints as `visual.*`
-        return self._load(tower, {"model.visual.": "", "visual.": ""}, device, dtype)
+        return self._load(tower, {"model.visual.": "", "visual.": ""}, device)
 
     @torch.inference_mode()
     def encode(self, module: torch.nn.Module, processor: Any, images: list[Any]) -> list[Encoded]:
