@@ -213,23 +213,30 @@ def _resources(cfg: StageSpec) -> dict[str, Any]:
     return resources
 
 
-def _deployment(graph: MultimodalGraph, stage: StageName, cfg: StageSpec) -> dict[str, Any]:
+def _env(graph: MultimodalGraph, stage: StageName, cfg: StageSpec, model_env: list[dict]) -> list[dict[str, Any]]:
+    """The pod's identity (for NIXL's advertise address), cache locations, the model's token, UCX transports,
+    the API key (frontend) and the user's own variables, last so they win."""
     spec = graph.spec
-    model, volumes, mounts, env = _model_location(graph)
-    argv = worker_command(spec, stage, model=model, host="0.0.0.0", advertise_host="$(POD_IP)", peers=_peer_urls(graph))
     env = [
         {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "HOME", "value": CACHE_DIR},
         {"name": "HF_HOME", "value": f"{CACHE_DIR}/huggingface"},
-        *env,
+        *model_env,
     ]
     if stage != StageName.FRONTEND and spec.transfer.ucx_tls:
         env.append({"name": "UCX_TLS", "value": spec.transfer.ucx_tls})
     api_key = spec.stages.frontend.api_key_secret
     if stage == StageName.FRONTEND and api_key:
         env.append({"name": "MMGRAPH_API_KEY", "valueFrom": {"secretKeyRef": dict(api_key)}})
-    env += [dict(e) for e in cfg.env or []]
+    return env + [dict(e) for e in cfg.env or []]
+
+
+def _container(graph: MultimodalGraph, stage: StageName, cfg: StageSpec) -> tuple[dict[str, Any], list[dict]]:
+    """The stage's one container (non-root, read-only root filesystem), and the volumes it mounts."""
+    spec = graph.spec
+    model, volumes, mounts, model_env = _model_location(graph)
+    argv = worker_command(spec, stage, model=model, host="0.0.0.0", advertise_host="$(POD_IP)", peers=_peer_urls(graph))
     volumes = [{"name": "cache", "emptyDir": {}}, {"name": "tmp", "emptyDir": {}}, *volumes]
     mounts = [{"name": "cache", "mountPath": CACHE_DIR}, {"name": "tmp", "mountPath": "/tmp"}, *mounts]
     if isinstance(cfg, EngineSpec):  # vLLM's workers share tensors through /dev/shm
@@ -242,7 +249,7 @@ def _deployment(graph: MultimodalGraph, stage: StageName, cfg: StageSpec) -> dic
         "command": ["mmgraph"],
         "args": argv,
         "ports": _ports(graph, stage, cfg),
-        "env": env,
+        "env": _env(graph, stage, cfg, model_env),
         "volumeMounts": mounts,
         **_probes(cfg),
         "securityContext": {
@@ -255,6 +262,13 @@ def _deployment(graph: MultimodalGraph, stage: StageName, cfg: StageSpec) -> dic
     resources = _resources(cfg)
     if resources:
         container["resources"] = resources
+    return container, volumes
+
+
+def _pod_spec(graph: MultimodalGraph, stage: StageName, cfg: StageSpec) -> dict[str, Any]:
+    """The pod: its container, volumes, security context, and where it may run."""
+    spec = graph.spec
+    container, volumes = _container(graph, stage, cfg)
     pod: dict[str, Any] = {
         "containers": [container],
         "volumes": volumes,
@@ -277,6 +291,11 @@ def _deployment(graph: MultimodalGraph, stage: StageName, cfg: StageSpec) -> dic
     ):
         if value:
             pod[key] = value
+    return pod
+
+
+def _deployment(graph: MultimodalGraph, stage: StageName, cfg: StageSpec) -> dict[str, Any]:
+    """Rolling updates one pod at a time with no pod down before its replacement is ready; scraped by Prometheus."""
     annotations = {
         "prometheus.io/scrape": "true",
         "prometheus.io/port": str(cfg.port),
@@ -291,7 +310,10 @@ def _deployment(graph: MultimodalGraph, stage: StageName, cfg: StageSpec) -> dic
             "revisionHistoryLimit": 3,
             "selector": {"matchLabels": _selector(graph, stage)},
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
-            "template": {"metadata": {"labels": _labels(graph, stage), "annotations": annotations}, "spec": pod},
+            "template": {
+                "metadata": {"labels": _labels(graph, stage), "annotations": annotations},
+                "spec": _pod_spec(graph, stage, cfg),
+            },
         },
     }
 
