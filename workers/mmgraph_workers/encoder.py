@@ -158,8 +158,8 @@ class Encoder:
         was_cached = {h: item is not None for h, item in found.items()}
         missing = list({h: i for i, h in enumerate(hashes) if found[h] is None}.values())
         if missing:
-            images = await asyncio.to_thread(lambda: [decode_image(blobs[i], self.policy) for i in missing])
-            digests = await asyncio.to_thread(lambda: [media_digest(image) for image in images])  # off the loop
+            decoded = await asyncio.to_thread(lambda: [self._decode(blobs[i]) for i in missing])
+            images, digests = [image for image, _ in decoded], [digest for _, digest in decoded]
             encoded: list[Encoded] = await self.batcher.run(images)
             for i, out, digest in zip(missing, encoded, digests, strict=True):
                 key = item_key(self.identity, "image", digest, out.metadata, out.embeddings.shape[0])
@@ -182,6 +182,11 @@ class Encoder:
         PUBLISHED.set(self.transfer.published())
         ENCODE_SECONDS.observe(time.perf_counter() - started)
         return EncodeResponse(items=items)
+
+    def _decode(self, blob: bytes) -> tuple[Any, bytes]:
+        """The decoded image and the digest of its pixels (for the content key), in one trip off the loop."""
+        image = decode_image(blob, self.policy)
+        return image, media_digest(image)
 
     def _forward(self, images: list) -> list[Encoded]:
         out: list[Encoded] = []

@@ -43,6 +43,16 @@ LLAVA_CHAT_TEMPLATE = (
 )
 FAMILIES = ("qwen2-vl", "llava")
 VOCAB = 512
+# The language model of every tiny family: small enough for seconds on a CPU, large enough for distinct answers.
+TINY_TEXT = {
+    "vocab_size": VOCAB,
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "max_position_embeddings": 4096,
+}
 MIN_PIXELS, MAX_PIXELS = 56 * 56, 112 * 112
 SEED = 1234
 
@@ -120,13 +130,7 @@ def _qwen2_vl(out: Path, seed: int, vision_seed: int | None, text_seed: int | No
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
     config = Qwen2VLConfig(
         text_config={
-            "vocab_size": VOCAB,
-            "hidden_size": 128,
-            "intermediate_size": 256,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "num_key_value_heads": 1,
-            "max_position_embeddings": 4096,
+            **TINY_TEXT,
             "rope_parameters": {"rope_type": "default", "mrope_section": [8, 12, 12], "rope_theta": 10000.0},
             "bos_token_id": ids["<|endoftext|>"],
             "eos_token_id": ids["<|im_end|>"],
@@ -183,13 +187,7 @@ def _llava(out: Path, seed: int, vision_seed: int | None, text_seed: int | None)
     tokenizer = build_tokenizer(out, LLAVA_SPECIAL_TOKENS, LLAVA_CHAT_TEMPLATE, "</s>", "<pad>")
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in LLAVA_SPECIAL_TOKENS}
     text = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=4096,
+        **TINY_TEXT,
         bos_token_id=ids["<pad>"],
         eos_token_id=ids["</s>"],
         pad_token_id=ids["<pad>"],
