@@ -515,6 +515,11 @@ def _topologies_with(stage: StageName) -> str:
     return ", ".join(t.value for t, stages in STAGES_OF.items() if stage in stages)
 
 
+def default(model: type[BaseModel], field: str) -> Any:
+    """A field's default, for the worker flags that mirror it (their defaults live here, once)."""
+    return model.model_fields[field].get_default(call_default_factory=True)
+
+
 def parse(body: dict[str, Any]) -> MultimodalGraph:
     """Validate a MultimodalGraph body (as stored or as a file) into the model; raises pydantic.ValidationError."""
     return MultimodalGraph.model_validate(body)

@@ -23,6 +23,7 @@ import httpx
 import torch
 from fastapi import Request
 from fastapi.responses import JSONResponse
+from mmgraph_operator.api import EmbeddingCacheSpec, EncoderSpec, default
 from prometheus_client import Counter, Gauge, Histogram
 
 from mmgraph_workers.content_key import encoder_identity, item_key, media_digest
@@ -205,8 +206,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_transfer_arguments(parser)
     policy.add_arguments(parser)
     parser.add_argument("--device", default="cpu", help="where the tower runs: cuda when the stage has GPUs")
-    parser.add_argument("--max-batch-size", type=int, default=16)
-    parser.add_argument("--cache-bytes", type=int, default=1 << 30)
+    parser.add_argument("--max-batch-size", type=int, default=default(EncoderSpec, "max_batch_size"))
+    parser.add_argument("--cache-bytes", type=int, default=default(EmbeddingCacheSpec, "capacity_bytes"))
     parser.add_argument("--transfer-pool-bytes", type=int, default=256 << 20, help="registered memory for embeddings")
 
 

@@ -36,7 +36,14 @@ from mmgraph_workers.media.fetch import fetch_bytes
 from mmgraph_workers.media.image import decode_image
 from mmgraph_workers.models import ItemShape, adapter_for
 from mmgraph_workers.protocol import GenerateEvent, GenerateRequest, WorkerInfo
-from mmgraph_workers.server import add_common_arguments, add_transfer_arguments, make_app, read_message, serve
+from mmgraph_workers.server import (
+    add_common_arguments,
+    add_kv_lease_argument,
+    add_transfer_arguments,
+    make_app,
+    read_message,
+    serve,
+)
 from mmgraph_workers.transfer import TransferError, make_transfer
 
 log = logging.getLogger("mmgraph.engine")
@@ -53,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_transfer_arguments(parser)
     policy.add_arguments(parser)  # agg: the engine loads images itself
     parser.add_argument("--kv-role", choices=["producer", "consumer"], default=None)
-    parser.add_argument("--kv-lease-seconds", type=int, default=30)
+    add_kv_lease_argument(parser)
     parser.add_argument("--embeddings-input", action="store_true", help="accept precomputed image embeddings")
     parser.add_argument("--engine-arg", action="append", default=[], help="a vLLM engine argument, e.g. --dtype=half")
 

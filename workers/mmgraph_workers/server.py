@@ -12,6 +12,7 @@ from typing import TypeVar
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
+from mmgraph_operator.api import TransferSpec, default
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
@@ -70,10 +71,15 @@ def add_common_arguments(parser) -> None:
     parser.add_argument("--trust-remote-code", action="store_true")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--transfer-timeout-seconds", type=float, default=10.0)
+    parser.add_argument("--transfer-timeout-seconds", type=float, default=default(TransferSpec, "timeout_seconds"))
 
 
 def add_transfer_arguments(parser) -> None:
     parser.add_argument("--advertise-host", default="127.0.0.1", help="address peers reach this pod at")
-    parser.add_argument("--transfer-backend", default="nixl", help="transfer implementation (spec.transfer.backend)")
-    parser.add_argument("--transfer-port", type=int, default=5600, help="NIXL side channel port")
+    parser.add_argument("--transfer-backend", default=default(TransferSpec, "backend"), help="spec.transfer.backend")
+    parser.add_argument("--transfer-port", type=int, default=default(TransferSpec, "port"), help="NIXL side channel")
+
+
+def add_kv_lease_argument(parser) -> None:
+    """How long pd keeps a request's KV blocks for decode (pd's NixlConnector, and the frontend's timing)."""
+    parser.add_argument("--kv-lease-seconds", type=int, default=default(TransferSpec, "kv_lease_seconds"))

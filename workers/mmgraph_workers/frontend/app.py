@@ -32,7 +32,7 @@ from mmgraph_workers.frontend.processor import Processor
 from mmgraph_workers.frontend.router import Router, StageFailure
 from mmgraph_workers.media import policy
 from mmgraph_workers.protocol import GenerateEvent
-from mmgraph_workers.server import add_common_arguments, make_app, serve
+from mmgraph_workers.server import add_common_arguments, add_kv_lease_argument, make_app, serve
 
 log = logging.getLogger("mmgraph.frontend")
 REQUESTS = Counter("mmgraph_requests_total", "Chat completion requests", ["status"])
@@ -48,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--encoder-url", default=None)
     parser.add_argument("--pd-url", required=True)
     parser.add_argument("--decode-url", default=None)
-    parser.add_argument("--kv-lease-seconds", type=int, default=30)
+    add_kv_lease_argument(parser)
     parser.add_argument("--request-timeout-seconds", type=float, default=120)
     parser.add_argument("--api-key-env", default=None, help="environment variable holding the API key")
     parser.add_argument(
