@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import io
+import socket
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -43,6 +45,20 @@ def server():
                 self.send_response(302)
                 self.send_header("Location", self.path[len("/to/") :])
                 self.end_headers()
+                return
+            if self.path == "/loop":  # redirects to itself, for ever
+                self.send_response(302)
+                self.send_header("Location", "/loop")
+                self.end_headers()
+                return
+            if self.path in ("/slow", "/streamed"):  # no Content-Length: the body streams until the connection ends
+                self.send_response(200)
+                self.end_headers()
+                for _ in range(50):
+                    self.wfile.write(b"x" * 1000)
+                    self.wfile.flush()
+                    if self.path == "/slow":
+                        time.sleep(0.1)
                 return
             body = b"x" * 5000 if self.path == "/big" else b"hello"
             self.send_response(200)
@@ -102,11 +118,51 @@ def test_schemes_outside_the_policy_refused(loopback_only, url):
         fetch(url)  # default policy: https and data only
 
 
+def test_a_streamed_body_is_cut_off_past_max_bytes_without_a_content_length(server, loopback_only):
+    with pytest.raises(MediaError, match="1000 byte limit") as info:
+        fetch(f"{server}/streamed", **LOCAL, max_bytes=1000)
+    assert info.value.status == 413
+
+
+def test_a_slow_body_hits_the_fetch_deadline(server, loopback_only):
+    started = time.monotonic()
+    with pytest.raises(MediaError, match=r"longer than 0\.5 s") as info:
+        fetch(f"{server}/slow", **LOCAL, fetch_timeout_seconds=0.5)
+    assert info.value.status == 408 and time.monotonic() - started < 2
+
+
+def test_redirects_are_followed_a_bounded_number_of_times(server, loopback_only):
+    with pytest.raises(MediaError, match="redirected more than"):
+        fetch(f"{server}/loop", **LOCAL)
+
+
+def test_the_socket_guard_is_loaded_and_refuses_outside_loopback(loopback_only):
+    """Positive control: the guard the fetch tests rely on really refuses, before any packet leaves."""
+    with socket.socket() as sock, pytest.raises(ConnectionRefusedError, match="test guard"):
+        sock.connect(("10.255.255.1", 9))
+    assert loopback_only == [("10.255.255.1", 9)]
+    loopback_only.clear()  # seen: the fixture's own check must not fail on this deliberate attempt
+
+
 def test_data_url_size_and_encoding_checked():
     with pytest.raises(MediaError, match="byte limit"):
         fetch("data:image/png;base64," + "A" * 4000, max_bytes=1000)
     with pytest.raises(MediaError, match="not valid base64"):
         fetch("data:image/png;base64,@@@")
+
+
+def test_pixel_cap_checked_before_any_pixel_is_decoded(monkeypatch):
+    """A size just over the graph's cap and far under Pillow's own bomb limit: refused from the header alone."""
+    buf = io.BytesIO()
+    Image.new("RGB", (300, 200)).save(buf, format="PNG")
+    loads = []
+    original = Image.Image.load
+    monkeypatch.setattr(Image.Image, "load", lambda self: loads.append(self.size) or original(self))
+    with pytest.raises(MediaError, match="300x200 = 60000 pixels"):
+        decode_image(buf.getvalue(), MediaPolicy(max_pixels=59_999))
+    assert loads == [], "pixels were decoded before the cap refused the image"
+    decode_image(buf.getvalue(), MediaPolicy(max_pixels=60_000))
+    assert loads, "control: an image within the cap is decoded"
 
 
 def test_pixel_cap_checked_before_decoding():
@@ -226,6 +282,25 @@ def test_encoder_passes_together_what_arrived_during_a_pass_and_a_bad_request_fa
     assert two == ["emb-b", "emb-cc"]
     assert isinstance(broken, ValueError)
     assert last == ["emb-d"]
+
+
+def test_the_embedding_cache_keeps_the_most_recently_used_within_its_bytes():
+    import torch
+    from mmgraph_workers.encoder import Embedding, EmbeddingCache
+
+    def item(n: int) -> Embedding:
+        return Embedding(torch.zeros(n, 4), {}, f"k{n}")  # n * 16 bytes
+
+    cache = EmbeddingCache(capacity_bytes=100)
+    cache.put("a", item(2))
+    cache.put("b", item(2))
+    cache.put("c", item(2))  # 96 bytes: all fit
+    assert cache.get("a") is not None  # a is now the most recent
+    cache.put("d", item(2))  # 128 bytes: the least recently used (b) goes
+    assert cache.get("b") is None and all(cache.get(k) is not None for k in "acd")
+    assert cache.used == 96
+    cache.put("huge", item(10))  # larger than the whole cache: not kept, nothing evicted
+    assert cache.get("huge") is None and cache.used == 96
 
 
 def test_content_key_changes_with_whatever_changes_the_kv():
