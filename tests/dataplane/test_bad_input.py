@@ -176,6 +176,23 @@ def test_redirect_to_link_local_refused_even_where_private_is_allowed(endpoints,
     assert "'file' is not allowed" in error_of(r, 400)
 
 
+@pytest.mark.parametrize("stage", ["encoder", "pd", "decode"])
+def test_a_message_of_another_protocol_version_is_refused_by_name(graph, stage):
+    """A stage of another release (a rollout half done) is refused with a message, never misread."""
+    path = "/encode" if stage == "encoder" else "/generate"
+    body = (
+        {"version": 1, "request_id": "old", "urls": ["data:,"]}
+        if stage == "encoder"
+        else {
+            **GenerateRequest(request_id="old", prompt_token_ids=[1], sampling=Sampling()).model_dump(),
+            "version": 1,
+        }
+    )
+    response = httpx.post(f"http://127.0.0.1:{graph.stages[stage].port}{path}", json=body, timeout=30)
+    assert response.status_code == 400
+    assert "protocol version 1 is not spoken here (2)" in response.json()["error"]
+
+
 def test_workers_still_serve_after_all_of_it(endpoints, reference):
     for topology, endpoint in endpoints.items():
         assert tokens(endpoint, "one-image") == reference["one-image"], topology
