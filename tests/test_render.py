@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import difflib
 import os
 from pathlib import Path
 
@@ -30,7 +31,10 @@ def test_render_matches_golden(example: Path, kube: str):
     body["metadata"]["uid"] = "00000000-0000-0000-0000-000000000001"
     text = yaml.safe_dump_all(render(parse(body), kube), sort_keys=False, width=120)
     golden = GOLDEN / f"{example.stem}-{kube}.yaml"
-    if os.environ.get("MMGRAPH_UPDATE_GOLDEN"):
+    if os.environ.get("MMGRAPH_UPDATE_GOLDEN"):  # deliberate: print what changes, for review
+        old = golden.read_text() if golden.exists() else ""
+        diff = difflib.unified_diff(old.splitlines(), text.splitlines(), str(golden), "rendered", lineterm="")
+        print("\n".join(diff))
         golden.write_text(text)
     assert text == golden.read_text()
 
