@@ -389,3 +389,20 @@ def test_kv_transfer_config_cannot_change_what_the_graph_decides(topology, confi
         del body["spec"]["stages"]["decode"]
     body["spec"]["stages"]["pd"]["engineArgs"]["kv-transfer-config"] = config
     assert any(refused in p for p in problems(parse(body))), problems(parse(body))
+
+
+def test_the_content_key_of_a_large_image_does_not_copy_it_whole():
+    """The digest reads the pixels in strips: hashing a 4096x4096 image (48 MB decoded, the default maxPixels)
+    holds a few MB at once, not a second copy of the image."""
+    import tracemalloc
+
+    from mmgraph_workers.content_key import media_digest
+
+    image = Image.new("RGB", (4096, 4096), (1, 2, 3))
+    tracemalloc.start()
+    try:
+        media_digest(image)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16e6, f"{peak / 1e6:.0f} MB held while hashing a 48 MB image"

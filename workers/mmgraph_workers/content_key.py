@@ -47,11 +47,17 @@ def encoder_identity(tower: torch.nn.Module, settings: dict[str, Any]) -> str:
     return h.hexdigest()
 
 
+DIGEST_ROWS = 256  # rows hashed at a time: a strip, not a second copy of a large image, is held at once
+
+
 def media_digest(media: Any) -> bytes:
-    """Digest of decoded media as the processor receives it (a PIL image: mode, size and pixels)."""
+    """Digest of decoded media as the processor receives it (a PIL image: mode, size and pixels, row by row:
+    the same bytes as `tobytes()`, in strips)."""
     h = _hasher()
     h.update(f"{media.mode}:{media.size}".encode())
-    h.update(media.tobytes())
+    width, height = media.size
+    for top in range(0, height, DIGEST_ROWS):
+        h.update(media.crop((0, top, width, min(height, top + DIGEST_ROWS))).tobytes())
     return h.digest()
 
 

@@ -74,14 +74,14 @@ def build_app(args: argparse.Namespace) -> FastAPI:
     api_key = os.environ.get(args.api_key_env, "") if args.api_key_env else ""
     if args.api_key_env and not api_key:
         raise SystemExit(f"--api-key-env {args.api_key_env} is set but the variable is empty")
-    state: dict[str, Processor | Router] = {}
-    app = make_app("frontend", lambda: "router" in state and state["router"].pd_info is not None)  # type: ignore[union-attr]
+    app = make_app("frontend", lambda: app.state.router is not None and app.state.router.pd_info is not None)
+    app.state.processor, app.state.router = None, None
 
     @app.on_event("startup")
     async def load() -> None:
-        state["processor"] = await asyncio.to_thread(Processor, args)
-        router = state["router"] = Router(args)
-        app.state.watcher = asyncio.create_task(router.watch_peers())
+        app.state.processor = await asyncio.to_thread(Processor, args)
+        app.state.router = Router(args)
+        app.state.watcher = asyncio.create_task(app.state.router.watch_peers())
 
     @app.middleware("http")
     async def authenticate(request: Request, call_next):
@@ -101,23 +101,16 @@ def build_app(args: argparse.Namespace) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
-        processor, router = state["processor"], state["router"]
-        assert isinstance(processor, Processor) and isinstance(router, Router), "not ready"
+        processor: Processor | None = app.state.processor
+        router: Router | None = app.state.router
+        assert processor is not None and router is not None, "not ready"
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         try:
             req = ChatRequest.model_validate(json.loads(await request.body()))
             max_len = router.pd_info.max_model_len if router.pd_info else None
             token_ids, urls, sampling = processor.prepare(req, max_len)
-        except json.JSONDecodeError as err:
-            status, body = failure(RequestError(f"the request body is not valid JSON: {err}"), request_id)
-            return JSONResponse(body, status_code=status)
-        except ValidationError as err:
-            first = err.errors(include_url=False)[0]
-            where = ".".join(map(str, first["loc"]))
-            status, body = failure(RequestError(f"{where}: {first['msg']}", where), request_id)
-            return JSONResponse(body, status_code=status)
-        except RequestError as err:
-            status, body = failure(err, request_id)
+        except (json.JSONDecodeError, ValidationError, RequestError) as err:
+            status, body = failure(_request_error(err), request_id)
             return JSONResponse(body, status_code=status)
         events = router.run(request_id, token_ids, urls, sampling)
         if req.stream:
@@ -125,6 +118,18 @@ def build_app(args: argparse.Namespace) -> FastAPI:
         return await _complete(request_id, req, events)
 
     return app
+
+
+def _request_error(err: Exception) -> RequestError:
+    """What was wrong with the request body, as the 400 that names it."""
+    if isinstance(err, json.JSONDecodeError):
+        return RequestError(f"the request body is not valid JSON: {err}")
+    if isinstance(err, ValidationError):
+        first = err.errors(include_url=False)[0]
+        where = ".".join(map(str, first["loc"]))
+        return RequestError(f"{where}: {first['msg']}", where)
+    assert isinstance(err, RequestError)
+    return err
 
 
 def main(args: argparse.Namespace) -> None:
