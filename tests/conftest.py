@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import random
 import sys
 import time
 import uuid
@@ -33,6 +34,36 @@ from kubecluster import (
 
 REPO = Path(__file__).resolve().parent.parent
 WEBHOOK_NAME = "mmgraph-test-webhook"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--order",
+        default="file",
+        help="file (as written), reverse, or random[:SEED]: tests must pass in any order (module fixtures included)",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """--order reverse: every test in reverse. --order random[:SEED]: modules in random order and the tests of
+    each in random order (as pytest-randomly does: a module's fixtures are set up once); the seed is printed."""
+    order = config.getoption("--order")
+    if order == "reverse":
+        items.reverse()
+    elif order.startswith("random"):
+        seed = int(order.partition(":")[2] or random.randrange(1 << 16))
+        shuffle = random.Random(seed).shuffle
+        modules: dict[str, list[pytest.Item]] = {}
+        for item in items:
+            modules.setdefault(item.nodeid.split("::")[0], []).append(item)
+        groups = list(modules.values())
+        shuffle(groups)
+        for group in groups:
+            shuffle(group)
+        items[:] = [item for group in groups for item in group]
+        print(f"\ntest order: random, seed {seed} (--order random:{seed} repeats it)")
+    elif order != "file":
+        raise pytest.UsageError(f"--order must be file, reverse or random[:SEED], not {order!r}")
 
 
 @pytest.fixture(scope="session")

@@ -366,19 +366,23 @@ def operator_kubeconfig_of(cluster: KubeCluster, api: Any) -> Path:
 class OperatorProcess:
     """`mmgraph operator` as a child process; start/stop can be repeated (restart tests)."""
 
-    def __init__(self, kubeconfig: Path, cert_dir: Path, logdir: Path):
+    def __init__(
+        self, kubeconfig: Path, cert_dir: Path, logdir: Path, namespaces: tuple[str, ...] = (), name: str = "operator"
+    ):
         self.kubeconfig, self.cert_dir, self.logdir = kubeconfig, cert_dir, logdir
+        self.namespaces, self.name = namespaces, name
         self.webhook_port, self.metrics_port, self.health_port = free_port(), free_port(), free_port()
         self.proc: subprocess.Popen | None = None
         self.starts = 0
 
     def start(self) -> None:
         self.starts += 1
-        log = open(self.logdir / f"operator-{self.starts}.log", "wb")  # noqa: SIM115
+        log = open(self.logdir / f"{self.name}-{self.starts}.log", "wb")  # noqa: SIM115
         env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "PYTHONUNBUFFERED": "1"}
         argv = [sys.executable, "-m", "mmgraph_operator.cli", "operator"]
         argv += [f"--webhook-port={self.webhook_port}", f"--webhook-cert-dir={self.cert_dir}"]
         argv += [f"--metrics-port={self.metrics_port}", f"--health-port={self.health_port}"]
+        argv += [f"--namespace={ns}" for ns in self.namespaces]
         self.proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
         wait_for(self._healthy, timeout=60, what="operator /healthz")
 
@@ -386,7 +390,10 @@ class OperatorProcess:
         assert self.proc is not None and self.proc.poll() is None, self.log()
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/healthz", timeout=1) as r:
-                return r.status == 200
+                if r.status != 200:
+                    return False
+            with socket.create_connection(("127.0.0.1", self.webhook_port), timeout=1):
+                return True  # the webhook server starts after /healthz answers
         except OSError:
             return False
 
@@ -401,7 +408,7 @@ class OperatorProcess:
         self.proc = None
 
     def log(self) -> str:
-        return (self.logdir / f"operator-{self.starts}.log").read_text()[-5000:]
+        return (self.logdir / f"{self.name}-{self.starts}.log").read_text()[-5000:]
 
     def metric(self, name: str) -> float:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=2) as r:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import copy
+import time
 from typing import Any
 
 import pytest
-from conftest import graph_manifest
-from kubecluster import OPERATOR_USER, wait_for
+from conftest import graph_manifest, webhook_absent
+from kubecluster import OPERATOR_USER, OperatorProcess, wait_for
 from kubernetes import client, dynamic
 from kubernetes.client.exceptions import ApiException
 
@@ -204,47 +205,139 @@ def test_ready_condition_follows_pod_readiness(api, operator, namespace):
 
 
 def _operator_writes(cluster) -> list[dict[str, Any]]:
+    """What the operator's account wrote, in every namespace (a write the server refused wrote nothing)."""
     return [
         e
         for e in cluster.audit_events()
-        if e.get("user", {}).get("username") == OPERATOR_USER and e.get("verb") not in ("get", "list", "watch")
+        if e.get("user", {}).get("username") == OPERATOR_USER
+        and e.get("verb") not in ("get", "list", "watch")
+        and e.get("responseStatus", {}).get("code", 200) < 300
     ]
 
 
-def test_unchanged_graph_causes_no_writes_even_across_restart(api, operator, namespace, cluster):
+def _settled(cluster) -> int:
+    """The operator's write count once it has stopped growing (the controller-manager writing the Deployments'
+    status pokes the operator for a while after a create)."""
+    before = -1
+    while (now := len(_operator_writes(cluster))) != before:
+        before = now
+        time.sleep(3)
+    return now
+
+
+def _events(api: client.ApiClient, namespace: str, name: str) -> list[tuple[str, str]]:
+    items = client.CoreV1Api(api).list_namespaced_event(namespace, field_selector=f"involvedObject.name={name}").items
+    return sorted((e.type, e.reason) for e in items)
+
+
+def test_unchanged_graphs_cause_no_writes_even_across_restart(api, operator, namespace, cluster):
+    """A running graph and a Degraded one: once settled, a restarted operator reconciles both and writes nothing,
+    in any namespace: no apply, no status patch, and no second Warning Event (the Degraded condition in the
+    stored status, not the process's memory, says the Event was posted)."""
     create_graph(api, graph_manifest("g", namespace))
+    bad = graph_manifest("bad", namespace)
+    bad["spec"]["topology"] = "e-pd"  # decode is still set: invalid
+    with webhook_absent(api, cluster, operator.webhook_port):
+        create_graph(api, bad)
     wait_for(lambda: children(api, namespace, "g") == E_P_D_CHILDREN, what="children")
     wait_for(lambda: get_graph(api, namespace, "g").get("status", {}).get("stages"), what="status")
-    # Let the controller-manager settle the Deployments' status (which pokes the operator).
-    settled = lambda: len(_operator_writes(cluster))  # noqa: E731
-    before = settled()
-    import time
-
-    time.sleep(3)
-    while settled() != before:
-        before = settled()
-        time.sleep(3)
+    wait_for(lambda: _events(api, namespace, "bad") == [("Warning", "InvalidSpec")], what="the Warning Event")
+    before = _settled(cluster)
     operator.stop()
     operator.start()
-    time.sleep(8)
-    writes = [
-        e for e in _operator_writes(cluster)[before:] if e.get("objectRef", {}).get("namespace") in (namespace, None)
-    ]
+    passes = "mmgraph_operator_reconciles_total"
+    wait_for(lambda: operator.metric(f'{passes}{{result="applied"}}') >= 1, what="the running graph reconciled")
+    wait_for(lambda: operator.metric(f'{passes}{{result="degraded"}}') >= 1, what="the Degraded graph reconciled")
+    time.sleep(3)
+    writes = _operator_writes(cluster)[before:]
     assert writes == [], [(e["verb"], e["requestURI"]) for e in writes]
+    assert _events(api, namespace, "bad") == [("Warning", "InvalidSpec")]
 
 
 def test_operator_restarted_midway_converges_without_duplicates(api, operator, namespace):
+    """Stopped while it was creating five graphs' children, restarted: each graph ends with exactly its children,
+    each owned by that graph alone, and nothing else of their kinds is in the namespace."""
     for i in range(5):
         create_graph(api, graph_manifest(f"g{i}", namespace))
     wait_for(lambda: client.AppsV1Api(api).list_namespaced_deployment(namespace).items, what="first children")
     operator.stop()  # mid-way: some graphs have children, some have none yet
     operator.start()
     for i in range(5):
-        wait_for(lambda i=i: len(children(api, namespace, f"g{i}")["Deployment"]) == 4, what=f"g{i} children")
-    deps = client.AppsV1Api(api).list_namespaced_deployment(namespace).items
-    assert len(deps) == 20 and len({d.metadata.name for d in deps}) == 20
-    for d in deps:
-        assert len(d.metadata.owner_references) == 1
+        want = {kind: {n.replace("g-", f"g{i}-", 1) for n in names} for kind, names in E_P_D_CHILDREN.items()}
+        wait_for(lambda i=i, want=want: children(api, namespace, f"g{i}") == want, what=f"g{i} children")
+    uids = {f"g{i}": get_graph(api, namespace, f"g{i}")["metadata"]["uid"] for i in range(5)}
+    dyn = dynamic.DynamicClient(api)
+    for kind, version in CHILD_KINDS.items():
+        items = dyn.resources.get(api_version=version, kind=kind).get(namespace=namespace).items
+        assert len(items) == 5 * len(E_P_D_CHILDREN[kind]), (kind, [i.metadata.name for i in items])
+        for item in items:
+            graph = item.metadata.labels["mmgraph.io/graph"]
+            refs = [(r.kind, r.name, r.uid, r.controller) for r in item.metadata.ownerReferences]
+            assert refs == [("MultimodalGraph", graph, uids[graph], True)], (kind, item.metadata.name, refs)
+
+
+def test_a_running_graph_turned_invalid_keeps_its_children(api, cluster, operator, namespace):
+    """Forced past the webhook, an edit that makes a running graph invalid is reported Degraded; what runs is left
+    as it was (nothing pruned, nothing rewritten), and Ready keeps its transition time."""
+    create_graph(api, graph_manifest("g", namespace))
+    wait_for(lambda: children(api, namespace, "g") == E_P_D_CHILDREN, what="children")
+    ready = wait_for(lambda: condition(get_graph(api, namespace, "g"), "Ready"), what="Ready condition")
+    apps = client.AppsV1Api(api)
+    generations = {d.metadata.name: d.metadata.generation for d in apps.list_namespaced_deployment(namespace).items}
+    with webhook_absent(api, cluster, operator.webhook_port):
+        patch_graph(api, namespace, "g", {"spec": {"topology": "e-pd"}})  # decode is still set: invalid
+    graph = wait_for(
+        lambda: (g := get_graph(api, namespace, "g"))["status"]["phase"] == "Degraded" and g, what="Degraded"
+    )
+    degraded = condition(graph, "Degraded")
+    assert (degraded["status"], degraded["reason"]) == ("True", "InvalidSpec")
+    assert "topology e-pd does not use it" in degraded["message"]
+    assert condition(graph, "Ready")["lastTransitionTime"] == ready["lastTransitionTime"]
+    time.sleep(2)
+    assert children(api, namespace, "g") == E_P_D_CHILDREN
+    assert {
+        d.metadata.name: d.metadata.generation for d in apps.list_namespaced_deployment(namespace).items
+    } == generations
+    assert ("Warning", "InvalidSpec") in _events(api, namespace, "g")
+
+
+def test_a_child_the_server_refuses_is_reported_apply_failed(api, operator, namespace):
+    """A graph the schema and webhook accept but whose Deployment the API server refuses (422: a toleration
+    operator Kubernetes does not know) is Degraded with reason ApplyFailed and the server's message, once."""
+    body = graph_manifest("g", namespace)
+    body["spec"]["stages"]["pd"]["tolerations"] = [{"key": "gpu", "operator": "Sometimes"}]
+    create_graph(api, body)
+    graph = wait_for(
+        lambda: (g := get_graph(api, namespace, "g")).get("status", {}).get("phase") == "Degraded" and g,
+        what="Degraded",
+    )
+    degraded = condition(graph, "Degraded")
+    assert degraded["reason"] == "ApplyFailed" and "Unsupported value" in degraded["message"], degraded
+    assert "g-pd" not in children(api, namespace, "g")["Deployment"]
+    wait_for(lambda: ("Warning", "ApplyFailed") in _events(api, namespace, "g"), what="the Warning Event")
+    time.sleep(3)  # child events keep poking the graph: the Event is still posted once
+    assert _events(api, namespace, "g").count(("Warning", "ApplyFailed")) == 1
+
+
+def test_watch_namespaces_reconciles_only_those(api, cluster, operator, operator_kubeconfig, webhook_certs, namespace):
+    """`--namespace` (the chart's watchNamespaces): graphs there are reconciled, graphs elsewhere are not."""
+    other = f"{namespace}-other"
+    client.CoreV1Api(api).create_namespace({"metadata": {"name": other}})
+    operator.stop()  # the session's operator watches every namespace
+    scoped = OperatorProcess(operator_kubeconfig, webhook_certs, cluster.workdir, (namespace,), name="scoped")
+    scoped.webhook_port = operator.webhook_port  # serves the registered webhook meanwhile
+    try:
+        scoped.start()
+        create_graph(api, graph_manifest("g", namespace))
+        create_graph(api, graph_manifest("g", other))
+        wait_for(lambda: children(api, namespace, "g") == E_P_D_CHILDREN, what="children in the watched namespace")
+        time.sleep(3)
+        assert children(api, other, "g") == {kind: set() for kind in E_P_D_CHILDREN}
+        assert "status" not in get_graph(api, other, "g")
+    finally:
+        scoped.stop()
+        operator.start()
+        client.CoreV1Api(api).delete_namespace(other)
 
 
 def test_changing_config_rolls_pods(api, operator, namespace):

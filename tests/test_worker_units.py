@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import io
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -76,12 +77,61 @@ def server():
     httpd.server_close()
 
 
-def fetch(url: str, **policy) -> bytes:
+def fetch(url: str, verify: ssl.SSLContext | bool = True, **policy) -> bytes:
     async def go() -> bytes:
-        async with httpx.AsyncClient(trust_env=False) as client:
+        async with httpx.AsyncClient(trust_env=False, verify=verify) as client:
             return await fetch_bytes(url, MediaPolicy(**policy), client)
 
     return asyncio.run(go())
+
+
+@pytest.fixture
+def names(monkeypatch):
+    """A resolver for made-up names (`names["media.test"] = [addresses]`); other names resolve as usual. It is
+    the event loop's, which the fetch uses."""
+    table: dict[str, list[str]] = {}
+    real = asyncio.base_events.BaseEventLoop.getaddrinfo
+
+    async def getaddrinfo(self, host, port, *args, **kwargs):
+        if host not in table:
+            return await real(self, host, port, *args, **kwargs)
+        return [
+            (socket.AF_INET6 if ":" in a else socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, port)) for a in table[host]
+        ]
+
+    monkeypatch.setattr(asyncio.base_events.BaseEventLoop, "getaddrinfo", getaddrinfo)
+    return table
+
+
+@pytest.fixture(scope="module")
+def tls_server(tmp_path_factory):
+    """HTTPS on 127.0.0.1 with a certificate for media.test only, from a test CA; records SNI and Host."""
+    from kubecluster import Pki
+
+    pki = Pki(tmp_path_factory.mktemp("pki"))
+    crt, key = pki.issue("media", "media.test", sans=["media.test"])
+    seen: dict[str, list] = {"sni": [], "host": []}
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen["host"].append(self.headers["Host"])
+            self.send_response(200)
+            self.send_header("Content-Length", "5")
+            self.end_headers()
+            self.wfile.write(b"hello")
+
+        def log_message(self, *args) -> None:
+            pass
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(crt, key)
+    context.sni_callback = lambda sock, name, ctx: seen["sni"].append(name)
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield httpd.server_address[1], ssl.create_default_context(cafile=str(pki.root / "ca.crt")), seen
+    httpd.shutdown()
+    httpd.server_close()
 
 
 LOCAL = {"allowed_schemes": frozenset({"http", "https", "data"}), "allow_private_networks": True}
@@ -144,6 +194,28 @@ def test_the_socket_guard_is_loaded_and_refuses_outside_loopback(loopback_only):
     loopback_only.clear()  # seen: the fixture's own check must not fail on this deliberate attempt
 
 
+@pytest.mark.parametrize("answer", [["93.184.216.34", "10.0.0.5"], ["10.0.0.5", "93.184.216.34"]])
+def test_a_name_resolving_to_public_and_private_addresses_is_refused(names, loopback_only, answer):
+    """Every address of the answer must pass, whichever comes first (else a rebinding name gets through)."""
+    names["mixed.test"] = answer
+    with pytest.raises(MediaError, match=r"resolves to 10\.0\.0\.5, a private or loopback address") as info:
+        fetch("https://mixed.test/a.png")
+    assert info.value.status == 403
+
+
+def test_https_goes_to_the_checked_address_and_verifies_the_name(names, tls_server, loopback_only):
+    """The default scheme: the connection goes to the address that was checked, while TLS sends the URL's host
+    as SNI and verifies the certificate against it (not against the address)."""
+    port, trust, seen = tls_server
+    names["media.test"] = ["127.0.0.1"]
+    assert fetch(f"https://media.test:{port}/a.png", verify=trust, **LOCAL) == b"hello"
+    assert seen["sni"][-1] == "media.test" and seen["host"][-1] == f"media.test:{port}"
+    names["other.test"] = ["127.0.0.1"]  # same address, a name the certificate does not carry
+    with pytest.raises(MediaError, match="cannot fetch media URL: ConnectError") as info:
+        fetch(f"https://other.test:{port}/a.png", verify=trust, **LOCAL)
+    assert "certificate" in str(info.value).lower() and info.value.status == 422
+
+
 def test_data_url_size_and_encoding_checked():
     with pytest.raises(MediaError, match="byte limit"):
         fetch("data:image/png;base64," + "A" * 4000, max_bytes=1000)
@@ -193,6 +265,16 @@ def test_peer_picks_the_least_busy_replica():
     assert peer.outstanding == {"10.0.0.1": 0, "10.0.0.2": 0}
     with pytest.raises(NoReplica, match="no replica took the connection"):
         peer.acquire(avoid=set(peer.addresses))
+
+
+def test_idle_replicas_take_turns():
+    peer = Peer("encoder", "http://encoder:8001", addresses=["10.0.0.1", "10.0.0.2", "10.0.0.3"])
+    picks = []
+    for _ in range(6):
+        address, _ = peer.acquire()
+        picks.append(address)
+        peer.release(address)
+    assert picks == ["10.0.0.1", "10.0.0.2", "10.0.0.3"] * 2
 
 
 def test_peer_with_no_ready_replica_fails_naming_the_stage():

@@ -46,6 +46,9 @@ def register(registry: kopf.OperatorRegistry, namespaces: list[str], webhook_por
     async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: Any, **_: Any) -> None:
         settings.posting.enabled = False
         settings.peering.standalone = True
+        # Watching given namespaces: use exactly those, without listing the cluster's namespaces (which a
+        # namespaced install's Roles do not allow; kopf would retry for minutes before falling back).
+        settings.scanning.disabled = bool(namespaces)
         settings.watching.server_timeout = 300
         settings.watching.client_timeout = 330
         if webhook_port:

@@ -30,6 +30,7 @@ from mmgraph_operator import metrics
 from mmgraph_operator.api import GROUP, KIND, PLURAL, VERSION, explain, parse
 from mmgraph_operator.render import GRAPH_LABEL, MANAGED_BY, InvalidGraph, child_name, endpoint, render
 from mmgraph_operator.status import (
+    already_degraded,
     degraded_status,
     running_status,
     status_patch,
@@ -66,32 +67,34 @@ def owner_of(obj: dict[str, Any]) -> GraphKey | None:
     return (meta.get("namespace", ""), graph) if graph and owned else None
 
 
-def drifted(desired: Any, live: Any, path: str = "") -> str | None:
+def drifted(desired: Any, live: Any, path: tuple[str | int, ...] = ()) -> str | None:
     """The first path where `live` does not carry `desired` (fields the server added are fine), else None."""
     if isinstance(desired, dict):
         if not isinstance(live, dict):
-            return path or "."
+            return _path(path)
         for key, value in desired.items():
-            where = drifted(value, live.get(key), f"{path}.{key}")
-            if where:
+            if where := drifted(value, live.get(key), (*path, key)):
                 return where
         return None
     if isinstance(desired, list):
         if not isinstance(live, list) or len(live) != len(desired):
-            return path
+            return _path(path)
         for i, (d, v) in enumerate(zip(desired, live, strict=True)):
-            where = drifted(d, v, f"{path}[{i}]")
-            if where:
+            if where := drifted(d, v, (*path, i)):
                 return where
         return None
     if desired == live:
         return None
-    if path.split(".")[-2:-1] in (["requests"], ["limits"]):  # quantities: the server writes canonical forms
+    if path[-2:-1] in (("requests",), ("limits",)):  # quantities: the server writes canonical forms
         try:
-            return None if parse_quantity(desired) == parse_quantity(live) else path
+            return None if parse_quantity(desired) == parse_quantity(live) else _path(path)
         except ValueError:
-            return path
-    return path
+            return _path(path)
+    return _path(path)
+
+
+def _path(path: tuple[str | int, ...]) -> str:
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path) or "."
 
 
 def digest(obj: dict[str, Any]) -> str:
@@ -106,7 +109,6 @@ def now() -> str:
 class GraphState:
     pending: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task | None = None
-    last_event: str | None = None  # the last Event message posted, so a repeated failure is posted once
 
 
 class Reconciler:
@@ -147,7 +149,9 @@ class Reconciler:
                 state.task.cancel()
             metrics.GRAPHS.set(len(self.graphs))
             return
-        self.graphs[key] = body
+        cached = self.graphs.get(key)
+        if cached is None or _rv(body) >= _rv(cached):  # never go back to a body older than our own last write
+            self.graphs[key] = body
         metrics.GRAPHS.set(len(self.graphs))
         self.poke(key)
 
@@ -179,7 +183,7 @@ class Reconciler:
             state.pending.clear()
             try:
                 async with self.slots:
-                    await self.reconcile(key, state)
+                    await self.reconcile(key)
                 backoff = 1.0
             except asyncio.CancelledError:
                 raise
@@ -198,7 +202,7 @@ class Reconciler:
 
     # ---- one pass -------------------------------------------------------------------------------------------
 
-    async def reconcile(self, key: GraphKey, state: GraphState) -> None:
+    async def reconcile(self, key: GraphKey) -> None:
         body = self.graphs.get(key)
         if body is None or body["metadata"].get("deletionTimestamp"):
             return
@@ -208,7 +212,7 @@ class Reconciler:
                 manifests = render(graph, self.kube_version)
             except (ValidationError, InvalidGraph) as err:
                 await self._degraded(
-                    key, body, state, "InvalidSpec", explain(err) if isinstance(err, ValidationError) else str(err)
+                    key, body, "InvalidSpec", explain(err) if isinstance(err, ValidationError) else str(err)
                 )
                 return
             desired = {child_key(m): m for m in manifests}
@@ -223,7 +227,7 @@ class Reconciler:
                 if _terminating(err):
                     return  # the namespace is being deleted: nothing to converge to
                 if err.status in (400, 403, 422):  # the server refuses what we render: retrying will not help
-                    await self._degraded(key, body, state, "ApplyFailed", _api_message(err))
+                    await self._degraded(key, body, "ApplyFailed", _api_message(err))
                     return
                 raise
             if changed:
@@ -235,8 +239,7 @@ class Reconciler:
                 for stage in graph.spec.used_stages()
             }
             await self._write_status(body, running_status(graph, deployments, endpoint(graph)))
-            state.last_event = None
-        metrics.RECONCILES.inc()
+        metrics.RECONCILES.labels(result="applied").inc()
 
     async def _ensure(self, key: GraphKey, ck: ChildKey, manifest: dict[str, Any]) -> bool:
         """Apply `manifest` if the child is missing or differs; True when a write was made."""
@@ -286,12 +289,15 @@ class Reconciler:
                 return None
             raise
 
-    async def _degraded(self, key: GraphKey, body: dict[str, Any], state: GraphState, reason: str, msg: str) -> None:
+    async def _degraded(self, key: GraphKey, body: dict[str, Any], reason: str, msg: str) -> None:
+        """Degraded with a Warning Event, posted when the condition changes: the stored status is the memory of
+        what was said, so a restarted operator does not post it again."""
         log.warning("MultimodalGraph %s/%s is not applied: %s", *key, msg)
+        said = already_degraded(body.get("status"), reason, msg)
         await self._write_status(body, degraded_status(body, reason, msg))
-        if state.last_event != msg:
+        if not said:
             await self._event(body, "Warning", reason, msg)
-            state.last_event = msg
+        metrics.RECONCILES.labels(result="degraded").inc()
 
     async def _write_status(self, body: dict[str, Any], new: dict[str, Any]) -> None:
         old = body.get("status") or {}

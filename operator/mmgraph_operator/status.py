@@ -102,6 +102,12 @@ def degraded_status(graph_body: dict[str, Any], reason: str, message: str) -> di
     return old
 
 
+def already_degraded(status: Status | None, reason: str, message: str) -> bool:
+    """The status already says Degraded for this reason and message (so its Event was posted)."""
+    old = next((c for c in (status or {}).get("conditions") or [] if c.get("type") == "Degraded"), {})
+    return (old.get("status"), old.get("reason"), old.get("message")) == ("True", reason, message)
+
+
 def with_transition_times(new: Status, old: Status | None, now: str) -> Status:
     """Copy each condition's lastTransitionTime from `old` when its status did not change, else stamp `now`."""
     before = {c["type"]: c for c in (old or {}).get("conditions") or []}

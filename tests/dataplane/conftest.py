@@ -64,6 +64,8 @@ CASES: dict[str, dict[str, Any]] = {
     "one-image": {"messages": user(IMG_A, "describe this image"), "max_tokens": 12},
     "two-images": {"messages": user(IMG_A, IMG_B, "what differs between these two"), "max_tokens": 12},
     "text-only": {"messages": user("hello world, what color is the sky"), "max_tokens": 12},
+    # one-image's text with another image of the same size: only the pixels differ
+    "other-image": {"messages": user(data_url(png(96, 64, 5)), "describe this image"), "max_tokens": 12},
 }
 # 16 different requests for the concurrency test: each must get its own answer.
 for i in range(16):
@@ -274,13 +276,25 @@ def vllm_openai_server(model: Path, name: str, example: str, logdir: Path) -> It
 
 
 class MediaServer:
-    """A local HTTP server for media URLs (127.0.0.1 only); paths: /a.png, /big.png, /redirect?to=URL."""
+    """A local HTTP server for media URLs (127.0.0.1 only); paths: /a.png, /big.png, /redirect?to=URL, and
+    /slow.png, whose body trickles for up to 60 s (`slow_started` is set once a client is reading it)."""
 
     def __init__(self) -> None:
         files = {"/a.png": png(96, 64, 1), "/big.png": png(400, 400, 9), "/notimage.png": b"hello, not an image"}
+        self.slow_started = slow_started = threading.Event()
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
+                if self.path == "/slow.png":
+                    self.send_response(200)
+                    self.end_headers()
+                    slow_started.set()
+                    with contextlib.suppress(OSError):  # the client went away
+                        for _ in range(600):
+                            self.wfile.write(b"\x00" * 10)
+                            self.wfile.flush()
+                            time.sleep(0.1)
+                    return
                 if self.path.startswith("/redirect?to="):
                     self.send_response(302)
                     self.send_header("Location", self.path.split("=", 1)[1])

@@ -22,7 +22,7 @@ from mmgraph_workers.protocol import GenerateEvent, GenerateRequest, Sampling
 from mmgraph_workers.up import LocalGraph, free_port
 from PIL import Image
 
-from .conftest import CASES, MODEL_NAME, chat, data_url, graph_spec, png, tokens, user
+from .conftest import CASES, MODEL_NAME, chat, data_url, graph_spec, metric, png, tokens, user
 
 GUARD = Path(__file__).with_name("guard")
 STRICT = {
@@ -220,33 +220,51 @@ def test_api_key_required_when_configured(graph, tiny_model, tmp_path_factory):
         local.stop()
 
 
+def lease_frontend(graph, tiny_model, logdir, **transfer) -> LocalGraph:
+    """An e-p-d frontend with its own `spec.transfer` settings, routed to the session graph's workers."""
+    spec = graph_spec(tiny_model, "e-p-d")
+    spec["spec"]["transfer"] = transfer
+    local = LocalGraph(parse(spec), logdir=logdir)
+    peers = {s: f"http://127.0.0.1:{graph.stages[s].port}" for s in (StageName.ENCODER, StageName.PD, StageName.DECODE)}
+    local.spawn(StageName.FRONTEND, free_port(), peers)
+    local.wait_healthy(timeout=120, progress=lambda line: None)
+    return local
+
+
+REQUESTS, MISSED = "mmgraph_engine_requests_total", "mmgraph_engine_kv_deadline_missed_total"
+
+
 def test_kv_lease_that_would_expire_is_never_used(graph, tiny_model, tmp_path_factory):
     """A frontend whose KV lease leaves no time to start decode prefills again (KV_ATTEMPTS in all), then fails
     with 503, and decode never receives a request whose KV may have been reused."""
-    spec = graph_spec(tiny_model, "e-p-d")
-    spec["spec"]["transfer"] = {"kvLeaseSeconds": 1, "timeoutSeconds": 0.999}
-    local = LocalGraph(parse(spec), logdir=tmp_path_factory.mktemp("lease"))
-    peers = {s: f"http://127.0.0.1:{graph.stages[s].port}" for s in (StageName.ENCODER, StageName.PD, StageName.DECODE)}
-    local.spawn(StageName.FRONTEND, free_port(), peers)
+    local = lease_frontend(graph, tiny_model, tmp_path_factory.mktemp("lease"), kvLeaseSeconds=1, timeoutSeconds=0.999)
     decode = f"http://127.0.0.1:{graph.stages[StageName.DECODE].port}"
-
-    def decode_requests() -> float:
-        text = httpx.get(f"{decode}/metrics", timeout=10).text
-        return sum(
-            float(line.rsplit(" ", 1)[1])
-            for line in text.splitlines()
-            if line.startswith("mmgraph_engine_requests_total{")
-        )
-
     try:
-        local.wait_healthy(timeout=120, progress=lambda line: None)
-        before = decode_requests()
+        before = metric(decode, REQUESTS)
         r = chat(local.endpoint, **CASES["one-image"])
         assert r.status_code == 503, r.text
         assert "lease would expire before decode could start" in r.json()["error"]["message"]
-        assert decode_requests() == before
-        metrics = httpx.get(f"{local.endpoint}/metrics", timeout=10).text
-        assert f"mmgraph_kv_lease_reprefills_total {float(KV_ATTEMPTS)}" in metrics
+        assert metric(decode, REQUESTS) == before
+        assert metric(local.endpoint, "mmgraph_kv_lease_reprefills_total") == KV_ATTEMPTS
+    finally:
+        local.stop()
+
+
+def test_decode_late_for_the_lease_makes_the_frontend_prefill_again(graph, tiny_model, tmp_path_factory):
+    """A 1 s lease minus the frontend's 1 s margin leaves decode no time: each attempt, decode answers with a
+    retryable 503 before any token, and the frontend prefills again, KV_ATTEMPTS times in all, then tells the
+    client why. (Without the margin decode would have about a second, and answer.)"""
+    local = lease_frontend(graph, tiny_model, tmp_path_factory.mktemp("late"), kvLeaseSeconds=1, timeoutSeconds=0.01)
+    pd, decode = (f"http://127.0.0.1:{graph.stages[s].port}" for s in (StageName.PD, StageName.DECODE))
+    try:
+        prefills, decodes, missed = metric(pd, REQUESTS), metric(decode, REQUESTS), metric(decode, MISSED)
+        r = chat(local.endpoint, **CASES["one-image"])
+        assert r.status_code == 503, r.text
+        message = r.json()["error"]["message"]
+        assert "not pulled within 0.0 s" in message and f"{KV_ATTEMPTS} times" in message, message
+        assert metric(local.endpoint, "mmgraph_kv_lease_reprefills_total") == KV_ATTEMPTS
+        assert metric(pd, REQUESTS) - prefills == KV_ATTEMPTS
+        assert metric(decode, REQUESTS) - decodes == metric(decode, MISSED) - missed == KV_ATTEMPTS
     finally:
         local.stop()
 
@@ -255,9 +273,10 @@ def test_decode_that_cannot_pull_the_kv_within_the_lease_stops_before_any_token(
     """The frontend gives decode the time left on pd's lease; decode must produce its first token (so have pulled
     the KV) within it, or stop the request before any token and say so (retry: nothing was sent). Without the
     guard a decode stuck past the lease would pull blocks pd may have given to another request and answer with
-    wrong tokens, silently."""
+    wrong tokens, silently. Three cases: no time at all; a pull in flight when the time runs out (pd stopped
+    after its prefill, so the read cannot complete); time to spare."""
+    pd_stage = graph.stages[StageName.PD]
     pd, decode = (f"http://127.0.0.1:{graph.stages[s].port}" for s in (StageName.PD, StageName.DECODE))
-    ids = list(range(40, 72))
     sampling = Sampling(max_tokens=4, temperature=0)
 
     def events(base: str, request: GenerateRequest) -> list[GenerateEvent]:
@@ -265,63 +284,103 @@ def test_decode_that_cannot_pull_the_kv_within_the_lease_stops_before_any_token(
         assert r.status_code == 200, r.text
         return [GenerateEvent.model_validate_json(line) for line in r.text.splitlines() if line.strip()]
 
-    def missed() -> float:
-        text = httpx.get(f"{decode}/metrics", timeout=10).text
-        return next(float(x.split()[1]) for x in text.splitlines() if x.startswith("mmgraph_engine_kv_deadline_missed"))
-
-    before = missed()
-    for deadline in (0.0, 30.0):
+    before = metric(decode, MISSED)
+    for deadline, stop_pd in ((0.0, False), (2.0, True), (30.0, False)):
         rid = f"lease-{deadline}-{time.monotonic_ns()}"
+        ids = [40 + (time.monotonic_ns() // 1000 + 7 * k) % 900 for k in range(40)]  # a prompt no engine has cached
         prefill = events(
             pd, GenerateRequest(request_id=rid, prompt_token_ids=ids, sampling=sampling, prefill_only=True)
         )
         params = prefill[-1].kv_transfer_params
         assert params and params.get("remote_block_ids"), prefill[-1]
-        out = events(
-            decode,
-            GenerateRequest(
-                request_id=rid,
-                prompt_token_ids=ids,
-                sampling=sampling,
-                kv_transfer_params=params,
-                kv_deadline_seconds=deadline,
-            ),
+        request = GenerateRequest(
+            request_id=rid,
+            prompt_token_ids=ids,
+            sampling=sampling,
+            kv_transfer_params=params,
+            kv_deadline_seconds=deadline,
         )
-        if deadline == 0.0:
+        if stop_pd:
+            os.killpg(pd_stage.proc.pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            out = events(decode, request)
+            took = time.monotonic() - started
+        finally:
+            if stop_pd:
+                os.killpg(pd_stage.proc.pid, signal.SIGCONT)
+        if deadline < 30:
             assert len(out) == 1 and out[0].status == 503 and out[0].retry, out
-            assert "not pulled within 0.0 s" in (out[0].error or "")
-            assert not any(e.token_ids for e in out)
+            assert f"not pulled within {deadline:.1f} s" in (out[0].error or "")
+            assert deadline <= took < deadline + 5
         else:  # the same path with time to spare: tokens, so the guard is not what always answers
             assert out[-1].finish_reason and sum(len(e.token_ids) for e in out) == 4, out
-    assert missed() == before + 1
+    assert metric(decode, MISSED) == before + 2
     assert tokens(endpoints["e-p-d"], "one-image") == reference["one-image"]  # decode and pd still serve
 
 
-def test_stage_killed_mid_request_fails_fast_naming_it(strict, endpoints, reference):
-    """The strict graph's encoder dies while fetching a slow URL: the client gets an error naming the encoder
-    well within the deadline, `mmgraph up`'s watcher names the dead stage, and the other graphs keep serving."""
+@pytest.fixture
+def own_encoder(graph, tiny_model, tmp_path_factory):
+    """An e-pd frontend with its own encoder (http and private URLs allowed), routed to the session's pd, for the
+    tests that kill or stop that encoder; the frontend gives up on a stage call after 3 s."""
+    local = LocalGraph(parse(graph_spec(tiny_model, "e-pd")), logdir=tmp_path_factory.mktemp("own-encoder"))
+    encoder_port = free_port()
+    local.spawn(StageName.ENCODER, encoder_port, {})
+    peers = {
+        StageName.ENCODER: f"http://127.0.0.1:{encoder_port}",
+        StageName.PD: f"http://127.0.0.1:{graph.stages[StageName.PD].port}",
+    }
+    local.spawn(StageName.FRONTEND, free_port(), peers, args=["--request-timeout-seconds=3"])
+    try:
+        local.wait_healthy(timeout=120, progress=lambda line: None)
+        yield local
+    finally:
+        local.stop()
+
+
+def test_stage_killed_mid_request_fails_fast_naming_it(own_encoder, media_server, endpoints, reference):
+    """The encoder dies while it is reading a slow URL for a request: the client gets a 5xx naming the encoder
+    at once (not at the deadline), `mmgraph up`'s watcher names the dead stage, and the other graphs keep
+    serving."""
     import threading
 
     from mmgraph_workers.up import StageDied
 
-    encoder = strict.stages[StageName.ENCODER]
+    encoder = own_encoder.stages[StageName.ENCODER]
+    media_server.slow_started.clear()
     results = {}
-    started = time.monotonic()
     thread = threading.Thread(
-        target=lambda: results.setdefault("r", ask_image(strict.endpoint, data_url(png(250, 250, 3))))
+        target=lambda: results.setdefault("r", ask_image(own_encoder.endpoint, f"{media_server.url}/slow.png"))
     )
     thread.start()
-    time.sleep(0.05)
+    assert media_server.slow_started.wait(30), "the encoder never began reading the URL"
+    killed = time.monotonic()
     os.killpg(encoder.proc.pid, signal.SIGKILL)
     thread.join(60)
     response = results["r"]
-    if response.status_code == 200:  # the encoder finished before it died: a request after the kill must fail
-        response = ask_image(strict.endpoint, data_url(png(96, 64, 4)))
-    assert response.status_code in (502, 503, 504), response.text
+    assert response.status_code == 502, response.text
     assert "encoder" in response.json()["error"]["message"]
-    assert time.monotonic() - started < 45
+    assert time.monotonic() - killed < 2.5  # a dead peer is noticed, not timed out (the frontend waits 3 s)
     encoder.proc.wait(10)  # the kernel may still be tearing the killed process down
-    dead = strict.dead()
+    dead = own_encoder.dead()
     assert dead is not None and dead.name == StageName.ENCODER
     assert "stage encoder exited" in str(StageDied(dead))
     assert tokens(endpoints["e-p-d"], "one-image") == reference["one-image"]
+
+
+def test_a_hung_stage_hits_the_frontends_deadline(own_encoder, media_server):
+    """The encoder stops answering (SIGSTOP: alive, connections accepted by the kernel, nothing read): the
+    client gets a 504 naming the encoder when the frontend's deadline passes, and the stage serves again
+    once it resumes."""
+    encoder = own_encoder.stages[StageName.ENCODER]
+    os.killpg(encoder.proc.pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        response = ask_image(own_encoder.endpoint, f"{media_server.url}/a.png")
+        took = time.monotonic() - started
+    finally:
+        os.killpg(encoder.proc.pid, signal.SIGCONT)
+    assert response.status_code == 504, response.text
+    assert "encoder" in response.json()["error"]["message"] and "Timeout" in response.json()["error"]["message"]
+    assert 3 <= took < 10
+    assert ask_image(own_encoder.endpoint, f"{media_server.url}/a.png").status_code == 200

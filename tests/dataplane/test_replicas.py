@@ -15,10 +15,11 @@ import time
 from pathlib import Path
 
 import httpx
+import torch
 from mmgraph_operator.api import StageName, parse
 from mmgraph_workers.up import LocalGraph, free_port
 
-from .conftest import CASES, MODEL_NAME, chat, graph_spec, wait
+from .conftest import CASES, IMG_C, MODEL_NAME, chat, graph_spec, metric, wait
 
 LOAD = [f"concurrent-{i}" for i in range(16)]
 
@@ -86,6 +87,8 @@ def test_crashed_replica_still_listed_is_skipped(graph, reference):
     os.killpg(replica.proc.pid, signal.SIGKILL)
     replica.proc.wait(10)
     assert replica.host in Path(graph.hosts_file).read_text()  # still listed: the frontend must cope
+    refused = 'mmgraph_stage_connect_refused_total{stage="encoder"}'
+    before = metric(graph.endpoint, refused)
     load = Load(graph.endpoint)
     try:
         load.wait_for(9)
@@ -95,6 +98,40 @@ def test_crashed_replica_still_listed_is_skipped(graph, reference):
         graph.write_hosts()
     assert all(status == 200 for _, status, _ in results), [r for r in results if r[1] != 200][:3]
     assert all(got == reference[case] for case, _, got in results)
+    assert metric(graph.endpoint, refused) > before, "the dead replica was never tried: this tested nothing"
+
+
+def test_an_encoder_told_to_stop_stays_until_its_embeddings_are_read(graph, tiny_model, tmp_path_factory):
+    """SIGTERM with embeddings published and not yet read (a replica scaled down after answering a request whose
+    embeddings pd has still to pull): the encoder stays, the read gets the right bytes, then it exits cleanly."""
+    os.environ.setdefault("UCX_NET_DEVICES", "lo")
+    from mmgraph_workers.protocol import EncodeRequest, EncodeResponse
+    from mmgraph_workers.transfer import make_transfer
+
+    def encode(port: int) -> EncodeResponse:
+        body = EncodeRequest(request_id=f"drain-{time.monotonic_ns()}", urls=[IMG_C]).model_dump_json()
+        r = httpx.post(f"http://127.0.0.1:{port}/encode", content=body, timeout=60)
+        assert r.status_code == 200, r.text
+        return EncodeResponse.model_validate_json(r.content)
+
+    local = LocalGraph(parse(graph_spec(tiny_model)), logdir=tmp_path_factory.mktemp("drain"))
+    port = free_port()
+    local.spawn(StageName.ENCODER, port, {})
+    reader = make_transfer("nixl", f"drain-reader-{os.getpid()}", recv_pool_bytes=8 << 20)
+    try:
+        local.wait_healthy(timeout=300, progress=lambda line: None)
+        leaving = local.stages[StageName.ENCODER]
+        item = encode(port).items[0]
+        leaving.proc.send_signal(signal.SIGTERM)
+        time.sleep(2)
+        assert leaving.proc.poll() is None, "the encoder left with embeddings still to be read"
+        got = reader.fetch(item.embeddings, timeout_seconds=10)
+        assert leaving.proc.wait(15) == 0
+        expected = reader.fetch(encode(graph.stages[StageName.ENCODER].port).items[0].embeddings, 10)
+        assert torch.equal(got, expected)
+    finally:
+        local.stop()
+        reader.close()
 
 
 def test_decode_killed_mid_stream(graph, tiny_model, reference, tmp_path_factory):

@@ -2,25 +2,28 @@
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 
-from .conftest import CASES, chat, metric, start_frontend, stream_text, tokens
+from .conftest import CASES, chat, data_url, metric, png, start_frontend, stream_text, tokens
 
 TOPOLOGIES = ["agg", "e-pd", "e-p-d"]
 
 
-@pytest.mark.parametrize("case", ["one-image", "two-images", "text-only"])
+@pytest.mark.parametrize("case", ["one-image", "other-image", "two-images", "text-only"])
 @pytest.mark.parametrize("topology", TOPOLOGIES)
 def test_topology_returns_the_single_engine_tokens(endpoints, reference, topology, case):
     assert tokens(endpoints[topology], case) == reference[case]
 
 
 def test_the_oracle_is_sensitive_to_the_image(reference):
-    """Guards the guard: different images (and no image) give different tokens, so equality above means something."""
-    assert len({tuple(reference[c]) for c in ("one-image", "two-images", "text-only")}) == 3
+    """Guards the guard: requests that differ only in their image's pixels (same size, same text) get different
+    tokens, and so do other images and no image, so equality above means something."""
+    assert reference["one-image"] != reference["other-image"]
+    assert len({tuple(reference[c]) for c in ("one-image", "other-image", "two-images", "text-only")}) == 4
     assert len({tuple(reference[f"concurrent-{i}"]) for i in range(16)}) > 8
 
 
@@ -39,6 +42,36 @@ def test_sixteen_concurrent_requests_each_get_their_own_answer(endpoints, refere
     with ThreadPoolExecutor(16) as pool:
         got = list(pool.map(lambda job: tokens(endpoints[job[1]], job[0]), jobs))
     assert got == [reference[case] for case, _ in jobs]
+
+
+def test_the_encoder_batches_requests_that_arrive_together(graph):
+    """12 single-image requests at once, straight to the encoder (images no test sent before, so none is
+    cached): every image goes through the real tower once, in fewer passes than images."""
+    from mmgraph_workers.protocol import EncodeRequest, EncodeResponse
+
+    encoder = f"http://127.0.0.1:{graph.stages['encoder'].port}"
+    seed = time.monotonic_ns() % 1_000_000
+
+    def encode(i: int) -> EncodeResponse:
+        body = EncodeRequest(request_id=f"batch-{seed}-{i}", urls=[data_url(png(64, 64, seed + i))]).model_dump_json()
+        r = httpx.post(f"{encoder}/encode", content=body, timeout=60)
+        assert r.status_code == 200, r.text
+        return EncodeResponse.model_validate_json(r.content)
+
+    def passes() -> tuple[float, float]:
+        return metric(encoder, "mmgraph_encoder_batch_images_sum"), metric(
+            encoder, "mmgraph_encoder_batch_images_count"
+        )
+
+    images, count = passes()
+    with ThreadPoolExecutor(12) as pool:
+        responses = list(pool.map(encode, range(12)))
+    for response in responses:  # nobody will read these embeddings: free them now, not at their time-to-live
+        httpx.post(f"{encoder}/release/{response.items[0].embeddings.handle}", timeout=10)
+    assert not any(r.items[0].cached for r in responses)
+    more_images, more_passes = (now - then for now, then in zip(passes(), (images, count), strict=True))
+    assert more_images == 12
+    assert more_passes < 12, "every request had a pass of its own"
 
 
 def test_decode_gets_kv_over_nixl_not_recomputed(graph, endpoints, reference):

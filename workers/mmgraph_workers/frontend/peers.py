@@ -5,6 +5,7 @@ hosts file, its local stand-in for cluster DNS, so local replicas come and go th
 from __future__ import annotations
 
 import asyncio
+import itertools
 import socket
 import urllib.parse
 from collections.abc import Collection
@@ -45,6 +46,7 @@ class Peer:
         parts = urllib.parse.urlsplit(self.url)
         self.host, self.port, self.scheme = parts.hostname or "", parts.port or 80, parts.scheme
         self.from_file = False
+        self.turns = itertools.count()
 
     async def refresh(self, hosts: dict[str, list[str]] | None = None) -> None:
         """`hosts`: the peer hosts file's names, read once per round for every peer."""
@@ -62,12 +64,15 @@ class Peer:
             self.addresses = addresses
 
     def acquire(self, avoid: Collection[str] = ()) -> tuple[str, str]:
-        """(address, base URL) of the least busy replica not in `avoid`, counted busy until `release`."""
+        """(address, base URL) of the least busy replica not in `avoid`, counted busy until `release`; replicas
+        equally busy take turns (an idle graph would otherwise send everything to the first address)."""
         choices = [a for a in self.addresses if a not in avoid]
         if not choices:
             reason = "no ready replica" if not avoid else f"no replica took the connection (tried {', '.join(avoid)})"
             raise NoReplica(f"{self.stage}: no address for {self.url} ({reason})")
-        address = min(choices, key=lambda a: self.outstanding.get(a, 0))
+        least = min(self.outstanding.get(a, 0) for a in choices)
+        tied = [a for a in choices if self.outstanding.get(a, 0) == least]
+        address = tied[next(self.turns) % len(tied)]
         self.outstanding[address] = self.outstanding.get(address, 0) + 1
         host = f"[{address}]" if ":" in address else address
         return address, f"{self.scheme}://{host}:{self.port}"

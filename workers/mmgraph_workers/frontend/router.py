@@ -41,6 +41,11 @@ CACHE_HITS = Counter("mmgraph_embedding_cache_hits_total", "Media items the enco
 RETRIES = Counter(
     "mmgraph_stage_retries_total", "Calls sent again after a stage failed before doing any work", ["stage"]
 )
+REFUSED = Counter(
+    "mmgraph_stage_connect_refused_total",
+    "Calls a replica refused at connect (it left before the address list caught up), sent to another",
+    ["stage"],
+)
 KV_REPREFILLS = Counter(
     "mmgraph_kv_lease_reprefills_total", "Prefills redone because decode could not start or pull within the KV lease"
 )
@@ -124,6 +129,7 @@ class Router:
                 break
             except httpx.ConnectError:
                 tried.add(address)  # nothing was sent: the next replica
+                REFUSED.labels("encoder").inc()
             except httpx.HTTPError as err:
                 raise StageFailure("encoder", f"{type(err).__name__} calling {base}: {err}", _status(err)) from None
             finally:
@@ -156,6 +162,7 @@ class Router:
                 if sent:
                     raise StageFailure(stage, "the connection was refused after the stream had begun", 502) from None
                 tried.add(address)
+                REFUSED.labels(stage).inc()
             except httpx.HTTPError as err:
                 raise StageFailure(stage, f"{type(err).__name__} calling {base}: {err}", _status(err)) from None
             finally:

@@ -1,0 +1,34 @@
+"""`mmgraph up FILE --demo`, the README's first command, as a user runs it: builds the tiny model where the graph
+points, starts every stage, sends one image request, prints the answer, and stops everything it started."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import psutil
+import yaml
+
+from .conftest import REPO
+
+
+def test_mmgraph_up_demo_answers_and_leaves_nothing_running(tmp_path):
+    graph = yaml.safe_load((REPO / "examples" / "tiny-e-p-d.yaml").read_text())
+    model = tmp_path / "tiny-model"  # not built yet: `up` builds it
+    graph["spec"]["model"]["path"] = str(model)
+    (tmp_path / "graph.yaml").write_text(yaml.safe_dump(graph))
+    done = subprocess.run(
+        [sys.executable, "-m", "mmgraph_operator.cli", "up", str(tmp_path / "graph.yaml"), "--demo"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    out = done.stdout
+    assert done.returncode == 0, out[-3000:] + done.stderr[-3000:]
+    assert (model / "config.json").exists() and "building the tiny qwen2-vl model" in out
+    assert "ready: http://127.0.0.1:" in out
+    answer = next(line for line in out.splitlines() if line.startswith("< "))
+    assert len(answer) > 4, answer  # some text came back
+    assert "time to first token" in out and out.rstrip().endswith("stopped.")
+    left = [p.pid for p in psutil.process_iter(["cmdline"]) if str(model) in " ".join(p.info["cmdline"] or [])]
+    assert left == [], f"processes of the demo still running: {left}"

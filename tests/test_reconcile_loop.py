@@ -1,0 +1,86 @@
+"""The loop around a reconcile pass, with the pass replaced by a recorder (the pass itself is exercised against
+the real API server in test_operator_integration.py): bursts coalesce, passes are bounded, failures back off."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections import Counter
+
+import pytest
+from mmgraph_operator import reconcile
+from mmgraph_operator.reconcile import GraphKey, Reconciler
+
+pytestmark = pytest.mark.cluster  # the Reconciler discovers the API server's kinds when it is made
+
+
+class Recorder(Reconciler):
+    """Records each pass (start time, graphs in flight) and fails the first `failures` passes."""
+
+    def __init__(self, api, concurrency: int, failures: int = 0, seconds: float = 0.2):
+        super().__init__(api, "1.20", concurrency)
+        self.primed.set()
+        self.passes: list[tuple[GraphKey, float]] = []
+        self.active = self.peak = 0
+        self.failures, self.seconds = failures, seconds
+
+    async def reconcile(self, key: GraphKey) -> None:
+        self.passes.append((key, time.monotonic()))
+        self.active += 1
+        self.peak = max(self.peak, self.active)
+        try:
+            await asyncio.sleep(self.seconds)
+            if self.failures:
+                self.failures -= 1
+                raise RuntimeError("the API server refused")
+        finally:
+            self.active -= 1
+
+    async def settle(self) -> None:
+        while tasks := [s.task for s in self.state.values() if s.task and not s.task.done()]:
+            await asyncio.gather(*tasks)
+
+
+def graph(name: str) -> dict:
+    return {"metadata": {"namespace": "ns", "name": name, "resourceVersion": "1"}}
+
+
+def test_a_burst_of_events_is_one_pass_and_passes_are_bounded(api):
+    async def run() -> Recorder:
+        loop = Recorder(api, concurrency=2)
+        for _ in range(20):  # 20 events for each of 6 graphs, faster than the debounce
+            for i in range(6):
+                loop.graph_event(None, graph(f"g{i}"))
+        await loop.settle()
+        return loop
+
+    loop = asyncio.run(run())
+    assert Counter(key for key, _ in loop.passes) == {("ns", f"g{i}"): 1 for i in range(6)}
+    assert loop.peak == 2  # at most `concurrency` graphs at once, and that many were used
+
+
+def test_an_event_during_a_pass_causes_exactly_one_more(api):
+    async def run() -> Recorder:
+        loop = Recorder(api, concurrency=8, seconds=0.5)
+        loop.graph_event(None, graph("g"))
+        await asyncio.sleep(reconcile.DEBOUNCE + 0.2)  # the first pass is running
+        for _ in range(10):
+            loop.graph_event(None, graph("g"))
+        await loop.settle()
+        return loop
+
+    assert len(asyncio.run(run()).passes) == 2
+
+
+def test_a_failed_pass_is_retried_with_doubling_backoff(api):
+    async def run() -> Recorder:
+        loop = Recorder(api, concurrency=8, failures=2, seconds=0.0)
+        loop.graph_event(None, graph("g"))
+        await loop.settle()
+        return loop
+
+    starts = [t for _, t in asyncio.run(run()).passes]
+    assert len(starts) == 3  # two failures, then success: the graph is never dropped
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
+    assert 1.0 <= gaps[0] < 2.0 and 2.0 <= gaps[1] < 4.0, gaps  # 1 s, then twice that
