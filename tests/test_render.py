@@ -177,3 +177,19 @@ def test_every_rule_is_checked_whatever_else_is_wrong():
     found = problems(parse(body))
     assert any("metadata.name" in p for p in found)
     assert any("spec.stages.pd.gpus is 2 but its engineArgs ask for 4 GPUs" in p for p in found)
+
+
+@pytest.mark.parametrize(("topology", "fetching"), [("agg", {"pd"}), ("e-pd", {"encoder"}), ("e-p-d", {"encoder"})])
+def test_every_stage_that_fetches_media_gets_the_graphs_media_policy(topology, fetching):
+    """The frontend checks URLs against spec.media; the stage that then fetches and decodes them (agg: pd) must
+    apply the same policy, not the defaults (found by a hand review of the agg golden)."""
+    body = load("tiny-e-p-d.yaml")
+    body["spec"]["topology"] = topology
+    body["spec"]["media"] = {"allowedSchemes": ["https", "http"], "maxPixels": 1234}
+    for stage in {"agg": ("encoder", "decode"), "e-pd": ("decode",), "e-p-d": ()}[topology]:
+        del body["spec"]["stages"][stage]
+    spec = parse(body).spec
+    for stage in spec.used_stages():
+        argv = worker_command(spec, stage, model="/m", host="0.0.0.0", advertise_host="10.0.0.1", peers={})
+        has_policy = {"--allowed-schemes=https,http", "--max-pixels=1234"} <= set(argv)
+        assert has_policy == (stage.value in fetching or stage == StageName.FRONTEND), (stage, argv)

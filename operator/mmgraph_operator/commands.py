@@ -65,6 +65,8 @@ def worker_command(
             argv.append("--kv-role=" + ("producer" if stage == StageName.PD else "consumer"))
         if stage == StageName.PD and spec.topology.value != "agg":
             argv.append("--embeddings-input")
+        if stage == StageName.PD and spec.topology.value == "agg":
+            argv += _media_flags(spec)  # agg's pd fetches and decodes the media itself
         engine_args = dict(cfg.engine_args or {})
         if cfg.gpus > 1 and cfg.engine_arg("tensor-parallel-size") is None:
             engine_args["tensor-parallel-size"] = cfg.tensor_parallel_size()

@@ -22,7 +22,7 @@ from mmgraph_workers.protocol import GenerateEvent, GenerateRequest, Sampling
 from mmgraph_workers.up import LocalGraph, free_port
 from PIL import Image
 
-from .conftest import CASES, MODEL_NAME, chat, data_url, graph_spec, metric, png, tokens, user
+from .conftest import CASES, MODEL_NAME, chat, data_url, graph_spec, metric, png, tokens, user, wait
 
 GUARD = Path(__file__).with_name("guard")
 STRICT = {
@@ -287,7 +287,7 @@ def test_decode_that_cannot_pull_the_kv_within_the_lease_stops_before_any_token(
     before = metric(decode, MISSED)
     for deadline, stop_pd in ((0.0, False), (2.0, True), (30.0, False)):
         rid = f"lease-{deadline}-{time.monotonic_ns()}"
-        ids = [40 + (time.monotonic_ns() // 1000 + 7 * k) % 900 for k in range(40)]  # a prompt no engine has cached
+        ids = [40 + (time.monotonic_ns() // 1000 + 7 * k) % 400 for k in range(40)]  # one no engine has cached
         prefill = events(
             pd, GenerateRequest(request_id=rid, prompt_token_ids=ids, sampling=sampling, prefill_only=True)
         )
@@ -317,6 +317,32 @@ def test_decode_that_cannot_pull_the_kv_within_the_lease_stops_before_any_token(
             assert out[-1].finish_reason and sum(len(e.token_ids) for e in out) == 4, out
     assert metric(decode, MISSED) == before + 2
     assert tokens(endpoints["e-p-d"], "one-image") == reference["one-image"]  # decode and pd still serve
+
+
+def test_pd_frees_a_prefill_nobody_pulls_when_its_lease_ends(graph):
+    """pd keeps a prefilled request's KV blocks for decode for `kvLeaseSeconds` (the session graph's 30 s) and
+    no longer: a prefill whose decode never comes (its client went away, decode died) does not leak blocks."""
+    pd = f"http://127.0.0.1:{graph.stages[StageName.PD].port}"
+    lease = parse(graph_spec(Path("/unused"))).spec.transfer.kv_lease_seconds
+
+    def used() -> float:
+        return metric(pd, "vllm:kv_cache_usage_perc")
+
+    idle = used()
+    ids = [40 + (time.monotonic_ns() // 1000 + 11 * k) % 400 for k in range(200)]  # 7 blocks no one has cached
+    request = GenerateRequest(
+        request_id=f"orphan-{time.monotonic_ns()}",
+        prompt_token_ids=ids,
+        sampling=Sampling(max_tokens=4, temperature=0),
+        prefill_only=True,
+    )
+    r = httpx.post(f"{pd}/generate", content=request.model_dump_json(), timeout=60)
+    assert r.status_code == 200 and "kv_transfer_params" in r.text, r.text
+    prefilled = time.monotonic()
+    held = used()
+    assert held > idle, (idle, held)
+    wait(lambda: used() <= idle, timeout=lease + 30)
+    assert time.monotonic() - prefilled >= lease - 2, "freed before the lease ended: decode could have lost it"
 
 
 @pytest.fixture

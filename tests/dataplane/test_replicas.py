@@ -126,7 +126,8 @@ def test_an_encoder_told_to_stop_stays_until_its_embeddings_are_read(graph, tiny
         time.sleep(2)
         assert leaving.proc.poll() is None, "the encoder left with embeddings still to be read"
         got = reader.fetch(item.embeddings, timeout_seconds=10)
-        assert leaving.proc.wait(15) == 0
+        assert leaving.proc.wait(15) == -signal.SIGTERM  # uvicorn re-raises the signal once it has shut down
+        assert "every published embedding was read (1 waited for)" in leaving.log.read_text()
         expected = reader.fetch(encode(graph.stages[StageName.ENCODER].port).items[0].embeddings, 10)
         assert torch.equal(got, expected)
     finally:

@@ -229,11 +229,16 @@ def main(args: argparse.Namespace) -> None:
     async def drain() -> None:
         """Stay until pd has pulled what we published (or the pulls' deadline passes): a replica being scaled
         down has answered requests whose embeddings are still to be read from this process's memory."""
-        deadline = time.monotonic() + args.transfer_timeout_seconds
-        while encoder is not None and encoder.transfer.published() and time.monotonic() < deadline:
+        if encoder is None:
+            return
+        deadline, waiting = time.monotonic() + args.transfer_timeout_seconds, encoder.transfer.published()
+        while encoder.transfer.published() and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        if encoder is not None:
-            encoder.transfer.close()
+        if left := encoder.transfer.published():
+            log.warning("stopping with %d of %d published embeddings unread", left, waiting)
+        else:
+            log.info("stopping: every published embedding was read (%d waited for)", waiting)
+        encoder.transfer.close()
 
     @app.get("/v1/info")
     async def info() -> WorkerInfo:

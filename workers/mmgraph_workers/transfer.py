@@ -240,7 +240,10 @@ class NixlTransfer(Transfer):
             raise TransferError(f"descriptor of {ref.agent} is inconsistent: {ref.shape} {ref.dtype} != {ref.nbytes} B")
         deadline = time.monotonic() + timeout_seconds
         with self._lock:
-            self._connect(ref)
+            try:
+                self._connect(ref)
+            except Exception as err:  # nixl._bindings errors share no base class; the owner may be gone
+                raise TransferError(f"cannot reach {ref.agent}: {type(err).__name__}: {err}") from err
             offset = self.recv_pool.alloc(ref.nbytes) if ref.nbytes <= self.COPY_MAX else None
             if offset is None:  # large, or the pool is full: read straight into the destination
                 target, registration = out.view(-1).view(torch.uint8), self.agent.register_memory(out)
