@@ -5,9 +5,11 @@ naming it within the deadline."""
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -34,22 +36,33 @@ def owner(conn) -> None:
             conn.send(transfer.published())
 
 
-@pytest.fixture(scope="module")
-def peer():
+@contextlib.contextmanager
+def owner_process() -> Iterator[tuple[Callable, mp.Process]]:
+    """An owner in its own process, and `call(*command)` to drive it (an error, not a hang, if it is gone)."""
     ctx = mp.get_context("spawn")
     ours, theirs = ctx.Pipe()
     proc = ctx.Process(target=owner, args=(theirs,), daemon=True)
     proc.start()
 
     def call(*command):
+        assert proc.is_alive(), "the owner process is gone"
         ours.send(command)
+        assert ours.poll(60), f"the owner did not answer {command[0]!r}"
         return ours.recv()
 
-    yield call, proc
-    if proc.is_alive():
-        ours.send(None)
-        proc.join(10)
-        proc.kill()
+    try:
+        yield call, proc
+    finally:
+        if proc.is_alive():
+            ours.send(None)
+            proc.join(10)
+            proc.kill()
+
+
+@pytest.fixture(scope="module")
+def peer():
+    with owner_process() as owner:
+        yield owner
 
 
 @pytest.fixture(scope="module")
@@ -108,13 +121,19 @@ def test_unread_buffer_freed_when_its_time_to_live_passes(peer):
     assert published_soon(call, 0) == 0
 
 
-def test_reader_of_a_dead_owner_gets_an_error_naming_it(peer, reader):
-    call, proc = peer
-    ref = TensorRef.model_validate_json(call("publish", [512, 512], "float32", 3, 60.0))
-    proc.kill()
-    proc.join(10)
-    started = time.monotonic()
-    with pytest.raises(TransferError, match=ref.agent):
-        reader.fetch(ref, timeout_seconds=3)
-    assert time.monotonic() - started < 5
+@pytest.mark.parametrize("connected", [True, False], ids=["connected-before", "never-connected"])
+def test_reader_of_a_dead_owner_gets_an_error_naming_it(reader, connected):
+    """Its own owner (killing the module's would break the tests after it): whether or not the reader had
+    connected to it, the read fails within its deadline with a TransferError naming the owner."""
+    with owner_process() as (call, proc):
+        if connected:
+            first = TensorRef.model_validate_json(call("publish", [4], "float32", 1, 60.0))
+            reader.fetch(first, timeout_seconds=10)
+        ref = TensorRef.model_validate_json(call("publish", [512, 512], "float32", 3, 60.0))
+        proc.kill()
+        proc.join(10)
+        started = time.monotonic()
+        with pytest.raises(TransferError, match=ref.agent):
+            reader.fetch(ref, timeout_seconds=3)
+        assert time.monotonic() - started < 5
     assert reader.recv_pool.used() == 0
