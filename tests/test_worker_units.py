@@ -11,11 +11,14 @@ import ssl
 import sys
 import threading
 import time
+import tracemalloc
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+from dataplane.conftest import gzip_bomb
 from mmgraph_workers.frontend.peers import NoReplica, Peer
 from mmgraph_workers.media import MediaError
 from mmgraph_workers.media.fetch import fetch_bytes
@@ -46,6 +49,25 @@ def server():
                 self.send_response(302)
                 self.send_header("Location", self.path[len("/to/") :])
                 self.end_headers()
+                return
+            if self.path == "/nolocation":  # a redirect that says nowhere
+                self.send_response(302)
+                self.end_headers()
+                return
+            if self.path == "/bomb":  # ~2 KB that inflate to 256 MiB, sent whatever the client accepts
+                body = gzip_bomb()
+                self.send_response(200)
+                self.send_header("Content-Encoding", "gzip, gzip")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                return
+            if self.path == "/host":  # echoes the Host header it got
+                body = self.headers["Host"].encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
                 return
             if self.path == "/loop":  # redirects to itself, for ever
                 self.send_response(302)
@@ -87,19 +109,21 @@ def fetch(url: str, verify: ssl.SSLContext | bool = True, **policy) -> bytes:
 
 @pytest.fixture
 def names(monkeypatch):
-    """A resolver for made-up names (`names["media.test"] = [addresses]`); other names resolve as usual. It is
-    the event loop's, which the fetch uses."""
-    table: dict[str, list[str]] = {}
-    real = asyncio.base_events.BaseEventLoop.getaddrinfo
+    """A resolver for made-up names (`names["media.test"] = [addresses]`, or a callable to run instead); other
+    names resolve as usual. It replaces socket.getaddrinfo, which the fetch's resolver threads call."""
+    table: dict[str, Any] = {}
+    real = socket.getaddrinfo
 
-    async def getaddrinfo(self, host, port, *args, **kwargs):
+    def getaddrinfo(host, port, *args, **kwargs):
         if host not in table:
-            return await real(self, host, port, *args, **kwargs)
+            return real(host, port, *args, **kwargs)
+        if callable(table[host]):
+            return table[host]()
         return [
             (socket.AF_INET6 if ":" in a else socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, port)) for a in table[host]
         ]
 
-    monkeypatch.setattr(asyncio.base_events.BaseEventLoop, "getaddrinfo", getaddrinfo)
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
     return table
 
 
@@ -198,9 +222,9 @@ def test_the_socket_guard_is_loaded_and_refuses_outside_loopback(loopback_only):
 def test_a_name_resolving_to_public_and_private_addresses_is_refused(names, loopback_only, answer):
     """Every address of the answer must pass, whichever comes first (else a rebinding name gets through)."""
     names["mixed.test"] = answer
-    with pytest.raises(MediaError, match=r"resolves to 10\.0\.0\.5, a private or loopback address") as info:
+    with pytest.raises(MediaError, match=r"'mixed\.test' resolves to a private or loopback address") as info:
         fetch("https://mixed.test/a.png")
-    assert info.value.status == 403
+    assert info.value.status == 403 and "10.0.0.5" not in str(info.value)  # the name, never what it resolved to
 
 
 def test_https_goes_to_the_checked_address_and_verifies_the_name(names, tls_server, loopback_only):
@@ -211,9 +235,95 @@ def test_https_goes_to_the_checked_address_and_verifies_the_name(names, tls_serv
     assert fetch(f"https://media.test:{port}/a.png", verify=trust, **LOCAL) == b"hello"
     assert seen["sni"][-1] == "media.test" and seen["host"][-1] == f"media.test:{port}"
     names["other.test"] = ["127.0.0.1"]  # same address, a name the certificate does not carry
-    with pytest.raises(MediaError, match="cannot fetch media URL: ConnectError") as info:
+    with pytest.raises(MediaError, match=r"cannot fetch media from 'other\.test': ConnectError") as info:
         fetch(f"https://other.test:{port}/a.png", verify=trust, **LOCAL)
     assert "certificate" in str(info.value).lower() and info.value.status == 422
+
+
+def test_a_compressed_body_is_refused_before_it_is_inflated(server, loopback_only):
+    """A server that compresses whatever the client asks (2 KB on the wire, 256 MiB inflated): refused from its
+    headers, and nothing inflates it (memory measured, not only the answer)."""
+    gzip_bomb()  # built before measuring
+    tracemalloc.start()
+    try:
+        with pytest.raises(MediaError, match="Content-Encoding 'gzip, gzip'") as info:
+            fetch(f"{server}/bomb", **LOCAL, max_bytes=1 << 20)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert info.value.status == 422
+    assert peak < 8 << 20, f"{peak >> 20} MiB allocated while refusing a 2 KB body"
+
+
+def test_dns_runs_within_the_fetch_deadline_on_threads_of_its_own(names, loopback_only):
+    """A resolver that hangs: the fetch gives up at its deadline (408), and the loop's default executor, which
+    decodes images and runs the tower, stays free meanwhile."""
+    names["hang.test"] = lambda: time.sleep(3) or []
+
+    async def go() -> tuple[list, float]:
+        loop = asyncio.get_running_loop()
+        async with httpx.AsyncClient(trust_env=False) as client:
+            policy = MediaPolicy(**LOCAL, fetch_timeout_seconds=0.5)
+            fetches = [asyncio.create_task(fetch_bytes("http://hang.test/a", policy, client)) for _ in range(6)]
+            await asyncio.sleep(0.1)
+            started = time.monotonic()
+            await loop.run_in_executor(None, lambda: None)
+            default_free = time.monotonic() - started
+            return await asyncio.gather(*fetches, return_exceptions=True), default_free
+
+    started = time.monotonic()
+    results, default_free = asyncio.run(go())
+    assert all(isinstance(r, MediaError) and r.status == 408 for r in results), results
+    assert time.monotonic() - started < 2 and default_free < 0.2
+
+
+@pytest.mark.parametrize(
+    ("address", "private_allowed", "why"),
+    [
+        ("fd00:ec2::254", True, "metadata"),  # AWS's IPv6 metadata service
+        ("100.100.100.200", True, "metadata"),  # Alibaba's
+        ("64:ff9b::a9fe:a9fe", True, "link-local"),  # NAT64 of 169.254.169.254
+        ("::ffff:169.254.169.254", True, "link-local"),
+        ("64:ff9b::a00:1", False, "private"),  # NAT64 of 10.0.0.1
+        ("2002:a00:1::1", False, "private"),  # 6to4 of 10.0.0.1
+        ("::a00:1", False, "private"),  # IPv4-compatible 10.0.0.1
+    ],
+)
+def test_metadata_and_ipv4_inside_ipv6_are_judged_as_what_they_reach(
+    names, loopback_only, address, private_allowed, why
+):
+    names["inside.test"] = [address]
+    policy = {**LOCAL, "allow_private_networks": private_allowed}
+    with pytest.raises(MediaError, match=why) as info:
+        fetch("http://inside.test/a", **policy)
+    assert info.value.status == 403 and address not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("http://[::1/a.png", "malformed media URL"),
+        ("http://127.0.0.1:99999/a.png", "malformed media URL"),
+        ("http://127.0.0.1:port/a.png", "malformed media URL"),
+        ("http://" + "a" * 64 + ".test/a.png", "malformed media URL"),  # a label IDNA cannot encode
+    ],
+)
+def test_malformed_urls_are_the_clients_mistake(loopback_only, url, message):
+    with pytest.raises(MediaError, match=message) as info:
+        fetch(url, **LOCAL)
+    assert info.value.status == 400
+
+
+def test_a_non_ascii_host_is_fetched_by_its_idna_name(server, names, loopback_only):
+    port = server.rsplit(":", 1)[1]
+    names["xn--mdia-bpa.test"] = ["127.0.0.1"]
+    assert fetch(f"http://média.test:{port}/host", **LOCAL) == f"xn--mdia-bpa.test:{port}".encode()
+
+
+def test_a_redirect_without_location_is_an_error(server, loopback_only):
+    with pytest.raises(MediaError, match="redirects without a Location") as info:
+        fetch(f"{server}/nolocation", **LOCAL)
+    assert info.value.status == 422
 
 
 def test_data_url_size_and_encoding_checked():

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
+import gzip
 import io
 import json
 import os
@@ -19,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -43,6 +46,15 @@ def png(width: int, height: int, seed: int) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return buf.getvalue()
+
+
+@functools.cache
+def gzip_bomb(size: int = 256 << 20) -> bytes:
+    """`size` zero bytes, gzipped twice (Content-Encoding: gzip, gzip): about 2 KB on the wire."""
+    once = zlib.compressobj(9, zlib.DEFLATED, 31)
+    chunk = b"\0" * (1 << 20)
+    inner = b"".join([once.compress(chunk) for _ in range(size >> 20)] + [once.flush()])
+    return gzip.compress(inner, 9)
 
 
 def data_url(data: bytes, mime: str = "image/png") -> str:
@@ -276,8 +288,9 @@ def vllm_openai_server(model: Path, name: str, example: str, logdir: Path) -> It
 
 
 class MediaServer:
-    """A local HTTP server for media URLs (127.0.0.1 only); paths: /a.png, /big.png, /redirect?to=URL, and
-    /slow.png, whose body trickles for up to 60 s (`slow_started` is set once a client is reading it)."""
+    """A local HTTP server for media URLs (127.0.0.1 only); paths: /a.png, /big.png, /redirect?to=URL, /bomb.png
+    (2 KB gzipped twice, 256 MiB inflated), and /slow.png, whose body trickles for up to 60 s (`slow_started` is
+    set once a client is reading it)."""
 
     def __init__(self) -> None:
         files = {"/a.png": png(96, 64, 1), "/big.png": png(400, 400, 9), "/notimage.png": b"hello, not an image"}
@@ -285,6 +298,14 @@ class MediaServer:
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
+                if self.path == "/bomb.png":  # compressed whatever the client accepts
+                    body = gzip_bomb()
+                    self.send_response(200)
+                    self.send_header("Content-Encoding", "gzip, gzip")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                    return
                 if self.path == "/slow.png":
                     self.send_response(200)
                     self.end_headers()

@@ -176,6 +176,33 @@ def test_redirect_to_link_local_refused_even_where_private_is_allowed(endpoints,
     assert "'file' is not allowed" in error_of(r, 400)
 
 
+def test_a_compressed_body_never_inflates_in_the_encoder(graph, endpoints, media_server):
+    """The encoder's own memory, sampled while it refuses a body of 2 KB that would inflate to 256 MiB: it asks
+    for identity, refuses what comes compressed anyway, and inflates nothing (the status alone would not show
+    a stage that inflated the body and then refused it for its size)."""
+    import threading
+
+    import psutil
+
+    encoder = psutil.Process(graph.stages[StageName.ENCODER].proc.pid)
+    baseline, peak, done = encoder.memory_info().rss, [0], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], encoder.memory_info().rss)
+            time.sleep(0.002)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        r = ask_image(endpoints["e-pd"], f"{media_server.url}/bomb.png")
+    finally:
+        done.set()
+        sampler.join()
+    assert "Content-Encoding 'gzip, gzip'" in error_of(r, 422)
+    assert peak[0] - baseline < 64 << 20, f"the encoder grew by {(peak[0] - baseline) >> 20} MiB"
+
+
 @pytest.mark.parametrize("stage", ["encoder", "pd", "decode"])
 def test_a_message_of_another_protocol_version_is_refused_by_name(graph, stage):
     """A stage of another release (a rollout half done) is refused with a message, never misread."""

@@ -19,7 +19,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
 import torch
 from fastapi import Request
 from fastapi.responses import JSONResponse
@@ -28,7 +27,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from mmgraph_workers.content_key import encoder_identity, item_key, media_digest
 from mmgraph_workers.media import MediaError, policy
-from mmgraph_workers.media.fetch import fetch_bytes
+from mmgraph_workers.media.fetch import fetch_all, media_client
 from mmgraph_workers.media.image import decode_image
 from mmgraph_workers.models import Encoded, adapter_for
 from mmgraph_workers.protocol import EncodedItem, EncodeRequest, EncodeResponse, WorkerInfo
@@ -146,15 +145,15 @@ class Encoder:
         log.info("encoder identity %s… (%.2f s)", self.identity[:16], time.perf_counter() - started)
         self.transfer = transfer
         self.cache = EmbeddingCache(args.cache_bytes)
-        self.client = httpx.AsyncClient(verify=True, trust_env=False)
+        self.client = media_client()
         self.batcher = Batcher(self._forward, args.max_batch_size)  # one pass at a time: the tower uses every core
 
     async def encode(self, request: EncodeRequest) -> EncodeResponse:
         if len(request.urls) > self.policy.max_items:
             raise MediaError(f"{len(request.urls)} media items, more than the {self.policy.max_items} allowed")
         started = time.perf_counter()
-        blobs = await asyncio.gather(*(fetch_bytes(u, self.policy, self.client) for u in request.urls))
-        hashes = [hashlib.sha256(b).hexdigest() for b in blobs]
+        blobs = await fetch_all(request.urls, self.policy, self.client)
+        hashes = await asyncio.to_thread(lambda: [hashlib.sha256(b).hexdigest() for b in blobs])  # off the loop
         found = {h: self.cache.get(h) for h in hashes}
         was_cached = {h: item is not None for h, item in found.items()}
         missing = list({h: i for i, h in enumerate(hashes) if found[h] is None}.values())

@@ -19,6 +19,7 @@ import asyncio
 import json
 import logging
 import os
+import signal
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -32,7 +33,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from mmgraph_workers import cpu
 from mmgraph_workers.media import MediaError, policy
-from mmgraph_workers.media.fetch import fetch_bytes
+from mmgraph_workers.media.fetch import fetch_all, media_client
 from mmgraph_workers.media.image import decode_image
 from mmgraph_workers.models import ItemShape, adapter_for
 from mmgraph_workers.protocol import GenerateEvent, GenerateRequest, WorkerInfo
@@ -120,7 +121,8 @@ class Engine:
         # the family turns embeddings and placeholders into vLLM's inputs (agg's pd needs none: vLLM loads pixels)
         takes_embeddings = args.embeddings_input or stage == "decode"
         self.adapter = adapter_for(args.model, args.revision, args.trust_remote_code) if takes_embeddings else None
-        self.http = httpx.AsyncClient(trust_env=False, timeout=5)
+        self.http = httpx.AsyncClient(trust_env=False, timeout=5)  # to peers (releases)
+        self.media = media_client()  # agg: the request's URLs
         self.hidden_size: int | None = None
         self.max_model_len: int | None = None
 
@@ -140,7 +142,7 @@ class Engine:
         (content_key.py) of embeddings and placeholders, so this engine's prefix cache keys each image by what
         it is, never by placeholder values; with images it loads itself (agg) vLLM hashes the pixels."""
         if req.image_urls:
-            blobs = await asyncio.gather(*(fetch_bytes(u, self.policy, self.http) for u in req.image_urls))
+            blobs = await fetch_all(req.image_urls, self.policy, self.media)
             images = await asyncio.to_thread(lambda: [decode_image(b, self.policy) for b in blobs])
             return {"image": images if len(images) > 1 else images[0]}, None
         if req.encoded:
@@ -231,6 +233,15 @@ class Engine:
             ) from None
 
 
+async def watch(engine: Engine, stage: str) -> None:
+    """A dead engine must not look healthy: /health fails at once (it asks the engine), and the worker stops,
+    so its pod leaves the Service and is restarted, and `mmgraph up` names it, as vLLM's own server does."""
+    while not engine.llm.errored:
+        await asyncio.sleep(1.0)
+    log.error("%s: the vLLM engine died; stopping this worker so that it is restarted", stage)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
 class StageError(RuntimeError):
     def __init__(self, message: str, status: int = 500, retry: bool = False):
         super().__init__(message)
@@ -240,14 +251,12 @@ class StageError(RuntimeError):
 def main(args: argparse.Namespace, stage: str) -> None:
     cpu.apply_engine_env(user_engine_args(args)[0])
     engine = Engine(args, stage)
-    ready = False
-    app = make_app(stage, lambda: ready)
+    app = make_app(stage, lambda: engine.llm is not None and not engine.llm.errored)
 
     @app.on_event("startup")
     async def load() -> None:
-        nonlocal ready
         await engine.start()
-        ready = True
+        app.state.watchdog = asyncio.create_task(watch(engine, stage))
         log.info("%s ready: %s (max_model_len %s)", stage, args.model, engine.max_model_len)
 
     @app.on_event("shutdown")

@@ -1,11 +1,15 @@
 """Getting media bytes from a URL without becoming a way into the cluster (SSRF) or a memory sink.
 
-The checks live here, where the connection is made: the scheme must be allowed; the host is resolved once and
-every address it resolves to must be public (unless the graph allows private networks; link-local addresses,
-where cloud metadata services answer, are refused always); the connection goes to
-the address that was checked (TLS still verifies the host name); each redirect is checked the same way; the body
-is cut off past max_bytes; the whole fetch, redirects included, has one deadline. data: URLs are decoded with the
-same size cap. A refusal happens before any connection is attempted.
+The checks live here, where the connection is made: the scheme must be allowed; the host is resolved once, within
+the fetch's deadline and on a small executor of its own (a hung resolver must not take the threads that decode
+images and run the tower), and every address it resolves to must be public (unless the graph allows private
+networks; link-local and cloud metadata addresses are refused always, and an IPv4 address carried inside IPv6 is
+judged as IPv4); the connection goes to the address that was checked (TLS still sends and verifies the host name)
+and is never reused (a pooled connection verified for one name must not carry another's request); each redirect
+is checked the same way; only uncompressed bodies are accepted (a 2 KB gzip body can decode to gigabytes before
+any size check), cut off past max_bytes; the whole fetch, redirects included, has one deadline. data: URLs are
+decoded with the same size cap. A refusal happens before any connection is attempted, and its message names the
+URL's host, never an address it resolved to.
 """
 
 from __future__ import annotations
@@ -13,10 +17,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import ipaddress
 import socket
-import time
 import urllib.parse
+from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 import httpx
 
@@ -24,10 +30,23 @@ from mmgraph_workers.media import MediaError
 from mmgraph_workers.media.policy import MediaPolicy
 
 MAX_REDIRECTS = 5
+RESOLVERS = ThreadPoolExecutor(4, thread_name_prefix="media-dns")  # at most 4 lookups hung at once
+# Cloud metadata services outside link-local space (AWS's IPv6 one, Alibaba's): refused like 169.254.169.254.
+METADATA = {ipaddress.ip_address("fd00:ec2::254"), ipaddress.ip_address("100.100.100.200")}
+NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+def media_client() -> httpx.AsyncClient:
+    """The HTTP client media fetches use: no proxies from the environment, no connection reuse (connections go to
+    checked addresses with the URL's host as SNI, so a pooled one verified for one name must not serve another)."""
+    return httpx.AsyncClient(trust_env=False, limits=httpx.Limits(max_keepalive_connections=0))
 
 
 def scheme_of(url: str) -> str:
-    return urllib.parse.urlsplit(url).scheme.lower()
+    try:
+        return urllib.parse.urlsplit(url).scheme.lower()
+    except ValueError as err:  # e.g. an unclosed IPv6 bracket
+        raise MediaError(f"malformed media URL: {err}") from None
 
 
 def check_scheme(url: str, policy: MediaPolicy) -> None:
@@ -51,32 +70,58 @@ def decode_data_url(url: str, policy: MediaPolicy) -> bytes:
         raise MediaError("data: URL payload is not valid base64") from None
 
 
+def _as_ipv4(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """An IPv4 address carried inside IPv6 (mapped, NAT64, 6to4, IPv4-compatible) is judged as that IPv4 address."""
+    if isinstance(ip, ipaddress.IPv4Address):
+        return ip
+    if ip.ipv4_mapped:
+        return ip.ipv4_mapped
+    if ip in NAT64:
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    if ip.sixtofour:
+        return ip.sixtofour
+    if int(ip) >> 32 == 0 and int(ip) > 1:  # ::a.b.c.d (deprecated IPv4-compatible); not :: or ::1
+        return ipaddress.IPv4Address(int(ip))
+    return ip
+
+
 def _refusal(address: str, policy: MediaPolicy) -> str | None:
     """Why `address` may not be fetched from, or None. Link-local addresses (cloud metadata services live there)
-    are refused even where the graph allows private networks."""
-    ip = ipaddress.ip_address(address)
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-        ip = ip.ipv4_mapped
-    if ip.is_link_local or ip.is_multicast or ip.is_unspecified:
-        return "link-local, multicast or unspecified"
+    and the known metadata addresses are refused even where the graph allows private networks."""
+    raw = ipaddress.ip_address(address.split("%", 1)[0])
+    ip = _as_ipv4(raw)
+    if ip.is_link_local or ip.is_multicast or ip.is_unspecified or raw in METADATA or ip in METADATA:
+        return "link-local, metadata, multicast or unspecified"
     if not ip.is_global and not policy.allow_private_networks:
         return "private or loopback"
     return None
 
 
 async def _resolve(host: str, port: int, policy: MediaPolicy) -> str:
-    """One resolution; every address must pass, and the first is the one we connect to."""
+    """One resolution (on RESOLVERS; the caller's deadline bounds it); every address must pass, and the first is
+    the one we connect to."""
+    lookup = functools.partial(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM)
     try:
-        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror as err:
-        raise MediaError(f"cannot resolve media host {host!r}: {err.strerror}") from None
+        infos = await asyncio.get_running_loop().run_in_executor(RESOLVERS, lookup)
+    except (socket.gaierror, UnicodeError) as err:
+        raise MediaError(f"cannot resolve media host {host!r}: {getattr(err, 'strerror', None) or err}") from None
     addresses = list(dict.fromkeys(info[4][0] for info in infos))
     for address in addresses:
         why = _refusal(address, policy)
         if why:
             hint = "" if "link-local" in why else " unless the graph sets spec.media.allowPrivateNetworks"
-            raise MediaError(f"media host {host!r} resolves to {address}, a {why} address: refused{hint}", status=403)
+            raise MediaError(f"media host {host!r} resolves to a {why} address: refused{hint}", status=403)
     return addresses[0]
+
+
+async def fetch_all(urls: list[str], policy: MediaPolicy, client: httpx.AsyncClient) -> list[bytes]:
+    """Every URL's bytes, fetched concurrently; the first refusal cancels the fetches still running."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(fetch_bytes(url, policy, client)) for url in urls]
+    except* MediaError as errors:
+        raise errors.exceptions[0] from None
+    return [task.result() for task in tasks]
 
 
 async def fetch_bytes(url: str, policy: MediaPolicy, client: httpx.AsyncClient) -> bytes:
@@ -84,50 +129,86 @@ async def fetch_bytes(url: str, policy: MediaPolicy, client: httpx.AsyncClient) 
     check_scheme(url, policy)
     if scheme_of(url) == "data":
         return decode_data_url(url, policy)
-    deadline = time.monotonic() + policy.fetch_timeout_seconds
-    for _ in range(MAX_REDIRECTS + 1):
+    limit = policy.fetch_timeout_seconds
+    try:
+        async with asyncio.timeout(limit):
+            return await _fetch(url, policy, client)
+    except TimeoutError:
+        raise MediaError(f"fetching media took longer than {limit:g} s", status=408) from None
+
+
+class Target(NamedTuple):
+    host: str  # ASCII (IDNA) form: what is resolved, sent as SNI and named in messages
+    port: int
+    host_header: str
+
+
+def _target(url: str) -> Target:
+    """Where an http(s) URL points, or the MediaError a person can act on."""
+    try:
         parts = urllib.parse.urlsplit(url)
-        if not parts.hostname:
-            raise MediaError(f"media URL has no host: {url[:200]}")
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-        address = await _resolve(parts.hostname, port, policy)
+        host, explicit_port = parts.hostname, parts.port
+        host = host.encode("idna").decode() if host else ""
+    except ValueError as err:  # a malformed IPv6 literal, a bad port, a name IDNA cannot encode (UnicodeError)
+        raise MediaError(f"malformed media URL: {err}") from None
+    if not host:
+        raise MediaError(f"media URL has no host: {url[:200]}")
+    header = f"[{host}]" if ":" in host else host
+    return Target(
+        host,
+        explicit_port or (443 if parts.scheme == "https" else 80),
+        header + (f":{explicit_port}" if explicit_port else ""),
+    )
+
+
+async def _fetch(url: str, policy: MediaPolicy, client: httpx.AsyncClient) -> bytes:
+    for _ in range(MAX_REDIRECTS + 1):
+        target = _target(url)
+        host, parts = target.host, urllib.parse.urlsplit(url)
+        address = await _resolve(host, target.port, policy)
         netloc = f"[{address}]" if ":" in address else address
-        pinned = urllib.parse.urlunsplit((parts.scheme, f"{netloc}:{port}", parts.path or "/", parts.query, ""))
-        headers = {"Host": parts.netloc.rsplit("@", 1)[-1], "Accept": "image/*,*/*;q=0.5"}
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise MediaError(f"fetching media took longer than {policy.fetch_timeout_seconds:g} s", status=408)
+        pinned = urllib.parse.urlunsplit((parts.scheme, f"{netloc}:{target.port}", parts.path or "/", parts.query, ""))
+        headers = {"Host": target.host_header, "Accept": "image/*,*/*;q=0.5", "Accept-Encoding": "identity"}
         try:
-            async with asyncio.timeout(left):
-                request = client.build_request(
-                    "GET", pinned, headers=headers, extensions={"sni_hostname": parts.hostname}
-                )
-                response = await client.send(request, stream=True, follow_redirects=False)
-                try:
-                    if response.is_redirect:
-                        location = response.headers.get("location", "")
-                        url = urllib.parse.urljoin(url, location)
-                        check_scheme(url, policy)
-                        if scheme_of(url) == "data":
-                            raise MediaError("media URL redirects to a data: URL")
-                        continue
-                    if response.status_code >= 400:
-                        raise MediaError(f"media URL answered HTTP {response.status_code}", status=422)
-                    declared = int(response.headers.get("content-length") or 0)
-                    if declared > policy.max_bytes:
-                        raise MediaError(f"media item is larger than the {policy.max_bytes} byte limit", status=413)
-                    body = bytearray()
-                    async for chunk in response.aiter_bytes():
-                        body += chunk
-                        if len(body) > policy.max_bytes:
-                            raise MediaError(f"media item is larger than the {policy.max_bytes} byte limit", status=413)
-                    return bytes(body)
-                finally:
-                    await response.aclose()
-        except TimeoutError:
-            raise MediaError(
-                f"fetching media took longer than {policy.fetch_timeout_seconds:g} s", status=408
-            ) from None
+            request = client.build_request("GET", pinned, headers=headers, extensions={"sni_hostname": host})
+            response = await client.send(request, stream=True, follow_redirects=False)
         except httpx.HTTPError as err:
-            raise MediaError(f"cannot fetch media URL: {type(err).__name__}: {err}", status=422) from None
+            raise _unreachable(host, err) from None
+        try:
+            if response.is_redirect:
+                location = response.headers.get("location")
+                if not location:
+                    raise MediaError(f"media URL on {host!r} redirects without a Location", status=422)
+                url = urllib.parse.urljoin(url, location)
+                check_scheme(url, policy)
+                if scheme_of(url) == "data":
+                    raise MediaError("media URL redirects to a data: URL")
+                continue
+            if response.status_code >= 400:
+                raise MediaError(f"media URL answered HTTP {response.status_code}", status=422)
+            encoding = response.headers.get("content-encoding", "identity").strip().lower()
+            if encoding not in ("", "identity"):
+                accepted = "only uncompressed bodies are accepted"
+                raise MediaError(f"media URL answered with Content-Encoding {encoding[:40]!r}; {accepted}", status=422)
+            try:
+                declared = int(response.headers.get("content-length") or 0)
+            except ValueError:
+                raise MediaError("media URL answered with a malformed Content-Length", status=422) from None
+            if declared > policy.max_bytes:
+                raise MediaError(f"media item is larger than the {policy.max_bytes} byte limit", status=413)
+            body = bytearray()
+            async for chunk in response.aiter_raw():  # raw: nothing decodes the body behind the size check
+                body += chunk
+                if len(body) > policy.max_bytes:
+                    raise MediaError(f"media item is larger than the {policy.max_bytes} byte limit", status=413)
+            return bytes(body)
+        except httpx.HTTPError as err:
+            raise _unreachable(host, err) from None
+        finally:
+            await response.aclose()
     raise MediaError(f"media URL redirected more than {MAX_REDIRECTS} times")
+
+
+def _unreachable(host: str, err: httpx.HTTPError) -> MediaError:
+    """The connection failed: the name and the reason (a TLS name mismatch, a refusal), never the address."""
+    return MediaError(f"cannot fetch media from {host!r}: {type(err).__name__}: {str(err)[:200]}", status=422)

@@ -1,0 +1,45 @@
+"""A pd whose vLLM engine core dies must not look healthy: /health fails at once, the worker stops (so its pod
+leaves the Service and is restarted), `mmgraph up`'s watcher names it, and clients get an error naming pd."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import psutil
+from mmgraph_operator.api import StageName, parse
+from mmgraph_workers.up import LocalGraph, StageDied
+
+from .conftest import CASES, chat, graph_spec, wait
+
+
+def test_a_dead_engine_fails_health_and_stops_its_worker(tiny_model, tmp_path_factory):
+    local = LocalGraph(parse(graph_spec(tiny_model, "agg")), logdir=tmp_path_factory.mktemp("engine-dies"))
+    local.start()
+    try:
+        local.wait_healthy(timeout=300, progress=lambda line: None)
+        assert chat(local.endpoint, **CASES["text-only"]).status_code == 200
+        pd = local.stages[StageName.PD]
+        cores = [
+            p for p in psutil.Process(pd.proc.pid).children(recursive=True) if "EngineCore" in " ".join(p.cmdline())
+        ]
+        assert len(cores) == 1, [p.cmdline() for p in psutil.Process(pd.proc.pid).children(recursive=True)]
+        cores[0].kill()
+        killed = time.monotonic()
+
+        def unhealthy() -> bool:
+            try:
+                return httpx.get(f"http://127.0.0.1:{pd.port}/health", timeout=2).status_code == 503
+            except httpx.HTTPError:
+                return True  # already gone
+
+        wait(unhealthy, timeout=10)
+        dead = wait(local.dead, timeout=30)
+        assert dead.name == StageName.PD and time.monotonic() - killed < 30
+        assert "stage pd exited" in str(StageDied(dead))
+        assert "the vLLM engine died" in pd.log.read_text()
+        r = chat(local.endpoint, **CASES["text-only"])
+        assert r.status_code in (502, 503) and "pd" in r.json()["error"]["message"], r.text
+    finally:
+        local.stop()
+    assert all(s.proc.poll() is not None for s in local.stages.values())
