@@ -61,6 +61,11 @@ WEBHOOK_CASES = [
     ),
     ("bad-tp-value", {"stages.decode.engineArgs": {"tensor-parallel-size": "many"}}, "must be a positive integer"),
     ("reserved-engine-arg", {"stages.pd.engineArgs": {"port": 9000}}, "engineArgs.port is set by the operator"),
+    (
+        "remote-code-behind-the-models-back",
+        {"stages.decode.engineArgs": {"trust-remote-code": True}},
+        "engineArgs.trust-remote-code runs code from the model repository; set spec.model.trustRemoteCode",
+    ),
     ("port-clash", {"stages.encoder.port": 5600}, "spec.stages.encoder.port 5600 clashes with the NIXL side channels"),
     ("kv-port-clash", {"stages.pd.port": 5601}, "spec.stages.pd.port 5601 clashes"),
     (

@@ -84,3 +84,21 @@ def test_a_failed_pass_is_retried_with_doubling_backoff(api):
     assert len(starts) == 3  # two failures, then success: the graph is never dropped
     gaps = [b - a for a, b in itertools.pairwise(starts)]
     assert 1.0 <= gaps[0] < 2.0 and 2.0 <= gaps[1] < 4.0, gaps  # 1 s, then twice that
+
+
+def test_a_deleted_graph_leaves_nothing_behind_in_the_loop(api):
+    """The loop's memory of a graph (its children, what was applied, its task) goes with it."""
+    from mmgraph_operator.reconcile import ChildKey
+
+    async def run() -> Recorder:
+        loop = Recorder(api, concurrency=8)
+        loop.graph_event(None, graph("g"))
+        child = ChildKey("apps/v1", "Deployment", "ns", "g-pd")
+        loop.children[("ns", "g")][child] = {"metadata": {"name": "g-pd"}}
+        loop.applied[child] = ("digest", "1")
+        await loop.settle()
+        loop.graph_event("DELETED", graph("g"))
+        return loop
+
+    loop = asyncio.run(run())
+    assert (loop.graphs, dict(loop.children), loop.applied, loop.state) == ({}, {}, {}, {})

@@ -110,6 +110,7 @@ def test_pods_are_non_root_and_read_only():
         if m["kind"] == "Deployment":
             pod = m["spec"]["template"]["spec"]
             assert pod["securityContext"]["runAsNonRoot"] is True
+            assert pod["automountServiceAccountToken"] is False  # no worker calls the Kubernetes API
             c = pod["containers"][0]["securityContext"]
             assert (
                 c["readOnlyRootFilesystem"]

@@ -137,3 +137,16 @@ def test_reader_of_a_dead_owner_gets_an_error_naming_it(reader, connected):
             reader.fetch(ref, timeout_seconds=3)
         assert time.monotonic() - started < 5
     assert reader.recv_pool.used() == 0
+    assert ref.agent not in reader._peers, "the reader keeps a connection to an owner that is gone"
+
+
+def test_a_reader_keeps_only_its_most_recent_owners(reader, peer, monkeypatch):
+    """Owners come and go with their pods: past MAX_PEERS the least recently used connection is dropped."""
+    call, _ = peer
+    monkeypatch.setattr(reader, "MAX_PEERS", 1)
+    with owner_process() as (other, _):
+        for owner in (call, other):
+            reader.fetch(TensorRef.model_validate_json(owner("publish", [4], "float32", 1, 60.0)), 10)
+        assert reader.peers() == 1
+    ref = TensorRef.model_validate_json(call("publish", [4], "float32", 2, 60.0))
+    assert torch.equal(reader.fetch(ref, 10), tensor_for([4], "float32", 2))  # reconnects when needed

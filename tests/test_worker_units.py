@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 import tracemalloc
+from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -476,6 +477,33 @@ def test_encoder_passes_together_what_arrived_during_a_pass_and_a_bad_request_fa
     assert last == ["emb-d"]
 
 
+def test_the_encoders_queue_is_bounded():
+    """While a pass runs, requests wait up to `max_waiting` images; past that the encoder says it is busy at once
+    (a 503 with Retry-After) instead of queueing without end; a lone request is never refused."""
+    from mmgraph_workers.encoder import Batcher, Busy
+
+    started, release = threading.Event(), threading.Event()
+
+    def forward(images):
+        started.set()
+        release.wait(10)
+        return images
+
+    async def scenario():
+        batcher = Batcher(forward, max_images=4, max_waiting=5)
+        first = asyncio.create_task(batcher.run(list(range(9))))  # more than max_waiting, alone: accepted
+        await asyncio.to_thread(started.wait, 10)
+        waiting = [asyncio.create_task(batcher.run([i, i])) for i in range(2)]  # 4 images wait
+        await asyncio.sleep(0)
+        with pytest.raises(Busy, match="4 images waiting"):
+            await batcher.run([7, 7])  # 6 > 5
+        release.set()
+        return await first, await asyncio.gather(*waiting)
+
+    first, waiting = asyncio.run(scenario())
+    assert first == list(range(9)) and waiting == [[0, 0], [1, 1]]
+
+
 def test_the_embedding_cache_keeps_the_most_recently_used_within_its_bytes():
     import torch
     from mmgraph_workers.encoder import Embedding, EmbeddingCache
@@ -493,6 +521,50 @@ def test_the_embedding_cache_keeps_the_most_recently_used_within_its_bytes():
     assert cache.used == 96
     cache.put("huge", item(10))  # larger than the whole cache: not kept, nothing evicted
     assert cache.get("huge") is None and cache.used == 96
+
+
+def test_the_embedding_cache_counts_each_entry_once_under_repeated_and_concurrent_inserts():
+    """The same image twice in one request, or two concurrent misses of one image, insert one key twice: the
+    bytes are counted once, so hits do not fade as the count drifts."""
+    import torch
+    from mmgraph_workers.encoder import Embedding, EmbeddingCache
+
+    cache = EmbeddingCache(capacity_bytes=1000)
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda i: cache.put(f"k{i % 5}", Embedding(torch.zeros(2, 4), {}, f"k{i % 5}")), range(400)))
+    assert cache.used == 5 * 32 == sum(e.tensor.numel() * e.tensor.element_size() for e in cache.items.values())
+    assert all(cache.get(f"k{i}") is not None for i in range(5))
+
+
+def test_the_frontends_peer_watcher_outlives_a_failing_round(monkeypatch):
+    """One bad round of re-resolution (a resolver error, a pd answering garbage) must not end the watch: a
+    frontend whose watcher died would route to stale addresses for ever."""
+    import argparse
+
+    from mmgraph_workers.frontend import router
+
+    monkeypatch.setattr(router, "PEER_REFRESH_SECONDS", 0.01)
+    args = argparse.Namespace(
+        encoder_url=None, pd_url="http://pd:1", decode_url=None, request_timeout_seconds=5, peer_hosts_file=None
+    )
+    rounds = []
+
+    async def flaky(self) -> None:
+        rounds.append(len(rounds))
+        if len(rounds) % 2:
+            raise OSError("the resolver is down")
+        self.pd_info = object()  # answered: the watcher now waits PEER_REFRESH_SECONDS between rounds
+
+    monkeypatch.setattr(router.Router, "_refresh_peers", flaky)
+
+    async def run() -> None:
+        watcher = asyncio.create_task(router.Router(args).watch_peers())
+        await asyncio.sleep(1.5)
+        assert not watcher.done(), watcher
+        watcher.cancel()
+
+    asyncio.run(run())
+    assert len(rounds) >= 4
 
 
 def test_content_key_changes_with_whatever_changes_the_kv():

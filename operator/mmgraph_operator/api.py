@@ -241,6 +241,17 @@ def kv_side_channel_port(transfer_port: int) -> int:
     return transfer_port + 1
 
 
+def max_request_bytes(media: MediaSpec, stage: StageName) -> int:
+    """The largest request body a stage reads: every media item as base64 at its cap, plus 1 MiB of text; stages
+    behind the frontend take twice that (their messages wrap what the frontend accepted)."""
+    client = media.max_items * -(-media.max_bytes * 4 // 3) + (1 << 20)
+    return client if stage == StageName.FRONTEND else 2 * client
+
+
+# A worker pod's terminationGracePeriodSeconds; workers drain in-flight requests for up to 10 s less.
+POD_GRACE_SECONDS = 60
+
+
 class TransferSpec(Spec):
     """How embeddings (encoder to pd) and the KV cache (pd to decode) move between pods."""
 
@@ -446,6 +457,18 @@ def _no_reserved_engine_args(graph: MultimodalGraph) -> list[str]:
     ]
 
 
+def _remote_code_only_where_allowed(graph: MultimodalGraph) -> list[str]:
+    """Running a model repository's own code is spec.model.trustRemoteCode's decision, for every stage."""
+    if graph.spec.model.trust_remote_code:
+        return []
+    return [
+        f"spec.stages.{stage.value}.engineArgs.trust-remote-code runs code from the model repository; set "
+        "spec.model.trustRemoteCode: true instead (it applies to every stage)"
+        for stage, engine in _engines(graph)
+        if engine.engine_arg("trust-remote-code")
+    ]
+
+
 GRAPH_KV_KEYS = ("kv_connector", "kv_role", "kv_connector_extra_config.kv_lease_duration")
 
 
@@ -505,6 +528,7 @@ RULES: tuple[Callable[[MultimodalGraph], list[str]], ...] = (
     _stages_match_the_topology,
     _gpus_match_parallelism,
     _no_reserved_engine_args,
+    _remote_code_only_where_allowed,
     _kv_transfer_config_only_tunes,
     _transfers_end_within_the_kv_lease,
     _ports_do_not_clash,

@@ -10,7 +10,14 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 
-from mmgraph_operator.api import EncoderSpec, EngineSpec, MediaSpec, MultimodalGraphSpec, StageName
+from mmgraph_operator.api import (
+    EncoderSpec,
+    EngineSpec,
+    MediaSpec,
+    MultimodalGraphSpec,
+    StageName,
+    max_request_bytes,
+)
 
 
 def worker_command(
@@ -35,6 +42,7 @@ def worker_command(
         f"--served-model-name={spec.model.name}",
         f"--host={host}",
         f"--port={port}",
+        f"--max-request-bytes={max_request_bytes(spec.media, stage)}",
     ]
     if spec.model.hugging_face is not None:
         argv.append(f"--revision={spec.model.hugging_face.revision}")

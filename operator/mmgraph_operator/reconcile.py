@@ -143,7 +143,8 @@ class Reconciler:
         key = (body["metadata"]["namespace"], body["metadata"]["name"])
         if event_type == "DELETED":
             self.graphs.pop(key, None)
-            self.children.pop(key, None)  # Kubernetes' garbage collector removes the children
+            for ck in self.children.pop(key, {}):  # Kubernetes' garbage collector removes the children
+                self.applied.pop(ck, None)
             state = self.state.pop(key, None)
             if state and state.task:
                 state.task.cancel()
@@ -270,6 +271,7 @@ class Reconciler:
     async def _prune(self, key: GraphKey, ck: ChildKey) -> bool:
         fresh = await self._get(ck)
         self.children[key].pop(ck, None)
+        self.applied.pop(ck, None)
         if fresh is None:
             return False
         try:

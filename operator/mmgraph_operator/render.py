@@ -14,6 +14,7 @@ from typing import Any
 from mmgraph_operator.api import (
     API_VERSION,
     KIND,
+    POD_GRACE_SECONDS,
     EngineSpec,
     GpuStageSpec,
     MultimodalGraph,
@@ -273,7 +274,8 @@ def _pod_spec(graph: MultimodalGraph, stage: StageName, cfg: StageSpec) -> dict[
         "containers": [container],
         "volumes": volumes,
         "enableServiceLinks": False,
-        "terminationGracePeriodSeconds": 60,
+        "automountServiceAccountToken": False,  # workers never call the Kubernetes API
+        "terminationGracePeriodSeconds": POD_GRACE_SECONDS,
         "securityContext": {
             "runAsNonRoot": True,
             "runAsUser": WORKER_UID,

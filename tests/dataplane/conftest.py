@@ -289,8 +289,8 @@ def vllm_openai_server(model: Path, name: str, example: str, logdir: Path) -> It
 
 class MediaServer:
     """A local HTTP server for media URLs (127.0.0.1 only); paths: /a.png, /big.png, /redirect?to=URL, /bomb.png
-    (2 KB gzipped twice, 256 MiB inflated), and /slow.png, whose body trickles for up to 60 s (`slow_started` is
-    set once a client is reading it)."""
+    (2 KB gzipped twice, 256 MiB inflated), /slow-ok.png (/a.png's bytes over 7 s) and /slow.png, whose body
+    trickles for up to 60 s (`slow_started` is set once a client is reading either)."""
 
     def __init__(self) -> None:
         files = {"/a.png": png(96, 64, 1), "/big.png": png(400, 400, 9), "/notimage.png": b"hello, not an image"}
@@ -305,6 +305,19 @@ class MediaServer:
                     self.send_header("Content-Length", str(len(body)))
                     self.end_headers()
                     self.wfile.write(body)
+                    return
+                if self.path == "/slow-ok.png":  # a good image, sent in 14 pieces over 7 s
+                    data = files["/a.png"]
+                    step = -(-len(data) // 14)
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    slow_started.set()
+                    with contextlib.suppress(OSError):
+                        for start in range(0, len(data), step):
+                            self.wfile.write(data[start : start + step])
+                            self.wfile.flush()
+                            time.sleep(0.5)
                     return
                 if self.path == "/slow.png":
                     self.send_response(200)

@@ -176,6 +176,36 @@ def test_redirect_to_link_local_refused_even_where_private_is_allowed(endpoints,
     assert "'file' is not allowed" in error_of(r, 400)
 
 
+def test_a_body_over_the_graphs_limit_is_a_413(strict):
+    """Every stage caps the bodies it reads (from spec.media: every item at its cap, as base64, plus text): over
+    it, declared or streamed, is a 413 that says what sets the limit, at the frontend and between stages."""
+    from mmgraph_operator.api import max_request_bytes
+
+    media = parse(graph_spec(Path("/unused"), "e-pd", **STRICT)).spec.media
+    for stage, url in (
+        (StageName.FRONTEND, f"{strict.endpoint}/v1/chat/completions"),
+        (StageName.ENCODER, f"http://127.0.0.1:{strict.stages[StageName.ENCODER].port}/encode"),
+    ):
+        limit = max_request_bytes(media, stage)
+        body = b'{"model": "m", "messages": [], "padding": "' + b"x" * limit + b'"}'
+        declared = httpx.post(url, content=body, timeout=30)
+        streamed = httpx.post(url, content=(body[i : i + 65536] for i in range(0, len(body), 65536)), timeout=30)
+        for response in (declared, streamed):
+            assert f"larger than this graph's {limit} byte limit" in error_of(response, 413), stage
+    assert ask_image(strict.endpoint, data_url(png(96, 64, 1))).status_code == 200  # and it still serves
+
+
+@pytest.mark.parametrize("topology", ["agg", "e-pd", "e-p-d"])
+def test_an_image_the_model_cannot_use_is_refused_before_any_pass(graph, endpoints, topology):
+    """4000x16: within every cap, but the model's processor cannot tile an aspect ratio of 250 (vLLM's own server
+    answers 400). A 400 saying so, whichever stage processes images, and the encoder's tower never runs for it."""
+    encoder = f"http://127.0.0.1:{graph.stages[StageName.ENCODER].port}"
+    passes = metric(encoder, "mmgraph_encoder_batch_images_count")
+    message = error_of(ask_image(endpoints[topology], data_url(png(4000, 16, 7))), 400)
+    assert "aspect ratio" in message, message
+    assert metric(encoder, "mmgraph_encoder_batch_images_count") == passes
+
+
 def test_a_compressed_body_never_inflates_in_the_encoder(graph, endpoints, media_server):
     """The encoder's own memory, sampled while it refuses a body of 2 KB that would inflate to 256 MiB: it asks
     for identity, refuses what comes compressed anyway, and inflates nothing (the status alone would not show
@@ -355,7 +385,8 @@ def test_pd_frees_a_prefill_nobody_pulls_when_its_lease_ends(graph):
     def used() -> float:
         return metric(pd, "vllm:kv_cache_usage_perc")
 
-    idle = used()
+    wait(lambda: used() == 0.0, timeout=lease + 30)  # other tests' prefills that nobody pulled end with their leases
+    idle = 0.0
     ids = [40 + (time.monotonic_ns() // 1000 + 11 * k) % 400 for k in range(200)]  # 7 blocks no one has cached
     request = GenerateRequest(
         request_id=f"orphan-{time.monotonic_ns()}",
@@ -412,7 +443,8 @@ def test_stage_killed_mid_request_fails_fast_naming_it(own_encoder, media_server
     thread.join(60)
     response = results["r"]
     assert response.status_code == 502, response.text
-    assert "encoder" in response.json()["error"]["message"]
+    message = response.json()["error"]["message"]
+    assert message.startswith("encoder: ") and "127.0.0.1" not in message  # the stage, never a pod's address
     assert time.monotonic() - killed < 2.5  # a dead peer is noticed, not timed out (the frontend waits 3 s)
     encoder.proc.wait(10)  # the kernel may still be tearing the killed process down
     dead = own_encoder.dead()

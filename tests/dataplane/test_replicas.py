@@ -165,3 +165,28 @@ def test_decode_killed_mid_stream(graph, tiny_model, reference, tmp_path_factory
     finally:
         local.stop()
     assert chat(graph.endpoint, **CASES["one-image"]).json()["choices"][0]["token_ids"] == reference["one-image"]
+
+
+def test_a_frontend_told_to_stop_finishes_what_it_is_serving(graph, tiny_model, media_server, tmp_path_factory):
+    """SIGTERM while a request is in flight whose image takes 7 s to arrive (longer than uvicorn's default 5 s
+    drain): the frontend takes no new work but answers that request in full, then exits."""
+    from .conftest import start_frontend, user
+
+    local = start_frontend(graph, tiny_model, "e-pd", tmp_path_factory.mktemp("frontend-drain"))
+    try:
+        local.wait_healthy(timeout=120, progress=lambda line: None)
+        frontend = local.stages[StageName.FRONTEND]
+        media_server.slow_started.clear()
+        results = {}
+        url = f"{media_server.url}/slow-ok.png"
+        thread = threading.Thread(target=lambda: results.setdefault("r", chat(local.endpoint, user(url, "describe"))))
+        started = time.monotonic()
+        thread.start()
+        assert media_server.slow_started.wait(30)
+        frontend.proc.send_signal(signal.SIGTERM)
+        thread.join(60)
+        assert results["r"].status_code == 200, results["r"].text
+        assert time.monotonic() - started > 6
+        frontend.proc.wait(30)
+    finally:
+        local.stop()

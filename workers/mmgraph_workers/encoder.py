@@ -44,19 +44,28 @@ BATCH_IMAGES = Histogram(
 )
 
 
+class Busy(RuntimeError):
+    """The encoder's queue is full: a 503 with Retry-After."""
+
+
 class Batcher:
     """Runs `forward` once over the images of every request that arrived while the previous pass ran: no waiting
     window (a lone request starts at once), and under load one pass per wave of requests instead of one each (a
     GPU's vision tower is far from busy with one image). A failed pass is retried request by request, so a request
     that breaks the tower fails alone."""
 
-    def __init__(self, forward: Callable[[list[Any]], list[Any]], max_images: int):
+    def __init__(self, forward: Callable[[list[Any]], list[Any]], max_images: int, max_waiting: int | None = None):
         self.forward, self.max_images = forward, max_images
+        self.max_waiting = max_waiting if max_waiting is not None else 4 * max_images
         self.queue: list[tuple[list[Any], asyncio.Future]] = []
         self.worker: asyncio.Task | None = None
 
     async def run(self, images: list[Any]) -> list[Any]:
-        """`forward`'s results for `images`, in order."""
+        """`forward`'s results for `images`, in order; Busy when `max_waiting` images already wait (the queue is
+        bounded: a replica that cannot keep up says so at once, and the client retries, maybe elsewhere)."""
+        waiting = sum(len(request) for request, _ in self.queue)
+        if self.queue and waiting + len(images) > self.max_waiting:
+            raise Busy(f"the encoder has {waiting} images waiting for its vision tower; retry shortly")
         future = asyncio.get_running_loop().create_future()
         self.queue.append((images, future))
         if self.worker is None or self.worker.done():
@@ -158,9 +167,9 @@ class Encoder:
         was_cached = {h: item is not None for h, item in found.items()}
         missing = list({h: i for i, h in enumerate(hashes) if found[h] is None}.values())
         if missing:
-            decoded = await asyncio.to_thread(lambda: [self._decode(blobs[i]) for i in missing])
-            images, digests = [image for image, _ in decoded], [digest for _, digest in decoded]
-            encoded: list[Encoded] = await self.batcher.run(images)
+            decoded = await asyncio.to_thread(lambda: [self._decode(blobs[i], i) for i in missing])
+            prepared, digests = [p for p, _ in decoded], [digest for _, digest in decoded]
+            encoded: list[Encoded] = await self.batcher.run(prepared)
             for i, out, digest in zip(missing, encoded, digests, strict=True):
                 key = item_key(self.identity, "image", digest, out.metadata, out.embeddings.shape[0])
                 found[hashes[i]] = Embedding(out.embeddings, out.metadata, key)
@@ -183,15 +192,20 @@ class Encoder:
         ENCODE_SECONDS.observe(time.perf_counter() - started)
         return EncodeResponse(items=items)
 
-    def _decode(self, blob: bytes) -> tuple[Any, bytes]:
-        """The decoded image and the digest of its pixels (for the content key), in one trip off the loop."""
+    def _decode(self, blob: bytes, index: int) -> tuple[Any, bytes]:
+        """The image as the tower takes it and the digest of its pixels (for the content key), in one trip off
+        the loop; an image the model's processor refuses is the client's mistake, found before any pass."""
         image = decode_image(blob, self.policy)
-        return image, media_digest(image)
+        try:
+            prepared = self.adapter.prepare(self.processor, image)
+        except ValueError as err:
+            raise MediaError(f"image {index + 1} cannot be used with this model: {err}") from None
+        return prepared, media_digest(image)
 
-    def _forward(self, images: list) -> list[Encoded]:
+    def _forward(self, prepared: list) -> list[Encoded]:
         out: list[Encoded] = []
-        for start in range(0, len(images), self.args.max_batch_size):
-            out += self.adapter.encode(self.module, self.processor, images[start : start + self.args.max_batch_size])
+        for start in range(0, len(prepared), self.args.max_batch_size):
+            out += self.adapter.forward(self.module, prepared[start : start + self.args.max_batch_size])
         return out
 
     async def report_published(self) -> None:
@@ -212,7 +226,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> None:
     encoder: Encoder | None = None
-    app = make_app("encoder", lambda: encoder is not None)
+    app = make_app("encoder", lambda: encoder is not None, args.max_request_bytes)
 
     @app.on_event("startup")
     async def load() -> None:
@@ -253,10 +267,12 @@ def main(args: argparse.Namespace) -> None:
         except MediaError as err:
             MEDIA_ERRORS.labels(status=str(err.status)).inc()
             return JSONResponse({"error": str(err), "status": err.status}, status_code=err.status)
+        except Busy as err:
+            return JSONResponse({"error": str(err), "status": 503}, status_code=503, headers={"Retry-After": "1"})
 
     @app.post("/release/{handle}")
     async def release(handle: str) -> JSONResponse:
         encoder.transfer.release(handle)  # type: ignore[union-attr]
         return JSONResponse({"released": handle})
 
-    serve(app, args.host, args.port)
+    serve(app, args)

@@ -233,6 +233,17 @@ class Engine:
             ) from None
 
 
+def _refusal(err: BaseException) -> str | None:
+    """The message of a ValueError behind `err`, the innermost one: vLLM refuses a request's input with a
+    ValueError, which 0.32 wraps in an EngineGenerateError with no message of its own."""
+    found, cause = None, err
+    while cause is not None:
+        if isinstance(cause, ValueError):
+            found = str(cause)
+        cause = cause.__cause__
+    return found
+
+
 async def watch(engine: Engine, stage: str) -> None:
     """A dead engine must not look healthy: /health fails at once (it asks the engine), and the worker stops,
     so its pod leaves the Service and is restarted, and `mmgraph up` names it, as vLLM's own server does."""
@@ -251,7 +262,7 @@ class StageError(RuntimeError):
 def main(args: argparse.Namespace, stage: str) -> None:
     cpu.apply_engine_env(user_engine_args(args)[0])
     engine = Engine(args, stage)
-    app = make_app(stage, lambda: engine.llm is not None and not engine.llm.errored)
+    app = make_app(stage, lambda: engine.llm is not None and not engine.llm.errored, args.max_request_bytes)
 
     @app.on_event("startup")
     async def load() -> None:
@@ -296,10 +307,11 @@ def main(args: argparse.Namespace, stage: str) -> None:
                 yield (
                     GenerateEvent(error=str(err), status=err.status, retry=err.retry).model_dump_json().encode() + b"\n"
                 )
-            except ValueError as err:  # vLLM refuses the input (e.g. longer than the model)
-                outcome = "bad_request"
-                yield GenerateEvent(error=str(err), status=400).model_dump_json().encode() + b"\n"
             except Exception as err:
+                if (refusal := _refusal(err)) is not None:  # vLLM refuses the input (too long, an image it cannot tile)
+                    outcome = "bad_request"
+                    yield GenerateEvent(error=refusal, status=400).model_dump_json().encode() + b"\n"
+                    return
                 outcome = "error"
                 log.exception("%s failed on request %s", stage, req.request_id)
                 yield GenerateEvent(error=f"{stage} failed: {err}", status=500).model_dump_json().encode() + b"\n"
@@ -309,4 +321,4 @@ def main(args: argparse.Namespace, stage: str) -> None:
 
         return StreamingResponse(events(), media_type="application/x-ndjson")
 
-    serve(app, args.host, args.port)
+    serve(app, args)

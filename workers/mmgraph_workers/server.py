@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
-from mmgraph_operator.api import TransferSpec, default
+from mmgraph_operator.api import POD_GRACE_SECONDS, TransferSpec, default
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
@@ -37,8 +37,49 @@ async def read_message(request: Request, kind: type[M]) -> M | JSONResponse:
     return message
 
 
-def make_app(stage: str, ready: Callable[[], bool]) -> FastAPI:
+class BodyTooLarge(Exception):
+    """A request body went past the stage's --max-request-bytes while it was read."""
+
+
+class BodyLimit:
+    """ASGI middleware: a body over `limit` bytes is a 413, from its Content-Length before anything is read, or
+    as soon as a streamed body passes the limit (so no more of it is held)."""
+
+    def __init__(self, app: Any, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await too_large(self.limit)(scope, receive, send)
+        received = 0
+
+        async def counted() -> dict:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:
+                raise BodyTooLarge
+            return message
+
+        await self.app(scope, counted, send)
+
+
+def too_large(limit: int) -> JSONResponse:
+    message = f"the request body is larger than this graph's {limit} byte limit (spec.media sets it)"
+    return JSONResponse({"error": {"message": message, "type": "invalid_request_error", "code": 413}}, 413)
+
+
+def make_app(stage: str, ready: Callable[[], bool], max_body_bytes: int | None = None) -> FastAPI:
     app = FastAPI(title=f"mmgraph {stage}", docs_url=None, redoc_url=None)
+    if max_body_bytes is not None:
+        app.add_middleware(BodyLimit, limit=max_body_bytes)
+
+        @app.exception_handler(BodyTooLarge)
+        async def body_too_large(request: Request, err: BodyTooLarge) -> JSONResponse:
+            return too_large(max_body_bytes)
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -57,10 +98,11 @@ def make_app(stage: str, ready: Callable[[], bool]) -> FastAPI:
     return app
 
 
-def serve(app: FastAPI, host: str, port: int) -> None:
-    """Run until SIGINT/SIGTERM; uvicorn drains in-flight requests for a few seconds, then stops."""
+def serve(app: FastAPI, args) -> None:
+    """Run until SIGINT/SIGTERM; then take no new requests and let those in flight finish (streams included)
+    for up to --drain-seconds, within the pod's grace period."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=args.drain_seconds)
 
 
 def add_common_arguments(parser) -> None:
@@ -72,6 +114,18 @@ def add_common_arguments(parser) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--transfer-timeout-seconds", type=float, default=default(TransferSpec, "timeout_seconds"))
+    parser.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=None,
+        help="refuse request bodies larger than this (413); the operator sets it from spec.media",
+    )
+    parser.add_argument(
+        "--drain-seconds",
+        type=float,
+        default=POD_GRACE_SECONDS - 10,
+        help="on SIGTERM, how long requests in flight may take to finish (the pod's grace period, less 10 s)",
+    )
 
 
 def add_transfer_arguments(parser) -> None:

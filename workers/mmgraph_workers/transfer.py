@@ -29,6 +29,7 @@ import threading
 import time
 import uuid
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -132,6 +133,7 @@ class NixlTransfer(Transfer):
     # A read on one host completes within tens of microseconds (a check costs ~3 us); yielding the GIL with sleep(0)
     # cost ~90 us when the scheduler took the chance to run another process, so a reader checks back to back first.
     SPIN_SECONDS = 200e-6
+    MAX_PEERS = 256  # owners a reader stays connected to (encoders and pds come and go with their pods)
 
     def __init__(self, name: str | None = None, pool_bytes: int = 0, recv_pool_bytes: int = 0, device: str = "cpu"):
         os.environ.setdefault("NIXL_LOG_LEVEL", "WARN")
@@ -148,7 +150,7 @@ class NixlTransfer(Transfer):
                 self.agent.register_memory(buffer)
         self.metadata = base64.b64encode(self.agent.get_agent_metadata()).decode()
         self._published: dict[str, _Published] = {}
-        self._peers: dict[str, str] = {}  # agent name -> metadata we connected with
+        self._peers: OrderedDict[str, str] = OrderedDict()  # agent name -> metadata we connected with, LRU
         self._lock = threading.Lock()  # the agent is shared by request threads and the poller
         self._stop, self._work = threading.Event(), threading.Event()
         if pool_bytes:
@@ -227,11 +229,26 @@ class NixlTransfer(Transfer):
 
     def _connect(self, ref: TensorRef) -> None:
         if self._peers.get(ref.agent) == ref.agent_metadata:
+            self._peers.move_to_end(ref.agent)
             return
         if ref.agent in self._peers:  # the owner restarted under the same name
-            self.agent.remove_remote_agent(ref.agent)
+            self._forget(ref.agent)
         self.agent.add_remote_agent(base64.b64decode(ref.agent_metadata))
         self._peers[ref.agent] = ref.agent_metadata
+        while len(self._peers) > self.MAX_PEERS:  # owners come and go with their pods: keep the recent ones
+            self._forget(next(iter(self._peers)))
+
+    def _forget(self, agent: str) -> None:
+        """Drop a peer (gone, or least recently used); called with the lock held."""
+        self._peers.pop(agent, None)
+        try:
+            self.agent.remove_remote_agent(agent)
+        except Exception as err:  # nixl._bindings errors share no base class; it may never have connected
+            log.debug("forgetting NIXL peer %s: %s", agent, err)
+
+    def peers(self) -> int:
+        """How many owners this reader is connected to (for tests and metrics)."""
+        return len(self._peers)
 
     def fetch(self, ref: TensorRef, timeout_seconds: float) -> torch.Tensor:
         dtype = getattr(torch, ref.dtype)
@@ -253,7 +270,12 @@ class NixlTransfer(Transfer):
             log.warning("NIXL read from %s waited %.2f s for the agent", ref.agent, waited)
         try:
             started = time.monotonic()
-            self._read(ref, target, deadline, timeout_seconds)
+            try:
+                self._read(ref, target, deadline, timeout_seconds)
+            except TransferError:
+                with self._lock:
+                    self._forget(ref.agent)
+                raise
             if (took := time.monotonic() - started) > 0.5:
                 log.warning("NIXL read of %d B from %s took %.2f s", ref.nbytes, ref.agent, took)
             if registration is None:

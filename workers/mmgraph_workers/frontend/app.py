@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hmac
 import json
 import logging
 import os
 import time
 import uuid
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -35,6 +37,7 @@ from mmgraph_workers.protocol import GenerateEvent
 from mmgraph_workers.server import add_common_arguments, add_kv_lease_argument, make_app, serve
 
 log = logging.getLogger("mmgraph.frontend")
+PREPARE = ThreadPoolExecutor(1, thread_name_prefix="prepare")  # one: a tokenizer must not be used concurrently
 REQUESTS = Counter("mmgraph_requests_total", "Chat completion requests", ["status"])
 ERRORS = Counter("mmgraph_request_errors_total", "Requests that failed, by the stage that failed", ["stage"])
 TTFT = Histogram("mmgraph_time_to_first_token_seconds", "Time from request to first token")
@@ -74,7 +77,11 @@ def build_app(args: argparse.Namespace) -> FastAPI:
     api_key = os.environ.get(args.api_key_env, "") if args.api_key_env else ""
     if args.api_key_env and not api_key:
         raise SystemExit(f"--api-key-env {args.api_key_env} is set but the variable is empty")
-    app = make_app("frontend", lambda: app.state.router is not None and app.state.router.pd_info is not None)
+    app = make_app(
+        "frontend",
+        lambda: app.state.router is not None and app.state.router.pd_info is not None,
+        args.max_request_bytes,
+    )
     app.state.processor, app.state.router = None, None
 
     @app.on_event("startup")
@@ -86,7 +93,8 @@ def build_app(args: argparse.Namespace) -> FastAPI:
     @app.middleware("http")
     async def authenticate(request: Request, call_next):
         if api_key and request.url.path.startswith("/v1/"):
-            if request.headers.get("authorization", "") != f"Bearer {api_key}":
+            given = request.headers.get("authorization", "").encode()
+            if not hmac.compare_digest(given, f"Bearer {api_key}".encode()):  # constant time: no timing oracle
                 return error_response(
                     "missing or wrong API key (Authorization: Bearer <key>)", 401, kind="authentication_error"
                 )
@@ -106,9 +114,10 @@ def build_app(args: argparse.Namespace) -> FastAPI:
         assert processor is not None and router is not None, "not ready"
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         try:
-            req = ChatRequest.model_validate(json.loads(await request.body()))
+            body = await request.body()
             max_len = router.pd_info.max_model_len if router.pd_info else None
-            token_ids, urls, sampling = processor.prepare(req, max_len)
+            loop = asyncio.get_running_loop()
+            req, (token_ids, urls, sampling) = await loop.run_in_executor(PREPARE, _prepare, processor, body, max_len)
         except (json.JSONDecodeError, ValidationError, RequestError) as err:
             status, body = failure(_request_error(err), request_id)
             return JSONResponse(body, status_code=status)
@@ -118,6 +127,13 @@ def build_app(args: argparse.Namespace) -> FastAPI:
         return await _complete(request_id, req, events)
 
     return app
+
+
+def _prepare(processor: Processor, body: bytes, max_len: int | None) -> tuple[ChatRequest, tuple]:
+    """Parse, check, template and tokenize one request: on PREPARE's thread, since a large body (base64 images)
+    would hold the event loop, and so every other request's stream, for as long as it takes."""
+    req = ChatRequest.model_validate(json.loads(body))
+    return req, processor.prepare(req, max_len)
 
 
 def _request_error(err: Exception) -> RequestError:
@@ -133,7 +149,7 @@ def _request_error(err: Exception) -> RequestError:
 
 
 def main(args: argparse.Namespace) -> None:
-    serve(build_app(args), args.host, args.port)
+    serve(build_app(args), args)
 
 
 async def _sse(request_id: str, req: ChatRequest, events: AsyncIterator[GenerateEvent]) -> AsyncIterator[bytes]:
@@ -172,7 +188,8 @@ async def _complete(request_id: str, req: ChatRequest, events: AsyncIterator[Gen
             last = event
     except Exception as err:
         status, body = failure(err, request_id)
-        return JSONResponse(body, status_code=status)
+        retry = {"Retry-After": "1"} if status == 503 else None  # busy or overloaded: a retry may well succeed
+        return JSONResponse(body, status_code=status, headers=retry)
     finally:
         IN_FLIGHT.dec()
     REQUESTS.labels("200").inc()

@@ -131,7 +131,7 @@ class Router:
                 tried.add(address)  # nothing was sent: the next replica
                 REFUSED.labels("encoder").inc()
             except httpx.HTTPError as err:
-                raise StageFailure("encoder", f"{type(err).__name__} calling {base}: {err}", _status(err)) from None
+                raise _call_failed("encoder", base, err) from None
             finally:
                 self.peers["encoder"].release(address)
         STAGE_SECONDS.labels("encoder").observe(time.perf_counter() - started)
@@ -139,7 +139,7 @@ class Router:
             message = _error_text(r)
             if 400 <= r.status_code < 500:
                 raise RequestError(message, "messages", r.status_code)
-            raise StageFailure("encoder", message, 502)
+            raise StageFailure("encoder", message, 503 if r.status_code == 503 else 502)  # 503: busy, retry
         items = EncodeResponse.model_validate_json(r.content).items
         CACHE_HITS.inc(sum(item.cached for item in items))
         return items
@@ -164,7 +164,7 @@ class Router:
                 tried.add(address)
                 REFUSED.labels(stage).inc()
             except httpx.HTTPError as err:
-                raise StageFailure(stage, f"{type(err).__name__} calling {base}: {err}", _status(err)) from None
+                raise _call_failed(stage, base, err) from None
             finally:
                 self.peers[stage].release(address)
 
@@ -261,8 +261,11 @@ class Router:
         raise StageFailure("decode", f"{reason}, {KV_ATTEMPTS} times; the graph is overloaded", 503)
 
 
-def _status(err: httpx.HTTPError) -> int:
-    return 504 if isinstance(err, httpx.TimeoutException) else 502
+def _call_failed(stage: str, base: str, err: httpx.HTTPError) -> StageFailure:
+    """The client learns which stage failed and how; the log also says which replica (a pod's address)."""
+    log.warning("%s call to %s failed: %s: %s", stage, base, type(err).__name__, err)
+    status = 504 if isinstance(err, httpx.TimeoutException) else 502
+    return StageFailure(stage, f"{type(err).__name__}: {str(err)[:200] or 'no detail'}", status)
 
 
 def _error_text(response: httpx.Response) -> str:

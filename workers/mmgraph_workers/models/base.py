@@ -7,10 +7,11 @@ name. The stages, the inter-stage protocol and the frontend stay family-agnostic
     encoder  load_encoder(device)                  which weights form the encoder (tower, projector), loaded
                                                    alone onto the stage's device: never the language model
     encoder  encoder_settings()                    what besides weights changes its output (for content keys)
-    encoder  encode(module, processor, images)     processor + tower (+ projector) -> per item: embeddings as
-                                                   the language model consumes them, and the metadata the
-                                                   engine needs to place them (Qwen's grid), which travels in
-                                                   `EncodedItem.metadata`
+    encoder  prepare(processor, image)             the processor's tensors for one image (or ValueError)
+    encoder  forward(module, prepared)             tower (+ projector) over prepared items -> per item:
+                                                   embeddings as the language model consumes them, and the
+                                                   metadata the engine needs to place them (Qwen's grid),
+                                                   which travels in `EncodedItem.metadata`
     pd       embeddings_data(embeddings, items)    vLLM's `multi_modal_data` from real embeddings
     decode   placeholder_data(items, hidden, dtype) the same shape filled with zeros: decode never computes them
                                                    (the KV comes over NIXL), but positions and token counts
@@ -77,8 +78,18 @@ class ModelAdapter(ABC):
         return {"family": self.family, "vision_config": self.config.vision_config.to_dict()}
 
     @abstractmethod
+    def prepare(self, processor: Any, image: Any) -> Any:
+        """One image as the tower takes it (the processor's tensors); ValueError if the processor refuses it (an
+        aspect ratio it cannot tile, say). The encoder runs this per item, off the tower's thread, so a bad item
+        is refused before any pass, alone."""
+
+    @abstractmethod
+    def forward(self, module: torch.nn.Module, prepared: list[Any]) -> list[Encoded]:
+        """Embeddings and metadata per prepared item, in order, in one pass of the tower (and projector)."""
+
     def encode(self, module: torch.nn.Module, processor: Any, images: list[Any]) -> list[Encoded]:
-        """Embeddings and metadata per image, in order."""
+        """`prepare` then `forward`: what transformers' whole model computes for these images."""
+        return self.forward(module, [self.prepare(processor, image) for image in images])
 
     @abstractmethod
     def embeddings_data(self, embeddings: list[torch.Tensor], items: list[ItemShape]) -> dict[str, Any]:

@@ -64,11 +64,13 @@ class Llava(ModelAdapter):
         }
         return self._load(module, prefixes, device)
 
+    def prepare(self, processor: Any, image: Any) -> torch.Tensor:
+        return processor.image_processor(images=[image], return_tensors="pt")["pixel_values"]
+
     @torch.inference_mode()
-    def encode(self, module: torch.nn.Module, processor: Any, images: list[Any]) -> list[Encoded]:
-        pixels = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+    def forward(self, module: torch.nn.Module, prepared: list[torch.Tensor]) -> list[Encoded]:
         weight = next(module.parameters())
-        embeds = module(pixels.to(device=weight.device, dtype=weight.dtype))
+        embeds = module(torch.cat(prepared).to(device=weight.device, dtype=weight.dtype))
         return [Encoded(e.contiguous(), {}) for e in embeds]
 
     def embeddings_data(self, embeddings: list[torch.Tensor], items: list[ItemShape]) -> dict[str, Any]:

@@ -32,10 +32,13 @@ class Qwen2VL(ModelAdapter):
         # transformers >= 4.52 saves the tower as `model.visual.*`; Qwen's own checkpoints as `visual.*`
         return self._load(tower, {"model.visual.": "", "visual.": ""}, device)
 
+    def prepare(self, processor: Any, image: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs = processor.image_processor(images=[image], return_tensors="pt")
+        return inputs["pixel_values"], inputs["image_grid_thw"]
+
     @torch.inference_mode()
-    def encode(self, module: torch.nn.Module, processor: Any, images: list[Any]) -> list[Encoded]:
-        inputs = processor.image_processor(images=images, return_tensors="pt")
-        pixels, grid = inputs["pixel_values"], inputs["image_grid_thw"]
+    def forward(self, module: torch.nn.Module, prepared: list[tuple[torch.Tensor, torch.Tensor]]) -> list[Encoded]:
+        pixels, grid = torch.cat([p for p, _ in prepared]), torch.cat([g for _, g in prepared])
         weight = next(module.parameters())
         out = module(pixels.to(device=weight.device, dtype=weight.dtype), grid_thw=grid.to(weight.device))
         embeds = getattr(out, "pooler_output", out)
