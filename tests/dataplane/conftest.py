@@ -295,6 +295,7 @@ class MediaServer:
     def __init__(self) -> None:
         files = {"/a.png": png(96, 64, 1), "/big.png": png(400, 400, 9), "/notimage.png": b"hello, not an image"}
         self.slow_started = slow_started = threading.Event()
+        self.slow_sent = slow_sent = threading.Event()  # /slow-ok.png went out whole: nobody hung up
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
@@ -318,6 +319,7 @@ class MediaServer:
                             self.wfile.write(data[start : start + step])
                             self.wfile.flush()
                             time.sleep(0.5)
+                        slow_sent.set()
                     return
                 if self.path == "/slow.png":
                     self.send_response(200)

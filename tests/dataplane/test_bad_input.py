@@ -206,6 +206,30 @@ def test_an_image_the_model_cannot_use_is_refused_before_any_pass(graph, endpoin
     assert metric(encoder, "mmgraph_encoder_batch_images_count") == passes
 
 
+def test_a_seed_vllm_cannot_take_is_a_400(endpoints):
+    message = error_of(chat(endpoints["e-p-d"], user("hello"), max_tokens=2, seed=2**70), 400)
+    assert "seed" in message
+
+
+def test_a_client_that_hangs_up_stops_the_work_it_started(endpoints, media_server):
+    """Not streaming, the client gives up while its image is still arriving (7 s): the frontend cancels its
+    encoder call and the encoder its fetch, so the media server's upload is cut off, not finished for nobody."""
+    media_server.slow_started.clear()
+    media_server.slow_sent.clear()
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(
+            f"{endpoints['e-pd']}/v1/chat/completions",
+            json={
+                "model": MODEL_NAME,
+                "messages": user(f"{media_server.url}/slow-ok.png", "describe"),
+                "max_tokens": 4,
+            },
+            timeout=2,
+        )
+    assert media_server.slow_started.is_set()
+    assert not media_server.slow_sent.wait(10), "the image was fetched in full for a client that had gone"
+
+
 def test_a_compressed_body_never_inflates_in_the_encoder(graph, endpoints, media_server):
     """The encoder's own memory, sampled while it refuses a body of 2 KB that would inflate to 256 MiB: it asks
     for identity, refuses what comes compressed anyway, and inflates nothing (the status alone would not show

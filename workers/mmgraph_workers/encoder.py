@@ -31,7 +31,14 @@ from mmgraph_workers.media.fetch import fetch_all, media_client
 from mmgraph_workers.media.image import decode_image
 from mmgraph_workers.models import Encoded, adapter_for
 from mmgraph_workers.protocol import EncodedItem, EncodeRequest, EncodeResponse, WorkerInfo
-from mmgraph_workers.server import add_common_arguments, add_transfer_arguments, make_app, read_message, serve
+from mmgraph_workers.server import (
+    add_common_arguments,
+    add_transfer_arguments,
+    make_app,
+    read_message,
+    serve,
+    unless_disconnected,
+)
 from mmgraph_workers.transfer import Transfer, make_transfer
 
 log = logging.getLogger("mmgraph.encoder")
@@ -263,7 +270,8 @@ def main(args: argparse.Namespace) -> None:
         if isinstance(body, JSONResponse):
             return body
         try:
-            return JSONResponse((await encoder.encode(body)).model_dump())  # type: ignore[union-attr]
+            encoded = await unless_disconnected(request, encoder.encode(body))  # type: ignore[union-attr]
+            return JSONResponse(encoded.model_dump())
         except MediaError as err:
             MEDIA_ERRORS.labels(status=str(err.status)).inc()
             return JSONResponse({"error": str(err), "status": err.status}, status_code=err.status)

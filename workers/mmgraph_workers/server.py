@@ -5,8 +5,10 @@ A worker is an engine-facing core plus this thin layer; nothing here knows about
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import uvicorn
@@ -20,6 +22,7 @@ from mmgraph_workers.protocol import PROTOCOL_VERSION, Message
 
 log = logging.getLogger("mmgraph.worker")
 M = TypeVar("M", bound=Message)
+T = TypeVar("T")
 
 
 async def read_message(request: Request, kind: type[M]) -> M | JSONResponse:
@@ -72,6 +75,32 @@ def too_large(limit: int) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": "invalid_request_error", "code": 413}}, 413)
 
 
+class ClientGone(Exception):
+    """The caller disconnected before the answer was ready; its work was cancelled."""
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """`work`'s result, or ClientGone once the caller has disconnected, with `work` cancelled: a client that
+    left does not keep fetches, tower passes or engine requests running for nobody (the body must have been read:
+    what is left to receive is the disconnect)."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(request.receive())
+    try:
+        while True:
+            done, _ = await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if task in done:
+                return task.result()
+            if gone.result()["type"] == "http.disconnect":
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+                raise ClientGone
+            gone = asyncio.ensure_future(request.receive())
+    finally:
+        gone.cancel()
+        task.cancel()
+
+
 def make_app(stage: str, ready: Callable[[], bool], max_body_bytes: int | None = None) -> FastAPI:
     app = FastAPI(title=f"mmgraph {stage}", docs_url=None, redoc_url=None)
     if max_body_bytes is not None:
@@ -80,6 +109,10 @@ def make_app(stage: str, ready: Callable[[], bool], max_body_bytes: int | None =
         @app.exception_handler(BodyTooLarge)
         async def body_too_large(request: Request, err: BodyTooLarge) -> JSONResponse:
             return too_large(max_body_bytes)
+
+    @app.exception_handler(ClientGone)
+    async def client_gone(request: Request, err: ClientGone) -> JSONResponse:
+        return JSONResponse({"error": "the client disconnected", "status": 499}, status_code=499)  # nobody reads it
 
     @app.get("/health")
     async def health() -> JSONResponse:

@@ -34,7 +34,7 @@ from mmgraph_workers.frontend.processor import Processor
 from mmgraph_workers.frontend.router import Router, StageFailure
 from mmgraph_workers.media import policy
 from mmgraph_workers.protocol import GenerateEvent
-from mmgraph_workers.server import add_common_arguments, add_kv_lease_argument, make_app, serve
+from mmgraph_workers.server import add_common_arguments, add_kv_lease_argument, make_app, serve, unless_disconnected
 
 log = logging.getLogger("mmgraph.frontend")
 PREPARE = ThreadPoolExecutor(1, thread_name_prefix="prepare")  # one: a tokenizer must not be used concurrently
@@ -122,9 +122,9 @@ def build_app(args: argparse.Namespace) -> FastAPI:
             status, body = failure(_request_error(err), request_id)
             return JSONResponse(body, status_code=status)
         events = router.run(request_id, token_ids, urls, sampling)
-        if req.stream:
+        if req.stream:  # Starlette stops the stream (and so the stages' calls) when the client goes
             return StreamingResponse(_sse(request_id, req, events), media_type="text/event-stream")
-        return await _complete(request_id, req, events)
+        return await unless_disconnected(request, _complete(request_id, req, events))
 
     return app
 

@@ -69,7 +69,7 @@ class ChatRequest(BaseModel):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0, le=2)
     top_p: float = Field(default=1.0, gt=0, le=1)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)  # what vLLM's own server accepts
     stop: str | list[str] | None = None
     stream_options: dict[str, Any] | None = None
     n: int = Field(default=1, ge=1, le=1)
