@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 import pytest
-from dataplane.conftest import gzip_bomb
+from dataplane.conftest import gzip_bomb, send_gzip_bomb
 from mmgraph_workers.frontend.peers import NoReplica, Peer
 from mmgraph_workers.media import MediaError
 from mmgraph_workers.media.fetch import fetch_bytes
@@ -55,13 +55,8 @@ def server():
                 self.send_response(302)
                 self.end_headers()
                 return
-            if self.path == "/bomb":  # ~2 KB that inflate to 256 MiB, sent whatever the client accepts
-                body = gzip_bomb()
-                self.send_response(200)
-                self.send_header("Content-Encoding", "gzip, gzip")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+            if self.path == "/bomb":  # ~2 KB that inflate to 256 MiB
+                send_gzip_bomb(self)
                 return
             if self.path == "/host":  # echoes the Host header it got
                 body = self.headers["Host"].encode()

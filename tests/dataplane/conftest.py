@@ -57,6 +57,16 @@ def gzip_bomb(size: int = 256 << 20) -> bytes:
     return gzip.compress(inner, 9)
 
 
+def send_gzip_bomb(handler: BaseHTTPRequestHandler) -> None:
+    """Answer with the bomb as `Content-Encoding: gzip, gzip`, whatever the client said it accepts."""
+    body = gzip_bomb()
+    handler.send_response(200)
+    handler.send_header("Content-Encoding", "gzip, gzip")
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
+
+
 def data_url(data: bytes, mime: str = "image/png") -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode()}"
 
@@ -299,13 +309,8 @@ class MediaServer:
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
-                if self.path == "/bomb.png":  # compressed whatever the client accepts
-                    body = gzip_bomb()
-                    self.send_response(200)
-                    self.send_header("Content-Encoding", "gzip, gzip")
-                    self.send_header("Content-Length", str(len(body)))
-                    self.end_headers()
-                    self.wfile.write(body)
+                if self.path == "/bomb.png":
+                    send_gzip_bomb(self)
                     return
                 if self.path == "/slow-ok.png":  # a good image, sent in 14 pieces over 7 s
                     data = files["/a.png"]
