@@ -134,3 +134,16 @@ def test_the_encoder_loads_only_the_tower_not_the_language_model(tmp_path):
     assert language_bytes > 350e6 and tower_bytes < 30e6
     assert int(grown) < 60e6, f"peak RSS grew {int(grown) / 1e6:.0f} MB loading a {tower_bytes / 1e6:.0f} MB tower"
     assert device == "cpu"
+
+
+@pytest.mark.parametrize("family", ["qwen2-vl", "llava"])
+def test_max_item_tokens_bounds_what_an_image_becomes(tiny, family):
+    """The encoder sizes its transfer pool from `max_item_tokens`: no image within the pixel cap may become more
+    rows than it says, whatever its shape."""
+    adapter = adapter_for(str(tiny[family]))
+    processor, module = adapter.load_processor(), adapter.load_encoder("cpu")
+    cap = 2000 * 1500
+    bound = adapter.max_item_tokens(processor, cap)
+    shapes = [(2000, 1500), (1500, 2000), (56, 56)]
+    rows = [adapter.encode(module, processor, [Image.new("RGB", size)])[0].embeddings.shape[0] for size in shapes]
+    assert max(rows) <= bound, (rows, bound)

@@ -665,3 +665,24 @@ def test_the_content_key_of_a_large_image_does_not_copy_it_whole():
     finally:
         tracemalloc.stop()
     assert peak < 16e6, f"{peak / 1e6:.0f} MB held while hashing a 48 MB image"
+
+
+@pytest.mark.parametrize(
+    ("change", "why"),
+    [
+        ({"shape": [1 << 40, 1 << 20]}, "not the"),  # a huge shape with a small nbytes: never allocated
+        ({"nbytes": 1 << 40, "shape": [1 << 38]}, "less than or equal"),  # over MAX_TENSOR_BYTES
+        ({"dtype": "load"}, "dtype"),  # was getattr(torch, dtype)
+        ({"shape": []}, "shape"),
+        ({"shape": [-4]}, "shape"),
+    ],
+)
+def test_a_descriptor_that_does_not_add_up_is_refused_before_anything_is_allocated(change, why):
+    """A TensorRef is a peer's claim: checked on arrival like a client's, before a reader allocates for it."""
+    from mmgraph_workers.protocol import TensorRef
+    from pydantic import ValidationError
+
+    good = {"handle": "h", "agent": "a", "agent_metadata": "", "address": 0, "nbytes": 64, "dtype": "float32"}
+    TensorRef.model_validate({**good, "shape": [4, 4]})
+    with pytest.raises(ValidationError, match=why):
+        TensorRef.model_validate({**good, "shape": [4, 4], **change})

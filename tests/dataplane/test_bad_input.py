@@ -206,6 +206,34 @@ def test_an_image_the_model_cannot_use_is_refused_before_any_pass(graph, endpoin
     assert metric(encoder, "mmgraph_encoder_batch_images_count") == passes
 
 
+def test_a_full_transfer_pool_is_a_retryable_503_that_pins_nothing(graph, tiny_model, tmp_path_factory):
+    """An encoder whose pool holds two images' embeddings gets a request of three: it answers 503 with
+    Retry-After, releasing the two it had published (all or nothing), so a request of two succeeds right after
+    instead of waiting for their time-to-live."""
+    from mmgraph_workers.protocol import EncodeRequest, EncodeResponse
+
+    def encode(port: int, urls: list[str]) -> httpx.Response:
+        body = EncodeRequest(request_id=f"pool-{time.monotonic_ns()}", urls=urls).model_dump_json()
+        return httpx.post(f"http://127.0.0.1:{port}/encode", content=body, timeout=60)
+
+    seed = time.monotonic_ns() % 1_000_000
+    images = [data_url(png(96, 64, seed + i)) for i in range(3)]
+    probe = EncodeResponse.model_validate_json(encode(graph.stages[StageName.ENCODER].port, images[:1]).content)
+    one = -(-probe.items[0].embeddings.nbytes // 256) * 256  # as the pool aligns it
+    local = LocalGraph(parse(graph_spec(tiny_model)), logdir=tmp_path_factory.mktemp("small-pool"))
+    port = free_port()
+    local.spawn(StageName.ENCODER, port, {}, args=[f"--transfer-pool-bytes={2 * one}"])
+    try:
+        local.wait_healthy(timeout=120, progress=lambda line: None)
+        full = encode(port, images)
+        assert full.status_code == 503 and full.headers.get("retry-after") == "1", full.text
+        assert "transfer pool" in full.json()["error"]
+        fits = encode(port, images[:2])
+        assert fits.status_code == 200, fits.text
+    finally:
+        local.stop()
+
+
 def test_a_seed_vllm_cannot_take_is_a_400(endpoints):
     message = error_of(chat(endpoints["e-p-d"], user("hello"), max_tokens=2, seed=2**70), 400)
     assert "seed" in message

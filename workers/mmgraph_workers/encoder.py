@@ -39,9 +39,11 @@ from mmgraph_workers.server import (
     serve,
     unless_disconnected,
 )
-from mmgraph_workers.transfer import Transfer, make_transfer
+from mmgraph_workers.transfer import PoolFull, Transfer, make_transfer
 
 log = logging.getLogger("mmgraph.encoder")
+POOL_REQUESTS = 2  # the automatic transfer pool holds this many largest requests' embeddings at once
+MIN_POOL_BYTES = 64 << 20
 ENCODED = Counter("mmgraph_encoder_items_total", "Media items encoded", ["cached"])
 ENCODE_SECONDS = Histogram("mmgraph_encoder_seconds", "Time to fetch, decode and encode one request's media")
 PUBLISHED = Gauge("mmgraph_encoder_published_buffers", "Embedding buffers waiting for pd to pull them")
@@ -147,7 +149,7 @@ class EmbeddingCache:
 
 
 class Encoder:
-    def __init__(self, args: argparse.Namespace, transfer: Transfer):
+    def __init__(self, args: argparse.Namespace, make_pool: Callable[[int], Transfer]):
         self.args = args
         self.policy = policy.from_args(args)
         self.adapter = adapter_for(args.model, args.revision, args.trust_remote_code)
@@ -159,10 +161,30 @@ class Encoder:
         settings = {"processor": self.processor.image_processor.to_dict(), "encoder": self.adapter.encoder_settings()}
         self.identity = encoder_identity(self.module, settings)
         log.info("encoder identity %s… (%.2f s)", self.identity[:16], time.perf_counter() - started)
-        self.transfer = transfer
+        self.transfer = make_pool(self.pool_bytes())
         self.cache = EmbeddingCache(args.cache_bytes)
         self.client = media_client()
         self.batcher = Batcher(self._forward, args.max_batch_size)  # one pass at a time: the tower uses every core
+
+    def pool_bytes(self) -> int:
+        """--transfer-pool-bytes, or room for POOL_REQUESTS requests of maxItems images at the pixel cap (the
+        embedding width and dtype from one tiny image through the tower)."""
+        if self.args.transfer_pool_bytes:
+            return self.args.transfer_pool_bytes
+        from PIL import Image
+
+        probe = self.adapter.encode(self.module, self.processor, [Image.new("RGB", (56, 56))])[0].embeddings
+        rows = self.adapter.max_item_tokens(self.processor, self.policy.max_pixels)
+        item = rows * probe.shape[-1] * probe.element_size()
+        size = max(MIN_POOL_BYTES, POOL_REQUESTS * max(1, self.policy.max_items) * item)
+        log.info(
+            "transfer pool %d MiB (%d requests of %d images of up to %d rows)",
+            size >> 20,
+            POOL_REQUESTS,
+            self.policy.max_items,
+            rows,
+        )
+        return size
 
     async def encode(self, request: EncodeRequest) -> EncodeResponse:
         if len(request.urls) > self.policy.max_items:
@@ -181,12 +203,17 @@ class Encoder:
                 key = item_key(self.identity, "image", digest, out.metadata, out.embeddings.shape[0])
                 found[hashes[i]] = Embedding(out.embeddings, out.metadata, key)
                 self.cache.put(hashes[i], found[hashes[i]])
-        items = []
+        items: list[EncodedItem] = []
         ttl = self.args.transfer_timeout_seconds * 3 + 30
         for h in hashes:
             item = found[h]
             assert item is not None
-            ref = self.transfer.publish(item.tensor, ttl_seconds=ttl)
+            try:
+                ref = self.transfer.publish(item.tensor, ttl_seconds=ttl)
+            except PoolFull as err:  # all or nothing: what this request published so far is released
+                for done in items:
+                    self.transfer.release(done.embeddings.handle)
+                raise Busy(f"{err}; retry shortly") from None
             ref.owner_url = f"http://{self.args.advertise_host}:{self.args.port}"
             cached = was_cached[h]
             items.append(
@@ -228,7 +255,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="where the tower runs: cuda when the stage has GPUs")
     parser.add_argument("--max-batch-size", type=int, default=default(EncoderSpec, "max_batch_size"))
     parser.add_argument("--cache-bytes", type=int, default=default(EmbeddingCacheSpec, "capacity_bytes"))
-    parser.add_argument("--transfer-pool-bytes", type=int, default=256 << 20, help="registered memory for embeddings")
+    parser.add_argument(
+        "--transfer-pool-bytes",
+        type=int,
+        default=0,
+        help="registered memory for embeddings; 0: room for a few requests of maxItems images at maxPixels",
+    )
 
 
 def main(args: argparse.Namespace) -> None:
@@ -238,10 +270,8 @@ def main(args: argparse.Namespace) -> None:
     @app.on_event("startup")
     async def load() -> None:
         nonlocal encoder
-        transfer = make_transfer(
-            args.transfer_backend, f"encoder-{args.advertise_host}-{args.port}", args.transfer_pool_bytes
-        )
-        encoder = await asyncio.to_thread(Encoder, args, transfer)
+        name = f"encoder-{args.advertise_host}-{args.port}"
+        encoder = await asyncio.to_thread(Encoder, args, lambda size: make_transfer(args.transfer_backend, name, size))
         app.state.metrics = asyncio.create_task(encoder.report_published())
         log.info("encoder ready: %s", args.model)
 

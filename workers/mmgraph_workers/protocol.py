@@ -7,9 +7,9 @@ frontend/openai_api.py; these are internal to a graph.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 PROTOCOL_VERSION = 2  # 2: every media item carries its content key
 
@@ -18,19 +18,36 @@ class Message(BaseModel):
     version: int = PROTOCOL_VERSION
 
 
-class TensorRef(BaseModel):
-    """Where a tensor waits in its owner's memory for a reader to pull it (a NIXL descriptor and its agent)."""
+# What a reader accepts before it allocates anything for a descriptor: embeddings' dtypes, and a size bound (an
+# image's embeddings are megabytes; a descriptor is a peer's claim, checked like a client's).
+TENSOR_DTYPES = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "uint8": 1}
+MAX_TENSOR_BYTES = 1 << 30
 
-    handle: str
-    agent: str
-    agent_metadata: str  # base64 of the owner agent's NIXL metadata, so a reader can connect once
-    address: int
-    nbytes: int
-    dtype: str
-    shape: list[int]
+
+class TensorRef(BaseModel):
+    """Where a tensor waits in its owner's memory for a reader to pull it (a NIXL descriptor and its agent).
+    Validated on arrival: a known dtype, a shape of 1 to 4 positive dimensions whose size is `nbytes`, at most
+    MAX_TENSOR_BYTES; so a reader never allocates for a descriptor that does not add up."""
+
+    handle: str = Field(max_length=64)
+    agent: str = Field(max_length=256)
+    agent_metadata: str = Field(max_length=1 << 20)  # base64 of the owner agent's NIXL metadata
+    address: int = Field(ge=0)
+    nbytes: int = Field(gt=0, le=MAX_TENSOR_BYTES)
+    dtype: Literal["float32", "float16", "bfloat16", "int64", "uint8"]
+    shape: list[Annotated[int, Field(gt=0)]] = Field(min_length=1, max_length=4)
     mem_type: Literal["DRAM", "VRAM"] = "DRAM"
-    device_id: int = 0
+    device_id: int = Field(default=0, ge=0)
     owner_url: str = ""  # where to send a release if the reader cannot pull
+
+    @model_validator(mode="after")
+    def _adds_up(self) -> TensorRef:
+        size = TENSOR_DTYPES[self.dtype]
+        for dim in self.shape:
+            size *= dim
+        if size != self.nbytes:
+            raise ValueError(f"shape {self.shape} of {self.dtype} is {size} bytes, not the {self.nbytes} declared")
+        return self
 
 
 class EncodedItem(BaseModel):

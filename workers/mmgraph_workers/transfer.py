@@ -43,6 +43,10 @@ class TransferError(RuntimeError):
     """A transfer failed or missed its deadline; the message names the peer."""
 
 
+class PoolFull(TransferError):
+    """Nothing was published: the owner's pool has no room until readers pull (retry shortly)."""
+
+
 class Transfer(ABC):
     @abstractmethod
     def publish(self, tensor: torch.Tensor, ttl_seconds: float) -> TensorRef:
@@ -164,9 +168,7 @@ class NixlTransfer(Transfer):
         with self._lock:
             offset = self.pool.alloc(nbytes)
             if offset is None:
-                raise TransferError(
-                    f"the transfer pool ({self.pool.size} B) is full: readers are not pulling fast enough"
-                )
+                raise PoolFull(f"the transfer pool ({self.pool.size} B) is full: readers are not pulling fast enough")
             region = self.buffer[offset : offset + nbytes]
             copy_bytes(region, tensor.contiguous().view(-1).view(torch.uint8))
             self._published[handle] = _Published(offset, nbytes, time.monotonic() + ttl_seconds)

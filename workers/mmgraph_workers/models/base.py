@@ -7,6 +7,7 @@ name. The stages, the inter-stage protocol and the frontend stay family-agnostic
     encoder  load_encoder(device)                  which weights form the encoder (tower, projector), loaded
                                                    alone onto the stage's device: never the language model
     encoder  encoder_settings()                    what besides weights changes its output (for content keys)
+    encoder  max_item_tokens(processor, max_pixels) the most rows one image can become (sizes the pool)
     encoder  prepare(processor, image)             the processor's tensors for one image (or ValueError)
     encoder  forward(module, prepared)             tower (+ projector) over prepared items -> per item:
                                                    embeddings as the language model consumes them, and the
@@ -82,6 +83,11 @@ class ModelAdapter(ABC):
         """One image as the tower takes it (the processor's tensors); ValueError if the processor refuses it (an
         aspect ratio it cannot tile, say). The encoder runs this per item, off the tower's thread, so a bad item
         is refused before any pass, alone."""
+
+    @abstractmethod
+    def max_item_tokens(self, processor: Any, max_pixels: int) -> int:
+        """The most embedding rows one image can become, given the graph's pixel cap (which sizes the encoder's
+        transfer pool: a request of maxItems such images must fit)."""
 
     @abstractmethod
     def forward(self, module: torch.nn.Module, prepared: list[Any]) -> list[Encoded]:

@@ -67,6 +67,11 @@ class Llava(ModelAdapter):
     def prepare(self, processor: Any, image: Any) -> torch.Tensor:
         return processor.image_processor(images=[image], return_tensors="pt")["pixel_values"]
 
+    def max_item_tokens(self, processor: Any, max_pixels: int) -> int:
+        """Every image is resized and cropped to the tower's input: a fixed number of patches (CLS included)."""
+        vision = self.config.vision_config
+        return (vision.image_size // vision.patch_size) ** 2 + 1
+
     @torch.inference_mode()
     def forward(self, module: torch.nn.Module, prepared: list[torch.Tensor]) -> list[Encoded]:
         weight = next(module.parameters())

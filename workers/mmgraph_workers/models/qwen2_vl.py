@@ -36,6 +36,14 @@ class Qwen2VL(ModelAdapter):
         inputs = processor.image_processor(images=[image], return_tensors="pt")
         return inputs["pixel_values"], inputs["image_grid_thw"]
 
+    def max_item_tokens(self, processor: Any, max_pixels: int) -> int:
+        """The processor resizes an image to at most its own pixel limit; each merged patch is one row."""
+        image_processor = processor.image_processor
+        size = getattr(image_processor, "size", None) or {}
+        own = getattr(image_processor, "max_pixels", None) or size.get("longest_edge") or max_pixels
+        patch = image_processor.patch_size * image_processor.merge_size
+        return max(1, min(max_pixels, own) // patch**2)
+
     @torch.inference_mode()
     def forward(self, module: torch.nn.Module, prepared: list[tuple[torch.Tensor, torch.Tensor]]) -> list[Encoded]:
         pixels, grid = torch.cat([p for p, _ in prepared]), torch.cat([g for _, g in prepared])
