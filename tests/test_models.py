@@ -142,8 +142,7 @@ def test_max_item_tokens_bounds_what_an_image_becomes(tiny, family):
     rows than it says, whatever its shape."""
     adapter = adapter_for(str(tiny[family]))
     processor, module = adapter.load_processor(), adapter.load_encoder("cpu")
-    cap = 2000 * 1500
-    bound = adapter.max_item_tokens(processor, cap)
-    shapes = [(2000, 1500), (1500, 2000), (56, 56)]
-    rows = [adapter.encode(module, processor, [Image.new("RGB", size)])[0].embeddings.shape[0] for size in shapes]
-    assert max(rows) <= bound, (rows, bound)
+    for cap, shapes in ((2000 * 1500, [(2000, 1500), (1500, 2000), (56, 56)]), (100 * 100, [(100, 100), (99, 101)])):
+        bound = adapter.max_item_tokens(processor, cap)  # the second cap is below the processor's own: sides round up
+        rows = [adapter.encode(module, processor, [Image.new("RGB", size)])[0].embeddings.shape[0] for size in shapes]
+        assert max(rows) <= bound, (cap, rows, bound)

@@ -278,6 +278,8 @@ def test_dns_runs_within_the_fetch_deadline_on_threads_of_its_own(names, loopbac
     [
         ("fd00:ec2::254", True, "metadata"),  # AWS's IPv6 metadata service
         ("100.100.100.200", True, "metadata"),  # Alibaba's
+        ("fd20:ce::254", True, "metadata"),  # GCP's IPv6 one
+        ("64:ff9b:1::a9fe:a9fe", True, "link-local"),  # local-use NAT64 of 169.254.169.254
         ("64:ff9b::a9fe:a9fe", True, "link-local"),  # NAT64 of 169.254.169.254
         ("::ffff:169.254.169.254", True, "link-local"),
         ("64:ff9b::a00:1", False, "private"),  # NAT64 of 10.0.0.1
@@ -302,6 +304,7 @@ def test_metadata_and_ipv4_inside_ipv6_are_judged_as_what_they_reach(
         ("http://127.0.0.1:99999/a.png", "malformed media URL"),
         ("http://127.0.0.1:port/a.png", "malformed media URL"),
         ("http://" + "a" * 64 + ".test/a.png", "malformed media URL"),  # a label IDNA cannot encode
+        ("http://127.0.0.1/a\x01b.png", "malformed media URL"),  # httpx's InvalidURL is no HTTPError
     ],
 )
 def test_malformed_urls_are_the_clients_mistake(loopback_only, url, message):
@@ -384,7 +387,7 @@ def test_idle_replicas_take_turns():
 
 
 def test_peer_with_no_ready_replica_fails_naming_the_stage():
-    with pytest.raises(NoReplica, match="pd: no address"):
+    with pytest.raises(NoReplica, match="pd: no ready replica"):
         Peer("pd", "http://pd:1").acquire()
 
 

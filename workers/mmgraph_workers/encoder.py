@@ -72,14 +72,18 @@ class Batcher:
     async def run(self, images: list[Any]) -> list[Any]:
         """`forward`'s results for `images`, in order; Busy when `max_waiting` images already wait (the queue is
         bounded: a replica that cannot keep up says so at once, and the client retries, maybe elsewhere)."""
-        waiting = sum(len(request) for request, _ in self.queue)
-        if self.queue and waiting + len(images) > self.max_waiting:
-            raise Busy(f"the encoder has {waiting} images waiting for its vision tower; retry shortly")
+        self.check(len(images))
         future = asyncio.get_running_loop().create_future()
         self.queue.append((images, future))
         if self.worker is None or self.worker.done():
             self.worker = asyncio.create_task(self._drain())
         return await future
+
+    def check(self, images: int) -> None:
+        """Busy if `images` more would not fit in the queue (also asked before fetching, to fail fast)."""
+        waiting = sum(len(request) for request, future in self.queue if not future.done())
+        if waiting and waiting + images > self.max_waiting:
+            raise Busy(f"the encoder has {waiting} images waiting for its vision tower; retry shortly")
 
     async def _drain(self) -> None:
         while self.queue:
@@ -189,6 +193,7 @@ class Encoder:
     async def encode(self, request: EncodeRequest) -> EncodeResponse:
         if len(request.urls) > self.policy.max_items:
             raise MediaError(f"{len(request.urls)} media items, more than the {self.policy.max_items} allowed")
+        self.batcher.check(len(request.urls))  # before any fetch: a full queue answers at once
         started = time.perf_counter()
         blobs = await fetch_all(request.urls, self.policy, self.client)
         hashes = await asyncio.to_thread(lambda: [hashlib.sha256(b).hexdigest() for b in blobs])  # off the loop

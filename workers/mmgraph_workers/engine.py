@@ -156,7 +156,8 @@ class Engine:
                 ]
             except TransferError as err:
                 await self._release_unpulled(req)
-                raise StageError(f"pulling embeddings from the encoder failed: {err}", 502, retry=True) from err
+                log.warning("request %s: %s", req.request_id, err)  # names the encoder's agent (its address)
+                raise StageError("pulling embeddings from the encoder failed", 502, retry=True) from err
             PULL_SECONDS.observe(time.perf_counter() - started)
             shapes = [ItemShape(item.num_tokens, item.metadata) for item in req.encoded]
             return self.adapter.embeddings_data(embeds, shapes), {"image": [item.key for item in req.encoded]}
@@ -234,14 +235,19 @@ class Engine:
 
 
 def _refusal(err: BaseException) -> str | None:
-    """The message of a ValueError behind `err`, the innermost one: vLLM refuses a request's input with a
-    ValueError, which 0.32 wraps in an EngineGenerateError with no message of its own."""
-    found, cause = None, err
-    while cause is not None:
-        if isinstance(cause, ValueError):
-            found = str(cause)
+    """The message to answer 400 with when vLLM refused the request's input, else None. vLLM refuses input with a
+    ValueError, which 0.32 wraps in an EngineGenerateError with no message of its own (its cause may wrap another
+    ValueError: the innermost says what is wrong). A pydantic ValidationError is never the client's here."""
+    from pydantic import ValidationError
+    from vllm.v1.engine.exceptions import EngineGenerateError
+
+    cause = err.__cause__ if isinstance(err, EngineGenerateError) else err
+    if not isinstance(cause, ValueError) or isinstance(cause, ValidationError):
+        return None
+    while isinstance(cause.__cause__, ValueError):
         cause = cause.__cause__
-    return found
+    log.warning("input refused by vLLM: %s", cause)
+    return str(cause)
 
 
 async def watch(engine: Engine, stage: str) -> None:

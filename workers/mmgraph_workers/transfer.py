@@ -43,6 +43,10 @@ class TransferError(RuntimeError):
     """A transfer failed or missed its deadline; the message names the peer."""
 
 
+class ReadFailed(TransferError):
+    """NIXL reported the read failed (not a missed deadline): its owner is gone or broken."""
+
+
 class PoolFull(TransferError):
     """Nothing was published: the owner's pool has no room until readers pull (retry shortly)."""
 
@@ -274,7 +278,7 @@ class NixlTransfer(Transfer):
             started = time.monotonic()
             try:
                 self._read(ref, target, deadline, timeout_seconds)
-            except TransferError:
+            except ReadFailed:  # the owner is gone or broken (a deadline alone says nothing of the others)
                 with self._lock:
                     self._forget(ref.agent)
                 raise
@@ -302,14 +306,14 @@ class NixlTransfer(Transfer):
                 notice = self.RELEASE + ref.handle.encode()  # NIXL delivers it to the owner after the data
                 handle = self.agent.initialize_xfer("READ", local, remote, ref.agent, notice)
         except Exception as err:  # nixl._bindings errors share no base class
-            raise TransferError(f"NIXL read from {ref.agent}: {type(err).__name__}: {err}") from err
+            raise ReadFailed(f"NIXL read from {ref.agent}: {type(err).__name__}: {err}") from err
         try:
             with self._lock:
                 state = self.agent.transfer(handle)
             spin_until = time.monotonic() + self.SPIN_SECONDS
             while state != "DONE":
                 if state == "ERR":
-                    raise TransferError(f"NIXL read from {ref.agent} failed")
+                    raise ReadFailed(f"NIXL read from {ref.agent} failed")
                 now = time.monotonic()
                 if now > deadline:
                     raise TransferError(f"NIXL read from {ref.agent} missed its {timeout_seconds:g} s deadline")
@@ -320,7 +324,7 @@ class NixlTransfer(Transfer):
         except TransferError:
             raise
         except Exception as err:
-            raise TransferError(f"NIXL read from {ref.agent}: {type(err).__name__}: {err}") from err
+            raise ReadFailed(f"NIXL read from {ref.agent}: {type(err).__name__}: {err}") from err
         finally:
             with self._lock:
                 self.agent.release_xfer_handle(handle)

@@ -68,8 +68,8 @@ class Peer:
         equally busy take turns (an idle graph would otherwise send everything to the first address)."""
         choices = [a for a in self.addresses if a not in avoid]
         if not choices:
-            reason = "no ready replica" if not avoid else f"no replica took the connection (tried {', '.join(avoid)})"
-            raise NoReplica(f"{self.stage}: no address for {self.url} ({reason})")
+            reason = "no ready replica" if not avoid else f"no replica took the connection ({len(avoid)} tried)"
+            raise NoReplica(f"{self.stage}: {reason}")
         least = min(self.outstanding.get(a, 0) for a in choices)
         tied = [a for a in choices if self.outstanding.get(a, 0) == least]
         address = tied[next(self.turns) % len(tied)]

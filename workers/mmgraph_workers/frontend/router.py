@@ -179,7 +179,8 @@ class Router:
                     if event.error:
                         if event.status and 400 <= event.status < 500:
                             raise RequestError(event.error, None, event.status)
-                        raise StageFailure(stage, event.error, 502, retry=event.retry)
+                        status = event.status if event.status in (503, 504) else 502  # busy stays retryable
+                        raise StageFailure(stage, event.error, status, retry=event.retry)
                     yield event
 
     # ---- the topologies ---------------------------------------------------------------------------------------

@@ -30,10 +30,11 @@ from mmgraph_workers.media import MediaError
 from mmgraph_workers.media.policy import MediaPolicy
 
 MAX_REDIRECTS = 5
-RESOLVERS = ThreadPoolExecutor(4, thread_name_prefix="media-dns")  # at most 4 lookups hung at once
+RESOLVERS = ThreadPoolExecutor(16, thread_name_prefix="media-dns")  # at most 16 lookups hung at once
 # Cloud metadata services outside link-local space (AWS's IPv6 one, Alibaba's): refused like 169.254.169.254.
-METADATA = {ipaddress.ip_address("fd00:ec2::254"), ipaddress.ip_address("100.100.100.200")}
+METADATA = {ipaddress.ip_address(a) for a in ("fd00:ec2::254", "fd20:ce::254", "100.100.100.200")}
 NAT64 = ipaddress.ip_network("64:ff9b::/96")
+NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")  # local-use translation (RFC 8215): IPv4 in the last 32 bits
 
 
 def media_client() -> httpx.AsyncClient:
@@ -76,7 +77,7 @@ def _as_ipv4(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> ipaddress.IPv
         return ip
     if ip.ipv4_mapped:
         return ip.ipv4_mapped
-    if ip in NAT64:
+    if ip in NAT64 or ip in NAT64_LOCAL:
         return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
     if ip.sixtofour:
         return ip.sixtofour
@@ -119,8 +120,9 @@ async def fetch_all(urls: list[str], policy: MediaPolicy, client: httpx.AsyncCli
     try:
         async with asyncio.TaskGroup() as group:
             tasks = [group.create_task(fetch_bytes(url, policy, client)) for url in urls]
-    except* MediaError as errors:
-        raise errors.exceptions[0] from None
+    except* Exception as errors:  # the client's mistake first, if there is one
+        first = next((e for e in errors.exceptions if isinstance(e, MediaError)), errors.exceptions[0])
+        raise first from None
     return [task.result() for task in tasks]
 
 
@@ -172,6 +174,8 @@ async def _fetch(url: str, policy: MediaPolicy, client: httpx.AsyncClient) -> by
         try:
             request = client.build_request("GET", pinned, headers=headers, extensions={"sni_hostname": host})
             response = await client.send(request, stream=True, follow_redirects=False)
+        except httpx.InvalidURL as err:  # e.g. a control character in the path
+            raise MediaError(f"malformed media URL: {err}") from None
         except httpx.HTTPError as err:
             raise _unreachable(host, err) from None
         try:

@@ -4,6 +4,7 @@ model's M-RoPE positions depend on. vLLM takes `image_embeds` [tokens, hidden] w
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -42,7 +43,10 @@ class Qwen2VL(ModelAdapter):
         size = getattr(image_processor, "size", None) or {}
         own = getattr(image_processor, "max_pixels", None) or size.get("longest_edge") or max_pixels
         patch = image_processor.patch_size * image_processor.merge_size
-        return max(1, min(max_pixels, own) // patch**2)
+        # each side is rounded to a multiple of `patch`, up as well as down; sides are at most 200:1 (the
+        # processor refuses more), so rounding adds at most patch * (longest side + 1) pixels
+        rounded = max_pixels + patch * (math.isqrt(200 * max_pixels) + 1 + patch)
+        return max(1, -(-min(rounded, own) // patch**2))
 
     @torch.inference_mode()
     def forward(self, module: torch.nn.Module, prepared: list[tuple[torch.Tensor, torch.Tensor]]) -> list[Encoded]:
