@@ -140,9 +140,19 @@ async def fetch_bytes(url: str, policy: MediaPolicy, client: httpx.AsyncClient) 
 
 
 class Target(NamedTuple):
+    """An http(s) URL, parsed once: where it points and how to ask for it at a checked address."""
+
+    scheme: str
     host: str  # ASCII (IDNA) form: what is resolved, sent as SNI and named in messages
     port: int
     host_header: str
+    path: str
+    query: str
+
+    def at(self, address: str) -> str:
+        """The URL with its host replaced by `address` (the one that was checked)."""
+        netloc = f"[{address}]" if ":" in address else address
+        return urllib.parse.urlunsplit((self.scheme, f"{netloc}:{self.port}", self.path, self.query, ""))
 
 
 def _target(url: str) -> Target:
@@ -157,19 +167,20 @@ def _target(url: str) -> Target:
         raise MediaError(f"media URL has no host: {url[:200]}")
     header = f"[{host}]" if ":" in host else host
     return Target(
+        parts.scheme,
         host,
         explicit_port or (443 if parts.scheme == "https" else 80),
         header + (f":{explicit_port}" if explicit_port else ""),
+        parts.path or "/",
+        parts.query,
     )
 
 
 async def _fetch(url: str, policy: MediaPolicy, client: httpx.AsyncClient) -> bytes:
     for _ in range(MAX_REDIRECTS + 1):
         target = _target(url)
-        host, parts = target.host, urllib.parse.urlsplit(url)
-        address = await _resolve(host, target.port, policy)
-        netloc = f"[{address}]" if ":" in address else address
-        pinned = urllib.parse.urlunsplit((parts.scheme, f"{netloc}:{target.port}", parts.path or "/", parts.query, ""))
+        host = target.host
+        pinned = target.at(await _resolve(host, target.port, policy))
         headers = {"Host": target.host_header, "Accept": "image/*,*/*;q=0.5", "Accept-Encoding": "identity"}
         try:
             request = client.build_request("GET", pinned, headers=headers, extensions={"sni_hostname": host})
