@@ -150,8 +150,9 @@ def main() -> None:
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
 
     from mmgraph_operator.api import StageName, parse
+    from mmgraph_workers.ports import free_port
     from mmgraph_workers.tiny_model import build
-    from mmgraph_workers.up import LocalGraph, free_port
+    from mmgraph_workers.up import LocalGraph
 
     work = Path(tempfile.mkdtemp(prefix="mmgraph-e2e-"))
     model_dir = build(work / "tiny")

@@ -32,7 +32,8 @@ import numpy as np
 import pytest
 import yaml
 from mmgraph_operator.api import StageName, parse
-from mmgraph_workers.up import LocalGraph, free_port
+from mmgraph_workers.ports import free_port
+from mmgraph_workers.up import LocalGraph
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[2]

@@ -18,8 +18,9 @@ import httpx
 import pytest
 from mmgraph_operator.api import StageName, parse
 from mmgraph_workers.frontend.router import KV_ATTEMPTS
+from mmgraph_workers.ports import free_port
 from mmgraph_workers.protocol import GenerateEvent, GenerateRequest, Sampling
-from mmgraph_workers.up import LocalGraph, free_port
+from mmgraph_workers.up import LocalGraph
 from PIL import Image
 
 from .conftest import CASES, MODEL_NAME, chat, data_url, graph_spec, metric, png, tokens, user, wait

@@ -1,13 +1,16 @@
 """A pd whose vLLM engine core dies must not look healthy: /health fails at once, the worker stops (so its pod
-leaves the Service and is restarted), `mmgraph up`'s watcher names it, and clients get an error naming pd."""
+leaves the Service and is restarted), `mmgraph up`'s watcher names it, and clients get an error naming pd. An engine
+that could not work (its KV side channel's port taken) stops before it loads, saying why."""
 
 from __future__ import annotations
 
+import socket
 import time
 
 import httpx
 import psutil
 from mmgraph_operator.api import StageName, parse
+from mmgraph_workers.ports import free_port
 from mmgraph_workers.up import LocalGraph, StageDied
 
 from .conftest import CASES, chat, graph_spec, wait
@@ -43,3 +46,20 @@ def test_a_dead_engine_fails_health_and_stops_its_worker(tiny_model, tmp_path_fa
     finally:
         local.stop()
     assert all(s.proc.poll() is not None for s in local.stages.values())
+
+
+def test_a_taken_kv_side_channel_port_stops_the_worker(tiny_model, tmp_path_factory):
+    """vLLM's NIXL listener thread dies on a port in use, and the engine then waits for it forever (never healthy,
+    never dead): the worker checks the port first."""
+    local = LocalGraph(parse(graph_spec(tiny_model, "e-p-d")), logdir=tmp_path_factory.mktemp("kv-port-taken"))
+    transfer = free_port(span=2)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", transfer + 1))
+        taken.listen()
+        decode = local.spawn(StageName.DECODE, free_port(), {}, args=[f"--transfer-port={transfer}"])
+        try:
+            assert wait(local.dead, timeout=120) is decode
+        finally:
+            local.stop()
+    said = f"the KV side channel's port 127.0.0.1:{transfer + 1} (--transfer-port + 1) is in use"
+    assert said in decode.log.read_text()

@@ -18,8 +18,9 @@ from mmgraph_workers.frontend import app as frontend
 from mmgraph_workers.frontend.openai_api import ChatRequest
 from mmgraph_workers.frontend.processor import Processor
 from mmgraph_workers.frontend.router import Media, Router
+from mmgraph_workers.ports import free_port
 from mmgraph_workers.protocol import EncodeRequest, EncodeResponse
-from mmgraph_workers.up import LocalGraph, free_port
+from mmgraph_workers.up import LocalGraph
 from prometheus_client import REGISTRY
 
 from .conftest import CASES, MODEL_NAME, graph_spec

@@ -17,7 +17,8 @@ from pathlib import Path
 import httpx
 import torch
 from mmgraph_operator.api import StageName, parse
-from mmgraph_workers.up import LocalGraph, free_port
+from mmgraph_workers.ports import free_port
+from mmgraph_workers.up import LocalGraph
 
 from .conftest import CASES, IMG_C, MODEL_NAME, chat, graph_spec, metric, wait
 

@@ -36,6 +36,7 @@ from mmgraph_workers.media import MediaError, policy
 from mmgraph_workers.media.fetch import fetch_all, media_client
 from mmgraph_workers.media.image import decode_image
 from mmgraph_workers.models import ItemShape, adapter_for
+from mmgraph_workers.ports import bindable
 from mmgraph_workers.protocol import GenerateEvent, GenerateRequest, WorkerInfo
 from mmgraph_workers.server import (
     add_common_arguments,
@@ -130,8 +131,11 @@ class Engine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         if self.args.kv_role:  # vLLM's NixlConnector reads its side channel from the environment
-            os.environ["VLLM_NIXL_SIDE_CHANNEL_HOST"] = self.args.advertise_host
-            os.environ["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(kv_side_channel_port(self.args.transfer_port))
+            host, port = self.args.advertise_host, kv_side_channel_port(self.args.transfer_port)
+            if not bindable(port, host):  # vLLM's listener thread would die and the engine wait for it forever
+                raise RuntimeError(f"the KV side channel's port {host}:{port} (--transfer-port + 1) is in use")
+            os.environ["VLLM_NIXL_SIDE_CHANNEL_HOST"] = host
+            os.environ["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(port)
         self.llm = AsyncLLM.from_engine_args(engine_args(self.args, self.stage))
         config = self.llm.model_config
         self.max_model_len = config.max_model_len

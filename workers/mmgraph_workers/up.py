@@ -15,7 +15,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,16 +28,11 @@ from mmgraph_operator.api import MultimodalGraph, MultimodalGraphSpec, StageName
 from mmgraph_operator.commands import worker_command
 
 from mmgraph_workers import cpu
+from mmgraph_workers.ports import free_port
 
 # Which tiny model `up` builds where the graph's model path is empty (the demo examples set it; default Qwen2-VL).
 TINY_FAMILY_ANNOTATION = "mmgraph.io/tiny-model-family"
 START_TIMEOUT = 600.0  # seconds for every stage to become healthy (engines take ~30 s each on 2 CPU cores)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cpu_share(spec: MultimodalGraphSpec, stage: StageName) -> dict[str, str]:
@@ -149,7 +143,7 @@ class LocalGraph:
             advertise_host=host,
             peers=peers,
             ports={stage: port},
-            transfer_port=free_port(),
+            transfer_port=free_port(span=2),  # embeddings' side channel, then the KV one
         )
         log = self.logdir / (f"{stage.value}.log" if host == self.host else f"{stage.value}-{host}.log")
         proc = subprocess.Popen(
