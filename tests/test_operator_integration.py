@@ -55,7 +55,7 @@ E_P_D_CHILDREN = {
     "Deployment": {"g-frontend", "g-encoder", "g-pd", "g-decode"},
     "Service": {"g-frontend", "g-encoder", "g-pd", "g-decode"},
     "PodDisruptionBudget": {"g-frontend", "g-decode"},  # the stages with more than one replica
-    "NetworkPolicy": {"g-internal", "g-frontend"},
+    "NetworkPolicy": {"g-frontend", "g-encoder", "g-pd", "g-decode"},
 }
 
 
@@ -102,7 +102,7 @@ def test_update_changes_children_and_topology_change_deletes_unneeded(api, opera
         "Deployment": {"g-frontend", "g-encoder", "g-pd"},
         "Service": {"g-frontend", "g-encoder", "g-pd"},
         "PodDisruptionBudget": {"g-frontend", "g-pd"},
-        "NetworkPolicy": {"g-internal", "g-frontend"},
+        "NetworkPolicy": {"g-frontend", "g-encoder", "g-pd"},
     }
     wait_for(lambda: children(api, namespace, "g") == want, what="decode pruned")
     args = apps.read_namespaced_deployment("g-frontend", namespace).spec.template.spec.containers[0].args
@@ -123,7 +123,7 @@ def test_deleted_or_edited_child_is_restored(api, operator, namespace):
     apps, core = client.AppsV1Api(api), client.CoreV1Api(api)
     apps.delete_namespaced_deployment("g-decode", namespace, _preload_content=False)
     core.delete_namespaced_service("g-encoder", namespace, _preload_content=False)
-    client.NetworkingV1Api(api).delete_namespaced_network_policy("g-internal", namespace, _preload_content=False)
+    client.NetworkingV1Api(api).delete_namespaced_network_policy("g-pd", namespace, _preload_content=False)
     wait_for(lambda: children(api, namespace, "g") == E_P_D_CHILDREN, what="children restored")
     apps.patch_namespaced_deployment("g-pd", namespace, {"spec": {"replicas": 7}})
     wait_for(lambda: apps.read_namespaced_deployment("g-pd", namespace).spec.replicas == 1, what="replicas reverted")

@@ -119,16 +119,31 @@ def test_pods_are_non_root_and_read_only():
             )
 
 
-def test_network_policy_fences_workers_and_opens_frontend():
-    policies = {
-        m["metadata"]["name"]: m["spec"]
-        for m in render(parse(load("qwen2.5-vl-e-p-d.yaml")))
-        if m["kind"] == "NetworkPolicy"
-    }
-    assert policies["qwen-vl-internal"]["ingress"] == [
-        {"from": [{"podSelector": {"matchLabels": {"mmgraph.io/graph": "qwen-vl"}}}]}
-    ]
+@pytest.mark.parametrize(
+    ("topology", "edges"),
+    [
+        ("agg", {"pd": {"frontend"}}),
+        ("e-pd", {"encoder": {"frontend", "pd"}, "pd": {"frontend"}}),
+        ("e-p-d", {"encoder": {"frontend", "pd"}, "pd": {"frontend", "decode"}, "decode": {"frontend"}}),
+    ],
+)
+def test_network_policies_admit_only_the_stages_that_call(topology: str, edges: dict[str, set[str]]):
+    """Structure only: the test API server has no network plugin that enforces NetworkPolicies."""
+    body = load("qwen2.5-vl-e-p-d.yaml")
+    body["spec"]["topology"] = topology
+    body["spec"]["stages"] = {k: v for k, v in body["spec"]["stages"].items() if k in ("frontend", *edges)}
+    policies = {m["metadata"]["name"]: m["spec"] for m in render(parse(body)) if m["kind"] == "NetworkPolicy"}
+    assert set(policies) == {f"qwen-vl-{s}" for s in ("frontend", *edges)}
     assert policies["qwen-vl-frontend"]["ingress"] == [{"ports": [{"port": "http", "protocol": "TCP"}]}]
+    for stage, callers in edges.items():
+        spec = policies[f"qwen-vl-{stage}"]
+        assert spec["podSelector"]["matchLabels"] == {"mmgraph.io/graph": "qwen-vl", "mmgraph.io/stage": stage}
+        assert spec["policyTypes"] == ["Ingress"]
+        (rule,) = spec["ingress"]
+        assert "ports" not in rule  # UCX listens on ephemeral ports: pods are chosen by label
+        admitted = [peer["podSelector"]["matchLabels"] for peer in rule["from"]]
+        assert all(labels["mmgraph.io/graph"] == "qwen-vl" for labels in admitted)
+        assert {labels["mmgraph.io/stage"] for labels in admitted} == callers
 
 
 def test_invalid_graph_raises_with_every_problem():

@@ -283,7 +283,8 @@ class NetworkPolicySpec(Spec):
     """The NetworkPolicy that fences the graph's pods."""
 
     enabled: bool = True
-    """Only the graph's own pods reach the worker and NIXL ports; anyone reaches the frontend port."""
+    """One NetworkPolicy per stage: a worker admits only the graph's stages that call it (frontend to every stage,
+    pd to the encoder, decode to pd); anyone reaches the frontend's port."""
 
 
 class MultimodalGraphSpec(Spec):

@@ -82,12 +82,12 @@ def render(graph: MultimodalGraph, kube_version: str = DEFAULT_KUBE_VERSION) -> 
     for stage in graph.spec.used_stages():
         cfg = graph.spec.stages.get(stage)
         assert cfg is not None
+        if graph.spec.network_policy.enabled:  # before the pods, so none starts unfenced
+            out.append(_network_policy(graph, stage))
         out.append(_service(graph, stage))
         out.append(_deployment(graph, stage, cfg))
         if cfg.replicas > 1:
             out.append(_pdb(graph, stage, version))
-    if graph.spec.network_policy.enabled:
-        out += _network_policies(graph)
     return out
 
 
@@ -330,26 +330,30 @@ def _pdb(graph: MultimodalGraph, stage: StageName, version: KubeVersion) -> dict
     }
 
 
-def _network_policies(graph: MultimodalGraph) -> list[dict[str, Any]]:
-    """Worker and NIXL ports: only from the graph's own pods. The frontend's HTTP port: from anywhere."""
-    internal = {
+# Who calls whom (HTTP, and NIXL: pd reads the encoder's embeddings, decode reads pd's KV cache).
+CALLERS: dict[StageName, tuple[StageName, ...]] = {
+    StageName.ENCODER: (StageName.FRONTEND, StageName.PD),
+    StageName.PD: (StageName.FRONTEND, StageName.DECODE),
+    StageName.DECODE: (StageName.FRONTEND,),
+}
+
+
+def _network_policy(graph: MultimodalGraph, stage: StageName) -> dict[str, Any]:
+    """A stage's pods admit only the graph's pods that call them (CALLERS), on any port: UCX over TCP listens on
+    ephemeral ports, so pods are selected by label, never by port. The frontend's HTTP port admits anyone."""
+    if stage == StageName.FRONTEND:
+        ingress: list[dict[str, Any]] = [{"ports": [{"port": "http", "protocol": "TCP"}]}]
+    else:
+        used = graph.spec.used_stages()
+        callers = [c for c in CALLERS[stage] if c in used]
+        ingress = [{"from": [{"podSelector": {"matchLabels": _selector(graph, c)}} for c in callers]}]
+    return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
-        "metadata": _metadata(graph, f"{graph.name}-internal"),
+        "metadata": _metadata(graph, child_name(graph.name, stage), stage),
         "spec": {
-            "podSelector": {"matchLabels": _selector(graph)},
+            "podSelector": {"matchLabels": _selector(graph, stage)},
             "policyTypes": ["Ingress"],
-            "ingress": [{"from": [{"podSelector": {"matchLabels": _selector(graph)}}]}],
+            "ingress": ingress,
         },
     }
-    frontend = {
-        "apiVersion": "networking.k8s.io/v1",
-        "kind": "NetworkPolicy",
-        "metadata": _metadata(graph, child_name(graph.name, StageName.FRONTEND), StageName.FRONTEND),
-        "spec": {
-            "podSelector": {"matchLabels": _selector(graph, StageName.FRONTEND)},
-            "policyTypes": ["Ingress"],
-            "ingress": [{"ports": [{"port": "http", "protocol": "TCP"}]}],
-        },
-    }
-    return [internal, frontend]
