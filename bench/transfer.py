@@ -61,7 +61,8 @@ def owner(conn) -> None:
         if size is None:
             break
         tensor = tensors.setdefault(size, torch.randn(size // 4))
-        conn.send(transfer.publish(tensor, ttl_seconds=60).model_dump_json())
+        ref = transfer.publish(tensor, ttl_seconds=60, owner="http://127.0.0.1:1")
+        conn.send((ref.model_dump_json(), transfer.metadata))
     transfer.close()
 
 
@@ -94,9 +95,10 @@ def main() -> None:
             nixl_s, http_s, copy_s = [], [], []
             for i in range(args.repeat + 2):  # the methods take turns, so they meet the same noise; 2 warm-ups
                 ours.send(size)
-                ref = TensorRef.model_validate_json(ours.recv())
+                published, metadata = ours.recv()
+                ref = TensorRef.model_validate_json(published)
                 t0 = time.perf_counter()
-                reader.fetch(ref, timeout_seconds=30)
+                reader.fetch(ref, 30, metadata)
                 t1 = time.perf_counter()
                 http.post(f"http://127.0.0.1:{http_port}/", content=body)
                 t2 = time.perf_counter()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import copy
 import time
 from typing import Any
@@ -85,6 +86,42 @@ def test_create_makes_every_child_with_owner_and_status(api, operator, namespace
     assert condition(graph, "Ready")["status"] == "False"  # no kubelet: pods never become ready by themselves
     assert condition(graph, "Degraded")["status"] == "False"
     assert status["phase"] == "Progressing"
+
+
+def test_the_peer_credential_is_created_once_and_never_readable_by_the_operator(api, operator, namespace):
+    """Every pod gets the graph's credential from a Secret the operator created; status records it (so a restart
+    creates nothing); the operator's own RBAC cannot read any Secret; the graph's deletion takes it along."""
+    create_graph(api, graph_manifest("g", namespace))
+    graph = wait_for(lambda: (g := get_graph(api, namespace, "g")).get("status", {}).get("stages") and g, what="status")
+    assert graph["status"]["peerCredential"] == "g-peer-credential"
+    core = client.CoreV1Api(api)
+    secret = core.read_namespaced_secret("g-peer-credential", namespace)
+    assert (secret.metadata.owner_references[0].kind, secret.metadata.owner_references[0].name) == (
+        "MultimodalGraph",
+        "g",
+    )
+    assert len(base64.b64decode(secret.data["token"])) >= 32
+    for name in ("g-frontend", "g-encoder", "g-pd", "g-decode"):
+        container = client.AppsV1Api(api).read_namespaced_deployment(name, namespace).spec.template.spec.containers[0]
+        ref = next(e for e in container.env if e.name == "MMGRAPH_PEER_TOKEN").value_from.secret_key_ref
+        assert (ref.name, ref.key) == ("g-peer-credential", "token")
+        assert "--peer-token-env=MMGRAPH_PEER_TOKEN" in container.args
+    for verb in ("get", "list", "watch"):
+        review = client.V1SubjectAccessReview(
+            spec=client.V1SubjectAccessReviewSpec(
+                user=OPERATOR_USER,
+                resource_attributes=client.V1ResourceAttributes(verb=verb, resource="secrets", namespace=namespace),
+            )
+        )
+        assert not client.AuthorizationV1Api(api).create_subject_access_review(review).status.allowed, verb
+    client.CustomObjectsApi(api).delete_namespaced_custom_object(
+        *GRAPHS[:2], namespace, GRAPHS[2], "g", _preload_content=False
+    )
+    wait_for(
+        lambda: not core.list_namespaced_secret(namespace, field_selector="metadata.name=g-peer-credential").items,
+        timeout=30,
+        what="the Secret collected with its graph",
+    )
 
 
 def test_update_changes_children_and_topology_change_deletes_unneeded(api, operator, namespace):

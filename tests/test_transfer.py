@@ -31,9 +31,16 @@ def owner(conn) -> None:
     while (command := conn.recv()) is not None:
         if command[0] == "publish":
             _, shape, dtype, seed, ttl = command
-            conn.send(transfer.publish(tensor_for(shape, dtype, seed), ttl_seconds=ttl).model_dump_json())
+            ref = transfer.publish(tensor_for(shape, dtype, seed), ttl_seconds=ttl, owner="http://127.0.0.1:1")
+            conn.send((ref.model_dump_json(), transfer.metadata))  # the metadata, as the owner's stage serves it
         else:
             conn.send(transfer.published())
+
+
+def publish(call: Callable, *command) -> tuple[TensorRef, str]:
+    """Have the owner publish: the descriptor, and the owner's agent metadata (what pd asks the encoder for)."""
+    ref, metadata = call("publish", *command)
+    return TensorRef.model_validate_json(ref), metadata
 
 
 @contextlib.contextmanager
@@ -84,9 +91,9 @@ def published_soon(call, expected: int) -> int:
 )
 def test_tensor_arrives_intact_and_the_owner_frees_it(peer, reader, shape, dtype):
     call, _ = peer
-    ref = TensorRef.model_validate_json(call("publish", shape, dtype, 7, 60.0))
+    ref, metadata = publish(call, shape, dtype, 7, 60.0)
     assert (ref.nbytes > NixlTransfer.COPY_MAX) == (shape == [1024, 1024])
-    got = reader.fetch(ref, timeout_seconds=10)
+    got = reader.fetch(ref, 10, metadata)
     assert got.dtype == getattr(torch, dtype) and list(got.shape) == shape
     assert torch.equal(got, tensor_for(shape, dtype, 7))
     assert published_soon(call, 0) == 0, "the owner kept the buffer after the reader's notice"
@@ -95,8 +102,8 @@ def test_tensor_arrives_intact_and_the_owner_frees_it(peer, reader, shape, dtype
 def test_many_reads_reuse_the_pools(peer, reader):
     call, _ = peer
     for seed in range(40):  # 40 x 1 MiB through a 4 MiB receive pool and a 16 MiB owner pool
-        ref = TensorRef.model_validate_json(call("publish", [512, 512], "float32", seed, 60.0))
-        assert torch.equal(reader.fetch(ref, timeout_seconds=10), tensor_for([512, 512], "float32", seed))
+        ref, metadata = publish(call, [512, 512], "float32", seed, 60.0)
+        assert torch.equal(reader.fetch(ref, 10, metadata), tensor_for([512, 512], "float32", seed))
     assert published_soon(call, 0) == 0
     assert reader.recv_pool.used() == 0
 
@@ -106,9 +113,9 @@ def test_concurrent_reads_from_many_threads_each_get_their_own_bytes(peer, reade
     per call, not per read) and each must land its own tensor, through both read paths."""
     call, _ = peer
     jobs = [([256, 64], "float32", 100 + i) if i % 3 else ([600, 512], "float32", 100 + i) for i in range(24)]
-    refs = [TensorRef.model_validate_json(call("publish", shape, dtype, seed, 60.0)) for shape, dtype, seed in jobs]
+    refs = [publish(call, shape, dtype, seed, 60.0) for shape, dtype, seed in jobs]
     with ThreadPoolExecutor(8) as pool:
-        got = list(pool.map(lambda ref: reader.fetch(ref, timeout_seconds=20), refs))
+        got = list(pool.map(lambda published: reader.fetch(published[0], 20, published[1]), refs))
     for (shape, dtype, seed), tensor in zip(jobs, got, strict=True):
         assert torch.equal(tensor, tensor_for(shape, dtype, seed)), seed
     assert published_soon(call, 0) == 0
@@ -126,15 +133,14 @@ def test_reader_of_a_dead_owner_gets_an_error_naming_it(reader, connected):
     """Its own owner (killing the module's would break the tests after it): whether or not the reader had
     connected to it, the read fails within its deadline with a TransferError naming the owner."""
     with owner_process() as (call, proc):
+        ref, metadata = publish(call, [512, 512], "float32", 3, 60.0)
         if connected:
-            first = TensorRef.model_validate_json(call("publish", [4], "float32", 1, 60.0))
-            reader.fetch(first, timeout_seconds=10)
-        ref = TensorRef.model_validate_json(call("publish", [512, 512], "float32", 3, 60.0))
+            reader.fetch(publish(call, [4], "float32", 1, 60.0)[0], 10, metadata)
         proc.kill()
         proc.join(10)
         started = time.monotonic()
         with pytest.raises(TransferError, match=ref.agent):
-            reader.fetch(ref, timeout_seconds=3)
+            reader.fetch(ref, 3, metadata)
         assert time.monotonic() - started < 5
     assert reader.recv_pool.used() == 0
     assert ref.agent not in reader._peers, "the reader keeps a connection to an owner that is gone"
@@ -146,7 +152,19 @@ def test_a_reader_keeps_only_its_most_recent_owners(reader, peer, monkeypatch):
     monkeypatch.setattr(reader, "MAX_PEERS", 1)
     with owner_process() as (other, _):
         for owner in (call, other):
-            reader.fetch(TensorRef.model_validate_json(owner("publish", [4], "float32", 1, 60.0)), 10)
+            ref, metadata = publish(owner, [4], "float32", 1, 60.0)
+            reader.fetch(ref, 10, metadata)
         assert reader.peers() == 1
-    ref = TensorRef.model_validate_json(call("publish", [4], "float32", 2, 60.0))
-    assert torch.equal(reader.fetch(ref, 10), tensor_for([4], "float32", 2))  # reconnects when needed
+    ref, metadata = publish(call, [4], "float32", 2, 60.0)
+    assert torch.equal(reader.fetch(ref, 10, metadata), tensor_for([4], "float32", 2))  # reconnects when needed
+
+
+def test_a_reader_connects_only_with_metadata_it_was_given(peer, reader):
+    """A descriptor names its agent but carries no way to reach it: a reader not yet connected to that agent
+    needs the metadata its caller asked the owner for (pd asks the encoder replica it resolved)."""
+    call, _ = peer
+    ref, _ = publish(call, [4], "float32", 5, 60.0)
+    stranger = ref.model_copy(update={"agent": "somebody-else"})
+    with pytest.raises(TransferError, match="not connected to somebody-else"):
+        reader.fetch(stranger, 3)
+    assert not reader.connected("somebody-else")

@@ -20,11 +20,11 @@ from typing import Any
 import httpx
 import pytest
 from dataplane.conftest import gzip_bomb, send_gzip_bomb
-from mmgraph_workers.frontend.peers import NoReplica, Peer
 from mmgraph_workers.media import MediaError
 from mmgraph_workers.media.fetch import fetch_bytes
 from mmgraph_workers.media.image import decode_image
 from mmgraph_workers.media.policy import MediaPolicy
+from mmgraph_workers.peers import NoReplica, Peer
 from mmgraph_workers.transfer import Pool
 from PIL import Image
 
@@ -543,7 +543,12 @@ def test_the_frontends_peer_watcher_outlives_a_failing_round(monkeypatch):
 
     monkeypatch.setattr(router, "PEER_REFRESH_SECONDS", 0.01)
     args = argparse.Namespace(
-        encoder_url=None, pd_url="http://pd:1", decode_url=None, request_timeout_seconds=5, peer_hosts_file=None
+        encoder_url=None,
+        pd_url="http://pd:1",
+        decode_url=None,
+        request_timeout_seconds=5,
+        peer_hosts_file=None,
+        peer_token_env=None,
     )
     rounds = []
 
@@ -685,7 +690,7 @@ def test_a_descriptor_that_does_not_add_up_is_refused_before_anything_is_allocat
     from mmgraph_workers.protocol import TensorRef
     from pydantic import ValidationError
 
-    good = {"handle": "h", "agent": "a", "agent_metadata": "", "address": 0, "nbytes": 64, "dtype": "float32"}
+    good = {"handle": "h", "agent": "a", "owner": "http://e:1", "address": 0, "nbytes": 64, "dtype": "float32"}
     TensorRef.model_validate({**good, "shape": [4, 4]})
     with pytest.raises(ValidationError, match=why):
         TensorRef.model_validate({**good, "shape": [4, 4], **change})

@@ -248,6 +248,17 @@ def max_request_bytes(media: MediaSpec, stage: StageName) -> int:
     return client if stage == StageName.FRONTEND else 2 * client
 
 
+# The graph's inter-stage credential: a Secret the operator creates once (it never reads Secrets), in every pod as
+# this variable; each stage refuses calls without it and sends it on its own calls (workers' server.py).
+PEER_TOKEN_ENV = "MMGRAPH_PEER_TOKEN"
+PEER_TOKEN_KEY = "token"
+
+
+def peer_credential_name(graph: str) -> str:
+    """The name of the graph's peer credential Secret."""
+    return f"{graph}-peer-credential"
+
+
 # A worker pod's terminationGracePeriodSeconds; workers drain in-flight requests for up to 10 s less.
 POD_GRACE_SECONDS = 60
 
@@ -356,6 +367,8 @@ class MultimodalGraphStatus(Spec):
     """Ready stages out of the stages the topology uses, e.g. 3/4."""
     endpoint: str | None = None
     """The frontend's in-cluster URL."""
+    peer_credential: str | None = None
+    """The Secret holding the stages' shared credential, once the operator has created it (it never reads it)."""
     stages: dict[str, StageStatus] | None = None
     """Per-stage replica counts."""
     conditions: list[Condition] | None = None

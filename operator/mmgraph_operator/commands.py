@@ -11,6 +11,7 @@ import json
 from collections.abc import Mapping
 
 from mmgraph_operator.api import (
+    PEER_TOKEN_ENV,
     EncoderSpec,
     EngineSpec,
     MediaSpec,
@@ -43,6 +44,7 @@ def worker_command(
         f"--host={host}",
         f"--port={port}",
         f"--max-request-bytes={max_request_bytes(spec.media, stage)}",
+        f"--peer-token-env={PEER_TOKEN_ENV}",
     ]
     if spec.model.hugging_face is not None:
         argv.append(f"--revision={spec.model.hugging_face.revision}")
@@ -73,6 +75,10 @@ def worker_command(
             argv.append("--kv-role=" + ("producer" if stage == StageName.PD else "consumer"))
         if stage == StageName.PD and spec.topology.value != "agg":
             argv.append("--embeddings-input")
+        # where pd may pull embeddings from, and decode the KV cache: the graph's own replicas, never a message's
+        upstream = {StageName.PD: StageName.ENCODER, StageName.DECODE: StageName.PD}.get(stage)
+        if upstream in peers and upstream in spec.used_stages():
+            argv.append(f"--{upstream.value}-url={peers[upstream]}")
         if stage == StageName.PD and spec.topology.value == "agg":
             argv += _media_flags(spec)  # agg's pd fetches and decodes the media itself
         engine_args = dict(cfg.engine_args or {})

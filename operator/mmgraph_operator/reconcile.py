@@ -17,6 +17,7 @@ import datetime
 import hashlib
 import json
 import logging
+import secrets
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -27,8 +28,16 @@ from kubernetes.utils.quantity import parse_quantity
 from pydantic import ValidationError
 
 from mmgraph_operator import metrics
-from mmgraph_operator.api import GROUP, KIND, PLURAL, VERSION, explain, parse
-from mmgraph_operator.render import GRAPH_LABEL, MANAGED_BY, InvalidGraph, child_name, endpoint, render
+from mmgraph_operator.api import GROUP, KIND, PLURAL, VERSION, MultimodalGraph, explain, parse, peer_credential_name
+from mmgraph_operator.render import (
+    GRAPH_LABEL,
+    MANAGED_BY,
+    InvalidGraph,
+    child_name,
+    endpoint,
+    peer_credential,
+    render,
+)
 from mmgraph_operator.status import (
     already_degraded,
     degraded_status,
@@ -219,6 +228,8 @@ class Reconciler:
             desired = {child_key(m): m for m in manifests}
             changed: list[str] = []
             try:
+                if (body.get("status") or {}).get("peerCredential") != peer_credential_name(graph.name):
+                    changed += await self._create_credential(graph)
                 applied = await asyncio.gather(*(self._ensure(key, ck, m) for ck, m in desired.items()))
                 changed += [f"{ck.kind} {ck.name}" for ck, wrote in zip(desired, applied, strict=True) if wrote]
                 stale = [ck for ck in self.children[key] if ck not in desired]
@@ -267,6 +278,19 @@ class Reconciler:
         self.applied[ck] = (digest(manifest), _rv_text(live))
         metrics.WRITES.labels(verb="apply", kind=ck.kind).inc()
         return True
+
+    async def _create_credential(self, graph: MultimodalGraph) -> list[str]:
+        """Create the graph's peer credential Secret with a random token, once: status records it (running_status),
+        and a 409 means a lost status write. The operator never reads Secrets, so it never compares or rotates."""
+        manifest = peer_credential(graph, secrets.token_urlsafe(32))
+        try:
+            await self._call(client.CoreV1Api(self.api).create_namespaced_secret, graph.namespace, manifest)
+        except ApiException as err:
+            if err.status != 409:
+                raise
+            return []
+        metrics.WRITES.labels(verb="create", kind="Secret").inc()
+        return [f"Secret {manifest['metadata']['name']}"]
 
     async def _prune(self, key: GraphKey, ck: ChildKey) -> bool:
         fresh = await self._get(ck)

@@ -14,12 +14,15 @@ from typing import Any
 from mmgraph_operator.api import (
     API_VERSION,
     KIND,
+    PEER_TOKEN_ENV,
+    PEER_TOKEN_KEY,
     POD_GRACE_SECONDS,
     EngineSpec,
     GpuStageSpec,
     MultimodalGraph,
     StageName,
     StageSpec,
+    peer_credential_name,
     problems,
 )
 from mmgraph_operator.commands import worker_command
@@ -215,8 +218,8 @@ def _resources(cfg: StageSpec) -> dict[str, Any]:
 
 
 def _env(graph: MultimodalGraph, stage: StageName, cfg: StageSpec, model_env: list[dict]) -> list[dict[str, Any]]:
-    """The pod's identity (for NIXL's advertise address), cache locations, the model's token, UCX transports,
-    the API key (frontend) and the user's own variables, last so they win."""
+    """The pod's identity (for NIXL's advertise address), cache locations, the model's token, the graph's peer
+    credential, UCX transports, the API key (frontend) and the user's own variables, last so they win."""
     spec = graph.spec
     env = [
         {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
@@ -225,6 +228,8 @@ def _env(graph: MultimodalGraph, stage: StageName, cfg: StageSpec, model_env: li
         {"name": "HF_HOME", "value": f"{CACHE_DIR}/huggingface"},
         *model_env,
     ]
+    secret = {"name": peer_credential_name(graph.name), "key": PEER_TOKEN_KEY}
+    env.append({"name": PEER_TOKEN_ENV, "valueFrom": {"secretKeyRef": secret}})
     if stage != StageName.FRONTEND and spec.transfer.ucx_tls:
         env.append({"name": "UCX_TLS", "value": spec.transfer.ucx_tls})
     api_key = spec.stages.frontend.api_key_secret
@@ -327,6 +332,18 @@ def _pdb(graph: MultimodalGraph, stage: StageName, version: KubeVersion) -> dict
         "kind": "PodDisruptionBudget",
         "metadata": _metadata(graph, child_name(graph.name, stage), stage),
         "spec": {"maxUnavailable": 1, "selector": {"matchLabels": _selector(graph, stage)}},
+    }
+
+
+def peer_credential(graph: MultimodalGraph, token: str) -> dict[str, Any]:
+    """The graph's peer credential Secret, holding `token` (the caller makes it: render stays pure and its output
+    holds no secret). Owned by the graph, so it goes with it."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": _metadata(graph, peer_credential_name(graph.name)),
+        "type": "Opaque",
+        "stringData": {PEER_TOKEN_KEY: token},
     }
 
 

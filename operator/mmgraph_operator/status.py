@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mmgraph_operator.api import MultimodalGraph
+from mmgraph_operator.api import MultimodalGraph, peer_credential_name
 
 Status = dict[str, Any]
 
@@ -78,6 +78,7 @@ def running_status(
         "phase": "Ready" if ready else "Progressing",
         "readyStages": f"{len(deployments) - len(waiting)}/{len(deployments)}",
         "endpoint": endpoint,
+        "peerCredential": peer_credential_name(graph.name),  # reached only once the Secret exists
         "stages": stages,
         "conditions": conditions,
     }

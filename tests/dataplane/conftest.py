@@ -31,14 +31,19 @@ import httpx
 import numpy as np
 import pytest
 import yaml
-from mmgraph_operator.api import StageName, parse
+from mmgraph_operator.api import PEER_TOKEN_ENV, StageName, parse
 from mmgraph_workers.ports import free_port
+from mmgraph_workers.server import peer_headers
 from mmgraph_workers.up import LocalGraph
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL_NAME = "tiny-qwen2-vl"
 QWEN_EXAMPLE, LLAVA_EXAMPLE = "tiny-e-p-d.yaml", "tiny-llava-e-p-d.yaml"
+# One peer credential for every graph these tests start (LocalGraph takes it from the environment), so a test can
+# call a stage directly, as another stage would, with PEER's headers.
+os.environ.setdefault(PEER_TOKEN_ENV, f"test-peer-credential-{os.getpid()}")
+PEER = peer_headers(os.environ[PEER_TOKEN_ENV])
 
 
 def png(width: int, height: int, seed: int) -> bytes:
@@ -210,11 +215,14 @@ def chat(
     return httpx.post(f"{endpoint}/v1/chat/completions", json={**body, "stream": stream}, timeout=180)
 
 
-def metric(endpoint: str, name: str) -> float:
-    """The sum of a Prometheus metric's samples (every label set) on a worker's /metrics."""
+def metric(endpoint: str, name: str, **labels: str) -> float:
+    """The sum of a Prometheus metric's samples on a worker's /metrics: every label set, or those with `labels`."""
     text = httpx.get(f"{endpoint}/metrics", timeout=10).text
+    wanted = [f'{key}="{value}"' for key, value in labels.items()]
     return sum(
-        float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if re.match(rf"^{re.escape(name)}(\{{| )", line)
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if re.match(rf"^{re.escape(name)}(\{{| )", line) and all(w in line for w in wanted)
     )
 
 

@@ -23,7 +23,7 @@ from mmgraph_workers.protocol import GenerateEvent, GenerateRequest, Sampling
 from mmgraph_workers.up import LocalGraph
 from PIL import Image
 
-from .conftest import CASES, MODEL_NAME, chat, data_url, graph_spec, metric, png, tokens, user, wait
+from .conftest import CASES, MODEL_NAME, PEER, chat, data_url, graph_spec, metric, png, tokens, user, wait
 
 GUARD = Path(__file__).with_name("guard")
 STRICT = {
@@ -189,8 +189,9 @@ def test_a_body_over_the_graphs_limit_is_a_413(strict):
     ):
         limit = max_request_bytes(media, stage)
         body = b'{"model": "m", "messages": [], "padding": "' + b"x" * limit + b'"}'
-        declared = httpx.post(url, content=body, timeout=30)
-        streamed = httpx.post(url, content=(body[i : i + 65536] for i in range(0, len(body), 65536)), timeout=30)
+        declared = httpx.post(url, content=body, headers=PEER, timeout=30)
+        chunks = (body[i : i + 65536] for i in range(0, len(body), 65536))
+        streamed = httpx.post(url, content=chunks, headers=PEER, timeout=30)
         for response in (declared, streamed):
             assert f"larger than this graph's {limit} byte limit" in error_of(response, 413), stage
     assert ask_image(strict.endpoint, data_url(png(96, 64, 1))).status_code == 200  # and it still serves
@@ -215,7 +216,7 @@ def test_a_full_transfer_pool_is_a_retryable_503_that_pins_nothing(graph, tiny_m
 
     def encode(port: int, urls: list[str]) -> httpx.Response:
         body = EncodeRequest(request_id=f"pool-{time.monotonic_ns()}", urls=urls).model_dump_json()
-        return httpx.post(f"http://127.0.0.1:{port}/encode", content=body, timeout=60)
+        return httpx.post(f"http://127.0.0.1:{port}/encode", content=body, headers=PEER, timeout=60)
 
     seed = time.monotonic_ns() % 1_000_000
     images = [data_url(png(96, 64, seed + i)) for i in range(3)]
@@ -238,6 +239,35 @@ def test_a_full_transfer_pool_is_a_retryable_503_that_pins_nothing(graph, tiny_m
 def test_a_seed_vllm_cannot_take_is_a_400(endpoints):
     message = error_of(chat(endpoints["e-p-d"], user("hello"), max_tokens=2, seed=2**70), 400)
     assert "seed" in message
+
+
+@pytest.mark.parametrize("topology", ["e-pd", "e-p-d"])
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "plain"])
+def test_a_client_that_hangs_up_stops_the_engine_generating(graph, endpoints, topology, stream):
+    """The stage generating the tokens (pd in e-pd, decode in e-p-d) aborts the request once its client hangs
+    up, streaming or not: the worker counts it cancelled, vLLM runs nothing, and no token is made for nobody
+    (980 tokens would take seconds more)."""
+    stage = StageName.PD if topology == "e-pd" else StageName.DECODE
+    base = f"http://127.0.0.1:{graph.stages[stage].port}"
+
+    def cancelled() -> float:
+        return metric(base, "mmgraph_engine_requests_total", stage=stage.value, outcome="cancelled")
+
+    before = cancelled()
+    url = f"{endpoints[topology]}/v1/chat/completions"
+    body = {"model": MODEL_NAME, "messages": user("go on"), "max_tokens": 980, "temperature": 0, "stream": stream}
+    if stream:
+        with httpx.stream("POST", url, json=body, timeout=60) as r:
+            assert r.status_code == 200
+            next(line for line in r.iter_lines() if '"content": "' in line and '"content": ""' not in line)
+    else:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(url, json=body, timeout=3)
+    wait(lambda: cancelled() == before + 1, timeout=10)
+    wait(lambda: metric(base, "vllm:num_requests_running") == 0, timeout=5)
+    made = metric(base, "vllm:generation_tokens_total")
+    time.sleep(1)
+    assert metric(base, "vllm:generation_tokens_total") == made
 
 
 def test_a_client_that_hangs_up_stops_the_work_it_started(endpoints, media_server):
@@ -298,7 +328,7 @@ def test_a_message_of_another_protocol_version_is_refused_by_name(graph, stage):
             "version": 1,
         }
     )
-    response = httpx.post(f"http://127.0.0.1:{graph.stages[stage].port}{path}", json=body, timeout=30)
+    response = httpx.post(f"http://127.0.0.1:{graph.stages[stage].port}{path}", json=body, headers=PEER, timeout=30)
     assert response.status_code == 400
     assert "protocol version 1 is not spoken here (2)" in response.json()["error"]
 
@@ -390,7 +420,7 @@ def test_decode_that_cannot_pull_the_kv_within_the_lease_stops_before_any_token(
     sampling = Sampling(max_tokens=4, temperature=0)
 
     def events(base: str, request: GenerateRequest) -> list[GenerateEvent]:
-        r = httpx.post(f"{base}/generate", content=request.model_dump_json(), timeout=60)
+        r = httpx.post(f"{base}/generate", content=request.model_dump_json(), headers=PEER, timeout=60)
         assert r.status_code == 200, r.text
         return [GenerateEvent.model_validate_json(line) for line in r.text.splitlines() if line.strip()]
 
@@ -447,7 +477,7 @@ def test_pd_frees_a_prefill_nobody_pulls_when_its_lease_ends(graph):
         sampling=Sampling(max_tokens=4, temperature=0),
         prefill_only=True,
     )
-    r = httpx.post(f"{pd}/generate", content=request.model_dump_json(), timeout=60)
+    r = httpx.post(f"{pd}/generate", content=request.model_dump_json(), headers=PEER, timeout=60)
     assert r.status_code == 200 and "kv_transfer_params" in r.text, r.text
     prefilled = time.monotonic()
     held = used()

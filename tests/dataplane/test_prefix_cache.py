@@ -11,8 +11,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+from mmgraph_workers.protocol import PROTOCOL_VERSION
 
-from .conftest import assert_same_as_vllm_server, metric, tokens
+from .conftest import PEER, assert_same_as_vllm_server, metric, tokens
 
 TOPOLOGIES = ["agg", "e-pd", "e-p-d"]
 LONG = [f"long-{i}" for i in range(4)]
@@ -72,11 +73,11 @@ def test_an_item_without_a_content_key_is_refused_by_decode(graph):
     """The key is part of the protocol: decode never falls back to keying placeholders by their values."""
     decode = f"http://127.0.0.1:{graph.stages['decode'].port}"
     body = {
-        "version": 2,
+        "version": PROTOCOL_VERSION,
         "request_id": "no-key",
         "prompt_token_ids": [1, 2, 3],
         "sampling": {"max_tokens": 1},
         "placeholders": [{"grid_thw": [1, 4, 6], "num_tokens": 6, "hidden_size": 128}],
     }
-    response = httpx.post(f"{decode}/generate", json=body, timeout=30)
+    response = httpx.post(f"{decode}/generate", json=body, headers=PEER, timeout=30)
     assert response.status_code == 400 and "key" in response.text

@@ -13,7 +13,7 @@ import signal
 import time
 
 import httpx
-from mmgraph_operator.api import StageName, parse
+from mmgraph_operator.api import PEER_TOKEN_ENV, StageName, parse
 from mmgraph_workers.frontend import app as frontend
 from mmgraph_workers.frontend.openai_api import ChatRequest
 from mmgraph_workers.frontend.processor import Processor
@@ -23,7 +23,7 @@ from mmgraph_workers.protocol import EncodeRequest, EncodeResponse
 from mmgraph_workers.up import LocalGraph
 from prometheus_client import REGISTRY
 
-from .conftest import CASES, MODEL_NAME, graph_spec
+from .conftest import CASES, MODEL_NAME, PEER, graph_spec
 
 
 def test_embeddings_lost_with_their_encoder_are_encoded_again(graph, tiny_model, reference, tmp_path_factory):
@@ -41,6 +41,7 @@ def test_embeddings_lost_with_their_encoder_are_encoded_again(graph, tiny_model,
             f"--encoder-url=http://127.0.0.1:{graph.stages[StageName.ENCODER].port}",
             f"--pd-url=http://127.0.0.1:{graph.stages[StageName.PD].port}",
             "--allowed-schemes=https,http,data",
+            f"--peer-token-env={PEER_TOKEN_ENV}",
         ]
     )
     request = ChatRequest.model_validate({"model": MODEL_NAME, "temperature": 0, **CASES["one-image"]})
@@ -48,7 +49,7 @@ def test_embeddings_lost_with_their_encoder_are_encoded_again(graph, tiny_model,
     try:
         doomed.wait_healthy(timeout=300, progress=lambda line: None)
         body = EncodeRequest(request_id=f"doomed-{time.monotonic_ns()}", urls=urls).model_dump_json()
-        r = httpx.post(f"http://127.0.0.1:{port}/encode", content=body, timeout=60)
+        r = httpx.post(f"http://127.0.0.1:{port}/encode", content=body, headers=PEER, timeout=60)
         assert r.status_code == 200, r.text
         stale = EncodeResponse.model_validate_json(r.content).items
         encoder = doomed.stages[StageName.ENCODER]

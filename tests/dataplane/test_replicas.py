@@ -20,7 +20,7 @@ from mmgraph_operator.api import StageName, parse
 from mmgraph_workers.ports import free_port
 from mmgraph_workers.up import LocalGraph
 
-from .conftest import CASES, IMG_C, MODEL_NAME, chat, graph_spec, metric, wait
+from .conftest import CASES, IMG_C, MODEL_NAME, PEER, chat, graph_spec, metric, wait
 
 LOAD = [f"concurrent-{i}" for i in range(16)]
 
@@ -111,9 +111,12 @@ def test_an_encoder_told_to_stop_stays_until_its_embeddings_are_read(graph, tiny
 
     def encode(port: int) -> EncodeResponse:
         body = EncodeRequest(request_id=f"drain-{time.monotonic_ns()}", urls=[IMG_C]).model_dump_json()
-        r = httpx.post(f"http://127.0.0.1:{port}/encode", content=body, timeout=60)
+        r = httpx.post(f"http://127.0.0.1:{port}/encode", content=body, headers=PEER, timeout=60)
         assert r.status_code == 200, r.text
         return EncodeResponse.model_validate_json(r.content)
+
+    def metadata(port: int) -> str:  # as pd asks the encoder for its agent
+        return httpx.get(f"http://127.0.0.1:{port}/v1/transfer/agent", headers=PEER, timeout=10).json()["metadata"]
 
     local = LocalGraph(parse(graph_spec(tiny_model)), logdir=tmp_path_factory.mktemp("drain"))
     port = free_port()
@@ -126,10 +129,11 @@ def test_an_encoder_told_to_stop_stays_until_its_embeddings_are_read(graph, tiny
         leaving.proc.send_signal(signal.SIGTERM)
         time.sleep(2)
         assert leaving.proc.poll() is None, "the encoder left with embeddings still to be read"
-        got = reader.fetch(item.embeddings, timeout_seconds=10)
+        got = reader.fetch(item.embeddings, 10, metadata(port))
         assert leaving.proc.wait(15) == -signal.SIGTERM  # uvicorn re-raises the signal once it has shut down
         assert "every published embedding was read (1 waited for)" in leaving.log.read_text()
-        expected = reader.fetch(encode(graph.stages[StageName.ENCODER].port).items[0].embeddings, 10)
+        live = graph.stages[StageName.ENCODER].port
+        expected = reader.fetch(encode(live).items[0].embeddings, 10, metadata(live))
         assert torch.equal(got, expected)
     finally:
         local.stop()
@@ -144,7 +148,7 @@ def test_decode_killed_mid_stream(graph, tiny_model, reference, tmp_path_factory
     decode_port = free_port()
     peers = {s: f"http://127.0.0.1:{graph.stages[s].port}" for s in (StageName.ENCODER, StageName.PD)}
     try:
-        local.spawn(StageName.DECODE, decode_port, {})
+        local.spawn(StageName.DECODE, decode_port, peers)  # pulls from the session graph's pd
         peers[StageName.DECODE] = f"http://127.0.0.1:{decode_port}"
         local.spawn(StageName.FRONTEND, free_port(), peers)
         local.wait_healthy(timeout=300, progress=lambda line: None)

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from .conftest import CASES, chat, data_url, metric, png, start_frontend, stream_text, tokens
+from .conftest import CASES, PEER, chat, data_url, metric, png, start_frontend, stream_text, tokens
 
 TOPOLOGIES = ["agg", "e-pd", "e-p-d"]
 
@@ -62,11 +62,11 @@ def test_the_encoders_tower_takes_a_requests_images_in_one_pass(graph):
     images, count = passes()
     urls = [data_url(png(64 + 16 * (i % 2), 64, seed + i)) for i in range(8)]  # two sizes in one pass
     body = EncodeRequest(request_id=f"batch-{seed}", urls=urls).model_dump_json()
-    r = httpx.post(f"{encoder}/encode", content=body, timeout=60)
+    r = httpx.post(f"{encoder}/encode", content=body, headers=PEER, timeout=60)
     assert r.status_code == 200, r.text
     items = EncodeResponse.model_validate_json(r.content).items
     for item in items:  # nobody will read these embeddings: free them now, not at their time-to-live
-        httpx.post(f"{encoder}/release/{item.embeddings.handle}", timeout=10)
+        httpx.post(f"{encoder}/release/{item.embeddings.handle}", headers=PEER, timeout=10)
     assert len(items) == 8 and not any(item.cached for item in items)
     assert [now - then for now, then in zip(passes(), (images, count), strict=True)] == [8, 1]
 

@@ -14,6 +14,7 @@ import asyncio
 import hashlib
 import logging
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from mmgraph_workers.server import (
     add_common_arguments,
     add_transfer_arguments,
     make_app,
+    peer_token,
     read_message,
     serve,
     unless_disconnected,
@@ -155,6 +157,8 @@ class EmbeddingCache:
 class Encoder:
     def __init__(self, args: argparse.Namespace, make_pool: Callable[[int], Transfer]):
         self.args = args
+        host = f"[{args.advertise_host}]" if ":" in args.advertise_host else args.advertise_host
+        self.url = f"http://{host}:{args.port}"  # where pd asks for our agent's metadata, and releases
         self.policy = policy.from_args(args)
         self.adapter = adapter_for(args.model, args.revision, args.trust_remote_code)
         self.processor = self.adapter.load_processor()
@@ -214,12 +218,11 @@ class Encoder:
             item = found[h]
             assert item is not None
             try:
-                ref = self.transfer.publish(item.tensor, ttl_seconds=ttl)
+                ref = self.transfer.publish(item.tensor, ttl_seconds=ttl, owner=self.url)
             except PoolFull as err:  # all or nothing: what this request published so far is released
                 for done in items:
                     self.transfer.release(done.embeddings.handle)
                 raise Busy(f"{err}; retry shortly") from None
-            ref.owner_url = f"http://{self.args.advertise_host}:{self.args.port}"
             cached = was_cached[h]
             items.append(
                 EncodedItem(
@@ -270,12 +273,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> None:
     encoder: Encoder | None = None
-    app = make_app("encoder", lambda: encoder is not None, args.max_request_bytes)
+    app = make_app("encoder", lambda: encoder is not None, args.max_request_bytes, peer_token(args))
 
     @app.on_event("startup")
     async def load() -> None:
         nonlocal encoder
-        name = f"encoder-{args.advertise_host}-{args.port}"
+        name = f"encoder-{args.advertise_host}-{args.port}-{uuid.uuid4().hex[:8]}"  # a restart is a new agent
         encoder = await asyncio.to_thread(Encoder, args, lambda size: make_transfer(args.transfer_backend, name, size))
         app.state.metrics = asyncio.create_task(encoder.report_published())
         log.info("encoder ready: %s", args.model)
@@ -312,6 +315,13 @@ def main(args: argparse.Namespace) -> None:
             return JSONResponse({"error": str(err), "status": err.status}, status_code=err.status)
         except Busy as err:
             return JSONResponse({"error": str(err), "status": 503}, status_code=503, headers={"Retry-After": "1"})
+
+    @app.get("/v1/transfer/agent")
+    async def agent() -> JSONResponse:
+        """What pd connects to this encoder's NIXL agent with: asked of the encoder itself, at an address pd
+        resolved from the graph's encoder Service, never taken from a message."""
+        transfer = encoder.transfer  # type: ignore[union-attr]
+        return JSONResponse({"agent": transfer.name, "metadata": transfer.metadata})
 
     @app.post("/release/{handle}")
     async def release(handle: str) -> JSONResponse:

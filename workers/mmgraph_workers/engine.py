@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -36,13 +37,16 @@ from mmgraph_workers.media import MediaError, policy
 from mmgraph_workers.media.fetch import fetch_all, media_client
 from mmgraph_workers.media.image import decode_image
 from mmgraph_workers.models import ItemShape, adapter_for
+from mmgraph_workers.peers import Peer
 from mmgraph_workers.ports import bindable
-from mmgraph_workers.protocol import GenerateEvent, GenerateRequest, WorkerInfo
+from mmgraph_workers.protocol import GenerateEvent, GenerateRequest, TensorRef, WorkerInfo
 from mmgraph_workers.server import (
     add_common_arguments,
     add_kv_lease_argument,
     add_transfer_arguments,
     make_app,
+    peer_headers,
+    peer_token,
     read_message,
     serve,
 )
@@ -65,6 +69,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_kv_lease_argument(parser)
     parser.add_argument("--embeddings-input", action="store_true", help="accept precomputed image embeddings")
     parser.add_argument("--engine-arg", action="append", default=[], help="a vLLM engine argument, e.g. --dtype=half")
+    # the only addresses a message may send this stage to: pd pulls embeddings from the encoder's replicas, decode
+    # pulls the KV cache from pd's
+    parser.add_argument("--encoder-url", default=None, help="pd: the encoder Service (embeddings' owners)")
+    parser.add_argument("--pd-url", default=None, help="decode: the pd Service (KV caches' owners)")
+    parser.add_argument(
+        "--peer-hosts-file", default=None, help="/etc/hosts-style file read before DNS (`mmgraph up`'s replicas)"
+    )
 
 
 def user_engine_args(args: argparse.Namespace) -> tuple[list[str], dict[str, Any]]:
@@ -122,10 +133,13 @@ class Engine:
         # the family turns embeddings and placeholders into vLLM's inputs (agg's pd needs none: vLLM loads pixels)
         takes_embeddings = args.embeddings_input or stage == "decode"
         self.adapter = adapter_for(args.model, args.revision, args.trust_remote_code) if takes_embeddings else None
-        self.http = httpx.AsyncClient(trust_env=False, timeout=5)  # to peers (releases)
+        self.token = peer_token(args)
+        self.http = httpx.AsyncClient(trust_env=False, timeout=5, headers=peer_headers(self.token))  # to peers
         self.media = media_client()  # agg: the request's URLs
         self.hidden_size: int | None = None
         self.max_model_len: int | None = None
+        self.encoders = Peer("encoder", args.encoder_url) if args.encoder_url else None
+        self.pds = Peer("pd", args.pd_url) if args.pd_url else None
 
     async def start(self) -> None:
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -153,11 +167,12 @@ class Engine:
             if self.transfer is None or self.adapter is None:
                 raise MediaError("this stage does not accept embeddings")
             started = time.perf_counter()
+            timeout = self.args.transfer_timeout_seconds
             try:
-                embeds = [
-                    await asyncio.to_thread(self.transfer.fetch, item.embeddings, self.args.transfer_timeout_seconds)
-                    for item in req.encoded
-                ]
+                embeds = []
+                for item in req.encoded:
+                    metadata = await self._agent_metadata(item.embeddings)
+                    embeds.append(await asyncio.to_thread(self.transfer.fetch, item.embeddings, timeout, metadata))
             except TransferError as err:
                 await self._release_unpulled(req)
                 log.warning("request %s: %s", req.request_id, err)  # names the encoder's agent (its address)
@@ -173,13 +188,41 @@ class Engine:
             return mm, {"image": [p.key for p in req.placeholders]}
         return None, None
 
+    async def _owner(self, ref: TensorRef) -> str:
+        """The base URL of the encoder replica that owns `ref`: its address must be one the graph's encoder Service
+        resolves to, so a message cannot send pd (or its NIXL agent) anywhere else."""
+        owner = await self.encoders.own(ref.owner, self.args.peer_hosts_file) if self.encoders else None
+        if owner is None:
+            raise StageError("embeddings owned by an address that is not one of this graph's encoders", 403)
+        return owner
+
+    async def _agent_metadata(self, ref: TensorRef) -> str | None:
+        """The owning agent's NIXL metadata, asked of the owner itself; None when already connected to it."""
+        base = await self._owner(ref)
+        if self.transfer is None or self.transfer.connected(ref.agent):
+            return None
+        try:
+            r = await self.http.get(f"{base}/v1/transfer/agent")
+            r.raise_for_status()
+            agent = r.json()
+        except (httpx.HTTPError, ValueError) as err:
+            raise TransferError(f"asking {ref.agent} for its metadata: {type(err).__name__}: {err}") from err
+        if agent.get("agent") != ref.agent:  # the owner restarted: the embeddings are gone with the old agent
+            raise TransferError(f"{ref.agent} is gone (its address now runs {agent.get('agent')})")
+        return agent["metadata"]
+
     async def _release_unpulled(self, req: GenerateRequest) -> None:
         for item in req.encoded:
-            if item.embeddings.owner_url:
-                try:
-                    await self.http.post(f"{item.embeddings.owner_url}/release/{item.embeddings.handle}")
-                except httpx.HTTPError:
-                    pass  # its time-to-live frees it
+            try:
+                await self.http.post(f"{await self._owner(item.embeddings)}/release/{item.embeddings.handle}")
+            except (httpx.HTTPError, StageError):
+                pass  # its time-to-live frees it
+
+    async def _check_kv_owner(self, params: dict[str, Any]) -> None:
+        """decode pulls the KV cache from the host the message names: it must be one of the graph's pd replicas."""
+        host = str(params.get("remote_host", ""))
+        if self.pds is None or not await self.pds.knows(host, self.args.peer_hosts_file):
+            raise StageError("kv_transfer_params name a host that is not one of this graph's pd replicas", 403)
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[GenerateEvent]:
         from vllm import SamplingParams
@@ -195,6 +238,7 @@ class Engine:
         if req.prefill_only:
             extra = {"kv_transfer_params": {"do_remote_decode": True}}
         elif req.kv_transfer_params is not None:
+            await self._check_kv_owner(req.kv_transfer_params)
             extra = {"kv_transfer_params": req.kv_transfer_params}
         s = req.sampling
         params = SamplingParams(
@@ -222,7 +266,7 @@ class Engine:
                         kv_transfer_params=out.kv_transfer_params if out.finished else None,
                         hidden_size=self.hidden_size,
                     )
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):  # the caller left: stop computing for nobody
             await self.llm.abort(req.request_id)
             raise
         except TimeoutError:  # no token before the deadline: whatever KV it pulls now may be another request's
@@ -272,7 +316,8 @@ class StageError(RuntimeError):
 def main(args: argparse.Namespace, stage: str) -> None:
     cpu.apply_engine_env(user_engine_args(args)[0])
     engine = Engine(args, stage)
-    app = make_app(stage, lambda: engine.llm is not None and not engine.llm.errored, args.max_request_bytes)
+    alive = lambda: engine.llm is not None and not engine.llm.errored  # noqa: E731
+    app = make_app(stage, alive, args.max_request_bytes, engine.token)
 
     @app.on_event("startup")
     async def load() -> None:
@@ -307,8 +352,12 @@ def main(args: argparse.Namespace, stage: str) -> None:
             IN_FLIGHT.labels(stage).inc()
             outcome = "ok"
             try:
-                async for event in engine.generate(req):
-                    yield event.model_dump_json(exclude_none=True).encode() + b"\n"
+                async with contextlib.aclosing(engine.generate(req)) as generated:  # closing us closes it
+                    async for event in generated:
+                        yield event.model_dump_json(exclude_none=True).encode() + b"\n"
+            except (asyncio.CancelledError, GeneratorExit):  # the caller hung up: generate() aborted the request
+                outcome = "cancelled"
+                raise
             except MediaError as err:
                 outcome = "bad_request"
                 yield GenerateEvent(error=str(err), status=err.status).model_dump_json().encode() + b"\n"

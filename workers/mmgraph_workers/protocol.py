@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
-PROTOCOL_VERSION = 2  # 2: every media item carries its content key
+PROTOCOL_VERSION = 3  # 2: every media item carries its content key; 3: a descriptor names its owner, not its metadata
 
 
 class Message(BaseModel):
@@ -29,16 +29,15 @@ class TensorRef(BaseModel):
     Validated on arrival: a known dtype, a shape of 1 to 4 positive dimensions whose size is `nbytes`, at most
     MAX_TENSOR_BYTES; so a reader never allocates for a descriptor that does not add up."""
 
-    handle: str = Field(max_length=64)
+    handle: str = Field(max_length=64)  # random (uuid4): knowing it is the capability to read or release the buffer
     agent: str = Field(max_length=256)
-    agent_metadata: str = Field(max_length=1 << 20)  # base64 of the owner agent's NIXL metadata
+    owner: str = Field(max_length=300)  # the owner's base URL: a reader checks its host is one of the graph's own
     address: int = Field(ge=0)
     nbytes: int = Field(gt=0, le=MAX_TENSOR_BYTES)
     dtype: Literal["float32", "float16", "bfloat16", "int64", "uint8"]
     shape: list[Annotated[int, Field(gt=0)]] = Field(min_length=1, max_length=4)
     mem_type: Literal["DRAM", "VRAM"] = "DRAM"
     device_id: int = Field(default=0, ge=0)
-    owner_url: str = ""  # where to send a release if the reader cannot pull
 
     @model_validator(mode="after")
     def _adds_up(self) -> TensorRef:

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
+import os
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -70,6 +72,40 @@ class BodyLimit:
         await self.app(scope, counted, send)
 
 
+class PeerAuth:
+    """ASGI middleware: every call but /health and /metrics (probes, Prometheus) must carry the graph's peer
+    credential, so only the graph's own stages can drive this one (compared in constant time, never logged)."""
+
+    OPEN = ("/health", "/metrics")
+
+    def __init__(self, app: Any, token: str):
+        self.app, self.expected = app, f"Bearer {token}".encode()
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] == "http" and scope["path"] not in self.OPEN:
+            given = dict(scope.get("headers") or []).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                error = {"error": "this is an internal stage: calls need the graph's peer credential", "status": 401}
+                return await JSONResponse(error, status_code=401)(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+def peer_token(args) -> str | None:
+    """The graph's inter-stage credential, from the environment variable --peer-token-env names (a Secret's key
+    in a pod); None where no variable is named (a stage run by hand)."""
+    if not args.peer_token_env:
+        return None
+    token = os.environ.get(args.peer_token_env, "")
+    if not token:
+        raise SystemExit(f"--peer-token-env names {args.peer_token_env}, which is empty or unset")
+    return token
+
+
+def peer_headers(token: str | None) -> dict[str, str]:
+    """Headers of a call to another stage of the graph."""
+    return {"authorization": f"Bearer {token}"} if token else {}
+
+
 def too_large(limit: int) -> JSONResponse:
     message = f"the request body is larger than this graph's {limit} byte limit (spec.media sets it)"
     return JSONResponse({"error": {"message": message, "type": "invalid_request_error", "code": 413}}, 413)
@@ -101,7 +137,10 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
         task.cancel()
 
 
-def make_app(stage: str, ready: Callable[[], bool], max_body_bytes: int | None = None) -> FastAPI:
+def make_app(
+    stage: str, ready: Callable[[], bool], max_body_bytes: int | None = None, token: str | None = None
+) -> FastAPI:
+    """`token`: the peer credential every call must carry (internal stages; the frontend faces clients)."""
     app = FastAPI(title=f"mmgraph {stage}", docs_url=None, redoc_url=None)
     if max_body_bytes is not None:
         app.add_middleware(BodyLimit, limit=max_body_bytes)
@@ -109,6 +148,9 @@ def make_app(stage: str, ready: Callable[[], bool], max_body_bytes: int | None =
         @app.exception_handler(BodyTooLarge)
         async def body_too_large(request: Request, err: BodyTooLarge) -> JSONResponse:
             return too_large(max_body_bytes)
+
+    if token is not None:
+        app.add_middleware(PeerAuth, token=token)  # added last, so it runs first: no body is read for a stranger
 
     @app.exception_handler(ClientGone)
     async def client_gone(request: Request, err: ClientGone) -> JSONResponse:
@@ -152,6 +194,12 @@ def add_common_arguments(parser) -> None:
         type=int,
         default=None,
         help="refuse request bodies larger than this (413); the operator sets it from spec.media",
+    )
+    parser.add_argument(
+        "--peer-token-env",
+        default=None,
+        help="environment variable holding the graph's inter-stage credential (the operator's Secret); "
+        "stages refuse calls without it, the frontend sends it",
     )
     parser.add_argument(
         "--drain-seconds",

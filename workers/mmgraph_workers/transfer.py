@@ -52,13 +52,22 @@ class PoolFull(TransferError):
 
 
 class Transfer(ABC):
-    @abstractmethod
-    def publish(self, tensor: torch.Tensor, ttl_seconds: float) -> TensorRef:
-        """Copy `tensor` into registered memory and describe where it is; it stays until released."""
+    name: str  # this agent's, unique per process
+    metadata: str  # what a reader needs to connect to this agent (base64), served by the owner itself
 
     @abstractmethod
-    def fetch(self, ref: TensorRef, timeout_seconds: float) -> torch.Tensor:
-        """Pull the tensor `ref` describes; its completion tells the owner it may release it."""
+    def publish(self, tensor: torch.Tensor, ttl_seconds: float, owner: str) -> TensorRef:
+        """Copy `tensor` into registered memory and describe where it is (`owner`: this stage's address, where
+        readers ask for `metadata`); it stays until released."""
+
+    @abstractmethod
+    def connected(self, agent: str) -> bool:
+        """Whether this reader holds a connection to `agent` (else `fetch` needs the agent's metadata)."""
+
+    @abstractmethod
+    def fetch(self, ref: TensorRef, timeout_seconds: float, metadata: str | None = None) -> torch.Tensor:
+        """Pull the tensor `ref` describes; its completion tells the owner it may release it. `metadata`: the
+        owning agent's, as its owner served it (never a message's), needed unless `connected(ref.agent)`."""
 
     @abstractmethod
     def poll(self) -> None:
@@ -166,7 +175,7 @@ class NixlTransfer(Transfer):
 
     # ---- owner ----------------------------------------------------------------------------------------------
 
-    def publish(self, tensor: torch.Tensor, ttl_seconds: float) -> TensorRef:
+    def publish(self, tensor: torch.Tensor, ttl_seconds: float, owner: str) -> TensorRef:
         nbytes = tensor.numel() * tensor.element_size()
         handle = uuid.uuid4().hex
         with self._lock:
@@ -180,7 +189,7 @@ class NixlTransfer(Transfer):
         return TensorRef(
             handle=handle,
             agent=self.name,
-            agent_metadata=self.metadata,
+            owner=owner,
             address=region.data_ptr(),
             nbytes=nbytes,
             dtype=str(tensor.dtype).removeprefix("torch."),
@@ -233,14 +242,19 @@ class NixlTransfer(Transfer):
 
     # ---- reader ---------------------------------------------------------------------------------------------
 
-    def _connect(self, ref: TensorRef) -> None:
-        if self._peers.get(ref.agent) == ref.agent_metadata:
-            self._peers.move_to_end(ref.agent)
+    def connected(self, agent: str) -> bool:
+        return agent in self._peers
+
+    def _connect(self, agent: str, metadata: str | None) -> None:
+        if agent in self._peers and metadata in (None, self._peers[agent]):
+            self._peers.move_to_end(agent)
             return
-        if ref.agent in self._peers:  # the owner restarted under the same name
-            self._forget(ref.agent)
-        self.agent.add_remote_agent(base64.b64decode(ref.agent_metadata))
-        self._peers[ref.agent] = ref.agent_metadata
+        if metadata is None:
+            raise TransferError(f"not connected to {agent}, and no metadata to connect with")
+        if agent in self._peers:  # the owner restarted under the same name
+            self._forget(agent)
+        self.agent.add_remote_agent(base64.b64decode(metadata))
+        self._peers[agent] = metadata
         while len(self._peers) > self.MAX_PEERS:  # owners come and go with their pods: keep the recent ones
             self._forget(next(iter(self._peers)))
 
@@ -256,7 +270,7 @@ class NixlTransfer(Transfer):
         """How many owners this reader is connected to (for tests and metrics)."""
         return len(self._peers)
 
-    def fetch(self, ref: TensorRef, timeout_seconds: float) -> torch.Tensor:
+    def fetch(self, ref: TensorRef, timeout_seconds: float, metadata: str | None = None) -> torch.Tensor:
         dtype = getattr(torch, ref.dtype)
         out = torch.empty(ref.shape, dtype=dtype)
         if out.numel() * out.element_size() != ref.nbytes:
@@ -264,7 +278,9 @@ class NixlTransfer(Transfer):
         deadline = time.monotonic() + timeout_seconds
         with self._lock:
             try:
-                self._connect(ref)
+                self._connect(ref.agent, metadata)
+            except TransferError:
+                raise
             except Exception as err:  # nixl._bindings errors share no base class; the owner may be gone
                 raise TransferError(f"cannot reach {ref.agent}: {type(err).__name__}: {err}") from err
             offset = self.recv_pool.alloc(ref.nbytes) if ref.nbytes <= self.COPY_MAX else None

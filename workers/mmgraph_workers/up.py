@@ -14,6 +14,7 @@ import base64
 import io
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-from mmgraph_operator.api import MultimodalGraph, MultimodalGraphSpec, StageName, parse, problems
+from mmgraph_operator.api import PEER_TOKEN_ENV, MultimodalGraph, MultimodalGraphSpec, StageName, parse, problems
 from mmgraph_operator.commands import worker_command
 
 from mmgraph_workers import cpu
@@ -66,6 +67,9 @@ class LocalGraph:
         self.stages: dict[StageName, Stage] = {}  # the first replica of each stage
         self.replicas: list[Stage] = []  # the others (add_replica)
         self.hosts_file = self.logdir / "peers.hosts"  # the frontend's stand-in for a headless Service's DNS
+        self.peers: dict[StageName, str] = {}  # each worker stage's URL (start)
+        # the graph's peer credential, as the operator's Secret gives it to pods (or the caller's, to reach stages)
+        self.peer_token = os.environ.get(PEER_TOKEN_ENV) or secrets.token_urlsafe(32)
 
     @property
     def endpoint(self) -> str:
@@ -78,10 +82,16 @@ class LocalGraph:
         used = self.graph.spec.used_stages()
         ports = {s: free_port() for s in used}
         peers = {s: f"http://{self.peer_name(s)}:{ports[s]}" for s in used if s != StageName.FRONTEND}
+        self.peers = peers
         for stage in (s for s in used if s != StageName.FRONTEND):  # workers first, the frontend last
-            self.spawn(stage, ports[stage], peers)
+            self.spawn(stage, ports[stage], peers, args=self.hosts_args(stage))
         self.write_hosts()
-        self.spawn(StageName.FRONTEND, ports[StageName.FRONTEND], peers, args=[f"--peer-hosts-file={self.hosts_file}"])
+        self.spawn(StageName.FRONTEND, ports[StageName.FRONTEND], peers, args=self.hosts_args(StageName.FRONTEND))
+
+    def hosts_args(self, stage: StageName) -> list[str]:
+        """The stages that resolve others' names (the frontend its peers, pd its encoders, decode its pds) read
+        the hosts file first."""
+        return [] if stage == StageName.ENCODER else [f"--peer-hosts-file={self.hosts_file}"]
 
     def write_hosts(self, leaving: Stage | None = None) -> None:
         """List every worker replica under its stage's name (but `leaving`); the frontend re-reads the file."""
@@ -100,7 +110,7 @@ class LocalGraph:
         first = self.stages[stage]
         taken = {s.host for s in [*self.stages.values(), *self.replicas]}
         host = next(f"127.0.0.{i}" for i in range(2, 255) if f"127.0.0.{i}" not in taken)
-        replica = self.spawn(stage, first.port, {}, host=host)
+        replica = self.spawn(stage, first.port, self.peers, host=host, args=self.hosts_args(stage))
         self.replicas.append(replica)
         deadline = time.monotonic() + timeout
         while not self.healthy(replica):
@@ -134,7 +144,14 @@ class LocalGraph:
         host = host or self.host
         spec = self.graph.spec
         model = model or spec.model.path or (spec.model.hugging_face.id if spec.model.hugging_face else "")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "NIXL_LOG_LEVEL": "WARN", **cpu_share(spec, stage), **(env or {})}
+        env = {
+            **os.environ,
+            "PYTHONUNBUFFERED": "1",
+            "NIXL_LOG_LEVEL": "WARN",
+            **cpu_share(spec, stage),
+            PEER_TOKEN_ENV: self.peer_token,
+            **(env or {}),
+        }
         argv = worker_command(
             spec,
             stage,

@@ -42,4 +42,8 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - apiGroups: [""]
   resources: [events]
   verbs: [create]
+# each graph's peer credential: created once, never read (RBAC cannot limit reads by label; list/watch are reads)
+- apiGroups: [""]
+  resources: [secrets]
+  verbs: [create]
 {{- end -}}

@@ -2,8 +2,7 @@
 
     openai_api.py  the OpenAI request/response shapes and the one error formatter (streaming and not)
     processor.py   chat template, tokenization and request checks: what a request becomes before any stage works
-    peers.py       each stage's replicas: discovery (DNS, or `mmgraph up`'s hosts file), re-resolution, picking
-    router.py      calls to stages, with deadlines, and the topology's orchestration with its retries
+    router.py      calls to stages (replicas from ../peers.py), with deadlines, and the topology's orchestration
     app.py         the HTTP app (`build_app(args)`), its flags, and the process
 
     agg    client -> frontend -> pd (loads the images itself, prefills, decodes)

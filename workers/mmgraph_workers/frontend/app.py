@@ -118,7 +118,7 @@ def build_app(args: argparse.Namespace) -> FastAPI:
             max_len = router.pd_info.max_model_len if router.pd_info else None
             loop = asyncio.get_running_loop()
             req, (token_ids, urls, sampling) = await loop.run_in_executor(PREPARE, _prepare, processor, body, max_len)
-        except (json.JSONDecodeError, ValidationError, RequestError) as err:
+        except (json.JSONDecodeError, UnicodeDecodeError, ValidationError, RequestError) as err:
             status, body = failure(_request_error(err), request_id)
             return JSONResponse(body, status_code=status)
         events = router.run(request_id, token_ids, urls, sampling)
@@ -140,6 +140,8 @@ def _request_error(err: Exception) -> RequestError:
     """What was wrong with the request body, as the 400 that names it."""
     if isinstance(err, json.JSONDecodeError):
         return RequestError(f"the request body is not valid JSON: {err}")
+    if isinstance(err, UnicodeDecodeError):  # json.loads takes UTF-8, -16 or -32, and nothing else
+        return RequestError(f"the request body is not JSON text in UTF-8: {err.reason} at byte {err.start}")
     if isinstance(err, ValidationError):
         first = err.errors(include_url=False)[0]
         where = ".".join(map(str, first["loc"]))

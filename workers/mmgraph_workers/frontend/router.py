@@ -23,7 +23,7 @@ from prometheus_client import Counter, Histogram
 from pydantic import ValidationError
 
 from mmgraph_workers.frontend.openai_api import RequestError
-from mmgraph_workers.frontend.peers import NoReplica, Peer, read_hosts
+from mmgraph_workers.peers import NoReplica, Peer, read_hosts
 from mmgraph_workers.protocol import (
     EncodedItem,
     EncodeRequest,
@@ -34,6 +34,7 @@ from mmgraph_workers.protocol import (
     Sampling,
     WorkerInfo,
 )
+from mmgraph_workers.server import peer_headers, peer_token
 
 log = logging.getLogger("mmgraph.frontend")
 STAGE_SECONDS = Histogram("mmgraph_stage_seconds", "Time spent in each stage call", ["stage"])
@@ -83,7 +84,9 @@ class Router:
             if url
         }
         timeout = httpx.Timeout(args.request_timeout_seconds, connect=30.0)
-        self.http = httpx.AsyncClient(timeout=timeout, trust_env=False, limits=httpx.Limits(max_connections=256))
+        limits = httpx.Limits(max_connections=256)
+        headers = peer_headers(peer_token(args))
+        self.http = httpx.AsyncClient(timeout=timeout, trust_env=False, limits=limits, headers=headers)
         self.pd_info: WorkerInfo | None = None
 
     async def watch_peers(self) -> None:

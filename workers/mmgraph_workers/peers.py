@@ -1,6 +1,7 @@
-"""Each stage's replicas, as the frontend sees them: a URL whose host is re-resolved continuously (a headless
-Service resolves to every ready pod), and the least-busy address picked for each call. `mmgraph up` keeps a
-hosts file, its local stand-in for cluster DNS, so local replicas come and go the same way."""
+"""Each stage's replicas, as its callers see them: a URL whose host is re-resolved (a headless Service resolves to
+every ready pod). The frontend picks the least-busy address for each call; pd and decode check that an address a
+message names is one of the graph's own (the encoder that owns embeddings, the pd that holds a KV cache).
+`mmgraph up` keeps a hosts file, its local stand-in for cluster DNS, so local replicas come and go the same way."""
 
 from __future__ import annotations
 
@@ -74,8 +75,31 @@ class Peer:
         tied = [a for a in choices if self.outstanding.get(a, 0) == least]
         address = tied[next(self.turns) % len(tied)]
         self.outstanding[address] = self.outstanding.get(address, 0) + 1
+        return address, self.url_of(address)
+
+    def url_of(self, address: str, port: int | None = None) -> str:
+        """The base URL of the replica at `address` (on the Service's port unless told another)."""
         host = f"[{address}]" if ":" in address else address
-        return address, f"{self.scheme}://{host}:{self.port}"
+        return f"{self.scheme}://{host}:{port or self.port}"
+
+    async def own(self, url: str, hosts_file: str | None) -> str | None:
+        """`url` rebuilt from its parts if its host is one of the stage's replicas (a message may name a port of
+        the graph's own pods, never another host), else None."""
+        try:
+            parts = urllib.parse.urlsplit(url)
+            address, port = parts.hostname or "", parts.port
+        except ValueError:
+            return None
+        if parts.scheme != self.scheme or not await self.knows(address, hosts_file):
+            return None
+        return self.url_of(address, port)
+
+    async def knows(self, address: str, hosts_file: str | None) -> bool:
+        """Whether `address` is one of the stage's replicas, resolving again if it is not yet known (a replica
+        can be newer than the last resolution)."""
+        if address not in self.addresses:
+            await self.refresh(read_hosts(hosts_file) if hosts_file else None)
+        return address in self.addresses
 
     def release(self, address: str) -> None:
         self.outstanding[address] -= 1
