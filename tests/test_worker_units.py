@@ -354,6 +354,20 @@ def test_pixel_cap_checked_before_decoding():
     assert decode_image(buf.getvalue(), MediaPolicy()).size == (300, 200)
 
 
+@pytest.mark.parametrize(("size", "refused"), [((4000, 16), True), ((16, 4000), True), ((3200, 16), False)])
+def test_an_aspect_ratio_over_200_is_refused_before_decoding(size, refused):
+    """Processors scale the short side up (LLaVA to 336 px: 4000x16 would be 84000x336 in memory), so a thin image
+    is refused from its header, for every family, as Qwen2-VL's processor would."""
+    buf = io.BytesIO()
+    Image.new("RGB", size).save(buf, format="PNG")
+    if refused:
+        with pytest.raises(MediaError, match="aspect ratio over 200") as info:
+            decode_image(buf.getvalue(), MediaPolicy())
+        assert info.value.status == 400
+    else:
+        assert decode_image(buf.getvalue(), MediaPolicy()).size == size
+
+
 def test_only_safe_image_formats_open():
     buf = io.BytesIO()
     Image.new("RGB", (8, 8)).save(buf, format="TIFF")
@@ -694,3 +708,20 @@ def test_a_descriptor_that_does_not_add_up_is_refused_before_anything_is_allocat
     TensorRef.model_validate({**good, "shape": [4, 4]})
     with pytest.raises(ValidationError, match=why):
         TensorRef.model_validate({**good, "shape": [4, 4], **change})
+
+
+@pytest.mark.parametrize(
+    ("timeout", "drain", "waits"),
+    [(10.0, 50.0, 8.0), (3.0, 50.0, 3.0), (3600.0, 50.0, 8.0), (3600.0, 10.0, 48.0), (10.0, 59.0, 0.0)],
+)
+def test_a_stopping_encoder_waits_for_unread_embeddings_only_within_the_grace_period(timeout, drain, waits):
+    """After uvicorn's drain (up to --drain-seconds) the encoder waits for pd's pulls; the two together stay
+    inside the pod's grace period however long transfer.timeoutSeconds is, so the kubelet never kills a read."""
+    import argparse
+
+    from mmgraph_operator.api import POD_GRACE_SECONDS
+    from mmgraph_workers.encoder import unread_wait_seconds
+
+    args = argparse.Namespace(transfer_timeout_seconds=timeout, drain_seconds=drain)
+    assert unread_wait_seconds(args) == waits
+    assert drain + unread_wait_seconds(args) < POD_GRACE_SECONDS

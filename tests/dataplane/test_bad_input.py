@@ -199,8 +199,9 @@ def test_a_body_over_the_graphs_limit_is_a_413(strict):
 
 @pytest.mark.parametrize("topology", ["agg", "e-pd", "e-p-d"])
 def test_an_image_the_model_cannot_use_is_refused_before_any_pass(graph, endpoints, topology):
-    """4000x16: within every cap, but the model's processor cannot tile an aspect ratio of 250 (vLLM's own server
-    answers 400). A 400 saying so, whichever stage processes images, and the encoder's tower never runs for it."""
+    """4000x16: within every cap, but an aspect ratio of 250, which Qwen2-VL's processor cannot tile (vLLM's own
+    server answers 400) and which every family refuses. A 400 saying so, whichever stage processes images, and the
+    encoder's tower never runs for it."""
     encoder = f"http://127.0.0.1:{graph.stages[StageName.ENCODER].port}"
     passes = metric(encoder, "mmgraph_encoder_batch_images_count")
     message = error_of(ask_image(endpoints[topology], data_url(png(4000, 16, 7))), 400)

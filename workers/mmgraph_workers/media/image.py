@@ -12,6 +12,9 @@ from mmgraph_workers.media import MediaError
 from mmgraph_workers.media.policy import MediaPolicy
 
 FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
+# Processors resize an image's short side up to the tower's input (LLaVA: 336 px, so 4000x16 would become
+# 84000x336, a memory spike no pixel cap sees); Qwen2-VL's refuses a ratio over 200 outright. So do we, for all.
+MAX_ASPECT_RATIO = 200
 
 
 def decode_image(data: bytes, policy: MediaPolicy) -> Image.Image:
@@ -25,6 +28,11 @@ def decode_image(data: bytes, policy: MediaPolicy) -> Image.Image:
                     f"image is {width}x{height} = {width * height} pixels, more than the {policy.max_pixels} "
                     "pixel limit (spec.media.maxPixels)",
                     status=413,
+                )
+            if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+                raise MediaError(
+                    f"image is {width}x{height}: an aspect ratio over {MAX_ASPECT_RATIO} is refused (models scale "
+                    "the short side up, so a thin image becomes a huge one); crop or pad it"
                 )
             image.load()
             return image.convert("RGB")
