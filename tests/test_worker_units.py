@@ -725,3 +725,29 @@ def test_a_stopping_encoder_waits_for_unread_embeddings_only_within_the_grace_pe
     args = argparse.Namespace(transfer_timeout_seconds=timeout, drain_seconds=drain)
     assert unread_wait_seconds(args) == waits
     assert drain + unread_wait_seconds(args) < POD_GRACE_SECONDS
+
+
+def test_every_field_of_vllms_chat_request_is_honoured_ignored_or_refused():
+    """A field vLLM's request model gains later must be decided on, not silently ignored."""
+    from mmgraph_workers.frontend.openai_api import HONOURED, IGNORED, REFUSED
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+
+    assert not (HONOURED & IGNORED or HONOURED & REFUSED or IGNORED & REFUSED)
+    fields = set(ChatCompletionRequest.model_fields)
+    assert fields - (HONOURED | IGNORED | REFUSED) == set(), "new in vLLM: honour, ignore (as vLLM does) or refuse"
+    assert (HONOURED | IGNORED | REFUSED) - fields == set(), "gone from vLLM"
+
+
+def test_a_refused_field_at_its_default_is_accepted():
+    """Clients send defaults explicitly (logprobs: false, priority: 0): only a value that asks for
+    something mmgraph does not do is refused."""
+    from mmgraph_workers.frontend.openai_api import RequestError, refuse_unsupported
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+
+    base = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    for defaults in ({"logprobs": False}, {"tool_choice": "none"}, {"priority": 0}, {"echo": False}, {"n": 1}):
+        refuse_unsupported(ChatCompletionRequest.model_validate({**base, **defaults}), defaults)
+    for asked in ({"logprobs": True}, {"priority": 1}, {"echo": True}, {"n": 3}):
+        with pytest.raises(RequestError) as info:
+            refuse_unsupported(ChatCompletionRequest.model_validate({**base, **asked}), asked)
+        assert info.value.param == next(iter(asked))

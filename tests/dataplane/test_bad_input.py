@@ -19,7 +19,7 @@ import pytest
 from mmgraph_operator.api import StageName, parse
 from mmgraph_workers.frontend.router import KV_ATTEMPTS
 from mmgraph_workers.ports import free_port
-from mmgraph_workers.protocol import GenerateEvent, GenerateRequest, Sampling
+from mmgraph_workers.protocol import PROTOCOL_VERSION, GenerateEvent, GenerateRequest, sampling
 from mmgraph_workers.up import LocalGraph
 from PIL import Image
 
@@ -325,13 +325,13 @@ def test_a_message_of_another_protocol_version_is_refused_by_name(graph, stage):
         {"version": 1, "request_id": "old", "urls": ["data:,"]}
         if stage == "encoder"
         else {
-            **GenerateRequest(request_id="old", prompt_token_ids=[1], sampling=Sampling()).model_dump(),
+            **GenerateRequest(request_id="old", prompt_token_ids=[1], sampling=sampling()).model_dump(),
             "version": 1,
         }
     )
     response = httpx.post(f"http://127.0.0.1:{graph.stages[stage].port}{path}", json=body, headers=PEER, timeout=30)
     assert response.status_code == 400
-    assert "protocol version 1 is not spoken here (2)" in response.json()["error"]
+    assert f"protocol version 1 is not spoken here ({PROTOCOL_VERSION})" in response.json()["error"]
 
 
 def test_workers_still_serve_after_all_of_it(endpoints, reference):
@@ -418,7 +418,7 @@ def test_decode_that_cannot_pull_the_kv_within_the_lease_stops_before_any_token(
     after its prefill, so the read cannot complete); time to spare."""
     pd_stage = graph.stages[StageName.PD]
     pd, decode = (f"http://127.0.0.1:{graph.stages[s].port}" for s in (StageName.PD, StageName.DECODE))
-    sampling = Sampling(max_tokens=4, temperature=0)
+    params = sampling(max_tokens=4, temperature=0)
 
     def events(base: str, request: GenerateRequest) -> list[GenerateEvent]:
         r = httpx.post(f"{base}/generate", content=request.model_dump_json(), headers=PEER, timeout=60)
@@ -429,15 +429,13 @@ def test_decode_that_cannot_pull_the_kv_within_the_lease_stops_before_any_token(
     for deadline, stop_pd in ((0.0, False), (2.0, True), (30.0, False)):
         rid = f"lease-{deadline}-{time.monotonic_ns()}"
         ids = [40 + (time.monotonic_ns() // 1000 + 7 * k) % 400 for k in range(40)]  # one no engine has cached
-        prefill = events(
-            pd, GenerateRequest(request_id=rid, prompt_token_ids=ids, sampling=sampling, prefill_only=True)
-        )
+        prefill = events(pd, GenerateRequest(request_id=rid, prompt_token_ids=ids, sampling=params, prefill_only=True))
         params = prefill[-1].kv_transfer_params
         assert params and params.get("remote_block_ids"), prefill[-1]
         request = GenerateRequest(
             request_id=rid,
             prompt_token_ids=ids,
-            sampling=sampling,
+            sampling=params,
             kv_transfer_params=params,
             kv_deadline_seconds=deadline,
         )
@@ -475,7 +473,7 @@ def test_pd_frees_a_prefill_nobody_pulls_when_its_lease_ends(graph):
     request = GenerateRequest(
         request_id=f"orphan-{time.monotonic_ns()}",
         prompt_token_ids=ids,
-        sampling=Sampling(max_tokens=4, temperature=0),
+        sampling=sampling(max_tokens=4, temperature=0),
         prefill_only=True,
     )
     r = httpx.post(f"{pd}/generate", content=request.model_dump_json(), headers=PEER, timeout=60)

@@ -68,7 +68,17 @@ BODY = st.fixed_dictionaries(
         "return_token_ids": st.one_of(st.booleans(), JSON_SCALARS),
         "response_format": ANY_JSON,
         "tools": ANY_JSON,
-        "logprobs": ANY_JSON,
+        "logprobs": st.one_of(st.booleans(), ANY_JSON),
+        "top_logprobs": st.one_of(st.integers(-1, 30), JSON_SCALARS),
+        "tool_choice": st.one_of(st.sampled_from(["none", "auto", "required"]), ANY_JSON),
+        "top_k": st.one_of(st.integers(-3, 5), JSON_SCALARS),
+        "min_p": st.one_of(st.floats(-1, 2), JSON_SCALARS),
+        "logit_bias": st.one_of(st.dictionaries(st.integers(-5, 10**6).map(str), st.floats(-200, 200)), ANY_JSON),
+        "stop_token_ids": st.one_of(st.lists(st.integers(-5, 10**6), max_size=3), ANY_JSON),
+        "allowed_token_ids": st.one_of(st.lists(st.integers(-5, 10**6), max_size=3), ANY_JSON),
+        "bad_words": st.one_of(st.lists(TEXT, max_size=2), ANY_JSON),
+        "min_tokens": st.one_of(st.integers(-2, 20), JSON_SCALARS),
+        "repetition_penalty": st.one_of(st.floats(-1, 3), JSON_SCALARS),
     },
 )
 RAW = st.one_of(

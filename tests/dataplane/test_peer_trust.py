@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 from mmgraph_operator.api import StageName
-from mmgraph_workers.protocol import EncodedItem, GenerateEvent, GenerateRequest, Sampling, TensorRef
+from mmgraph_workers.protocol import EncodedItem, GenerateEvent, GenerateRequest, TensorRef, sampling
 
 from .conftest import PEER
 
@@ -88,7 +88,7 @@ def test_pd_pulls_embeddings_only_from_the_graphs_encoders(graph):
         request = GenerateRequest(
             request_id=f"forged-owner-{time.monotonic_ns()}",
             prompt_token_ids=[1, 2, 3],
-            sampling=Sampling(),
+            sampling=sampling(),
             encoded=[item],
         )
         (event,) = events(f"{pd}/generate", request)
@@ -112,7 +112,7 @@ def test_decode_pulls_the_kv_cache_only_from_the_graphs_pds(graph):
         request = GenerateRequest(
             request_id=f"forged-kv-{time.monotonic_ns()}",
             prompt_token_ids=[1, 2, 3],
-            sampling=Sampling(max_tokens=2),
+            sampling=sampling(max_tokens=2),
             kv_transfer_params=params,
         )
         (event,) = events(f"{decode}/generate", request)

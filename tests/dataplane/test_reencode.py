@@ -44,8 +44,8 @@ def test_embeddings_lost_with_their_encoder_are_encoded_again(graph, tiny_model,
             f"--peer-token-env={PEER_TOKEN_ENV}",
         ]
     )
-    request = ChatRequest.model_validate({"model": MODEL_NAME, "temperature": 0, **CASES["one-image"]})
-    token_ids, urls, sampling = Processor(args).prepare(request, None)
+    body = {"model": MODEL_NAME, "temperature": 0, **CASES["one-image"]}
+    token_ids, urls, sampling = Processor(args).prepare(ChatRequest.model_validate(body), body, None, {})
     try:
         doomed.wait_healthy(timeout=300, progress=lambda line: None)
         body = EncodeRequest(request_id=f"doomed-{time.monotonic_ns()}", urls=urls).model_dump_json()

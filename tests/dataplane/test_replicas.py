@@ -125,11 +125,11 @@ def test_an_encoder_told_to_stop_stays_until_its_embeddings_are_read(graph, tiny
     try:
         local.wait_healthy(timeout=300, progress=lambda line: None)
         leaving = local.stages[StageName.ENCODER]
-        item = encode(port).items[0]
+        item, agent = encode(port).items[0], metadata(port)  # pd asks before: a stopping encoder takes no calls
         leaving.proc.send_signal(signal.SIGTERM)
         time.sleep(2)
         assert leaving.proc.poll() is None, "the encoder left with embeddings still to be read"
-        got = reader.fetch(item.embeddings, 10, metadata(port))
+        got = reader.fetch(item.embeddings, 10, agent)
         assert leaving.proc.wait(15) == -signal.SIGTERM  # uvicorn re-raises the signal once it has shut down
         assert "every published embedding was read (1 waited for)" in leaving.log.read_text()
         live = graph.stages[StageName.ENCODER].port

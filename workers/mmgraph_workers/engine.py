@@ -39,7 +39,7 @@ from mmgraph_workers.media.image import decode_image
 from mmgraph_workers.models import ItemShape, adapter_for
 from mmgraph_workers.peers import Peer
 from mmgraph_workers.ports import bindable
-from mmgraph_workers.protocol import GenerateEvent, GenerateRequest, TensorRef, WorkerInfo
+from mmgraph_workers.protocol import GenerateEvent, GenerateRequest, TensorRef, WorkerInfo, sampling_params
 from mmgraph_workers.server import (
     add_common_arguments,
     add_kv_lease_argument,
@@ -225,7 +225,6 @@ class Engine:
             raise StageError("kv_transfer_params name a host that is not one of this graph's pd replicas", 403)
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[GenerateEvent]:
-        from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
         mm, uuids = await self._images(req)
@@ -234,22 +233,14 @@ class Engine:
             prompt["multi_modal_data"] = mm
         if uuids is not None:
             prompt["multi_modal_uuids"] = uuids
-        extra = None
-        if req.prefill_only:
-            extra = {"kv_transfer_params": {"do_remote_decode": True}}
+        params = sampling_params(req.sampling)  # vLLM's own checks, again: a message is a peer's claim
+        params.output_kind = RequestOutputKind.DELTA  # this stage streams its tokens to the frontend
+        if req.prefill_only:  # pd of e-p-d: the KV cache for decode, whose first token is its own
+            params.max_tokens, params.min_tokens = 1, 0
+            params.extra_args = {**(params.extra_args or {}), "kv_transfer_params": {"do_remote_decode": True}}
         elif req.kv_transfer_params is not None:
             await self._check_kv_owner(req.kv_transfer_params)
-            extra = {"kv_transfer_params": req.kv_transfer_params}
-        s = req.sampling
-        params = SamplingParams(
-            max_tokens=1 if req.prefill_only else s.max_tokens,
-            temperature=s.temperature,
-            top_p=s.top_p,
-            seed=s.seed,
-            stop=s.stop or None,
-            output_kind=RequestOutputKind.DELTA,
-            extra_args=extra,
-        )
+            params.extra_args = {**(params.extra_args or {}), "kv_transfer_params": req.kv_transfer_params}
         completion = 0
         try:
             async with asyncio.timeout(req.kv_deadline_seconds) as lease:
@@ -340,6 +331,7 @@ def main(args: argparse.Namespace, stage: str) -> None:
             served_model_name=args.served_model_name,
             max_model_len=engine.max_model_len,
             hidden_size=engine.hidden_size,
+            default_sampling=engine.llm.model_config.get_diff_sampling_param() if engine.llm else {},
         )
 
     @app.post("/generate")

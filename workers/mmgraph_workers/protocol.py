@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
-PROTOCOL_VERSION = 3  # 2: every media item carries its content key; 3: a descriptor names its owner, not its metadata
+PROTOCOL_VERSION = 4  # 2: content keys; 3: a descriptor names its owner, not its metadata; 4: vLLM's SamplingParams
 
 
 class Message(BaseModel):
@@ -69,12 +69,25 @@ class EncodeResponse(Message):
     items: list[EncodedItem]
 
 
-class Sampling(BaseModel):
-    max_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: list[str] = Field(default_factory=list)
+def sampling(**fields: Any) -> dict[str, Any]:
+    """vLLM's SamplingParams with these fields, as a message carries them (msgspec builtins: its non-default
+    fields). The frontend makes them with vLLM's own request model, so every field means what it means in vLLM's
+    server; an engine stage turns them back with `sampling_params`, where vLLM's own checks run again."""
+    import msgspec
+    from vllm.sampling_params import SamplingParams
+
+    return msgspec.to_builtins(SamplingParams(**fields), str_keys=True)
+
+
+def sampling_params(fields: dict[str, Any]) -> Any:
+    """The SamplingParams a message carries; ValueError if they are not valid ones."""
+    import msgspec
+    from vllm.sampling_params import SamplingParams
+
+    try:
+        return msgspec.convert(fields, SamplingParams, str_keys=True)
+    except msgspec.ValidationError as err:
+        raise ValueError(f"bad sampling parameters: {err}") from err
 
 
 class PlaceholderItem(BaseModel):
@@ -94,7 +107,7 @@ class GenerateRequest(Message):
 
     request_id: str
     prompt_token_ids: list[int]
-    sampling: Sampling
+    sampling: dict[str, Any]  # vLLM's SamplingParams (`sampling`, `sampling_params`)
     image_urls: list[str] = Field(default_factory=list)
     encoded: list[EncodedItem] = Field(default_factory=list)
     placeholders: list[PlaceholderItem] = Field(default_factory=list)
@@ -126,4 +139,7 @@ class WorkerInfo(BaseModel):
     served_model_name: str
     max_model_len: int | None = None
     hidden_size: int | None = None
+    # the engine's defaults from the model's generation_config.json (and --override-generation-config), exactly
+    # what vLLM's own server applies to a request that does not set them
+    default_sampling: dict[str, Any] = Field(default_factory=dict)
     protocol_version: int = PROTOCOL_VERSION

@@ -33,7 +33,7 @@ from mmgraph_workers.frontend.openai_api import (
 from mmgraph_workers.frontend.processor import Processor
 from mmgraph_workers.frontend.router import Router, StageFailure
 from mmgraph_workers.media import policy
-from mmgraph_workers.protocol import GenerateEvent
+from mmgraph_workers.protocol import GenerateEvent, WorkerInfo
 from mmgraph_workers.server import add_common_arguments, add_kv_lease_argument, make_app, serve, unless_disconnected
 
 log = logging.getLogger("mmgraph.frontend")
@@ -115,9 +115,10 @@ def build_app(args: argparse.Namespace) -> FastAPI:
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         try:
             body = await request.body()
-            max_len = router.pd_info.max_model_len if router.pd_info else None
             loop = asyncio.get_running_loop()
-            req, (token_ids, urls, sampling) = await loop.run_in_executor(PREPARE, _prepare, processor, body, max_len)
+            req, (token_ids, urls, sampling) = await loop.run_in_executor(
+                PREPARE, _prepare, processor, body, router.pd_info
+            )
         except (json.JSONDecodeError, UnicodeDecodeError, ValidationError, RequestError) as err:
             status, body = failure(_request_error(err), request_id)
             return JSONResponse(body, status_code=status)
@@ -129,11 +130,12 @@ def build_app(args: argparse.Namespace) -> FastAPI:
     return app
 
 
-def _prepare(processor: Processor, body: bytes, max_len: int | None) -> tuple[ChatRequest, tuple]:
+def _prepare(processor: Processor, body: bytes, pd: WorkerInfo | None) -> tuple[ChatRequest, tuple]:
     """Parse, check, template and tokenize one request: on PREPARE's thread, since a large body (base64 images)
     would hold the event loop, and so every other request's stream, for as long as it takes."""
-    req = ChatRequest.model_validate(json.loads(body))
-    return req, processor.prepare(req, max_len)
+    data = json.loads(body)
+    req = ChatRequest.model_validate(data)
+    return req, processor.prepare(req, data, pd.max_model_len if pd else None, pd.default_sampling if pd else {})
 
 
 def _request_error(err: Exception) -> RequestError:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Collection
 from typing import Any, Literal
 
 from fastapi.responses import JSONResponse
@@ -61,19 +62,58 @@ class ChatMessage(BaseModel):
 
 
 class ChatRequest(BaseModel):
+    """What the frontend itself reads of a chat request: the messages (to template them and find the media) and
+    how to answer. Every other field, sampling included, is read by vLLM's own request model (`FIELDS`)."""
+
     model_config = ConfigDict(extra="ignore")
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
     stream: bool = False
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0, le=2)
-    top_p: float = Field(default=1.0, gt=0, le=1)
-    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)  # what vLLM's own server accepts
-    stop: str | list[str] | None = None
     stream_options: dict[str, Any] | None = None
-    n: int = Field(default=1, ge=1, le=1)
     return_token_ids: bool = False  # vLLM's extension: the generated token ids beside the text
+
+
+# Every field of vLLM's chat request model (vllm/entrypoints/openai/chat_completion/protocol.py), and what
+# mmgraph does with it. HONOURED: as vLLM's server does (sampling fields go through vLLM's own
+# `to_sampling_params` to the engine that produces the tokens). IGNORED: vLLM's server ignores it too. REFUSED: a
+# client setting it to anything but its default gets a 400 naming it, never an answer as if it were not there.
+# A field vLLM adds later is in none of them: a test compares this table with vLLM's model.
+HONOURED = frozenset(
+    {
+        "model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens", "n",
+        "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids", "presence_penalty",
+        "frequency_penalty", "repetition_penalty", "logit_bias", "ignore_eos", "min_tokens", "bad_words",
+        "allowed_token_ids", "include_stop_str_in_output", "skip_special_tokens", "spaces_between_special_tokens",
+        "return_token_ids", "add_generation_prompt",
+    }
+)  # fmt: skip
+IGNORED = frozenset({"user", "include_reasoning"})  # no reasoning parser: vLLM's server ignores it as well
+REFUSED = frozenset(
+    {
+        "logprobs", "top_logprobs", "prompt_logprobs", "logprob_token_ids", "echo", "response_format",
+        "structured_outputs", "tools", "tool_choice", "parallel_tool_calls", "documents", "chat_template",
+        "chat_template_kwargs", "continue_final_message", "reasoning_effort", "thinking_token_budget",
+        "use_beam_search", "length_penalty", "mm_processor_kwargs", "media_io_kwargs", "mm_payload", "priority",
+        "request_id", "cache_salt", "truncate_prompt_tokens", "truncation_side", "add_special_tokens",
+        "return_tokens_as_token_ids", "return_token_offsets", "return_prompt_text", "return_mm_kwargs",
+        "kv_transfer_params", "ec_transfer_params", "routed_experts_prompt_start", "session_id",
+        "repetition_detection", "watermarking", "vllm_xargs", "stream_interval",
+    }
+)  # fmt: skip
+
+
+def refuse_unsupported(request: Any, sent: Collection[str]) -> None:
+    """RequestError naming the first field the client sent (`sent`: the body's keys; vLLM's validators fill in
+    others) that mmgraph does not honour yet, in vLLM's validated `request`; `n` is honoured only as 1."""
+    for name in sorted(REFUSED.intersection(sent)):
+        value = getattr(request, name)
+        default = type(request).model_fields[name].get_default(call_default_factory=True)
+        if value != default and value not in (None, [], {}):
+            raise RequestError(f"'{name}' is not supported by mmgraph yet; leave it out (or at {default!r})", name)
+    if request.n != 1:
+        raise RequestError("'n' must be 1: mmgraph returns one choice per request", "n")
 
 
 def error_body(message: str, status: int, param: str | None = None, kind: str | None = None) -> dict[str, Any]:

@@ -31,7 +31,6 @@ from mmgraph_workers.protocol import (
     GenerateEvent,
     GenerateRequest,
     PlaceholderItem,
-    Sampling,
     WorkerInfo,
 )
 from mmgraph_workers.server import peer_headers, peer_token
@@ -188,7 +187,7 @@ class Router:
 
     # ---- the topologies ---------------------------------------------------------------------------------------
 
-    async def run(self, request_id: str, token_ids: list[int], urls: list[str], sampling: Sampling):
+    async def run(self, request_id: str, token_ids: list[int], urls: list[str], sampling: dict[str, Any]):
         """The tokens of one request, as GenerateEvents from the last engine."""
         topology = self.args.topology
         base: dict[str, Any] = {"request_id": request_id, "prompt_token_ids": token_ids, "sampling": sampling}

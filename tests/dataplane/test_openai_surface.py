@@ -1,0 +1,119 @@
+"""The OpenAI surface against vLLM's own server: every chat field mmgraph honours gives the same text,
+finish_reason and usage as vLLM's server (same weights, same engine arguments) in every topology, streaming and
+not; a field it does not honour yet is a 400 naming it, never an answer as if it were not there."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+import pytest
+
+from .conftest import CASES, MODEL_NAME
+
+TOPOLOGIES = ["agg", "e-pd", "e-p-d"]
+
+# Each honoured sampling field, alone or with what it needs. Sampled ones are seeded: the same seed must give the
+# same tokens wherever the tokens are produced (decode, in e-p-d).
+HONOURED_CASES: dict[str, dict[str, Any]] = {
+    "temperature+seed": {"temperature": 0.9, "seed": 7},
+    "top_p": {"temperature": 0.9, "top_p": 0.5, "seed": 3},
+    "top_k": {"temperature": 0.9, "top_k": 5, "seed": 3},
+    "min_p": {"temperature": 0.9, "min_p": 0.2, "seed": 3},
+    "presence_penalty": {"presence_penalty": 1.5},
+    "frequency_penalty": {"frequency_penalty": 1.5},
+    "repetition_penalty": {"repetition_penalty": 1.3},
+    "logit_bias": {"logit_bias": {"100": 30.0, "101": -100.0}},
+    "allowed_token_ids": {"allowed_token_ids": [5, 17, 100, 250]},
+    "ignore_eos+min_tokens": {"ignore_eos": True, "min_tokens": 10},
+    "max_completion_tokens": {"max_completion_tokens": 5},
+    "skip_special_tokens": {"skip_special_tokens": False, "spaces_between_special_tokens": False},
+    "n=1": {"n": 1},
+}
+
+
+def body(case: str, extra: dict[str, Any], stream: bool) -> dict[str, Any]:
+    out = {"model": MODEL_NAME, "temperature": 0, **CASES[case], **extra, "stream": stream}
+    if "max_completion_tokens" in extra:
+        out.pop("max_tokens", None)
+    if stream:
+        out["stream_options"] = {"include_usage": True}
+    return out
+
+
+def answer(endpoint: str, request: dict[str, Any]) -> dict[str, Any]:
+    """What a client sees: text, finish_reason and usage, whether streamed or not."""
+    if not request["stream"]:
+        r = httpx.post(f"{endpoint}/v1/chat/completions", json=request, timeout=180)
+        assert r.status_code == 200, r.text
+        choice, usage = r.json()["choices"][0], r.json()["usage"]
+        text, finish = choice["message"]["content"], choice["finish_reason"]
+    else:
+        text, finish, usage = "", None, None
+        with httpx.stream("POST", f"{endpoint}/v1/chat/completions", json=request, timeout=180) as r:
+            assert r.status_code == 200, r.read()
+            for line in r.iter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                chunk = json.loads(line[6:])
+                for choice in chunk.get("choices") or []:
+                    text += choice["delta"].get("content") or ""
+                    finish = choice.get("finish_reason") or finish
+                usage = chunk.get("usage") or usage
+    counts = ("prompt_tokens", "completion_tokens", "total_tokens")
+    return {"text": text, "finish_reason": finish, "usage": {k: (usage or {}).get(k) for k in counts}}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+@pytest.mark.parametrize("field", HONOURED_CASES)
+def test_an_honoured_field_answers_as_vllms_server_does(endpoints, vllm_server, field, stream):
+    theirs = answer(vllm_server, body("one-image", HONOURED_CASES[field], stream))
+    for topology in TOPOLOGIES:
+        assert answer(endpoints[topology], body("one-image", HONOURED_CASES[field], stream)) == theirs, topology
+
+
+def test_stop_strings_and_token_ids_answer_as_vllms_server_does(endpoints, vllm_server, reference):
+    """Stops taken from the greedy answer itself, so they do fire: a stop token id, a stop string (kept in the
+    output or not)."""
+    greedy = answer(vllm_server, body("one-image", {}, False))["text"]
+    cases = [
+        {"stop_token_ids": [reference["one-image"][4]]},
+        {"stop": [greedy[6:9]]},
+        {"stop": [greedy[6:9]], "include_stop_str_in_output": True},
+    ]
+    for extra in cases:
+        theirs = answer(vllm_server, body("one-image", extra, False))
+        assert theirs["finish_reason"] == "stop", (extra, theirs)
+        for topology in TOPOLOGIES:
+            assert answer(endpoints[topology], body("one-image", extra, False)) == theirs, (topology, extra)
+
+
+def test_max_tokens_left_out_is_what_the_context_leaves(endpoints, vllm_server):
+    """As vLLM's server: no max_tokens means up to the end of the context (it was 16 here)."""
+    request = {"model": MODEL_NAME, "temperature": 0, "messages": CASES["text-only"]["messages"], "ignore_eos": True}
+    theirs = answer(vllm_server, {**request, "stream": False})
+    assert theirs["finish_reason"] == "length" and theirs["usage"]["total_tokens"] == 1024, theirs
+    assert answer(endpoints["e-p-d"], {**request, "stream": False}) == theirs
+
+
+REFUSED_CASES: dict[str, Any] = {
+    "logprobs": True,
+    "top_logprobs": 2,  # without logprobs: vLLM's own check refuses it, naming it
+    "response_format": {"type": "json_object"},
+    "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+    "echo": True,
+    "use_beam_search": True,
+    "chat_template": "{{ messages }}",
+    "priority": 3,
+    "n": 2,
+}
+
+
+@pytest.mark.parametrize("field", REFUSED_CASES)
+def test_a_field_not_honoured_yet_is_a_400_naming_it(endpoints, field):
+    request = body("text-only", {field: REFUSED_CASES[field]}, False)
+    r = httpx.post(f"{endpoints['e-p-d']}/v1/chat/completions", json=request, timeout=60)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == field or field in error["message"], error
