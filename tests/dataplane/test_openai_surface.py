@@ -5,6 +5,7 @@ not; a field it does not honour yet is a 400 naming it, never an answer as if it
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import httpx
@@ -30,6 +31,20 @@ HONOURED_CASES: dict[str, dict[str, Any]] = {
     "max_completion_tokens": {"max_completion_tokens": 5},
     "skip_special_tokens": {"skip_special_tokens": False, "spaces_between_special_tokens": False},
     "n=1": {"n": 1},
+    # structured outputs (vLLM's xgrammar backend, on CPU): decode applies the grammar from its first token on
+    "json_object": {"response_format": {"type": "json_object"}},
+    "json_schema": {
+        "response_format": {
+            "type": "json_schema",
+            "json_schema": {
+                "name": "answer",
+                "schema": {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]},
+            },
+        },
+        "max_tokens": 24,
+    },
+    "choice": {"structured_outputs": {"choice": ["yes", "no", "maybe"]}},
+    "regex": {"structured_outputs": {"regex": "[a-c]{3}-[0-9]{2}"}},
 }
 
 
@@ -69,22 +84,27 @@ def answer(endpoint: str, request: dict[str, Any]) -> dict[str, Any]:
 @pytest.mark.parametrize("field", HONOURED_CASES)
 def test_an_honoured_field_answers_as_vllms_server_does(endpoints, vllm_server, field, stream):
     theirs = answer(vllm_server, body("one-image", HONOURED_CASES[field], stream))
+    if field == "choice":  # the constraint is real: random weights would say anything else
+        assert theirs["text"] in ("yes", "no", "maybe"), theirs
+    if field == "regex":
+        assert re.fullmatch("[a-c]{3}-[0-9]{2}", theirs["text"]), theirs
     for topology in TOPOLOGIES:
         assert answer(endpoints[topology], body("one-image", HONOURED_CASES[field], stream)) == theirs, topology
 
 
-def test_stop_strings_and_token_ids_answer_as_vllms_server_does(endpoints, vllm_server, reference):
+def test_stops_and_bad_words_answer_as_vllms_server_does(endpoints, vllm_server, reference):
     """Stops taken from the greedy answer itself, so they do fire: a stop token id, a stop string (kept in the
-    output or not)."""
+    output or not); and a bad word from it."""
     greedy = answer(vllm_server, body("one-image", {}, False))["text"]
     cases = [
         {"stop_token_ids": [reference["one-image"][4]]},
         {"stop": [greedy[6:9]]},
         {"stop": [greedy[6:9]], "include_stop_str_in_output": True},
+        {"bad_words": [greedy.split()[0]]},
     ]
     for extra in cases:
         theirs = answer(vllm_server, body("one-image", extra, False))
-        assert theirs["finish_reason"] == "stop", (extra, theirs)
+        assert theirs["finish_reason"] == "stop" or "bad_words" in extra, (extra, theirs)
         for topology in TOPOLOGIES:
             assert answer(endpoints[topology], body("one-image", extra, False)) == theirs, (topology, extra)
 
@@ -100,7 +120,6 @@ def test_max_tokens_left_out_is_what_the_context_leaves(endpoints, vllm_server):
 REFUSED_CASES: dict[str, Any] = {
     "logprobs": True,
     "top_logprobs": 2,  # without logprobs: vLLM's own check refuses it, naming it
-    "response_format": {"type": "json_object"},
     "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
     "echo": True,
     "use_beam_search": True,

@@ -237,6 +237,7 @@ class Engine:
         params.output_kind = RequestOutputKind.DELTA  # this stage streams its tokens to the frontend
         if req.prefill_only:  # pd of e-p-d: the KV cache for decode, whose first token is its own
             params.max_tokens, params.min_tokens = 1, 0
+            params.structured_outputs = None  # no grammar to compile for a token nobody sees
             params.extra_args = {**(params.extra_args or {}), "kv_transfer_params": {"do_remote_decode": True}}
         elif req.kv_transfer_params is not None:
             await self._check_kv_owner(req.kv_transfer_params)

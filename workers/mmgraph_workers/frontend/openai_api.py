@@ -86,15 +86,15 @@ HONOURED = frozenset(
         "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids", "presence_penalty",
         "frequency_penalty", "repetition_penalty", "logit_bias", "ignore_eos", "min_tokens", "bad_words",
         "allowed_token_ids", "include_stop_str_in_output", "skip_special_tokens", "spaces_between_special_tokens",
-        "return_token_ids", "add_generation_prompt",
+        "return_token_ids", "add_generation_prompt", "response_format", "structured_outputs",
     }
 )  # fmt: skip
 IGNORED = frozenset({"user", "include_reasoning"})  # no reasoning parser: vLLM's server ignores it as well
 REFUSED = frozenset(
     {
-        "logprobs", "top_logprobs", "prompt_logprobs", "logprob_token_ids", "echo", "response_format",
-        "structured_outputs", "tools", "tool_choice", "parallel_tool_calls", "documents", "chat_template",
-        "chat_template_kwargs", "continue_final_message", "reasoning_effort", "thinking_token_budget",
+        "logprobs", "top_logprobs", "prompt_logprobs", "logprob_token_ids", "echo", "tools", "tool_choice",
+        "parallel_tool_calls", "documents", "chat_template", "chat_template_kwargs", "continue_final_message",
+        "reasoning_effort", "thinking_token_budget",
         "use_beam_search", "length_penalty", "mm_processor_kwargs", "media_io_kwargs", "mm_payload", "priority",
         "request_id", "cache_salt", "truncate_prompt_tokens", "truncation_side", "add_special_tokens",
         "return_tokens_as_token_ids", "return_token_offsets", "return_prompt_text", "return_mm_kwargs",
