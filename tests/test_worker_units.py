@@ -739,15 +739,15 @@ def test_every_field_of_vllms_chat_request_is_honoured_ignored_or_refused():
 
 
 def test_a_refused_field_at_its_default_is_accepted():
-    """Clients send defaults explicitly (logprobs: false, priority: 0): only a value that asks for
+    """Clients send defaults explicitly (echo: false, priority: 0): only a value that asks for
     something mmgraph does not do is refused."""
     from mmgraph_workers.frontend.openai_api import RequestError, refuse_unsupported
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 
     base = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
-    for defaults in ({"logprobs": False}, {"tool_choice": "none"}, {"priority": 0}, {"echo": False}, {"n": 1}):
+    for defaults in ({"prompt_logprobs": None}, {"tool_choice": "none"}, {"priority": 0}, {"echo": False}, {"n": 1}):
         refuse_unsupported(ChatCompletionRequest.model_validate({**base, **defaults}), defaults)
-    for asked in ({"logprobs": True}, {"priority": 1}, {"echo": True}, {"n": 3}):
+    for asked in ({"prompt_logprobs": 2}, {"priority": 1}, {"echo": True}, {"n": 3}):
         with pytest.raises(RequestError) as info:
             refuse_unsupported(ChatCompletionRequest.model_validate({**base, **asked}), asked)
         assert info.value.param == next(iter(asked))

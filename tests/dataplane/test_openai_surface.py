@@ -59,11 +59,13 @@ def body(case: str, extra: dict[str, Any], stream: bool) -> dict[str, Any]:
 
 def answer(endpoint: str, request: dict[str, Any]) -> dict[str, Any]:
     """What a client sees: text, finish_reason and usage, whether streamed or not."""
+    logprobs: list[dict[str, Any]] = []
     if not request["stream"]:
         r = httpx.post(f"{endpoint}/v1/chat/completions", json=request, timeout=180)
         assert r.status_code == 200, r.text
         choice, usage = r.json()["choices"][0], r.json()["usage"]
         text, finish = choice["message"]["content"], choice["finish_reason"]
+        logprobs = (choice.get("logprobs") or {}).get("content") or []
     else:
         text, finish, usage = "", None, None
         with httpx.stream("POST", f"{endpoint}/v1/chat/completions", json=request, timeout=180) as r:
@@ -75,9 +77,21 @@ def answer(endpoint: str, request: dict[str, Any]) -> dict[str, Any]:
                 for choice in chunk.get("choices") or []:
                     text += choice["delta"].get("content") or ""
                     finish = choice.get("finish_reason") or finish
+                    logprobs += (choice.get("logprobs") or {}).get("content") or []
                 usage = chunk.get("usage") or usage
     counts = ("prompt_tokens", "completion_tokens", "total_tokens")
-    return {"text": text, "finish_reason": finish, "usage": {k: (usage or {}).get(k) for k in counts}}
+    out = {"text": text, "finish_reason": finish, "usage": {k: (usage or {}).get(k) for k in counts}}
+    return {**out, "logprobs": logprobs} if request.get("logprobs") else out
+
+
+def rounded(answer: dict[str, Any]) -> dict[str, Any]:
+    """Logprobs to 3 decimals: decode computes the first token's logits from pulled KV, in another kernel shape
+    than a prefill, so the last bits can differ; tokens, bytes and the order of the top ones may not."""
+
+    def entry(e: dict[str, Any]) -> dict[str, Any]:
+        return {**e, "logprob": round(e["logprob"], 3), "top_logprobs": [entry(t) for t in e.get("top_logprobs", [])]}
+
+    return {**answer, "logprobs": [entry(e) for e in answer.get("logprobs", [])]}
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
@@ -118,8 +132,8 @@ def test_max_tokens_left_out_is_what_the_context_leaves(endpoints, vllm_server):
 
 
 REFUSED_CASES: dict[str, Any] = {
-    "logprobs": True,
     "top_logprobs": 2,  # without logprobs: vLLM's own check refuses it, naming it
+    "prompt_logprobs": 1,
     "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
     "echo": True,
     "use_beam_search": True,
@@ -136,3 +150,21 @@ def test_a_field_not_honoured_yet_is_a_400_naming_it(endpoints, field):
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert error["param"] == field or field in error["message"], error
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"logprobs": True},
+        {"logprobs": True, "top_logprobs": 3},
+        {"logprobs": True, "top_logprobs": 5, "temperature": 0.8, "seed": 11},
+    ],
+    ids=["chosen", "top-3", "sampled-top-5"],
+)
+def test_logprobs_answer_as_vllms_server_does(endpoints, vllm_server, extra, stream):
+    theirs = rounded(answer(vllm_server, body("one-image", extra, stream)))
+    assert len(theirs["logprobs"]) == theirs["usage"]["completion_tokens"], theirs
+    assert all(len(e["top_logprobs"]) == extra.get("top_logprobs", 0) for e in theirs["logprobs"]), theirs
+    for topology in TOPOLOGIES:
+        assert rounded(answer(endpoints[topology], body("one-image", extra, stream))) == theirs, topology

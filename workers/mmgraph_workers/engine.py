@@ -257,6 +257,7 @@ class Engine:
                         completion_tokens=completion if out.finished else None,
                         kv_transfer_params=out.kv_transfer_params if out.finished else None,
                         hidden_size=self.hidden_size,
+                        logprobs=_logprobs(piece.logprobs) if piece.logprobs is not None else None,
                     )
         except (asyncio.CancelledError, GeneratorExit):  # the caller left: stop computing for nobody
             await self.llm.abort(req.request_id)
@@ -272,6 +273,15 @@ class Engine:
                 503,
                 retry=True,
             ) from None
+
+
+def _logprobs(steps: Any) -> list[list[tuple[int, float, int | None, str | None]]]:
+    """vLLM's logprobs of each new position (a list or FlatLogprobs of {token id: Logprob}), order kept; clamped
+    at -9999 as vLLM's server does (JSON has no -inf)."""
+    return [
+        [(token_id, max(p.logprob, -9999.0), p.rank, p.decoded_token) for token_id, p in steps[i].items()]
+        for i in range(len(steps))
+    ]
 
 
 def _refusal(err: BaseException) -> str | None:

@@ -128,6 +128,9 @@ class GenerateEvent(BaseModel):
     completion_tokens: int | None = None
     kv_transfer_params: dict[str, Any] | None = None
     hidden_size: int | None = None
+    # when asked for: per new token, vLLM's logprobs of that position in its order (the sampled token, then the
+    # top ones), each [token id, logprob (at least -9999), rank, decoded text or None]
+    logprobs: list[list[tuple[int, float, int | None, str | None]]] | None = None
     error: str | None = None
     status: int | None = None  # HTTP-like status of an error: 4xx for the request, 5xx for the stage
     retry: bool = False  # the error happened before any work on the request: sending it again is safe

@@ -12,7 +12,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from fastapi import FastAPI, Request
@@ -27,6 +27,7 @@ from mmgraph_workers.frontend.openai_api import (
     completion,
     error_body,
     error_response,
+    logprobs,
     sse,
     usage,
 )
@@ -124,8 +125,8 @@ def build_app(args: argparse.Namespace) -> FastAPI:
             return JSONResponse(body, status_code=status)
         events = router.run(request_id, token_ids, urls, sampling)
         if req.stream:  # Starlette stops the stream (and so the stages' calls) when the client goes
-            return StreamingResponse(_sse(request_id, req, events), media_type="text/event-stream")
-        return await unless_disconnected(request, _complete(request_id, req, events))
+            return StreamingResponse(_sse(request_id, req, events, processor.decode), media_type="text/event-stream")
+        return await unless_disconnected(request, _complete(request_id, req, events, processor.decode))
 
     return app
 
@@ -156,7 +157,9 @@ def main(args: argparse.Namespace) -> None:
     serve(build_app(args), args)
 
 
-async def _sse(request_id: str, req: ChatRequest, events: AsyncIterator[GenerateEvent]) -> AsyncIterator[bytes]:
+async def _sse(
+    request_id: str, req: ChatRequest, events: AsyncIterator[GenerateEvent], decode: Callable[[int], str]
+) -> AsyncIterator[bytes]:
     started, first = time.perf_counter(), True
     include_usage = bool((req.stream_options or {}).get("include_usage"))
     IN_FLIGHT.inc()
@@ -166,10 +169,10 @@ async def _sse(request_id: str, req: ChatRequest, events: AsyncIterator[Generate
             if first and (event.token_ids or event.text):
                 TTFT.observe(time.perf_counter() - started)
                 first = False
-            if event.text or event.finish_reason:
-                yield sse(
-                    chunk(request_id, req.model, {"content": event.text} if event.text else {}, event.finish_reason)
-                )
+            if event.text or event.finish_reason or event.logprobs:
+                delta = {"content": event.text} if event.text else {}
+                probs = logprobs(req, event.token_ids, event.logprobs, decode)
+                yield sse(chunk(request_id, req.model, delta, event.finish_reason, logprobs=probs))
             if event.finish_reason and include_usage:
                 yield sse(chunk(request_id, req.model, {}, None, usage(event)))
         REQUESTS.labels("200").inc()
@@ -180,8 +183,10 @@ async def _sse(request_id: str, req: ChatRequest, events: AsyncIterator[Generate
     yield sse("[DONE]")
 
 
-async def _complete(request_id: str, req: ChatRequest, events: AsyncIterator[GenerateEvent]) -> JSONResponse:
-    started, text, token_ids, last = time.perf_counter(), [], [], None
+async def _complete(
+    request_id: str, req: ChatRequest, events: AsyncIterator[GenerateEvent], decode: Callable[[int], str]
+) -> JSONResponse:
+    started, text, token_ids, steps, last = time.perf_counter(), [], [], [], None
     IN_FLIGHT.inc()
     try:
         async for event in events:
@@ -189,6 +194,7 @@ async def _complete(request_id: str, req: ChatRequest, events: AsyncIterator[Gen
                 TTFT.observe(time.perf_counter() - started)
             text.append(event.text)
             token_ids += event.token_ids
+            steps += event.logprobs or []
             last = event
     except Exception as err:
         status, body = failure(err, request_id)
@@ -197,4 +203,5 @@ async def _complete(request_id: str, req: ChatRequest, events: AsyncIterator[Gen
     finally:
         IN_FLIGHT.dec()
     REQUESTS.labels("200").inc()
-    return JSONResponse(completion(request_id, req, "".join(text), token_ids, last))
+    probs = logprobs(req, token_ids, steps, decode)
+    return JSONResponse(completion(request_id, req, "".join(text), token_ids, last, probs))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import Any, Literal
 
 from fastapi.responses import JSONResponse
@@ -73,6 +73,8 @@ class ChatRequest(BaseModel):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     stream_options: dict[str, Any] | None = None
     return_token_ids: bool = False  # vLLM's extension: the generated token ids beside the text
+    logprobs: bool = False
+    top_logprobs: int | None = None
 
 
 # Every field of vLLM's chat request model (vllm/entrypoints/openai/chat_completion/protocol.py), and what
@@ -86,13 +88,14 @@ HONOURED = frozenset(
         "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids", "presence_penalty",
         "frequency_penalty", "repetition_penalty", "logit_bias", "ignore_eos", "min_tokens", "bad_words",
         "allowed_token_ids", "include_stop_str_in_output", "skip_special_tokens", "spaces_between_special_tokens",
-        "return_token_ids", "add_generation_prompt", "response_format", "structured_outputs",
+        "return_token_ids", "add_generation_prompt", "response_format", "structured_outputs", "logprobs",
+        "top_logprobs",
     }
 )  # fmt: skip
 IGNORED = frozenset({"user", "include_reasoning"})  # no reasoning parser: vLLM's server ignores it as well
 REFUSED = frozenset(
     {
-        "logprobs", "top_logprobs", "prompt_logprobs", "logprob_token_ids", "echo", "tools", "tool_choice",
+        "prompt_logprobs", "logprob_token_ids", "echo", "tools", "tool_choice",
         "parallel_tool_calls", "documents", "chat_template", "chat_template_kwargs", "continue_final_message",
         "reasoning_effort", "thinking_token_budget",
         "use_beam_search", "length_penalty", "mm_processor_kwargs", "media_io_kwargs", "mm_payload", "priority",
@@ -116,6 +119,38 @@ def refuse_unsupported(request: Any, sent: Collection[str]) -> None:
         raise RequestError("'n' must be 1: mmgraph returns one choice per request", "n")
 
 
+def logprobs(
+    req: ChatRequest, token_ids: list[int], steps: list | None, decode: Callable[[int], str]
+) -> dict[str, Any] | None:
+    """OpenAI's `logprobs` of a choice (or of a stream chunk's tokens), as vLLM's server writes it: each token
+    with its logprob and UTF-8 bytes and the first `top_logprobs` entries of its position; `decode` is the
+    tokenizer's, for what the engine did not detokenize."""
+    if not req.logprobs:
+        return None
+    content = []
+    for token_id, step in zip(token_ids, steps or [], strict=False):
+        chosen = next((entry for entry in step if entry[0] == token_id), None)
+        if chosen is None:
+            token = decode(token_id)
+            content.append({"token": token, "logprob": -9999.0, "bytes": list(token.encode("utf-8", "replace"))})
+            continue
+        top = []
+        for i, (other, logprob, _rank, decoded) in enumerate(step):
+            if req.top_logprobs == -1 or (req.top_logprobs is not None and i < req.top_logprobs):
+                text = decoded if decoded is not None else decode(other)
+                top.append({"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8", "replace"))})
+        decoded = chosen[3]
+        content.append(
+            {
+                "token": decoded if decoded is not None else decode(token_id),
+                "logprob": chosen[1],
+                "bytes": None if decoded is None else list(decoded.encode("utf-8", "replace")),
+                "top_logprobs": top,
+            }
+        )
+    return {"content": content}
+
+
 def error_body(message: str, status: int, param: str | None = None, kind: str | None = None) -> dict[str, Any]:
     kind = kind or ("invalid_request_error" if status < 500 else "server_error")
     return {"error": {"message": message, "type": kind, "param": param, "code": status}}
@@ -129,23 +164,39 @@ def sse(body: dict[str, Any] | str) -> bytes:
     return f"data: {body if isinstance(body, str) else json.dumps(body)}\n\n".encode()
 
 
-def chunk(request_id: str, model: str, delta: dict, finish: str | None, usage: dict | None = None) -> dict[str, Any]:
+def chunk(
+    request_id: str,
+    model: str,
+    delta: dict,
+    finish: str | None,
+    usage: dict | None = None,
+    logprobs: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
     body: dict[str, Any] = {
         "id": request_id,
         "object": "chat.completion.chunk",
         "created": int(time.time()),
         "model": model,
-        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}] if usage is None else [],
+        "choices": [choice] if usage is None else [],
     }
     if usage is not None:
         body["usage"] = usage
     return body
 
 
-def completion(request_id: str, req: ChatRequest, text: str, token_ids: list[int], last: GenerateEvent | None) -> dict:
+def completion(
+    request_id: str,
+    req: ChatRequest,
+    text: str,
+    token_ids: list[int],
+    last: GenerateEvent | None,
+    logprobs: dict[str, Any] | None = None,
+) -> dict:
     choice: dict[str, Any] = {
         "index": 0,
         "message": {"role": "assistant", "content": text},
+        "logprobs": logprobs,
         "finish_reason": last.finish_reason if last else None,
     }
     if req.return_token_ids:

@@ -79,6 +79,10 @@ class Processor:
             raise RequestError(str(err), getattr(err, "parameter", None)) from None
         return list(token_ids), urls, msgspec.to_builtins(params, str_keys=True)
 
+    def decode(self, token_id: int) -> str:
+        """One token's text, as vLLM's server decodes a token its engine did not (for logprobs)."""
+        return self.tokenizer.decode(token_id)
+
     def _checked_url(self, url: str) -> str:
         """Scheme, and for data: URLs size and encoding, checked before any stage works (the encoder checks the
         rest where it connects)."""
