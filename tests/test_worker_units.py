@@ -751,3 +751,11 @@ def test_a_refused_field_at_its_default_is_accepted():
         with pytest.raises(RequestError) as info:
             refuse_unsupported(ChatCompletionRequest.model_validate({**base, **asked}), asked)
         assert info.value.param == next(iter(asked))
+
+
+def test_every_field_of_vllms_text_completion_request_is_decided():
+    from mmgraph_workers.frontend.openai_api import IGNORED, TEXT_HONOURED, TEXT_REFUSED
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+    assert not TEXT_HONOURED & TEXT_REFUSED
+    assert set(CompletionRequest.model_fields) - (TEXT_HONOURED | IGNORED | TEXT_REFUSED) == set()

@@ -57,25 +57,25 @@ def body(case: str, extra: dict[str, Any], stream: bool) -> dict[str, Any]:
     return out
 
 
-def answer(endpoint: str, request: dict[str, Any]) -> dict[str, Any]:
-    """What a client sees: text, finish_reason and usage, whether streamed or not."""
+def answer(endpoint: str, request: dict[str, Any], path: str = "/v1/chat/completions") -> dict[str, Any]:
+    """What a client sees: text, finish_reason and usage, whether streamed or not (chat or text completions)."""
     logprobs: list[dict[str, Any]] = []
     if not request["stream"]:
-        r = httpx.post(f"{endpoint}/v1/chat/completions", json=request, timeout=180)
+        r = httpx.post(f"{endpoint}{path}", json=request, timeout=180)
         assert r.status_code == 200, r.text
         choice, usage = r.json()["choices"][0], r.json()["usage"]
-        text, finish = choice["message"]["content"], choice["finish_reason"]
+        text, finish = choice["message"]["content"] if "message" in choice else choice["text"], choice["finish_reason"]
         logprobs = (choice.get("logprobs") or {}).get("content") or []
     else:
         text, finish, usage = "", None, None
-        with httpx.stream("POST", f"{endpoint}/v1/chat/completions", json=request, timeout=180) as r:
+        with httpx.stream("POST", f"{endpoint}{path}", json=request, timeout=180) as r:
             assert r.status_code == 200, r.read()
             for line in r.iter_lines():
                 if not line.startswith("data: {"):
                     continue
                 chunk = json.loads(line[6:])
                 for choice in chunk.get("choices") or []:
-                    text += choice["delta"].get("content") or ""
+                    text += (choice["delta"].get("content") if "delta" in choice else choice.get("text")) or ""
                     finish = choice.get("finish_reason") or finish
                     logprobs += (choice.get("logprobs") or {}).get("content") or []
                 usage = chunk.get("usage") or usage
@@ -168,3 +168,67 @@ def test_logprobs_answer_as_vllms_server_does(endpoints, vllm_server, extra, str
     assert all(len(e["top_logprobs"]) == extra.get("top_logprobs", 0) for e in theirs["logprobs"]), theirs
     for topology in TOPOLOGIES:
         assert rounded(answer(endpoints[topology], body("one-image", extra, stream))) == theirs, topology
+
+
+TOKENIZER_CALLS = [
+    ("/tokenize", {"model": MODEL_NAME, "prompt": "hello world, what color is the sky"}),
+    ("/tokenize", {"prompt": "hello <|im_start|> there", "add_special_tokens": False, "return_token_strs": True}),
+    ("/tokenize", {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hi there"}]}),
+    (
+        "/tokenize",
+        {
+            "messages": [
+                {"role": "system", "content": "be brief"},
+                {"role": "user", "content": [{"type": "text", "text": "hi"}]},
+            ],
+            "add_generation_prompt": False,
+            "return_token_strs": True,
+        },
+    ),
+    ("/detokenize", {"model": MODEL_NAME, "tokens": [100, 200, 300, 151644]}),
+]
+
+
+@pytest.mark.parametrize(("path", "request_body"), TOKENIZER_CALLS)
+def test_tokenize_and_detokenize_answer_as_vllms_server_does(endpoints, vllm_server, path, request_body):
+    theirs = httpx.post(f"{vllm_server}{path}", json=request_body, timeout=30)
+    ours = httpx.post(f"{endpoints['e-p-d']}{path}", json=request_body, timeout=30)
+    assert theirs.status_code == ours.status_code == 200, (theirs.text, ours.text)
+    assert ours.json() == theirs.json()
+
+
+def test_tokenize_refuses_what_it_cannot_count(endpoints, vllm_server):
+    """A model that is not served is a 404, as in vLLM's server; images are a 400 here (vLLM's server counts the
+    engine's expanded image tokens, which only the engine knows)."""
+    wrong = {"model": "gpt-9", "prompt": "hi"}
+    assert httpx.post(f"{endpoints['e-p-d']}/tokenize", json=wrong, timeout=30).status_code == 404
+    assert httpx.post(f"{vllm_server}/tokenize", json=wrong, timeout=30).status_code == 404
+    images = {"messages": CASES["one-image"]["messages"]}
+    r = httpx.post(f"{endpoints['e-p-d']}/tokenize", json=images, timeout=30)
+    assert r.status_code == 400 and "leave the images out" in r.json()["error"]["message"]
+
+
+TEXT_CASES: dict[str, dict[str, Any]] = {
+    "greedy": {"prompt": "The sky is blue and", "max_tokens": 12, "temperature": 0},
+    "token-ids": {"prompt": [785, 12884, 374, 6303], "max_tokens": 8, "temperature": 0},
+    "default-max-tokens": {"prompt": "hello there", "temperature": 0},  # 16, as the legacy API says
+    "seeded": {"prompt": "Once upon", "temperature": 0.9, "seed": 5, "max_tokens": 10},
+    "penalties+stop-ids": {
+        "prompt": "a b a b a b",
+        "repetition_penalty": 1.4,
+        "stop_token_ids": [13],
+        "max_tokens": 12,
+    },
+    "json": {"prompt": "data:", "response_format": {"type": "json_object"}, "max_tokens": 10, "temperature": 0},
+}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+@pytest.mark.parametrize("case", TEXT_CASES)
+def test_text_completions_answer_as_vllms_server_does(endpoints, vllm_server, case, stream):
+    request = {"model": MODEL_NAME, **TEXT_CASES[case], "stream": stream}
+    if stream:
+        request["stream_options"] = {"include_usage": True}
+    theirs = answer(vllm_server, request, "/v1/completions")
+    for topology in TOPOLOGIES:
+        assert answer(endpoints[topology], request, "/v1/completions") == theirs, topology

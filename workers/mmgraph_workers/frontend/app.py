@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -21,8 +22,12 @@ from prometheus_client import Counter, Gauge, Histogram
 from pydantic import ValidationError
 
 from mmgraph_workers.frontend.openai_api import (
+    CHAT,
+    TEXT,
     ChatRequest,
     RequestError,
+    Shape,
+    TextRequest,
     chunk,
     completion,
     error_body,
@@ -108,35 +113,71 @@ def build_app(args: argparse.Namespace) -> FastAPI:
             "data": [{"id": args.served_model_name, "object": "model", "created": 0, "owned_by": "mmgraph"}],
         }
 
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> JSONResponse:
+        router: Router = app.state.router
+        max_len = router.pd_info.max_model_len if router.pd_info else None
+        return await _tokenizer_call(request, lambda processor, body: processor.tokenize(body, max_len))
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> JSONResponse:
+        return await _tokenizer_call(request, lambda processor, body: processor.detokenize(body))
+
+    async def _tokenizer_call(request: Request, call: Callable[[Processor, dict], dict]) -> JSONResponse:
+        """vLLM's /tokenize and /detokenize: on PREPARE's thread, the tokenizer's only user."""
+        processor: Processor = app.state.processor
+        try:
+            body = await request.body()
+            loop = asyncio.get_running_loop()
+            answer = await loop.run_in_executor(PREPARE, lambda: call(processor, json.loads(body)))
+        except (json.JSONDecodeError, UnicodeDecodeError, ValidationError, RequestError) as err:
+            status, error = failure(_request_error(err), "tokenize")
+            return JSONResponse(error, status_code=status)
+        return JSONResponse(answer)
+
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
+        return await _answer(request, CHAT)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await _answer(request, TEXT)
+
+    async def _answer(request: Request, shape: Shape):
         processor: Processor | None = app.state.processor
         router: Router | None = app.state.router
         assert processor is not None and router is not None, "not ready"
-        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        request_id = f"{shape.prefix}-{uuid.uuid4().hex}"
         try:
             body = await request.body()
             loop = asyncio.get_running_loop()
             req, (token_ids, urls, sampling) = await loop.run_in_executor(
-                PREPARE, _prepare, processor, body, router.pd_info
+                PREPARE, _prepare, processor, shape, body, router.pd_info
             )
         except (json.JSONDecodeError, UnicodeDecodeError, ValidationError, RequestError) as err:
             status, body = failure(_request_error(err), request_id)
             return JSONResponse(body, status_code=status)
         events = router.run(request_id, token_ids, urls, sampling)
+        writer = Writer(shape, request_id, req, processor.decode)
         if req.stream:  # Starlette stops the stream (and so the stages' calls) when the client goes
-            return StreamingResponse(_sse(request_id, req, events, processor.decode), media_type="text/event-stream")
-        return await unless_disconnected(request, _complete(request_id, req, events, processor.decode))
+            return StreamingResponse(writer.stream(events), media_type="text/event-stream")
+        return await unless_disconnected(request, writer.whole(events))
 
     return app
 
 
-def _prepare(processor: Processor, body: bytes, pd: WorkerInfo | None) -> tuple[ChatRequest, tuple]:
+def _prepare(
+    processor: Processor, shape: Shape, body: bytes, pd: WorkerInfo | None
+) -> tuple[ChatRequest | TextRequest, tuple]:
     """Parse, check, template and tokenize one request: on PREPARE's thread, since a large body (base64 images)
     would hold the event loop, and so every other request's stream, for as long as it takes."""
     data = json.loads(body)
-    req = ChatRequest.model_validate(data)
-    return req, processor.prepare(req, data, pd.max_model_len if pd else None, pd.default_sampling if pd else {})
+    max_len, defaults = (pd.max_model_len, pd.default_sampling) if pd else (None, {})
+    if shape.chat:
+        chat = ChatRequest.model_validate(data)
+        return chat, processor.prepare(chat, data, max_len, defaults)
+    text = TextRequest.model_validate(data)
+    return text, processor.prepare_text(text, data, max_len, defaults)
 
 
 def _request_error(err: Exception) -> RequestError:
@@ -157,51 +198,62 @@ def main(args: argparse.Namespace) -> None:
     serve(build_app(args), args)
 
 
-async def _sse(
-    request_id: str, req: ChatRequest, events: AsyncIterator[GenerateEvent], decode: Callable[[int], str]
-) -> AsyncIterator[bytes]:
-    started, first = time.perf_counter(), True
-    include_usage = bool((req.stream_options or {}).get("include_usage"))
-    IN_FLIGHT.inc()
-    try:
-        yield sse(chunk(request_id, req.model, {"role": "assistant", "content": ""}, None))
-        async for event in events:
-            if first and (event.token_ids or event.text):
-                TTFT.observe(time.perf_counter() - started)
-                first = False
-            if event.text or event.finish_reason or event.logprobs:
-                delta = {"content": event.text} if event.text else {}
-                probs = logprobs(req, event.token_ids, event.logprobs, decode)
-                yield sse(chunk(request_id, req.model, delta, event.finish_reason, logprobs=probs))
-            if event.finish_reason and include_usage:
-                yield sse(chunk(request_id, req.model, {}, None, usage(event)))
+@dataclass
+class Writer:
+    """Writes one request's answer in its shape, streamed (SSE) or whole, from the stages' events."""
+
+    shape: Shape
+    request_id: str
+    req: ChatRequest | TextRequest
+    decode: Callable[[int], str]
+
+    def _logprobs(self, token_ids: list[int], steps: list | None) -> dict | None:
+        return logprobs(self.req, token_ids, steps, self.decode) if isinstance(self.req, ChatRequest) else None
+
+    async def stream(self, events: AsyncIterator[GenerateEvent]) -> AsyncIterator[bytes]:
+        shape, req = self.shape, self.req
+        started, first = time.perf_counter(), True
+        include_usage = bool((req.stream_options or {}).get("include_usage"))
+        IN_FLIGHT.inc()
+        try:
+            if shape.chat:
+                opening = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+                yield sse(chunk(shape, self.request_id, req.model, opening))
+            async for event in events:
+                if first and (event.token_ids or event.text):
+                    TTFT.observe(time.perf_counter() - started)
+                    first = False
+                if event.text or event.finish_reason or event.logprobs:
+                    probs = self._logprobs(event.token_ids, event.logprobs)
+                    choice = shape.choice(event.text, event.finish_reason, probs, streamed=True)
+                    yield sse(chunk(shape, self.request_id, req.model, choice))
+                if event.finish_reason and include_usage:
+                    yield sse(chunk(shape, self.request_id, req.model, None, usage(event)))
+            REQUESTS.labels("200").inc()
+        except Exception as err:
+            yield sse(failure(err, self.request_id)[1])
+        finally:
+            IN_FLIGHT.dec()
+        yield sse("[DONE]")
+
+    async def whole(self, events: AsyncIterator[GenerateEvent]) -> JSONResponse:
+        started, text, token_ids, steps, last = time.perf_counter(), [], [], [], None
+        IN_FLIGHT.inc()
+        try:
+            async for event in events:
+                if not text and (event.token_ids or event.text):
+                    TTFT.observe(time.perf_counter() - started)
+                text.append(event.text)
+                token_ids += event.token_ids
+                steps += event.logprobs or []
+                last = event
+        except Exception as err:
+            status, body = failure(err, self.request_id)
+            retry = {"Retry-After": "1"} if status == 503 else None  # busy or overloaded: a retry may well succeed
+            return JSONResponse(body, status_code=status, headers=retry)
+        finally:
+            IN_FLIGHT.dec()
         REQUESTS.labels("200").inc()
-    except Exception as err:
-        yield sse(failure(err, request_id)[1])
-    finally:
-        IN_FLIGHT.dec()
-    yield sse("[DONE]")
-
-
-async def _complete(
-    request_id: str, req: ChatRequest, events: AsyncIterator[GenerateEvent], decode: Callable[[int], str]
-) -> JSONResponse:
-    started, text, token_ids, steps, last = time.perf_counter(), [], [], [], None
-    IN_FLIGHT.inc()
-    try:
-        async for event in events:
-            if not text and (event.token_ids or event.text):
-                TTFT.observe(time.perf_counter() - started)
-            text.append(event.text)
-            token_ids += event.token_ids
-            steps += event.logprobs or []
-            last = event
-    except Exception as err:
-        status, body = failure(err, request_id)
-        retry = {"Retry-After": "1"} if status == 503 else None  # busy or overloaded: a retry may well succeed
-        return JSONResponse(body, status_code=status, headers=retry)
-    finally:
-        IN_FLIGHT.dec()
-    REQUESTS.labels("200").inc()
-    probs = logprobs(req, token_ids, steps, decode)
-    return JSONResponse(completion(request_id, req, "".join(text), token_ids, last, probs))
+        probs = self._logprobs(token_ids, steps)
+        body = completion(self.shape, self.request_id, self.req, "".join(text), token_ids, last, probs)
+        return JSONResponse(body)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Collection
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from fastapi.responses import JSONResponse
@@ -61,20 +62,31 @@ class ChatMessage(BaseModel):
         return out
 
 
-class ChatRequest(BaseModel):
-    """What the frontend itself reads of a chat request: the messages (to template them and find the media) and
-    how to answer. Every other field, sampling included, is read by vLLM's own request model (`FIELDS`)."""
+class Answering(BaseModel):
+    """What the frontend itself reads of a request to say how to answer it. Every other field, sampling included,
+    is read by vLLM's own request model (see HONOURED)."""
 
     model_config = ConfigDict(extra="ignore")
     model: str
-    messages: list[ChatMessage] = Field(min_length=1)
     stream: bool = False
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
     stream_options: dict[str, Any] | None = None
     return_token_ids: bool = False  # vLLM's extension: the generated token ids beside the text
+    max_tokens: int | None = Field(default=None, ge=1)
+
+
+class ChatRequest(Answering):
+    """A chat request: the messages (to template them and find the media) and the logprobs asked for."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = None
+
+
+class TextRequest(Answering):
+    """A (legacy) text completion: one prompt, text or token ids."""
+
+    prompt: str | list[int]
 
 
 # Every field of vLLM's chat request model (vllm/entrypoints/openai/chat_completion/protocol.py), and what
@@ -107,15 +119,34 @@ REFUSED = frozenset(
 )  # fmt: skip
 
 
-def refuse_unsupported(request: Any, sent: Collection[str]) -> None:
+# vLLM's text completion request: the chat table's decisions, plus its own fields. Its logprobs are another shape
+# (text_offset, token_logprobs), not written here yet.
+TEXT_REFUSED = REFUSED | {"logprobs", "prompt_embeds", "suffix"}
+TEXT_HONOURED = (HONOURED - {"logprobs", "messages"}) | {"prompt"}
+
+# vLLM's /tokenize fields mmgraph does not honour (the rest: model, prompt or messages, add_generation_prompt,
+# add_special_tokens, return_token_strs)
+TOKENIZE_REFUSED = frozenset(
+    {
+        "chat_template",
+        "chat_template_kwargs",
+        "continue_final_message",
+        "tools",
+        "media_io_kwargs",
+        "mm_processor_kwargs",
+    }
+)
+
+
+def refuse_unsupported(request: Any, sent: Collection[str], refused: frozenset[str] = REFUSED) -> None:
     """RequestError naming the first field the client sent (`sent`: the body's keys; vLLM's validators fill in
     others) that mmgraph does not honour yet, in vLLM's validated `request`; `n` is honoured only as 1."""
-    for name in sorted(REFUSED.intersection(sent)):
+    for name in sorted(refused.intersection(sent)):
         value = getattr(request, name)
         default = type(request).model_fields[name].get_default(call_default_factory=True)
         if value != default and value not in (None, [], {}):
             raise RequestError(f"'{name}' is not supported by mmgraph yet; leave it out (or at {default!r})", name)
-    if request.n != 1:
+    if getattr(request, "n", 1) != 1:
         raise RequestError("'n' must be 1: mmgraph returns one choice per request", "n")
 
 
@@ -164,21 +195,37 @@ def sse(body: dict[str, Any] | str) -> bytes:
     return f"data: {body if isinstance(body, str) else json.dumps(body)}\n\n".encode()
 
 
-def chunk(
-    request_id: str,
-    model: str,
-    delta: dict,
-    finish: str | None,
-    usage: dict | None = None,
-    logprobs: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+@dataclass(frozen=True)
+class Shape:
+    """How an answer is written: a chat completion (a message, streamed as deltas) or a text completion."""
+
+    prefix: str  # of the response id
+    object: str
+    chunk_object: str
+    chat: bool
+
+    def choice(self, text: str, finish: str | None, logprobs: dict | None, streamed: bool) -> dict[str, Any]:
+        if not self.chat:
+            body: dict[str, Any] = {"text": text}
+        elif streamed:
+            body = {"delta": {"content": text} if text else {}}
+        else:
+            body = {"message": {"role": "assistant", "content": text}}
+        return {"index": 0, **body, "logprobs": logprobs, "finish_reason": finish}
+
+
+CHAT = Shape("chatcmpl", "chat.completion", "chat.completion.chunk", chat=True)
+TEXT = Shape("cmpl", "text_completion", "text_completion", chat=False)
+
+
+def chunk(shape: Shape, request_id: str, model: str, choice: dict | None, usage: dict | None = None) -> dict:
+    """One streamed event: a choice's delta, or (choice None) the usage at the end."""
     body: dict[str, Any] = {
         "id": request_id,
-        "object": "chat.completion.chunk",
+        "object": shape.chunk_object,
         "created": int(time.time()),
         "model": model,
-        "choices": [choice] if usage is None else [],
+        "choices": [choice] if choice is not None else [],
     }
     if usage is not None:
         body["usage"] = usage
@@ -186,24 +233,20 @@ def chunk(
 
 
 def completion(
+    shape: Shape,
     request_id: str,
-    req: ChatRequest,
+    req: Answering,
     text: str,
     token_ids: list[int],
     last: GenerateEvent | None,
     logprobs: dict[str, Any] | None = None,
 ) -> dict:
-    choice: dict[str, Any] = {
-        "index": 0,
-        "message": {"role": "assistant", "content": text},
-        "logprobs": logprobs,
-        "finish_reason": last.finish_reason if last else None,
-    }
+    choice = shape.choice(text, last.finish_reason if last else None, logprobs, streamed=False)
     if req.return_token_ids:
         choice["token_ids"] = token_ids
     return {
         "id": request_id,
-        "object": "chat.completion",
+        "object": shape.object,
         "created": int(time.time()),
         "model": req.model,
         "choices": [choice],

@@ -5,17 +5,34 @@ image, which the engine expands) and tokenized."""
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+from vllm.entrypoints.serve.tokenize.protocol import (
+    DetokenizeRequest,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
+)
 from vllm.entrypoints.serve.utils.api_utils import get_max_tokens
 from vllm.exceptions import VLLMClientError
 
-from mmgraph_workers.frontend.openai_api import ChatRequest, ImagePart, RequestError, refuse_unsupported
+from mmgraph_workers.frontend.openai_api import (
+    TEXT_REFUSED,
+    TOKENIZE_REFUSED,
+    ChatMessage,
+    ChatRequest,
+    ImagePart,
+    RequestError,
+    TextRequest,
+    refuse_unsupported,
+)
 from mmgraph_workers.media import MediaError, policy
 from mmgraph_workers.media.fetch import check_scheme, decode_data_url, scheme_of
+
+M = TypeVar("M", bound=BaseModel)
 
 
 class Processor:
@@ -34,14 +51,72 @@ class Processor:
         """(prompt token ids, media URLs in prompt order, vLLM's SamplingParams as the message carries them), or
         RequestError saying what to change. `body` goes through vLLM's own request model, so its fields are checked
         and mean what they do in vLLM's server; `defaults` are the engine's (the model's generation config)."""
-        if req.model != self.served_model_name:
-            raise RequestError(
-                f"model {req.model!r} is not served here; this endpoint serves {self.served_model_name!r}",
-                "model",
-                404,
+        self._check_model(req.model)
+        conversation, urls = self._conversation(req.messages)
+        sent = set(body)  # before vLLM's validators, which fill in fields (tools brings tool_choice) in place
+        vllm_req = vllm_request(body)
+        refuse_unsupported(vllm_req, sent)
+        token_ids = self.tokenizer.apply_chat_template(
+            conversation, add_generation_prompt=vllm_req.add_generation_prompt, tokenize=True, return_dict=False
+        )
+        requested = req.max_completion_tokens or req.max_tokens
+        return list(token_ids), urls, _sampling(vllm_req, len(token_ids), requested, max_model_len, defaults)
+
+    def prepare_text(
+        self, req: TextRequest, body: dict[str, Any], max_model_len: int | None, defaults: dict[str, Any]
+    ) -> tuple[list[int], list[str], dict[str, Any]]:
+        """As `prepare`, for a text completion: one prompt, a string (tokenized as vLLM's server does, special
+        tokens added unless asked not to) or token ids."""
+        self._check_model(req.model)
+        sent = set(body)
+        vllm_req = validated(CompletionRequest, body)
+        refuse_unsupported(vllm_req, sent, TEXT_REFUSED)
+        if isinstance(req.prompt, str):
+            token_ids = self.tokenizer(req.prompt, add_special_tokens=vllm_req.add_special_tokens).input_ids
+        else:
+            token_ids = req.prompt
+        if not token_ids:
+            raise RequestError("the prompt is empty", "prompt")
+        return list(token_ids), [], _sampling(vllm_req, len(token_ids), req.max_tokens, max_model_len, defaults)
+
+    def tokenize(self, body: dict[str, Any], max_model_len: int | None) -> dict[str, Any]:
+        """vLLM's `/tokenize`: a prompt, or text-only messages through the chat template (an image's tokens are
+        the engine's to count: vLLM's server expands each image there, the frontend cannot)."""
+        sent = set(body)
+        kind = TokenizeChatRequest if "messages" in body else TokenizeCompletionRequest
+        req = validated(kind, body)
+        if req.model is not None:
+            self._check_model(req.model)
+        refuse_unsupported(req, sent, TOKENIZE_REFUSED)
+        if isinstance(req, TokenizeChatRequest):
+            conversation, urls = self._conversation([ChatMessage.model_validate(m) for m in req.messages])
+            if urls:
+                raise RequestError("/tokenize counts text here: leave the images out", "messages")
+            ids = self.tokenizer.apply_chat_template(
+                conversation, add_generation_prompt=req.add_generation_prompt, tokenize=True, return_dict=False
             )
+        else:
+            ids = self.tokenizer(req.prompt, add_special_tokens=req.add_special_tokens).input_ids
+        strs = self.tokenizer.convert_ids_to_tokens(list(ids)) if req.return_token_strs else None
+        return {"count": len(ids), "max_model_len": max_model_len, "tokens": list(ids), "token_strs": strs}
+
+    def detokenize(self, body: dict[str, Any]) -> dict[str, Any]:
+        """vLLM's `/detokenize`: token ids back to text."""
+        req = validated(DetokenizeRequest, body)
+        if req.model is not None:
+            self._check_model(req.model)
+        return {"prompt": self.tokenizer.decode(req.tokens)}
+
+    def _check_model(self, model: str) -> None:
+        if model != self.served_model_name:
+            raise RequestError(
+                f"model {model!r} is not served here; this endpoint serves {self.served_model_name!r}", "model", 404
+            )
+
+    def _conversation(self, messages: list[ChatMessage]) -> tuple[list[dict[str, Any]], list[str]]:
+        """The messages as the chat template takes them (one image part per image) and the images' URLs, checked."""
         conversation, urls = [], []
-        for message in req.messages:
+        for message in messages:
             parts = []
             for part in message.parts():
                 if isinstance(part, ImagePart):
@@ -58,26 +133,7 @@ class Processor:
             raise RequestError(
                 f"{len(urls)} images in one request, more than the {self.policy.max_items} allowed", "messages"
             )
-        sent = set(body)  # before vLLM's validators, which fill in fields (tools brings tool_choice) in place
-        vllm_req = vllm_request(body)
-        refuse_unsupported(vllm_req, sent)
-        token_ids = self.tokenizer.apply_chat_template(
-            conversation, add_generation_prompt=vllm_req.add_generation_prompt, tokenize=True, return_dict=False
-        )
-        requested = req.max_completion_tokens or req.max_tokens
-        if max_model_len is not None and requested is not None and len(token_ids) + requested > max_model_len:
-            raise RequestError(
-                f"the prompt is {len(token_ids)} tokens and max_tokens is {requested}: together more than the "
-                f"model's {max_model_len} token context; lower max_tokens",
-                "max_tokens",
-            )
-        try:
-            # as vLLM's server: unset, max_tokens is what the context leaves (or the generation config's)
-            max_tokens = get_max_tokens(max_model_len or 2**31, requested, len(token_ids), defaults)
-            params = vllm_req.to_sampling_params(max_tokens, defaults)
-        except (ValueError, VLLMClientError) as err:  # vLLM's own checks of the values (e.g. a negative top_k)
-            raise RequestError(str(err), getattr(err, "parameter", None)) from None
-        return list(token_ids), urls, msgspec.to_builtins(params, str_keys=True)
+        return conversation, urls
 
     def decode(self, token_id: int) -> str:
         """One token's text, as vLLM's server decodes a token its engine did not (for logprobs)."""
@@ -95,11 +151,34 @@ class Processor:
         return url
 
 
-def vllm_request(body: dict[str, Any]) -> ChatCompletionRequest:
-    """`body` as vLLM's server reads it. Its field checks fail with pydantic's ValidationError (the app names the
-    field) or vLLM's own VLLMValidationError, which names its parameter."""
+def _sampling(
+    vllm_req: Any, prompt_len: int, requested: int | None, max_model_len: int | None, defaults: dict[str, Any]
+) -> dict[str, Any]:
+    """vLLM's SamplingParams for a request, as the message carries them: max_tokens as vLLM's server sets it
+    (unset, what the context leaves, or the generation config's), made by vLLM's `to_sampling_params`."""
+    if max_model_len is not None and requested is not None and prompt_len + requested > max_model_len:
+        raise RequestError(
+            f"the prompt is {prompt_len} tokens and max_tokens is {requested}: together more than the "
+            f"model's {max_model_len} token context; lower max_tokens",
+            "max_tokens",
+        )
     try:
-        return ChatCompletionRequest.model_validate(body)
+        max_tokens = get_max_tokens(max_model_len or 2**31, requested, prompt_len, defaults)
+        params = vllm_req.to_sampling_params(max_tokens, defaults)
+    except (ValueError, VLLMClientError) as err:  # vLLM's own checks of the values (e.g. a negative top_k)
+        raise RequestError(str(err), getattr(err, "parameter", None)) from None
+    return msgspec.to_builtins(params, str_keys=True)
+
+
+def vllm_request(body: dict[str, Any]) -> ChatCompletionRequest:
+    return validated(ChatCompletionRequest, body)
+
+
+def validated(kind: type[M], body: dict[str, Any]) -> M:
+    """`body` as vLLM's server reads it, with vLLM's model `kind`. Its field checks fail with pydantic's
+    ValidationError (the app names the field) or vLLM's own VLLMValidationError, which names its parameter."""
+    try:
+        return kind.model_validate(body)
     except ValidationError:
         raise
     except (ValueError, VLLMClientError) as err:
