@@ -210,7 +210,7 @@ def test_tokenize_refuses_what_it_cannot_count(endpoints, vllm_server):
 
 TEXT_CASES: dict[str, dict[str, Any]] = {
     "greedy": {"prompt": "The sky is blue and", "max_tokens": 12, "temperature": 0},
-    "token-ids": {"prompt": [785, 12884, 374, 6303], "max_tokens": 8, "temperature": 0},
+    "token-ids": {"prompt": [100, 200, 300, 400], "max_tokens": 8, "temperature": 0},
     "default-max-tokens": {"prompt": "hello there", "temperature": 0},  # 16, as the legacy API says
     "seeded": {"prompt": "Once upon", "temperature": 0.9, "seed": 5, "max_tokens": 10},
     "penalties+stop-ids": {
@@ -218,6 +218,7 @@ TEXT_CASES: dict[str, dict[str, Any]] = {
         "repetition_penalty": 1.4,
         "stop_token_ids": [13],
         "max_tokens": 12,
+        "temperature": 0,
     },
     "json": {"prompt": "data:", "response_format": {"type": "json_object"}, "max_tokens": 10, "temperature": 0},
 }
@@ -232,3 +233,11 @@ def test_text_completions_answer_as_vllms_server_does(endpoints, vllm_server, ca
     theirs = answer(vllm_server, request, "/v1/completions")
     for topology in TOPOLOGIES:
         assert answer(endpoints[topology], request, "/v1/completions") == theirs, topology
+
+
+def test_a_text_prompt_the_model_cannot_read_is_a_400_as_in_vllms_server(endpoints, vllm_server):
+    request = {"model": MODEL_NAME, "prompt": [1, 10**6], "max_tokens": 2}
+    assert httpx.post(f"{vllm_server}/v1/completions", json=request, timeout=30).status_code == 400
+    for topology in TOPOLOGIES:
+        r = httpx.post(f"{endpoints[topology]}/v1/completions", json=request, timeout=30)
+        assert r.status_code == 400 and "vocabulary" in r.json()["error"]["message"], (topology, r.text)

@@ -77,7 +77,8 @@ class Processor:
             token_ids = req.prompt
         if not token_ids:
             raise RequestError("the prompt is empty", "prompt")
-        return list(token_ids), [], _sampling(vllm_req, len(token_ids), req.max_tokens, max_model_len, defaults)
+        requested = vllm_req.max_tokens  # 16 when unset: the legacy API's default, as in vLLM's server
+        return list(token_ids), [], _sampling(vllm_req, len(token_ids), requested, max_model_len, defaults)
 
     def tokenize(self, body: dict[str, Any], max_model_len: int | None) -> dict[str, Any]:
         """vLLM's `/tokenize`: a prompt, or text-only messages through the chat template (an image's tokens are
