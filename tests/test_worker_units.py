@@ -747,10 +747,16 @@ def test_a_refused_field_at_its_default_is_accepted():
     base = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
     for defaults in ({"prompt_logprobs": None}, {"tool_choice": "none"}, {"priority": 0}, {"echo": False}, {"n": 1}):
         refuse_unsupported(ChatCompletionRequest.model_validate({**base, **defaults}), defaults)
-    for asked in ({"prompt_logprobs": 2}, {"priority": 1}, {"echo": True}, {"n": 3}):
+    asked_for = (
+        {"prompt_logprobs": 2},
+        {"priority": 1},
+        {"echo": True},
+        {"stream": True, "stream_options": {"continuous_usage_stats": True}},
+    )
+    for asked in asked_for:
         with pytest.raises(RequestError) as info:
             refuse_unsupported(ChatCompletionRequest.model_validate({**base, **asked}), asked)
-        assert info.value.param == next(iter(asked))
+        assert info.value.param == list(asked)[-1]
 
 
 def test_every_field_of_vllms_text_completion_request_is_decided():

@@ -241,3 +241,46 @@ def test_a_text_prompt_the_model_cannot_read_is_a_400_as_in_vllms_server(endpoin
     for topology in TOPOLOGIES:
         r = httpx.post(f"{endpoints[topology]}/v1/completions", json=request, timeout=30)
         assert r.status_code == 400 and "vocabulary" in r.json()["error"]["message"], (topology, r.text)
+
+
+def choices(endpoint: str, request: dict[str, Any], path: str = "/v1/chat/completions") -> dict[str, Any]:
+    """Every choice's text and finish_reason, by index, and the usage: streamed or not."""
+    texts: dict[int, str] = {}
+    finishes: dict[int, str | None] = {}
+    if not request["stream"]:
+        r = httpx.post(f"{endpoint}{path}", json=request, timeout=180)
+        assert r.status_code == 200, r.text
+        for c in r.json()["choices"]:
+            texts[c["index"]] = c["message"]["content"] if "message" in c else c["text"]
+            finishes[c["index"]] = c["finish_reason"]
+        usage = r.json()["usage"]
+    else:
+        usage = None
+        with httpx.stream("POST", f"{endpoint}{path}", json=request, timeout=180) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    chunk = json.loads(line[6:])
+                    for c in chunk.get("choices") or []:
+                        piece = c["delta"].get("content") if "delta" in c else c.get("text")
+                        texts[c["index"]] = texts.get(c["index"], "") + (piece or "")
+                        finishes[c["index"]] = c.get("finish_reason") or finishes.get(c["index"])
+                    usage = chunk.get("usage") or usage
+    counts = ("prompt_tokens", "completion_tokens", "total_tokens")
+    return {"texts": texts, "finishes": finishes, "usage": {k: (usage or {}).get(k) for k in counts}}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_n_choices_answer_as_vllms_server_does_where_the_topology_allows(endpoints, vllm_server, path, stream):
+    """n = 3, sampled with a seed: the same three answers and the usage of all three as vLLM's server, in agg and
+    e-pd; e-p-d refuses it by name (each choice would pull pd's KV cache for itself)."""
+    prompt = {"messages": CASES["one-image"]["messages"]} if path.endswith("chat/completions") else {"prompt": "Hi"}
+    request = {"model": MODEL_NAME, **prompt, "n": 3, "temperature": 0.9, "seed": 4, "max_tokens": 8, "stream": stream}
+    if stream:
+        request["stream_options"] = {"include_usage": True}
+    theirs = choices(vllm_server, request, path)
+    assert sorted(theirs["texts"]) == [0, 1, 2] and len(set(theirs["texts"].values())) > 1, theirs
+    for topology in ("agg", "e-pd"):
+        assert choices(endpoints[topology], request, path) == theirs, topology
+    r = httpx.post(f"{endpoints['e-p-d']}{path}", json=request, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n", r.text

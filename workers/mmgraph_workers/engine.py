@@ -236,7 +236,7 @@ class Engine:
         params = sampling_params(req.sampling)  # vLLM's own checks, again: a message is a peer's claim
         params.output_kind = RequestOutputKind.DELTA  # this stage streams its tokens to the frontend
         if req.prefill_only:  # pd of e-p-d: the KV cache for decode, whose first token is its own
-            params.max_tokens, params.min_tokens = 1, 0
+            params.max_tokens, params.min_tokens, params.n = 1, 0, 1
             params.structured_outputs = None  # no grammar to compile for a token nobody sees
             params.extra_args = {**(params.extra_args or {}), "kv_transfer_params": {"do_remote_decode": True}}
         elif req.kv_transfer_params is not None:
@@ -247,18 +247,21 @@ class Engine:
             async with asyncio.timeout(req.kv_deadline_seconds) as lease:
                 async for out in self.llm.generate(prompt, params, req.request_id):
                     lease.reschedule(None)  # the KV was pulled in time: no deadline for the rest
-                    piece = out.outputs[0]
-                    completion += len(piece.token_ids)
-                    yield GenerateEvent(
-                        token_ids=list(piece.token_ids) if not req.prefill_only else [],
-                        text=piece.text if not req.prefill_only else "",
-                        finish_reason=piece.finish_reason if out.finished else None,
-                        prompt_tokens=len(out.prompt_token_ids or []) if out.finished else None,
-                        completion_tokens=completion if out.finished else None,
-                        kv_transfer_params=out.kv_transfer_params if out.finished else None,
-                        hidden_size=self.hidden_size,
-                        logprobs=_logprobs(piece.logprobs) if piece.logprobs is not None else None,
-                    )
+                    for k, piece in enumerate(out.outputs):  # one per choice with news (n > 1: several)
+                        completion += len(piece.token_ids)
+                        last = out.finished and k == len(out.outputs) - 1  # usage, once, for all choices
+                        yield GenerateEvent(
+                            index=piece.index,
+                            final=last,
+                            token_ids=list(piece.token_ids) if not req.prefill_only else [],
+                            text=piece.text if not req.prefill_only else "",
+                            finish_reason=piece.finish_reason,
+                            prompt_tokens=len(out.prompt_token_ids or []) if last else None,
+                            completion_tokens=completion if last else None,
+                            kv_transfer_params=out.kv_transfer_params if last else None,
+                            hidden_size=self.hidden_size,
+                            logprobs=_logprobs(piece.logprobs) if piece.logprobs is not None else None,
+                        )
         except (asyncio.CancelledError, GeneratorExit):  # the caller left: stop computing for nobody
             await self.llm.abort(req.request_id)
             raise

@@ -121,9 +121,11 @@ class GenerateRequest(Message):
 class GenerateEvent(BaseModel):
     """One NDJSON line of a /generate stream."""
 
+    index: int = 0  # the choice (n > 1)
     token_ids: list[int] = Field(default_factory=list)
     text: str = ""
-    finish_reason: str | None = None
+    finish_reason: str | None = None  # this choice's
+    final: bool = False  # the request's last event: it carries the usage (all choices) and pd's KV parameters
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     kv_transfer_params: dict[str, Any] | None = None

@@ -12,6 +12,7 @@ import logging
 import os
 import time
 import uuid
+from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from mmgraph_workers.frontend.openai_api import (
     CHAT,
     TEXT,
     ChatRequest,
+    Choice,
     RequestError,
     Shape,
     TextRequest,
@@ -200,7 +202,8 @@ def main(args: argparse.Namespace) -> None:
 
 @dataclass
 class Writer:
-    """Writes one request's answer in its shape, streamed (SSE) or whole, from the stages' events."""
+    """Writes one request's answer in its shape, streamed (SSE) or whole, from the stages' events (one choice per
+    `n`, each event naming its own)."""
 
     shape: Shape
     request_id: str
@@ -216,8 +219,8 @@ class Writer:
         include_usage = bool((req.stream_options or {}).get("include_usage"))
         IN_FLIGHT.inc()
         try:
-            if shape.chat:
-                opening = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+            for index in range(req.n if shape.chat else 0):
+                opening = {"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
                 yield sse(chunk(shape, self.request_id, req.model, opening))
             async for event in events:
                 if first and (event.token_ids or event.text):
@@ -225,9 +228,9 @@ class Writer:
                     first = False
                 if event.text or event.finish_reason or event.logprobs:
                     probs = self._logprobs(event.token_ids, event.logprobs)
-                    choice = shape.choice(event.text, event.finish_reason, probs, streamed=True)
+                    choice = shape.choice(event.index, event.text, event.finish_reason, probs, streamed=True)
                     yield sse(chunk(shape, self.request_id, req.model, choice))
-                if event.finish_reason and include_usage:
+                if event.final and include_usage:
                     yield sse(chunk(shape, self.request_id, req.model, None, usage(event)))
             REQUESTS.labels("200").inc()
         except Exception as err:
@@ -237,15 +240,13 @@ class Writer:
         yield sse("[DONE]")
 
     async def whole(self, events: AsyncIterator[GenerateEvent]) -> JSONResponse:
-        started, text, token_ids, steps, last = time.perf_counter(), [], [], [], None
+        started, choices, last = time.perf_counter(), defaultdict(Choice), None
         IN_FLIGHT.inc()
         try:
             async for event in events:
-                if not text and (event.token_ids or event.text):
+                if not choices and (event.token_ids or event.text):
                     TTFT.observe(time.perf_counter() - started)
-                text.append(event.text)
-                token_ids += event.token_ids
-                steps += event.logprobs or []
+                choices[event.index].add(event)
                 last = event
         except Exception as err:
             status, body = failure(err, self.request_id)
@@ -254,6 +255,5 @@ class Writer:
         finally:
             IN_FLIGHT.dec()
         REQUESTS.labels("200").inc()
-        probs = self._logprobs(token_ids, steps)
-        body = completion(self.shape, self.request_id, self.req, "".join(text), token_ids, last, probs)
-        return JSONResponse(body)
+        probs = lambda c: self._logprobs(c.token_ids, c.steps)  # noqa: E731
+        return JSONResponse(completion(self.shape, self.request_id, self.req, choices, last, probs))

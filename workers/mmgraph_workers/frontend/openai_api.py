@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from fastapi.responses import JSONResponse
@@ -72,6 +72,7 @@ class Answering(BaseModel):
     stream_options: dict[str, Any] | None = None
     return_token_ids: bool = False  # vLLM's extension: the generated token ids beside the text
     max_tokens: int | None = Field(default=None, ge=1)
+    n: int = 1
 
 
 class ChatRequest(Answering):
@@ -93,7 +94,8 @@ class TextRequest(Answering):
 # mmgraph does with it. HONOURED: as vLLM's server does (sampling fields go through vLLM's own
 # `to_sampling_params` to the engine that produces the tokens). IGNORED: vLLM's server ignores it too. REFUSED: a
 # client setting it to anything but its default gets a 400 naming it, never an answer as if it were not there.
-# A field vLLM adds later is in none of them: a test compares this table with vLLM's model.
+# A field vLLM adds later is in none of them: a test compares this table with vLLM's model. (`n` > 1: not in
+# e-p-d, where each choice would pull pd's KV cache for itself; see Processor._check_choices.)
 HONOURED = frozenset(
     {
         "model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens", "n",
@@ -140,14 +142,18 @@ TOKENIZE_REFUSED = frozenset(
 
 def refuse_unsupported(request: Any, sent: Collection[str], refused: frozenset[str] = REFUSED) -> None:
     """RequestError naming the first field the client sent (`sent`: the body's keys; vLLM's validators fill in
-    others) that mmgraph does not honour yet, in vLLM's validated `request`; `n` is honoured only as 1."""
+    others) that mmgraph does not honour yet, in vLLM's validated `request`."""
     for name in sorted(refused.intersection(sent)):
         value = getattr(request, name)
         default = type(request).model_fields[name].get_default(call_default_factory=True)
         if value != default and value not in (None, [], {}):
             raise RequestError(f"'{name}' is not supported by mmgraph yet; leave it out (or at {default!r})", name)
-    if getattr(request, "n", 1) != 1:
-        raise RequestError("'n' must be 1: mmgraph returns one choice per request", "n")
+    options = getattr(request, "stream_options", None)
+    if options is not None and options.continuous_usage_stats:
+        raise RequestError(
+            "'stream_options.continuous_usage_stats' is not supported by mmgraph yet: usage comes in the last chunk",
+            "stream_options",
+        )
 
 
 def logprobs(
@@ -204,14 +210,16 @@ class Shape:
     chunk_object: str
     chat: bool
 
-    def choice(self, text: str, finish: str | None, logprobs: dict | None, streamed: bool) -> dict[str, Any]:
+    def choice(
+        self, index: int, text: str, finish: str | None, logprobs: dict | None, streamed: bool
+    ) -> dict[str, Any]:
         if not self.chat:
             body: dict[str, Any] = {"text": text}
         elif streamed:
             body = {"delta": {"content": text} if text else {}}
         else:
             body = {"message": {"role": "assistant", "content": text}}
-        return {"index": 0, **body, "logprobs": logprobs, "finish_reason": finish}
+        return {"index": index, **body, "logprobs": logprobs, "finish_reason": finish}
 
 
 CHAT = Shape("chatcmpl", "chat.completion", "chat.completion.chunk", chat=True)
@@ -232,24 +240,43 @@ def chunk(shape: Shape, request_id: str, model: str, choice: dict | None, usage:
     return body
 
 
+@dataclass
+class Choice:
+    """One choice of an answer, as it accumulates."""
+
+    text: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    steps: list = field(default_factory=list)  # logprobs, per token (GenerateEvent.logprobs)
+    finish_reason: str | None = None
+
+    def add(self, event: GenerateEvent) -> None:
+        self.text.append(event.text)
+        self.token_ids += event.token_ids
+        self.steps += event.logprobs or []
+        self.finish_reason = event.finish_reason or self.finish_reason
+
+
 def completion(
     shape: Shape,
     request_id: str,
     req: Answering,
-    text: str,
-    token_ids: list[int],
+    choices: dict[int, Choice],
     last: GenerateEvent | None,
-    logprobs: dict[str, Any] | None = None,
+    logprobs: Callable[[Choice], dict[str, Any] | None],
 ) -> dict:
-    choice = shape.choice(text, last.finish_reason if last else None, logprobs, streamed=False)
-    if req.return_token_ids:
-        choice["token_ids"] = token_ids
+    out = []
+    for index in sorted(choices):
+        c = choices[index]
+        choice = shape.choice(index, "".join(c.text), c.finish_reason, logprobs(c), streamed=False)
+        if req.return_token_ids:
+            choice["token_ids"] = c.token_ids
+        out.append(choice)
     return {
         "id": request_id,
         "object": shape.object,
         "created": int(time.time()),
         "model": req.model,
-        "choices": [choice],
+        "choices": out,
         "usage": usage(last) if last else None,
     }
 

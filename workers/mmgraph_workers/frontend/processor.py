@@ -40,6 +40,7 @@ class Processor:
         from transformers import AutoTokenizer
 
         self.served_model_name = args.served_model_name
+        self.topology = args.topology
         self.policy = policy.from_args(args)
         self.tokenizer = AutoTokenizer.from_pretrained(
             args.model, revision=args.revision, trust_remote_code=args.trust_remote_code
@@ -56,6 +57,7 @@ class Processor:
         sent = set(body)  # before vLLM's validators, which fill in fields (tools brings tool_choice) in place
         vllm_req = vllm_request(body)
         refuse_unsupported(vllm_req, sent)
+        self._check_choices(vllm_req.n)
         token_ids = self.tokenizer.apply_chat_template(
             conversation, add_generation_prompt=vllm_req.add_generation_prompt, tokenize=True, return_dict=False
         )
@@ -71,6 +73,7 @@ class Processor:
         sent = set(body)
         vllm_req = validated(CompletionRequest, body)
         refuse_unsupported(vllm_req, sent, TEXT_REFUSED)
+        self._check_choices(vllm_req.n)
         if isinstance(req.prompt, str):
             token_ids = self.tokenizer(req.prompt, add_special_tokens=vllm_req.add_special_tokens).input_ids
         else:
@@ -107,6 +110,12 @@ class Processor:
         if req.model is not None:
             self._check_model(req.model)
         return {"prompt": self.tokenizer.decode(req.tokens)}
+
+    def _check_choices(self, n: int) -> None:
+        """n > 1 is vLLM's: one engine request fans out into n. Not in e-p-d, where each choice would pull pd's
+        KV cache for itself, and pd frees it after the first pull."""
+        if n > 1 and self.topology == "e-p-d":
+            raise RequestError("'n' > 1 is not supported in e-p-d (agg and e-pd have it): ask n times", "n")
 
     def _check_model(self, model: str) -> None:
         if model != self.served_model_name:

@@ -156,7 +156,7 @@ class Router:
                 async for event in self._stream(stage, base, body):
                     sent = True
                     yield event
-                    if event.finish_reason is not None:
+                    if event.final:
                         STAGE_SECONDS.labels(stage).observe(time.perf_counter() - started)
                         return
                 raise StageFailure(stage, "the stream ended before the request finished (the stage died?)", 502)
