@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import socket
 import ssl
 import sys
@@ -765,3 +766,15 @@ def test_every_field_of_vllms_text_completion_request_is_decided():
 
     assert not TEXT_HONOURED & TEXT_REFUSED
     assert set(CompletionRequest.model_fields) - (TEXT_HONOURED | IGNORED | TEXT_REFUSED) == set()
+
+
+def test_sampling_parameters_travel_intact_and_strangers_are_refused():
+    """The message carries vLLM's SamplingParams; an engine stage gets exactly them back (logit_bias's int keys
+    included), and a field SamplingParams does not have is an error, not silently dropped."""
+    from mmgraph_workers.protocol import sampling, sampling_params
+
+    fields = {"max_tokens": 4, "temperature": 0.5, "seed": 3, "logit_bias": {7: 2.0}, "stop": ["x"]}
+    params = sampling_params(json.loads(json.dumps(sampling(**fields))))
+    assert {k: getattr(params, k) for k in fields} == fields
+    with pytest.raises(ValueError, match="unknown fields"):
+        sampling_params({"max_tokens": 4, "remote_block_ids": [1]})

@@ -430,13 +430,13 @@ def test_decode_that_cannot_pull_the_kv_within_the_lease_stops_before_any_token(
         rid = f"lease-{deadline}-{time.monotonic_ns()}"
         ids = [40 + (time.monotonic_ns() // 1000 + 7 * k) % 400 for k in range(40)]  # one no engine has cached
         prefill = events(pd, GenerateRequest(request_id=rid, prompt_token_ids=ids, sampling=params, prefill_only=True))
-        params = prefill[-1].kv_transfer_params
-        assert params and params.get("remote_block_ids"), prefill[-1]
+        kv = prefill[-1].kv_transfer_params
+        assert kv and kv.get("remote_block_ids"), prefill[-1]
         request = GenerateRequest(
             request_id=rid,
             prompt_token_ids=ids,
             sampling=params,
-            kv_transfer_params=params,
+            kv_transfer_params=kv,
             kv_deadline_seconds=deadline,
         )
         if stop_pd:

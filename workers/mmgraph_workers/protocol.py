@@ -84,6 +84,9 @@ def sampling_params(fields: dict[str, Any]) -> Any:
     import msgspec
     from vllm.sampling_params import SamplingParams
 
+    unknown = set(fields) - set(SamplingParams.__struct_fields__)
+    if unknown:  # msgspec would drop them: a sender of another vLLM version, or not sampling parameters at all
+        raise ValueError(f"bad sampling parameters: unknown fields {sorted(unknown)}")
     try:
         return msgspec.convert(fields, SamplingParams, str_keys=True)
     except msgspec.ValidationError as err:
