@@ -93,9 +93,10 @@ def test_the_peer_credential_is_created_once_and_never_readable_by_the_operator(
     creates nothing); the operator's own RBAC cannot read any Secret; the graph's deletion takes it along."""
     create_graph(api, graph_manifest("g", namespace))
     graph = wait_for(lambda: (g := get_graph(api, namespace, "g")).get("status", {}).get("stages") and g, what="status")
-    assert graph["status"]["peerCredential"] == "g-peer-credential"
+    name = f"g-peer-credential-{graph['metadata']['uid'][:8]}"  # a graph created again gets a Secret of its own
+    assert graph["status"]["peerCredential"] == name
     core = client.CoreV1Api(api)
-    secret = core.read_namespaced_secret("g-peer-credential", namespace)
+    secret = core.read_namespaced_secret(name, namespace)
     assert (secret.metadata.owner_references[0].kind, secret.metadata.owner_references[0].name) == (
         "MultimodalGraph",
         "g",
@@ -104,7 +105,7 @@ def test_the_peer_credential_is_created_once_and_never_readable_by_the_operator(
     for name in ("g-frontend", "g-encoder", "g-pd", "g-decode"):
         container = client.AppsV1Api(api).read_namespaced_deployment(name, namespace).spec.template.spec.containers[0]
         ref = next(e for e in container.env if e.name == "MMGRAPH_PEER_TOKEN").value_from.secret_key_ref
-        assert (ref.name, ref.key) == ("g-peer-credential", "token")
+        assert (ref.name, ref.key) == (name, "token")
         assert "--peer-token-env=MMGRAPH_PEER_TOKEN" in container.args
     for verb in ("get", "list", "watch"):
         review = client.V1SubjectAccessReview(
@@ -118,7 +119,7 @@ def test_the_peer_credential_is_created_once_and_never_readable_by_the_operator(
         *GRAPHS[:2], namespace, GRAPHS[2], "g", _preload_content=False
     )
     wait_for(
-        lambda: not core.list_namespaced_secret(namespace, field_selector="metadata.name=g-peer-credential").items,
+        lambda: not core.list_namespaced_secret(namespace, field_selector=f"metadata.name={name}").items,
         timeout=30,
         what="the Secret collected with its graph",
     )

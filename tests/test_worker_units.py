@@ -415,6 +415,26 @@ def test_peer_re_resolves_and_keeps_addresses_when_dns_fails():
     assert gone.addresses == ["127.0.0.9"]
 
 
+def test_a_peer_trusts_an_address_while_it_may_still_be_draining(tmp_path, monkeypatch):
+    """pd and decode accept an owner the stage's Service resolves to: a new replica (resolved again on a miss),
+    and one that has just left the Service (it still serves pulls while it drains), but not one gone longer than
+    a pod's grace period, nor one never seen."""
+    from mmgraph_workers import peers
+
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.1 encoder.g.local\n")
+    peer = Peer("encoder", "http://encoder.g.local:8001")
+    assert asyncio.run(peer.knows("127.0.0.1", str(hosts)))
+    hosts.write_text("127.0.0.1 encoder.g.local\n127.0.0.2 encoder.g.local\n")  # a new replica: a miss resolves
+    assert asyncio.run(peer.knows("127.0.0.2", str(hosts)))
+    hosts.write_text("127.0.0.2 encoder.g.local\n")  # 127.0.0.1 left the Service, and drains
+    peer.refreshed = -1e9
+    assert asyncio.run(peer.knows("127.0.0.1", str(hosts))) and peer.addresses == ["127.0.0.2"]
+    monkeypatch.setattr(peers, "TRUST_SECONDS", 0.0)  # ...longer ago than a grace period
+    assert not asyncio.run(peer.knows("127.0.0.1", str(hosts)))
+    assert not asyncio.run(peer.knows("127.0.0.3", str(hosts)))
+
+
 def test_pool_allocates_aligned_and_coalesces():
     pool = Pool(4096)
     a, b, c = pool.alloc(100), pool.alloc(300), pool.alloc(256)
@@ -778,3 +798,12 @@ def test_sampling_parameters_travel_intact_and_strangers_are_refused():
     assert {k: getattr(params, k) for k in fields} == fields
     with pytest.raises(ValueError, match="unknown fields"):
         sampling_params({"max_tokens": 4, "remote_block_ids": [1]})
+
+
+def test_a_peer_cannot_smuggle_kv_parameters_in_sampling():
+    """vLLM reads kv_transfer_params from SamplingParams.extra_args: decode checks the KV owner only where the
+    message names it, so a message's extra_args are refused outright."""
+    from mmgraph_workers.protocol import sampling_params
+
+    with pytest.raises(ValueError, match="extra_args"):
+        sampling_params({"extra_args": {"kv_transfer_params": {"remote_host": "10.0.0.9"}}})

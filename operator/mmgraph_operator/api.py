@@ -254,9 +254,11 @@ PEER_TOKEN_ENV = "MMGRAPH_PEER_TOKEN"
 PEER_TOKEN_KEY = "token"
 
 
-def peer_credential_name(graph: str) -> str:
-    """The name of the graph's peer credential Secret."""
-    return f"{graph}-peer-credential"
+def peer_credential_name(graph: MultimodalGraph) -> str:
+    """The name of the graph's peer credential Secret: with the graph's uid, so a graph deleted and created again
+    under its name gets a Secret of its own, not the old one that garbage collection is about to delete."""
+    uid = str(graph.metadata.get("uid") or "")
+    return f"{graph.name}-peer-credential" + (f"-{uid[:8]}" if uid else "")
 
 
 # A worker pod's terminationGracePeriodSeconds; workers drain in-flight requests for up to 10 s less.
@@ -294,8 +296,8 @@ class NetworkPolicySpec(Spec):
     """The NetworkPolicy that fences the graph's pods."""
 
     enabled: bool = True
-    """One NetworkPolicy per stage: a worker admits only the graph's stages that call it (frontend to every stage,
-    pd to the encoder, decode to pd); anyone reaches the frontend's port."""
+    """One NetworkPolicy per stage: a worker admits the graph's frontend on its HTTP port and the stage that reads
+    from it on any port (pd from the encoder, decode from pd); anyone reaches the frontend's port."""
 
 
 class MultimodalGraphSpec(Spec):

@@ -228,7 +228,7 @@ class Reconciler:
             desired = {child_key(m): m for m in manifests}
             changed: list[str] = []
             try:
-                if (body.get("status") or {}).get("peerCredential") != peer_credential_name(graph.name):
+                if (body.get("status") or {}).get("peerCredential") != peer_credential_name(graph):
                     changed += await self._create_credential(graph)
                 applied = await asyncio.gather(*(self._ensure(key, ck, m) for ck, m in desired.items()))
                 changed += [f"{ck.kind} {ck.name}" for ck, wrote in zip(desired, applied, strict=True) if wrote]

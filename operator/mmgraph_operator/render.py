@@ -85,7 +85,7 @@ def render(graph: MultimodalGraph, kube_version: str = DEFAULT_KUBE_VERSION) -> 
     for stage in graph.spec.used_stages():
         cfg = graph.spec.stages.get(stage)
         assert cfg is not None
-        if graph.spec.network_policy.enabled:  # before the pods, so none starts unfenced
+        if graph.spec.network_policy.enabled:
             out.append(_network_policy(graph, stage))
         out.append(_service(graph, stage))
         out.append(_deployment(graph, stage, cfg))
@@ -228,7 +228,7 @@ def _env(graph: MultimodalGraph, stage: StageName, cfg: StageSpec, model_env: li
         {"name": "HF_HOME", "value": f"{CACHE_DIR}/huggingface"},
         *model_env,
     ]
-    secret = {"name": peer_credential_name(graph.name), "key": PEER_TOKEN_KEY}
+    secret = {"name": peer_credential_name(graph), "key": PEER_TOKEN_KEY}
     env.append({"name": PEER_TOKEN_ENV, "valueFrom": {"secretKeyRef": secret}})
     if stage != StageName.FRONTEND and spec.transfer.ucx_tls:
         env.append({"name": "UCX_TLS", "value": spec.transfer.ucx_tls})
@@ -341,29 +341,37 @@ def peer_credential(graph: MultimodalGraph, token: str) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "Secret",
-        "metadata": _metadata(graph, peer_credential_name(graph.name)),
+        "metadata": _metadata(graph, peer_credential_name(graph)),
         "type": "Opaque",
         "stringData": {PEER_TOKEN_KEY: token},
     }
 
 
-# Who calls whom (HTTP, and NIXL: pd reads the encoder's embeddings, decode reads pd's KV cache).
-CALLERS: dict[StageName, tuple[StageName, ...]] = {
-    StageName.ENCODER: (StageName.FRONTEND, StageName.PD),
-    StageName.PD: (StageName.FRONTEND, StageName.DECODE),
-    StageName.DECODE: (StageName.FRONTEND,),
+# Who reads from whom over NIXL as well as HTTP (any port: pd reads the encoder's embeddings, decode pd's KV
+# cache); the frontend calls every worker over HTTP only.
+READERS: dict[StageName, tuple[StageName, ...]] = {
+    StageName.ENCODER: (StageName.PD,),
+    StageName.PD: (StageName.DECODE,),
+    StageName.DECODE: (),
 }
 
 
 def _network_policy(graph: MultimodalGraph, stage: StageName) -> dict[str, Any]:
-    """A stage's pods admit only the graph's pods that call them (CALLERS), on any port: UCX over TCP listens on
-    ephemeral ports, so pods are selected by label, never by port. The frontend's HTTP port admits anyone."""
+    """A worker's pods admit the graph's frontend on their HTTP port, and the stage that reads from them (READERS)
+    on any port: UCX over TCP listens on ephemeral ports, so readers are chosen by label, never by port. The
+    frontend's HTTP port admits anyone."""
+    http = [{"port": "http", "protocol": "TCP"}]
     if stage == StageName.FRONTEND:
-        ingress: list[dict[str, Any]] = [{"ports": [{"port": "http", "protocol": "TCP"}]}]
-    else:
-        used = graph.spec.used_stages()
-        callers = [c for c in CALLERS[stage] if c in used]
-        ingress = [{"from": [{"podSelector": {"matchLabels": _selector(graph, c)}} for c in callers]}]
+        return _policy(graph, stage, [{"ports": http}])
+    frontend = {"podSelector": {"matchLabels": _selector(graph, StageName.FRONTEND)}}
+    ingress: list[dict[str, Any]] = [{"from": [frontend], "ports": http}]
+    readers = [r for r in READERS[stage] if r in graph.spec.used_stages()]
+    if readers:
+        ingress.append({"from": [{"podSelector": {"matchLabels": _selector(graph, r)}} for r in readers]})
+    return _policy(graph, stage, ingress)
+
+
+def _policy(graph: MultimodalGraph, stage: StageName, ingress: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",

@@ -78,7 +78,7 @@ def running_status(
         "phase": "Ready" if ready else "Progressing",
         "readyStages": f"{len(deployments) - len(waiting)}/{len(deployments)}",
         "endpoint": endpoint,
-        "peerCredential": peer_credential_name(graph.name),  # reached only once the Secret exists
+        "peerCredential": peer_credential_name(graph),  # reached only once the Secret exists
         "stages": stages,
         "conditions": conditions,
     }

@@ -357,6 +357,9 @@ def test_api_key_required_when_configured(graph, tiny_model, tmp_path_factory):
         assert httpx.post(url, json=body, headers={"Authorization": "Bearer nope"}, timeout=60).status_code == 401
         assert httpx.post(url, json=body, headers={"Authorization": "Bearer s3cret"}, timeout=60).status_code == 200
         assert httpx.get(f"{local.endpoint}/health", timeout=10).status_code == 200  # probes need no key
+        # vLLM's server leaves these open; here they share the tokenizer's thread with the answers, so not
+        for path, tokenizer_call in (("/tokenize", {"prompt": "hi"}), ("/detokenize", {"tokens": [1]})):
+            assert httpx.post(f"{local.endpoint}{path}", json=tokenizer_call, timeout=30).status_code == 401
     finally:
         local.stop()
 

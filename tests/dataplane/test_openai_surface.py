@@ -284,3 +284,36 @@ def test_n_choices_answer_as_vllms_server_does_where_the_topology_allows(endpoin
         assert choices(endpoints[topology], request, path) == theirs, topology
     r = httpx.post(f"{endpoints['e-p-d']}{path}", json=request, timeout=60)
     assert r.status_code == 400 and r.json()["error"]["param"] == "n", r.text
+
+
+def token_ids(endpoint: str, request: dict[str, Any], path: str) -> dict[str, Any]:
+    """return_token_ids as a client reads it: the prompt's ids, and each choice's, streamed or not."""
+    prompt, per_choice = None, {}
+    if not request["stream"]:
+        body = httpx.post(f"{endpoint}{path}", json=request, timeout=180).json()
+        prompt = body.get("prompt_token_ids")
+        for c in body["choices"]:
+            per_choice[c["index"]] = c["token_ids"]
+            prompt = c.get("prompt_token_ids", prompt)
+    else:
+        with httpx.stream("POST", f"{endpoint}{path}", json=request, timeout=180) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    chunk = json.loads(line[6:])
+                    prompt = chunk.get("prompt_token_ids") or prompt
+                    for c in chunk.get("choices") or []:
+                        prompt = c.get("prompt_token_ids") or prompt
+                        per_choice[c["index"]] = per_choice.get(c["index"], []) + (c.get("token_ids") or [])
+    return {"prompt": prompt, "choices": per_choice}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_return_token_ids_answers_as_vllms_server_does(endpoints, vllm_server, path, stream):
+    prompt = {"messages": CASES["one-image"]["messages"]} if path.endswith("chat/completions") else {"prompt": "Hi"}
+    request = {"model": MODEL_NAME, **prompt, "max_tokens": 6, "temperature": 0, "stream": stream}
+    request["return_token_ids"] = True
+    theirs = token_ids(vllm_server, request, path)
+    assert theirs["prompt"] and len(theirs["choices"][0]) == 6, theirs
+    for topology in TOPOLOGIES:
+        assert token_ids(endpoints[topology], request, path) == theirs, topology

@@ -240,11 +240,12 @@ class Engine:
             params.structured_outputs = None  # no grammar to compile for a token nobody sees
             params.extra_args = {**(params.extra_args or {}), "kv_transfer_params": {"do_remote_decode": True}}
         elif req.kv_transfer_params is not None:
-            await self._check_kv_owner(req.kv_transfer_params)
             params.extra_args = {**(params.extra_args or {}), "kv_transfer_params": req.kv_transfer_params}
-        completion = 0
+        completion, first = 0, req.return_prompt_token_ids
         try:
-            async with asyncio.timeout(req.kv_deadline_seconds) as lease:
+            async with asyncio.timeout(req.kv_deadline_seconds) as lease:  # the owner check is inside the lease
+                if req.kv_transfer_params is not None:
+                    await self._check_kv_owner(req.kv_transfer_params)
                 async for out in self.llm.generate(prompt, params, req.request_id):
                     lease.reschedule(None)  # the KV was pulled in time: no deadline for the rest
                     for k, piece in enumerate(out.outputs):  # one per choice with news (n > 1: several)
@@ -253,6 +254,7 @@ class Engine:
                         yield GenerateEvent(
                             index=piece.index,
                             final=last,
+                            prompt_token_ids=list(out.prompt_token_ids or []) if first else None,
                             token_ids=list(piece.token_ids) if not req.prefill_only else [],
                             text=piece.text if not req.prefill_only else "",
                             finish_reason=piece.finish_reason,
@@ -262,6 +264,7 @@ class Engine:
                             hidden_size=self.hidden_size,
                             logprobs=_logprobs(piece.logprobs) if piece.logprobs is not None else None,
                         )
+                        first = False
         except (asyncio.CancelledError, GeneratorExit):  # the caller left: stop computing for nobody
             await self.llm.abort(req.request_id)
             raise

@@ -7,11 +7,18 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import socket
+import time
 import urllib.parse
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from mmgraph_operator.api import POD_GRACE_SECONDS
+
+REFRESH_SECONDS = 2.0  # how stale a resolution `knows` accepts
+TRUST_SECONDS = float(POD_GRACE_SECONDS)  # how long an address stays the stage's after it was last resolved
 
 
 class NoReplica(RuntimeError):
@@ -48,13 +55,17 @@ class Peer:
         self.host, self.port, self.scheme = parts.hostname or "", parts.port or 80, parts.scheme
         self.from_file = False
         self.turns = itertools.count()
+        self.refreshed = -math.inf
+        self.seen: dict[str, float] = {}  # address -> when it was last resolved
 
     async def refresh(self, hosts: dict[str, list[str]] | None = None) -> None:
         """`hosts`: the peer hosts file's names, read once per round for every peer."""
+        self.refreshed = time.monotonic()
         if hosts is not None:
             listed = hosts.get(self.host)
             if listed is not None or self.from_file:  # once listed, a name leaves only by leaving the file
-                self.from_file, self.addresses = True, sorted(dict.fromkeys(listed or []))
+                self.from_file = True
+                self._resolved(sorted(dict.fromkeys(listed or [])))
                 return
         try:
             infos = await asyncio.get_running_loop().getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
@@ -62,7 +73,13 @@ class Peer:
             return  # keep the last known addresses; a Service with no ready pods resolves to nothing
         addresses = sorted(dict.fromkeys(i[4][0] for i in infos))
         if addresses:
-            self.addresses = addresses
+            self._resolved(addresses)
+
+    def _resolved(self, addresses: list[str]) -> None:
+        self.addresses = addresses
+        now = time.monotonic()
+        self.seen.update(dict.fromkeys(addresses, now))
+        self.seen = {a: t for a, t in self.seen.items() if now - t < TRUST_SECONDS}
 
     def acquire(self, avoid: Collection[str] = ()) -> tuple[str, str]:
         """(address, base URL) of the least busy replica not in `avoid`, counted busy until `release`; replicas
@@ -95,11 +112,12 @@ class Peer:
         return self.url_of(address, port)
 
     async def knows(self, address: str, hosts_file: str | None) -> bool:
-        """Whether `address` is one of the stage's replicas, resolving again if it is not yet known (a replica
-        can be newer than the last resolution)."""
-        if address not in self.addresses:
+        """Whether `address` is one of the stage's replicas: resolved now (again, if it is not yet known or the
+        last resolution is older than REFRESH_SECONDS), or within TRUST_SECONDS, since a replica that has left
+        its Service (scaled down, rolled) still serves pulls of what it holds while it drains."""
+        if address not in self.addresses or time.monotonic() - self.refreshed > REFRESH_SECONDS:
             await self.refresh(read_hosts(hosts_file) if hosts_file else None)
-        return address in self.addresses
+        return address in self.addresses or time.monotonic() - self.seen.get(address, -math.inf) < TRUST_SECONDS
 
     def release(self, address: str) -> None:
         self.outstanding[address] -= 1

@@ -84,6 +84,8 @@ def sampling_params(fields: dict[str, Any]) -> Any:
     import msgspec
     from vllm.sampling_params import SamplingParams
 
+    if fields.get("extra_args"):  # vLLM reads kv_transfer_params from there: the stage sets them, after its checks
+        raise ValueError("bad sampling parameters: extra_args are the stage's own, not a message's")
     unknown = set(fields) - set(SamplingParams.__struct_fields__)
     if unknown:  # msgspec would drop them: a sender of another vLLM version, or not sampling parameters at all
         raise ValueError(f"bad sampling parameters: unknown fields {sorted(unknown)}")
@@ -115,6 +117,7 @@ class GenerateRequest(Message):
     encoded: list[EncodedItem] = Field(default_factory=list)
     placeholders: list[PlaceholderItem] = Field(default_factory=list)
     prefill_only: bool = False  # e-p-d's pd: compute the KV, keep it for decode, return kv_transfer_params
+    return_prompt_token_ids: bool = False  # the first event carries the prompt as the engine saw it (expanded)
     kv_transfer_params: dict[str, Any] | None = None  # decode: where the KV is
     # decode: seconds (from when the frontend sent this) within which the first token must come, i.e. the KV must
     # have been pulled; after that pd's lease may have ended and the blocks may hold another request's KV.
@@ -129,6 +132,7 @@ class GenerateEvent(BaseModel):
     text: str = ""
     finish_reason: str | None = None  # this choice's
     final: bool = False  # the request's last event: it carries the usage (all choices) and pd's KV parameters
+    prompt_token_ids: list[int] | None = None  # on the first event, if asked: each image's tokens expanded
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     kv_transfer_params: dict[str, Any] | None = None

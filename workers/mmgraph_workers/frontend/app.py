@@ -100,7 +100,7 @@ def build_app(args: argparse.Namespace) -> FastAPI:
 
     @app.middleware("http")
     async def authenticate(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1/"):
+        if api_key and request.url.path.startswith(("/v1/", "/tokenize", "/detokenize")):  # all but probes and metrics
             given = request.headers.get("authorization", "").encode()
             if not hmac.compare_digest(given, f"Bearer {api_key}".encode()):  # constant time: no timing oracle
                 return error_response(
@@ -159,7 +159,7 @@ def build_app(args: argparse.Namespace) -> FastAPI:
         except (json.JSONDecodeError, UnicodeDecodeError, ValidationError, RequestError) as err:
             status, body = failure(_request_error(err), request_id)
             return JSONResponse(body, status_code=status)
-        events = router.run(request_id, token_ids, urls, sampling)
+        events = router.run(request_id, token_ids, urls, sampling, prompt=req.return_token_ids)
         writer = Writer(shape, request_id, req, processor.decode)
         if req.stream:  # Starlette stops the stream (and so the stages' calls) when the client goes
             return StreamingResponse(writer.stream(events), media_type="text/event-stream")
@@ -219,16 +219,29 @@ class Writer:
         include_usage = bool((req.stream_options or {}).get("include_usage"))
         IN_FLIGHT.inc()
         try:
-            for index in range(req.n if shape.chat else 0):
-                opening = {"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
-                yield sse(chunk(shape, self.request_id, req.model, opening))
+            ids = req.return_token_ids  # vLLM's extension: token ids beside the text, the prompt's once
+            prompt_ids: list[int] | None = None
+            started_choices: set[int] = set()
             async for event in events:
+                if prompt_ids is None:  # the chat's opening chunks wait for the engine's prompt, as in vLLM
+                    prompt_ids = event.prompt_token_ids or []
+                    for index in range(req.n if shape.chat else 0):
+                        opening = {"index": index, "delta": {"role": "assistant", "content": ""}}
+                        body = chunk(shape, self.request_id, req.model, {**opening, "finish_reason": None})
+                        if ids and index == 0:
+                            body["prompt_token_ids"] = prompt_ids
+                        yield sse(body)
                 if first and (event.token_ids or event.text):
                     TTFT.observe(time.perf_counter() - started)
                     first = False
-                if event.text or event.finish_reason or event.logprobs:
+                if event.text or event.finish_reason or event.logprobs or (ids and event.token_ids):
                     probs = self._logprobs(event.token_ids, event.logprobs)
                     choice = shape.choice(event.index, event.text, event.finish_reason, probs, streamed=True)
+                    if ids:
+                        choice["token_ids"] = event.token_ids
+                        if not shape.chat and event.index not in started_choices:
+                            choice["prompt_token_ids"] = prompt_ids
+                    started_choices.add(event.index)
                     yield sse(chunk(shape, self.request_id, req.model, choice))
                 if event.final and include_usage:
                     yield sse(chunk(shape, self.request_id, req.model, None, usage(event)))
@@ -240,10 +253,11 @@ class Writer:
         yield sse("[DONE]")
 
     async def whole(self, events: AsyncIterator[GenerateEvent]) -> JSONResponse:
-        started, choices, last = time.perf_counter(), defaultdict(Choice), None
+        started, choices, last, prompt_ids = time.perf_counter(), defaultdict(Choice), None, None
         IN_FLIGHT.inc()
         try:
             async for event in events:
+                prompt_ids = prompt_ids if prompt_ids is not None else event.prompt_token_ids
                 if not choices and (event.token_ids or event.text):
                     TTFT.observe(time.perf_counter() - started)
                 choices[event.index].add(event)
@@ -256,4 +270,5 @@ class Writer:
             IN_FLIGHT.dec()
         REQUESTS.labels("200").inc()
         probs = lambda c: self._logprobs(c.token_ids, c.steps)  # noqa: E731
-        return JSONResponse(completion(self.shape, self.request_id, self.req, choices, last, probs))
+        body = completion(self.shape, self.request_id, self.req, prompt_ids or [], choices, last, probs)
+        return JSONResponse(body)

@@ -123,8 +123,8 @@ REFUSED = frozenset(
 
 # vLLM's text completion request: the chat table's decisions, plus its own fields. Its logprobs are another shape
 # (text_offset, token_logprobs), not written here yet.
-TEXT_REFUSED = REFUSED | {"logprobs", "prompt_embeds", "suffix"}
-TEXT_HONOURED = (HONOURED - {"logprobs", "messages"}) | {"prompt"}
+TEXT_REFUSED = (REFUSED - {"add_special_tokens"}) | {"logprobs", "prompt_embeds", "suffix"}
+TEXT_HONOURED = (HONOURED - {"logprobs", "messages"}) | {"prompt", "add_special_tokens"}
 
 # vLLM's /tokenize fields mmgraph does not honour (the rest: model, prompt or messages, add_generation_prompt,
 # add_special_tokens, return_token_strs)
@@ -143,10 +143,11 @@ TOKENIZE_REFUSED = frozenset(
 def refuse_unsupported(request: Any, sent: Collection[str], refused: frozenset[str] = REFUSED) -> None:
     """RequestError naming the first field the client sent (`sent`: the body's keys; vLLM's validators fill in
     others) that mmgraph does not honour yet, in vLLM's validated `request`."""
-    for name in sorted(refused.intersection(sent)):
+    fields = type(request).model_fields
+    for name in sorted(refused.intersection(sent).intersection(fields)):  # others: extras vLLM ignores too
         value = getattr(request, name)
-        default = type(request).model_fields[name].get_default(call_default_factory=True)
-        if value != default and value not in (None, [], {}):
+        default = fields[name].get_default(call_default_factory=True)
+        if value != default and value not in (None, False, [], {}, ""):  # an explicit "no" asks for nothing
             raise RequestError(f"'{name}' is not supported by mmgraph yet; leave it out (or at {default!r})", name)
     options = getattr(request, "stream_options", None)
     if options is not None and options.continuous_usage_stats:
@@ -260,18 +261,23 @@ def completion(
     shape: Shape,
     request_id: str,
     req: Answering,
+    prompt_ids: list[int],
     choices: dict[int, Choice],
     last: GenerateEvent | None,
     logprobs: Callable[[Choice], dict[str, Any] | None],
 ) -> dict:
+    """A whole answer. With return_token_ids (vLLM's extension), as vLLM's server: each choice's token ids, and
+    the prompt's, at the top for chat and in each choice for text completions."""
     out = []
     for index in sorted(choices):
         c = choices[index]
         choice = shape.choice(index, "".join(c.text), c.finish_reason, logprobs(c), streamed=False)
         if req.return_token_ids:
             choice["token_ids"] = c.token_ids
+            if not shape.chat:
+                choice["prompt_token_ids"] = prompt_ids
         out.append(choice)
-    return {
+    body = {
         "id": request_id,
         "object": shape.object,
         "created": int(time.time()),
@@ -279,6 +285,9 @@ def completion(
         "choices": out,
         "usage": usage(last) if last else None,
     }
+    if req.return_token_ids and shape.chat:
+        body["prompt_token_ids"] = prompt_ids
+    return body
 
 
 def usage(event: GenerateEvent) -> dict[str, int]:

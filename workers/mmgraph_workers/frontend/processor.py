@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 from typing import Any, TypeVar
 
+import jinja2
 import msgspec
 from pydantic import BaseModel, ValidationError
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
@@ -55,12 +56,10 @@ class Processor:
         self._check_model(req.model)
         conversation, urls = self._conversation(req.messages)
         sent = set(body)  # before vLLM's validators, which fill in fields (tools brings tool_choice) in place
-        vllm_req = vllm_request(body)
+        vllm_req = validated(ChatCompletionRequest, body)
         refuse_unsupported(vllm_req, sent)
         self._check_choices(vllm_req.n)
-        token_ids = self.tokenizer.apply_chat_template(
-            conversation, add_generation_prompt=vllm_req.add_generation_prompt, tokenize=True, return_dict=False
-        )
+        token_ids = self._template(conversation, vllm_req.add_generation_prompt)
         requested = req.max_completion_tokens or req.max_tokens
         return list(token_ids), urls, _sampling(vllm_req, len(token_ids), requested, max_model_len, defaults)
 
@@ -86,9 +85,9 @@ class Processor:
     def tokenize(self, body: dict[str, Any], max_model_len: int | None) -> dict[str, Any]:
         """vLLM's `/tokenize`: a prompt, or text-only messages through the chat template (an image's tokens are
         the engine's to count: vLLM's server expands each image there, the frontend cannot)."""
+        kind = TokenizeChatRequest if isinstance(body, dict) and "messages" in body else TokenizeCompletionRequest
+        req = validated(kind, body)  # first: a body that is not an object is a 400
         sent = set(body)
-        kind = TokenizeChatRequest if "messages" in body else TokenizeCompletionRequest
-        req = validated(kind, body)
         if req.model is not None:
             self._check_model(req.model)
         refuse_unsupported(req, sent, TOKENIZE_REFUSED)
@@ -96,9 +95,7 @@ class Processor:
             conversation, urls = self._conversation([ChatMessage.model_validate(m) for m in req.messages])
             if urls:
                 raise RequestError("/tokenize counts text here: leave the images out", "messages")
-            ids = self.tokenizer.apply_chat_template(
-                conversation, add_generation_prompt=req.add_generation_prompt, tokenize=True, return_dict=False
-            )
+            ids = self._template(conversation, req.add_generation_prompt)
         else:
             ids = self.tokenizer(req.prompt, add_special_tokens=req.add_special_tokens).input_ids
         strs = self.tokenizer.convert_ids_to_tokens(list(ids)) if req.return_token_strs else None
@@ -109,7 +106,20 @@ class Processor:
         req = validated(DetokenizeRequest, body)
         if req.model is not None:
             self._check_model(req.model)
+        vocabulary = len(self.tokenizer)
+        if bad := [t for t in req.tokens if t >= vocabulary]:
+            raise RequestError(f"token id {bad[0]} is out of the vocabulary (0-{vocabulary - 1})", "tokens")
         return {"prompt": self.tokenizer.decode(req.tokens)}
+
+    def _template(self, conversation: list[dict[str, Any]], add_generation_prompt: bool) -> list[int]:
+        """The conversation through the model's chat template, tokenized; a template that refuses the messages
+        (roles out of order, say) is the caller's 400, as in vLLM's server."""
+        try:
+            return self.tokenizer.apply_chat_template(
+                conversation, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=False
+            )
+        except jinja2.TemplateError as err:
+            raise RequestError(f"the chat template refused the messages: {err}", "messages") from None
 
     def _check_choices(self, n: int) -> None:
         """n > 1 is vLLM's: one engine request fans out into n. Not in e-p-d, where each choice would pull pd's
@@ -180,16 +190,14 @@ def _sampling(
     return msgspec.to_builtins(params, str_keys=True)
 
 
-def vllm_request(body: dict[str, Any]) -> ChatCompletionRequest:
-    return validated(ChatCompletionRequest, body)
-
-
 def validated(kind: type[M], body: dict[str, Any]) -> M:
     """`body` as vLLM's server reads it, with vLLM's model `kind`. Its field checks fail with pydantic's
     ValidationError (the app names the field) or vLLM's own VLLMValidationError, which names its parameter."""
+    if not isinstance(body, dict):
+        raise RequestError("the request body must be a JSON object")
     try:
         return kind.model_validate(body)
     except ValidationError:
         raise
-    except (ValueError, VLLMClientError) as err:
+    except (ValueError, TypeError, AttributeError, KeyError, VLLMClientError) as err:  # vLLM's "before" checks
         raise RequestError(str(err), getattr(err, "parameter", None)) from None

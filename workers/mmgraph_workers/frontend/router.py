@@ -187,10 +187,18 @@ class Router:
 
     # ---- the topologies ---------------------------------------------------------------------------------------
 
-    async def run(self, request_id: str, token_ids: list[int], urls: list[str], sampling: dict[str, Any]):
-        """The tokens of one request, as GenerateEvents from the last engine."""
+    async def run(
+        self, request_id: str, token_ids: list[int], urls: list[str], sampling: dict[str, Any], prompt: bool = False
+    ):
+        """The tokens of one request, as GenerateEvents from the last engine (`prompt`: the first carries the
+        prompt's token ids as that engine saw them)."""
         topology = self.args.topology
-        base: dict[str, Any] = {"request_id": request_id, "prompt_token_ids": token_ids, "sampling": sampling}
+        base: dict[str, Any] = {
+            "request_id": request_id,
+            "prompt_token_ids": token_ids,
+            "sampling": sampling,
+            "return_prompt_token_ids": prompt,
+        }
         if topology == "agg" or (topology == "e-pd" and not urls):
             stream = self.stream_stage("pd", GenerateRequest(**base, image_urls=urls))
         elif topology == "e-pd":
