@@ -292,15 +292,18 @@ def _logprobs(steps: Any) -> list[list[tuple[int, float, int | None, str | None]
 
 def _refusal(err: BaseException) -> str | None:
     """The message to answer 400 with when vLLM refused the request's input, else None. vLLM refuses input with a
-    ValueError, which 0.32 wraps in an EngineGenerateError with no message of its own (its cause may wrap another
-    ValueError: the innermost says what is wrong). A pydantic ValidationError is never the client's here."""
+    ValueError or its own VLLMClientError, which 0.32 wraps in an EngineGenerateError with no message of its own
+    (its cause may wrap another: the innermost says what is wrong). A pydantic ValidationError is never the
+    client's here."""
     from pydantic import ValidationError
+    from vllm.exceptions import VLLMClientError
     from vllm.v1.engine.exceptions import EngineGenerateError
 
+    refusals = (ValueError, VLLMClientError)  # VLLMValidationError (a token id out of vocabulary) is not a ValueError
     cause = err.__cause__ if isinstance(err, EngineGenerateError) else err
-    if not isinstance(cause, ValueError) or isinstance(cause, ValidationError):
+    if not isinstance(cause, refusals) or isinstance(cause, ValidationError):
         return None
-    while isinstance(cause.__cause__, ValueError):
+    while isinstance(cause.__cause__, refusals):
         cause = cause.__cause__
     log.warning("input refused by vLLM: %s", cause)
     return str(cause)
