@@ -102,8 +102,9 @@ def test_the_peer_credential_is_created_once_and_never_readable_by_the_operator(
         "g",
     )
     assert len(base64.b64decode(secret.data["token"])) >= 32
-    for name in ("g-frontend", "g-encoder", "g-pd", "g-decode"):
-        container = client.AppsV1Api(api).read_namespaced_deployment(name, namespace).spec.template.spec.containers[0]
+    for deployment in ("g-frontend", "g-encoder", "g-pd", "g-decode"):
+        pod = client.AppsV1Api(api).read_namespaced_deployment(deployment, namespace).spec.template.spec
+        container = pod.containers[0]
         ref = next(e for e in container.env if e.name == "MMGRAPH_PEER_TOKEN").value_from.secret_key_ref
         assert (ref.name, ref.key) == (name, "token")
         assert "--peer-token-env=MMGRAPH_PEER_TOKEN" in container.args
