@@ -134,7 +134,6 @@ def test_max_tokens_left_out_is_what_the_context_leaves(endpoints, vllm_server):
 REFUSED_CASES: dict[str, Any] = {
     "top_logprobs": 2,  # without logprobs: vLLM's own check refuses it, naming it
     "prompt_logprobs": 1,
-    "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
     "echo": True,
     "use_beam_search": True,
     "chat_template": "{{ messages }}",
@@ -150,6 +149,59 @@ def test_a_field_not_honoured_yet_is_a_400_naming_it(endpoints, field):
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert error["param"] == field or field in error["message"], error
+
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "The weather in a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        },
+    },
+    {"type": "function", "function": {"name": "noop"}},
+]
+# A conversation that went through a tool call: the assistant's call (arguments as a JSON string, as OpenAI's
+# clients send them) and the tool's answer (as text parts).
+TOOL_HISTORY = [
+    *CASES["one-image"]["messages"],
+    {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}
+        ],
+    },
+    {"role": "tool", "tool_call_id": "call_1", "content": [{"type": "text", "text": "sunny, 21 C"}]},
+]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+def test_tools_answer_as_vllms_server_does(endpoints, vllm_server, stream):
+    """tool_choice "none": the tools and the tool-call history go through the chat template as in vLLM's server,
+    and the answer is text."""
+    request = {**body("one-image", {"tools": TOOLS, "tool_choice": "none"}, stream), "messages": TOOL_HISTORY}
+    theirs = answer(vllm_server, request)
+    plain = answer(vllm_server, body("one-image", {}, stream))
+    assert theirs["usage"]["prompt_tokens"] > plain["usage"]["prompt_tokens"], "the history is in the prompt"
+    for topology in TOPOLOGIES:
+        assert answer(endpoints[topology], request) == theirs, topology
+
+
+@pytest.mark.parametrize(
+    "tool_choice",
+    [None, "auto", "required", {"type": "function", "function": {"name": "get_weather"}}],
+    ids=["default", "auto", "required", "named"],
+)
+def test_a_tool_choice_that_needs_a_tool_parser_is_a_400_as_in_vllms_server(endpoints, vllm_server, tool_choice):
+    """Without a tool-call parser (vLLM's server started as the graph's engine is), only tool_choice "none" can be
+    answered; vLLM's server refuses the rest, and so does mmgraph, naming the field."""
+    request = body("text-only", {"tools": TOOLS} | ({"tool_choice": tool_choice} if tool_choice else {}), False)
+    assert httpx.post(f"{vllm_server}/v1/chat/completions", json=request, timeout=60).status_code == 400
+    for topology in TOPOLOGIES:
+        r = httpx.post(f"{endpoints[topology]}/v1/chat/completions", json=request, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice", (topology, r.text)
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
@@ -185,6 +237,7 @@ TOKENIZER_CALLS = [
             "return_token_strs": True,
         },
     ),
+    ("/tokenize", {"messages": [{"role": "user", "content": "weather?"}, *TOOL_HISTORY[-2:]], "tools": TOOLS}),
     ("/detokenize", {"model": MODEL_NAME, "tokens": [100, 200, 300, 151644]}),
 ]
 
@@ -350,6 +403,23 @@ def test_return_token_ids_answers_as_vllms_server_does(endpoints, vllm_server, p
             400,
         ),
         ("/v1/completions", {"model": MODEL_NAME, "prompt": "hi", "structured_outputs": "x"}, 400),
+        *(
+            (
+                "/v1/chat/completions",
+                {
+                    "model": MODEL_NAME,
+                    "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [call]}],
+                    "max_tokens": 2,
+                },
+                None,
+            )
+            for call in (
+                {"id": "1", "type": "function", "function": {"name": "f", "arguments": "{not json"}},
+                {"id": "1", "type": "function", "function": {"name": "f", "arguments": "[1]"}},
+                {"id": "1", "type": "code", "function": {"name": "f"}},
+                {"id": "1", "function": "f"},
+            )
+        ),
         (
             "/v1/chat/completions",
             {

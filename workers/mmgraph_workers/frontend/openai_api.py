@@ -39,9 +39,15 @@ class RequestError(ValueError):
 
 
 class ChatMessage(BaseModel):
+    """One message; an assistant's earlier tool calls and a tool's answer to one go to the chat template as vLLM
+    gives them to it."""
+
     model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
 
     def parts(self) -> list[TextPart | ImagePart]:
         if self.content is None:
@@ -103,15 +109,14 @@ HONOURED = frozenset(
         "frequency_penalty", "repetition_penalty", "logit_bias", "ignore_eos", "min_tokens", "bad_words",
         "allowed_token_ids", "include_stop_str_in_output", "skip_special_tokens", "spaces_between_special_tokens",
         "return_token_ids", "add_generation_prompt", "response_format", "structured_outputs", "logprobs",
-        "top_logprobs",
+        "top_logprobs", "tools", "tool_choice", "parallel_tool_calls",
     }
 )  # fmt: skip
 IGNORED = frozenset({"user", "include_reasoning"})  # no reasoning parser: vLLM's server ignores it as well
 REFUSED = frozenset(
     {
-        "prompt_logprobs", "logprob_token_ids", "echo", "tools", "tool_choice",
-        "parallel_tool_calls", "documents", "chat_template", "chat_template_kwargs", "continue_final_message",
-        "reasoning_effort", "thinking_token_budget",
+        "prompt_logprobs", "logprob_token_ids", "echo", "documents", "chat_template", "chat_template_kwargs",
+        "continue_final_message", "reasoning_effort", "thinking_token_budget",
         "use_beam_search", "length_penalty", "mm_processor_kwargs", "media_io_kwargs", "mm_payload", "priority",
         "request_id", "cache_salt", "truncate_prompt_tokens", "truncation_side", "add_special_tokens",
         "return_tokens_as_token_ids", "return_token_offsets", "return_prompt_text", "return_mm_kwargs",
@@ -124,19 +129,15 @@ REFUSED = frozenset(
 # vLLM's text completion request: the chat table's decisions, plus its own fields. Its logprobs are another shape
 # (text_offset, token_logprobs), not written here yet.
 TEXT_REFUSED = (REFUSED - {"add_special_tokens"}) | {"logprobs", "prompt_embeds", "suffix"}
-TEXT_HONOURED = (HONOURED - {"logprobs", "messages"}) | {"prompt", "add_special_tokens"}
+TEXT_HONOURED = (HONOURED - {"logprobs", "messages", "tools", "tool_choice", "parallel_tool_calls"}) | {
+    "prompt",
+    "add_special_tokens",
+}
 
 # vLLM's /tokenize fields mmgraph does not honour (the rest: model, prompt or messages, add_generation_prompt,
-# add_special_tokens, return_token_strs)
+# add_special_tokens, return_token_strs, tools)
 TOKENIZE_REFUSED = frozenset(
-    {
-        "chat_template",
-        "chat_template_kwargs",
-        "continue_final_message",
-        "tools",
-        "media_io_kwargs",
-        "mm_processor_kwargs",
-    }
+    {"chat_template", "chat_template_kwargs", "continue_final_message", "media_io_kwargs", "mm_processor_kwargs"}
 )
 
 

@@ -5,6 +5,7 @@ image, which the engine expands) and tokenized."""
 from __future__ import annotations
 
 import argparse
+import json
 from typing import Any, TypeVar
 
 import jinja2
@@ -59,7 +60,8 @@ class Processor:
         vllm_req = validated(ChatCompletionRequest, body)
         refuse_unsupported(vllm_req, sent)
         self._check_choices(vllm_req.n)
-        token_ids = self._template(conversation, vllm_req.add_generation_prompt)
+        _check_tool_choice(vllm_req)
+        token_ids = self._template(conversation, vllm_req.add_generation_prompt, tool_dicts(vllm_req.tools))
         requested = req.max_completion_tokens or req.max_tokens
         return list(token_ids), urls, _sampling(vllm_req, len(token_ids), requested, max_model_len, defaults)
 
@@ -95,7 +97,7 @@ class Processor:
             conversation, urls = self._conversation([ChatMessage.model_validate(m) for m in req.messages])
             if urls:
                 raise RequestError("/tokenize counts text here: leave the images out", "messages")
-            ids = self._template(conversation, req.add_generation_prompt)
+            ids = self._template(conversation, req.add_generation_prompt, tool_dicts(req.tools))
         else:
             ids = self.tokenizer(req.prompt, add_special_tokens=req.add_special_tokens).input_ids
         strs = self.tokenizer.convert_ids_to_tokens(list(ids)) if req.return_token_strs else None
@@ -111,12 +113,19 @@ class Processor:
             raise RequestError(f"token id {bad[0]} is out of vocabulary", "tokens")
         return {"prompt": self.tokenizer.decode(req.tokens)}
 
-    def _template(self, conversation: list[dict[str, Any]], add_generation_prompt: bool) -> list[int]:
-        """The conversation through the model's chat template, tokenized; a template that refuses the messages
-        (roles out of order, say) is the caller's 400, as in vLLM's server."""
+    def _template(
+        self, conversation: list[dict[str, Any]], add_generation_prompt: bool, tools: list[dict[str, Any]] | None
+    ) -> list[int]:
+        """The conversation (and the tools, for a template that shows them to the model) through the model's chat
+        template, tokenized; a template that refuses the messages (roles out of order, say) is the caller's 400,
+        as in vLLM's server."""
         try:
             return self.tokenizer.apply_chat_template(
-                conversation, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=False
+                conversation,
+                tools=tools,
+                add_generation_prompt=add_generation_prompt,
+                tokenize=True,
+                return_dict=False,
             )
         except jinja2.TemplateError as err:
             raise RequestError(f"the chat template refused the messages: {err}", "messages") from None
@@ -146,7 +155,7 @@ class Processor:
                     parts.append({"type": "image"})
                 else:
                     parts.append({"type": "text", "text": part.text})
-            conversation.append({"role": message.role, "content": parts})
+            conversation.append(_templated(message, parts))
         if "image" not in self.policy.modalities and urls:
             raise RequestError("this graph does not accept images", "messages")
         if len(urls) > self.policy.max_items:
@@ -169,6 +178,54 @@ class Processor:
         except MediaError as err:
             raise RequestError(str(err), "messages", err.status) from None
         return url
+
+
+def _templated(message: ChatMessage, parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """A message as vLLM's server gives it to the chat template: an assistant's tool calls with their arguments as
+    objects (templates expect a mapping; vLLM makes arguments that are not a JSON object `{}`), a tool's answer as
+    one string, the tool call it answers and a name."""
+    out: dict[str, Any] = {"role": message.role, "content": parts}
+    if message.role == "assistant" and message.tool_calls:
+        out["tool_calls"] = [_tool_call(call) for call in message.tool_calls]
+    if message.role == "tool":
+        out["content"] = "\n".join(part["text"] for part in parts)
+        if message.tool_call_id is not None:
+            out["tool_call_id"] = message.tool_call_id
+    if message.name is not None:
+        out["name"] = message.name
+    return out
+
+
+def _tool_call(call: dict[str, Any]) -> dict[str, Any]:
+    function = call.get("function")
+    if call.get("type", "function") != "function" or not isinstance(function, dict):
+        raise RequestError("an assistant's tool_calls are of type 'function', with a 'function' object", "messages")
+    arguments = function.get("arguments")
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments) if arguments else {}
+        except json.JSONDecodeError:
+            arguments = {}  # as vLLM: a malformed call in the history must not fail every later turn
+    return {**call, "function": {**function, "arguments": arguments if isinstance(arguments, dict) else {}}}
+
+
+def tool_dicts(tools: list[Any] | None) -> list[dict[str, Any]] | None:
+    """The request's tools as vLLM's server gives them to the chat template."""
+    return None if tools is None else [tool.model_dump() for tool in tools]
+
+
+def _check_tool_choice(vllm_req: ChatCompletionRequest) -> None:
+    """Tools are shown to the model (tool_choice "none"); turning its answer into tool calls ("auto", "required",
+    a named function) takes a tool-call parser, which mmgraph does not run, nor does vLLM's server unless it is
+    started with one: a 400 naming the field, as vLLM's server gives."""
+    choice = vllm_req.tool_choice
+    if vllm_req.tools and choice not in (None, "none"):
+        asked = choice if isinstance(choice, str) else f"function {choice.function.name!r}"
+        raise RequestError(
+            f"tool_choice={asked} needs a tool-call parser, which mmgraph does not run: send tool_choice 'none' "
+            "(the tools are shown to the model, its answer is text) or leave the tools out",
+            "tool_choice",
+        )
 
 
 def _sampling(
