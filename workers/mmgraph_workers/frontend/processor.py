@@ -22,6 +22,7 @@ from vllm.entrypoints.serve.utils.api_utils import get_max_tokens
 from vllm.exceptions import VLLMClientError
 
 from mmgraph_workers.frontend.openai_api import (
+    REFUSED,
     TEXT_REFUSED,
     TOKENIZE_REFUSED,
     ChatMessage,
@@ -56,9 +57,7 @@ class Processor:
         and mean what they do in vLLM's server; `defaults` are the engine's (the model's generation config)."""
         self._check_model(req.model)
         conversation, urls = self._conversation(req.messages)
-        sent = set(body)  # before vLLM's validators, which fill in fields (tools brings tool_choice) in place
-        vllm_req = validated(ChatCompletionRequest, body)
-        refuse_unsupported(vllm_req, sent)
+        vllm_req = checked(ChatCompletionRequest, body, REFUSED)
         self._check_choices(vllm_req.n)
         _check_tool_choice(vllm_req)
         token_ids = self._template(conversation, vllm_req.add_generation_prompt, tool_dicts(vllm_req.tools))
@@ -71,9 +70,7 @@ class Processor:
         """As `prepare`, for a text completion: one prompt, a string (tokenized as vLLM's server does, special
         tokens added unless asked not to) or token ids."""
         self._check_model(req.model)
-        sent = set(body)
-        vllm_req = validated(CompletionRequest, body)
-        refuse_unsupported(vllm_req, sent, TEXT_REFUSED)
+        vllm_req = checked(CompletionRequest, body, TEXT_REFUSED)
         self._check_choices(vllm_req.n)
         if isinstance(req.prompt, str):
             token_ids = self.tokenizer(req.prompt, add_special_tokens=vllm_req.add_special_tokens).input_ids
@@ -88,11 +85,9 @@ class Processor:
         """vLLM's `/tokenize`: a prompt, or text-only messages through the chat template (an image's tokens are
         the engine's to count: vLLM's server expands each image there, the frontend cannot)."""
         kind = TokenizeChatRequest if isinstance(body, dict) and "messages" in body else TokenizeCompletionRequest
-        req = validated(kind, body)  # first: a body that is not an object is a 400
-        sent = set(body)
+        req = checked(kind, body, TOKENIZE_REFUSED)
         if req.model is not None:
             self._check_model(req.model)
-        refuse_unsupported(req, sent, TOKENIZE_REFUSED)
         if isinstance(req, TokenizeChatRequest):
             conversation, urls = self._conversation([ChatMessage.model_validate(m) for m in req.messages])
             if urls:
@@ -245,6 +240,14 @@ def _sampling(
     except (ValueError, VLLMClientError) as err:  # vLLM's own checks of the values (e.g. a negative top_k)
         raise RequestError(str(err), getattr(err, "parameter", None)) from None
     return msgspec.to_builtins(params, str_keys=True)
+
+
+def checked(kind: type[M], body: dict[str, Any], refused: frozenset[str]) -> M:
+    """`body` read by vLLM's model `kind`, with a 400 naming the first field it sets that mmgraph refuses."""
+    sent = set(body) if isinstance(body, dict) else set()  # before vLLM's validators fill in fields in place
+    request = validated(kind, body)
+    refuse_unsupported(request, sent, refused)
+    return request
 
 
 def validated(kind: type[M], body: dict[str, Any]) -> M:
