@@ -19,8 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 from dataplane.conftest import gzip_bomb, send_gzip_bomb
+from media_samples import SAMPLES
 from mmgraph_workers.media import MediaError
 from mmgraph_workers.media.fetch import fetch_bytes
 from mmgraph_workers.media.image import decode_image
@@ -367,6 +369,19 @@ def test_an_aspect_ratio_over_200_is_refused_before_decoding(size, refused):
         assert info.value.status == 400
     else:
         assert decode_image(buf.getvalue(), MediaPolicy()).size == size
+
+
+@pytest.mark.parametrize("sample", SAMPLES)
+def test_an_image_decodes_to_the_pixels_vllms_loader_gives(sample):
+    """EXIF orientation applied and transparency composited onto white, as vLLM's loader does; the control (what
+    mmgraph did before: Pillow's plain RGB conversion) differs, so the comparison can fail."""
+    from vllm.multimodal.media.image import ImageMediaIO
+
+    data = SAMPLES[sample]()
+    theirs = np.asarray(ImageMediaIO().load_bytes(data).media)
+    assert np.array_equal(np.asarray(decode_image(data, MediaPolicy())), theirs)
+    naive = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    assert naive.shape != theirs.shape or not np.array_equal(naive, theirs), "the sample shows nothing"
 
 
 def test_only_safe_image_formats_open():

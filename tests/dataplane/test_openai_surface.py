@@ -10,8 +10,9 @@ from typing import Any
 
 import httpx
 import pytest
+from media_samples import SAMPLES
 
-from .conftest import CASES, MODEL_NAME
+from .conftest import CASES, MODEL_NAME, data_url, user
 
 TOPOLOGIES = ["agg", "e-pd", "e-p-d"]
 
@@ -121,6 +122,17 @@ def test_stops_and_bad_words_answer_as_vllms_server_does(endpoints, vllm_server,
         assert theirs["finish_reason"] == "stop" or "bad_words" in extra, (extra, theirs)
         for topology in TOPOLOGIES:
             assert answer(endpoints[topology], body("one-image", extra, False)) == theirs, (topology, extra)
+
+
+@pytest.mark.parametrize("sample", ["exif-rotated-jpeg", "rgba-png"])
+def test_an_image_gives_the_answer_vllms_server_gives(endpoints, vllm_server, sample):
+    """The pixels are vLLM's loader's (EXIF orientation, transparency on white) in every topology: the encoder
+    decodes for e-pd and e-p-d, pd for agg."""
+    mime = "image/jpeg" if sample.endswith("jpeg") else "image/png"
+    request = {**body("one-image", {}, False), "messages": user(data_url(SAMPLES[sample](), mime), "describe it")}
+    theirs = answer(vllm_server, request)
+    for topology in TOPOLOGIES:
+        assert answer(endpoints[topology], request) == theirs, topology
 
 
 def test_max_tokens_left_out_is_what_the_context_leaves(endpoints, vllm_server):

@@ -1,12 +1,15 @@
 """Images: bytes to an RGB PIL image, with Pillow restricted to common safe formats and a pixel cap checked
-before any pixel is decoded (so a decompression bomb is refused, not expanded)."""
+before any pixel is decoded (so a decompression bomb is refused, not expanded). The pixels are the ones vLLM's
+loader gives its model for the same bytes: turned upright by their EXIF orientation, transparency composited
+onto white."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from mmgraph_workers.media import MediaError
 from mmgraph_workers.media.policy import MediaPolicy
@@ -34,8 +37,10 @@ def decode_image(data: bytes, policy: MediaPolicy) -> Image.Image:
                     f"image is {width}x{height}: an aspect ratio over {MAX_ASPECT_RATIO} is refused (models scale "
                     "the short side up, so a thin image becomes a huge one); crop or pad it"
                 )
+            with contextlib.suppress(Exception):  # as vLLM: a broken EXIF block leaves the image as stored
+                image = ImageOps.exif_transpose(image)
             image.load()
-            return image.convert("RGB")
+            return to_rgb(image)
     except MediaError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -44,3 +49,16 @@ def decode_image(data: bytes, policy: MediaPolicy) -> Image.Image:
         raise MediaError(f"cannot decode the image: not one of {', '.join(FORMATS)}") from None
     except (OSError, SyntaxError, ValueError) as err:
         raise MediaError(f"cannot decode the image: {err}") from None
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB as vLLM's `convert_image_mode` makes it: an image with transparency (an alpha channel, or a palette or
+    tRNS transparent colour) is composited onto white, not stripped of its alpha (which shows what was hidden)."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        out = Image.new("RGB", rgba.size, (255, 255, 255))
+        out.paste(rgba, mask=rgba.split()[3])
+        return out
+    return image.convert("RGB")
