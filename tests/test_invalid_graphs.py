@@ -69,6 +69,11 @@ WEBHOOK_CASES = [
     ("port-clash", {"stages.encoder.port": 5600}, "spec.stages.encoder.port 5600 clashes with the NIXL side channels"),
     ("kv-port-clash", {"stages.pd.port": 5601}, "spec.stages.pd.port 5601 clashes"),
     (
+        "too-many-video-frames",
+        {"media.videoFrames": 100},
+        "spec.media.videoFrames (100) is more than spec.media.maxFrames (64)",
+    ),
+    (
         "transfer-outlives-kv-lease",
         {"transfer": {"timeoutSeconds": 60, "kvLeaseSeconds": 30}},
         "spec.transfer.timeoutSeconds (60) must be shorter than spec.transfer.kvLeaseSeconds (30)",

@@ -226,6 +226,9 @@ class MediaSpec(Spec):
     """Largest decoded image (or video frame), in pixels; larger ones are refused, not resized."""
     max_frames: int = Field(default=64, ge=1, le=100000)
     """Most frames taken from a video."""
+    video_frames: int = Field(default=8, ge=1, le=100000)
+    """Frames taken from each video, evenly over its whole length (the frames vLLM's loader takes with this
+    num_frames); a shorter video gives all of its frames. At most maxFrames."""
     max_seconds: float = Field(default=600.0, gt=0, le=86400)
     """Longest video or audio accepted, in seconds."""
     allowed_schemes: list[Scheme] = Field(default=["https", "data"], min_length=1)
@@ -473,6 +476,13 @@ def _no_reserved_engine_args(graph: MultimodalGraph) -> list[str]:
     ]
 
 
+def _video_frames_within_the_cap(graph: MultimodalGraph) -> list[str]:
+    media = graph.spec.media
+    if media.video_frames <= media.max_frames:
+        return []
+    return [f"spec.media.videoFrames ({media.video_frames}) is more than spec.media.maxFrames ({media.max_frames})"]
+
+
 def _remote_code_only_where_allowed(graph: MultimodalGraph) -> list[str]:
     """Running a model repository's own code is spec.model.trustRemoteCode's decision, for every stage."""
     if graph.spec.model.trust_remote_code:
@@ -548,6 +558,7 @@ RULES: tuple[Callable[[MultimodalGraph], list[str]], ...] = (
     _kv_transfer_config_only_tunes,
     _transfers_end_within_the_kv_lease,
     _ports_do_not_clash,
+    _video_frames_within_the_cap,
 )
 
 

@@ -147,7 +147,12 @@ def graph_spec(model: Path, topology: str = "e-p-d", example: str = QWEN_EXAMPLE
     body = yaml.safe_load((REPO / "examples" / example).read_text())
     body["spec"]["model"]["path"] = str(model)
     body["spec"]["topology"] = topology
-    body["spec"]["media"] = {"allowedSchemes": ["https", "http", "data"], "allowPrivateNetworks": True, **media}
+    body["spec"]["media"] = {
+        "modalities": ["image", "video"] if example == QWEN_EXAMPLE else ["image"],
+        "allowedSchemes": ["https", "http", "data"],
+        "allowPrivateNetworks": True,
+        **media,
+    }
     if topology != "e-p-d":
         del body["spec"]["stages"]["decode"]
     if topology == "agg":
@@ -272,10 +277,14 @@ def vllm_server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> I
 @contextlib.contextmanager
 def vllm_openai_server(model: Path, name: str, example: str, logdir: Path) -> Iterator[str]:
     """`python -m vllm.entrypoints.openai.api_server` on the same weights and with the same engine arguments as
-    the example graph's pd: what a user would run instead of mmgraph."""
+    the example graph's pd: what a user would run instead of mmgraph. Videos: the graph's frame count, with
+    vLLM's loader that takes it (for Qwen2-VL vLLM's default loader samples at 2 fps and ignores num_frames)."""
     from mmgraph_operator.commands import vllm_flags
 
-    engine_args = vllm_flags(parse(graph_spec(model, example=example)).spec.stages.pd.engine_args or {})
+    spec = parse(graph_spec(model, example=example)).spec
+    engine_args = vllm_flags(spec.stages.pd.engine_args or {})
+    video = {"video": {"num_frames": spec.media.video_frames, "video_backend": "opencv"}}
+    engine_args += ["--media-io-kwargs", json.dumps(video)]
     port = free_port()
     log = logdir / "server.log"
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}

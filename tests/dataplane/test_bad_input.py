@@ -27,6 +27,7 @@ from .conftest import CASES, MODEL_NAME, PEER, chat, data_url, graph_spec, metri
 
 GUARD = Path(__file__).with_name("guard")
 STRICT = {
+    "modalities": ["image"],
     "allowedSchemes": ["https", "data"],
     "allowPrivateNetworks": False,
     "maxBytes": 200_000,
@@ -213,10 +214,10 @@ def test_a_full_transfer_pool_is_a_retryable_503_that_pins_nothing(graph, tiny_m
     """An encoder whose pool holds two images' embeddings gets a request of three: it answers 503 with
     Retry-After, releasing the two it had published (all or nothing), so a request of two succeeds right after
     instead of waiting for their time-to-live."""
-    from mmgraph_workers.protocol import EncodeRequest, EncodeResponse
+    from mmgraph_workers.protocol import EncodeRequest, EncodeResponse, image_items
 
     def encode(port: int, urls: list[str]) -> httpx.Response:
-        body = EncodeRequest(request_id=f"pool-{time.monotonic_ns()}", urls=urls).model_dump_json()
+        body = EncodeRequest(request_id=f"pool-{time.monotonic_ns()}", media=image_items(urls)).model_dump_json()
         return httpx.post(f"http://127.0.0.1:{port}/encode", content=body, headers=PEER, timeout=60)
 
     seed = time.monotonic_ns() % 1_000_000

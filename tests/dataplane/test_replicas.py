@@ -106,11 +106,11 @@ def test_an_encoder_told_to_stop_stays_until_its_embeddings_are_read(graph, tiny
     """SIGTERM with embeddings published and not yet read (a replica scaled down after answering a request whose
     embeddings pd has still to pull): the encoder stays, the read gets the right bytes, then it exits cleanly."""
     os.environ.setdefault("UCX_NET_DEVICES", "lo")
-    from mmgraph_workers.protocol import EncodeRequest, EncodeResponse
+    from mmgraph_workers.protocol import EncodeRequest, EncodeResponse, image_items
     from mmgraph_workers.transfer import make_transfer
 
     def encode(port: int) -> EncodeResponse:
-        body = EncodeRequest(request_id=f"drain-{time.monotonic_ns()}", urls=[IMG_C]).model_dump_json()
+        body = EncodeRequest(request_id=f"drain-{time.monotonic_ns()}", media=image_items([IMG_C])).model_dump_json()
         r = httpx.post(f"http://127.0.0.1:{port}/encode", content=body, headers=PEER, timeout=60)
         assert r.status_code == 200, r.text
         return EncodeResponse.model_validate_json(r.content)

@@ -49,7 +49,7 @@ def test_the_encoders_tower_takes_a_requests_images_in_one_pass(graph):
     the running encoder's `mmgraph_encoder_batch_images` shows. (Requests arriving during a pass share the next
     one: test_worker_units proves that with a tower slow enough to overlap; the tiny tower's passes take a few
     milliseconds, too short for arrivals to overlap them reliably.)"""
-    from mmgraph_workers.protocol import EncodeRequest, EncodeResponse
+    from mmgraph_workers.protocol import EncodeRequest, EncodeResponse, image_items
 
     encoder = f"http://127.0.0.1:{graph.stages['encoder'].port}"
     seed = time.monotonic_ns() % 1_000_000
@@ -61,7 +61,7 @@ def test_the_encoders_tower_takes_a_requests_images_in_one_pass(graph):
 
     images, count = passes()
     urls = [data_url(png(64 + 16 * (i % 2), 64, seed + i)) for i in range(8)]  # two sizes in one pass
-    body = EncodeRequest(request_id=f"batch-{seed}", urls=urls).model_dump_json()
+    body = EncodeRequest(request_id=f"batch-{seed}", media=image_items(urls)).model_dump_json()
     r = httpx.post(f"{encoder}/encode", content=body, headers=PEER, timeout=60)
     assert r.status_code == 200, r.text
     items = EncodeResponse.model_validate_json(r.content).items

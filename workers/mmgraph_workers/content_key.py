@@ -51,9 +51,16 @@ DIGEST_ROWS = 256  # rows hashed at a time: a strip, not a second copy of a larg
 
 
 def media_digest(media: Any) -> bytes:
-    """Digest of decoded media as the processor receives it (a PIL image: mode, size and pixels, row by row:
-    the same bytes as `tobytes()`, in strips)."""
+    """Digest of decoded media as the processor receives it: a PIL image (mode, size and pixels, row by row:
+    the same bytes as `tobytes()`, in strips), or a video's sampled frames (their shape and pixels, frame by
+    frame) and which frames they are."""
     h = _hasher()
+    if hasattr(media, "frames"):
+        frames = media.frames
+        h.update(f"video:{frames.shape}:{frames.dtype}:{media.metadata['frames_indices']}".encode())
+        for frame in frames:
+            h.update(frame.data)
+        return h.digest()
     h.update(f"{media.mode}:{media.size}".encode())
     width, height = media.size
     for top in range(0, height, DIGEST_ROWS):

@@ -30,6 +30,7 @@ from mmgraph_workers.content_key import encoder_identity, item_key, media_digest
 from mmgraph_workers.media import MediaError, policy
 from mmgraph_workers.media.fetch import fetch_all, media_client
 from mmgraph_workers.media.image import decode_image
+from mmgraph_workers.media.video import decode_video
 from mmgraph_workers.models import Encoded, adapter_for
 from mmgraph_workers.protocol import EncodedItem, EncodeRequest, EncodeResponse, WorkerInfo
 from mmgraph_workers.server import (
@@ -50,6 +51,9 @@ ENCODED = Counter("mmgraph_encoder_items_total", "Media items encoded", ["cached
 ENCODE_SECONDS = Histogram("mmgraph_encoder_seconds", "Time to fetch, decode and encode one request's media")
 PUBLISHED = Gauge("mmgraph_encoder_published_buffers", "Embedding buffers waiting for pd to pull them")
 MEDIA_ERRORS = Counter("mmgraph_encoder_media_errors_total", "Requests refused for their media", ["status"])
+VIDEO_FRAMES_DECODED = Counter(
+    "mmgraph_encoder_video_frames_decoded_total", "Video frames decoded to sample the frames requests asked for"
+)
 BATCH_IMAGES = Histogram(
     "mmgraph_encoder_batch_images", "Images per pass of the vision tower", buckets=(1, 2, 4, 8, 16, 32, 64)
 )
@@ -166,7 +170,10 @@ class Encoder:
         self.module = self.adapter.load_encoder(args.device)
         log.info("%s encoder loaded on %s (%.2f s)", self.adapter.family, args.device, time.perf_counter() - started)
         started = time.perf_counter()
-        settings = {"processor": self.processor.image_processor.to_dict(), "encoder": self.adapter.encoder_settings()}
+        processors = {"processor": self.processor.image_processor.to_dict()}
+        if "video" in self.adapter.modalities:
+            processors["video_processor"] = self.processor.video_processor.to_dict()
+        settings = {**processors, "encoder": self.adapter.encoder_settings()}
         self.identity = encoder_identity(self.module, settings)
         log.info("encoder identity %s… (%.2f s)", self.identity[:16], time.perf_counter() - started)
         self.transfer = make_pool(self.pool_bytes())
@@ -175,18 +182,22 @@ class Encoder:
         self.batcher = Batcher(self._forward, args.max_batch_size)  # one pass at a time: the tower uses every core
 
     def pool_bytes(self) -> int:
-        """--transfer-pool-bytes, or room for POOL_REQUESTS requests of maxItems images at the pixel cap (the
-        embedding width and dtype from one tiny image through the tower)."""
+        """--transfer-pool-bytes, or room for POOL_REQUESTS requests of maxItems items, each as large as the caps
+        allow an image or (if the graph takes video) a video of videoFrames frames to be (the embedding width and
+        dtype from one tiny image through the tower)."""
         if self.args.transfer_pool_bytes:
             return self.args.transfer_pool_bytes
         from PIL import Image
 
         probe = self.adapter.encode(self.module, self.processor, [Image.new("RGB", (56, 56))])[0].embeddings
         rows = self.adapter.max_item_tokens(self.processor, self.policy.max_pixels)
+        if "video" in self.policy.modalities:
+            frames = self.policy.video_frames
+            rows = max(rows, self.adapter.max_video_tokens(self.processor, self.policy.max_pixels, frames))
         item = rows * probe.shape[-1] * probe.element_size()
         size = max(MIN_POOL_BYTES, POOL_REQUESTS * max(1, self.policy.max_items) * item)
         log.info(
-            "transfer pool %d MiB (%d requests of %d images of up to %d rows)",
+            "transfer pool %d MiB (%d requests of %d items of up to %d rows)",
             size >> 20,
             POOL_REQUESTS,
             self.policy.max_items,
@@ -195,26 +206,32 @@ class Encoder:
         return size
 
     async def encode(self, request: EncodeRequest) -> EncodeResponse:
-        if len(request.urls) > self.policy.max_items:
-            raise MediaError(f"{len(request.urls)} media items, more than the {self.policy.max_items} allowed")
-        self.batcher.check(len(request.urls))  # before any fetch: a full queue answers at once
+        media = request.media
+        if len(media) > self.policy.max_items:
+            raise MediaError(f"{len(media)} media items, more than the {self.policy.max_items} allowed")
+        if refused := {m.modality for m in media} - set(self.policy.modalities):
+            raise MediaError(f"this graph does not accept {', '.join(sorted(refused))} (spec.media.modalities)")
+        self.batcher.check(len(media))  # before any fetch: a full queue answers at once
         started = time.perf_counter()
-        blobs = await fetch_all(request.urls, self.policy, self.client)
-        hashes = await asyncio.to_thread(lambda: [hashlib.sha256(b).hexdigest() for b in blobs])  # off the loop
+        blobs = await fetch_all([m.url for m in media], self.policy, self.client)
+        # the same bytes as an image and as a video are two items; hashed off the loop
+        hashes = await asyncio.to_thread(
+            lambda: [f"{m.modality}:{hashlib.sha256(b).hexdigest()}" for m, b in zip(media, blobs, strict=True)]
+        )
         found = {h: self.cache.get(h) for h in hashes}
         was_cached = {h: item is not None for h, item in found.items()}
         missing = list({h: i for i, h in enumerate(hashes) if found[h] is None}.values())
         if missing:
-            decoded = await asyncio.to_thread(lambda: [self._decode(blobs[i], i) for i in missing])
+            decoded = await asyncio.to_thread(lambda: [self._decode(blobs[i], i, media[i].modality) for i in missing])
             prepared, digests = [p for p, _ in decoded], [digest for _, digest in decoded]
             encoded: list[Encoded] = await self.batcher.run(prepared)
             for i, out, digest in zip(missing, encoded, digests, strict=True):
-                key = item_key(self.identity, "image", digest, out.metadata, out.embeddings.shape[0])
+                key = item_key(self.identity, media[i].modality, digest, out.metadata, out.embeddings.shape[0])
                 found[hashes[i]] = Embedding(out.embeddings, out.metadata, key)
                 self.cache.put(hashes[i], found[hashes[i]])
         items: list[EncodedItem] = []
         ttl = self.args.transfer_timeout_seconds * 3 + 30
-        for h in hashes:
+        for m, h in zip(media, hashes, strict=True):
             item = found[h]
             assert item is not None
             try:
@@ -226,7 +243,12 @@ class Encoder:
             cached = was_cached[h]
             items.append(
                 EncodedItem(
-                    key=item.key, embeddings=ref, num_tokens=item.tensor.shape[0], metadata=item.metadata, cached=cached
+                    modality=m.modality,
+                    key=item.key,
+                    embeddings=ref,
+                    num_tokens=item.tensor.shape[0],
+                    metadata=item.metadata,
+                    cached=cached,
                 )
             )
             ENCODED.labels(cached=str(cached).lower()).inc()
@@ -234,15 +256,22 @@ class Encoder:
         ENCODE_SECONDS.observe(time.perf_counter() - started)
         return EncodeResponse(items=items)
 
-    def _decode(self, blob: bytes, index: int) -> tuple[Any, bytes]:
-        """The image as the tower takes it and the digest of its pixels (for the content key), in one trip off
-        the loop; an image the model's processor refuses is the client's mistake, found before any pass."""
-        image = decode_image(blob, self.policy)
+    def _decode(self, blob: bytes, index: int, modality: str) -> tuple[Any, bytes]:
+        """The image or video as the tower takes it and the digest of its pixels (for the content key), in one
+        trip off the loop; media the model's processor refuses is the client's mistake, found before any pass."""
+        if modality == "video":
+            media: Any = decode_video(blob, self.policy, self.policy.video_frames)
+            VIDEO_FRAMES_DECODED.inc(media.decoded)
+        else:
+            media = decode_image(blob, self.policy)
         try:
-            prepared = self.adapter.prepare(self.processor, image)
+            if modality == "video":
+                prepared = self.adapter.prepare_video(self.processor, media)
+            else:
+                prepared = self.adapter.prepare(self.processor, media)
         except ValueError as err:
-            raise MediaError(f"image {index + 1} cannot be used with this model: {err}") from None
-        return prepared, media_digest(image)
+            raise MediaError(f"{modality} {index + 1} cannot be used with this model: {err}") from None
+        return prepared, media_digest(media)
 
     def _forward(self, prepared: list) -> list[Encoded]:
         out: list[Encoded] = []

@@ -36,6 +36,7 @@ from mmgraph_workers import cpu
 from mmgraph_workers.media import MediaError, policy
 from mmgraph_workers.media.fetch import fetch_all, media_client
 from mmgraph_workers.media.image import decode_image
+from mmgraph_workers.media.video import decode_video
 from mmgraph_workers.models import ItemShape, adapter_for
 from mmgraph_workers.peers import Peer
 from mmgraph_workers.ports import bindable
@@ -155,14 +156,19 @@ class Engine:
         self.max_model_len = config.max_model_len
         self.hidden_size = config.get_hidden_size()
 
-    async def _images(self, req: GenerateRequest) -> tuple[Any, dict[str, list[str]] | None]:
-        """vLLM's `multi_modal_data` for the request's images, and their `multi_modal_uuids`: the content keys
-        (content_key.py) of embeddings and placeholders, so this engine's prefix cache keys each image by what
-        it is, never by placeholder values; with images it loads itself (agg) vLLM hashes the pixels."""
-        if req.image_urls:
-            blobs = await fetch_all(req.image_urls, self.policy, self.media)
-            images = await asyncio.to_thread(lambda: [decode_image(b, self.policy) for b in blobs])
-            return {"image": images if len(images) > 1 else images[0]}, None
+    async def _media(self, req: GenerateRequest) -> tuple[Any, dict[str, list[str]] | None]:
+        """vLLM's `multi_modal_data` for the request's media, and their `multi_modal_uuids`: the content keys
+        (content_key.py) of embeddings and placeholders, so this engine's prefix cache keys each item by what
+        it is, never by placeholder values; with media it loads itself (agg) vLLM hashes the pixels."""
+        if req.media:
+            blobs = await fetch_all([m.url for m in req.media], self.policy, self.media)
+            loaded = await asyncio.to_thread(
+                lambda: [self._load(m.modality, b) for m, b in zip(req.media, blobs, strict=True)]
+            )
+            data: dict[str, list[Any]] = {}
+            for m, item in zip(req.media, loaded, strict=True):
+                data.setdefault(m.modality, []).append(item)
+            return {modality: items if len(items) > 1 else items[0] for modality, items in data.items()}, None
         if req.encoded:
             if self.transfer is None or self.adapter is None:
                 raise MediaError("this stage does not accept embeddings")
@@ -178,15 +184,23 @@ class Engine:
                 log.warning("request %s: %s", req.request_id, err)  # names the encoder's agent (its address)
                 raise StageError("pulling embeddings from the encoder failed", 502, retry=True) from err
             PULL_SECONDS.observe(time.perf_counter() - started)
-            shapes = [ItemShape(item.num_tokens, item.metadata) for item in req.encoded]
-            return self.adapter.embeddings_data(embeds, shapes), {"image": [item.key for item in req.encoded]}
+            shapes = [ItemShape(item.num_tokens, item.metadata, item.modality) for item in req.encoded]
+            return self.adapter.embeddings_data(embeds, shapes), _uuids(req.encoded)
         if req.placeholders:
             if self.adapter is None:
                 raise MediaError("this stage does not accept placeholders (it is not a decode stage)")
-            shapes = [ItemShape(p.num_tokens, p.metadata) for p in req.placeholders]
+            shapes = [ItemShape(p.num_tokens, p.metadata, p.modality) for p in req.placeholders]
             mm = self.adapter.placeholder_data(shapes, req.placeholders[0].hidden_size, self.llm.model_config.dtype)
-            return mm, {"image": [p.key for p in req.placeholders]}
+            return mm, _uuids(req.placeholders)
         return None, None
+
+    def _load(self, modality: str, blob: bytes) -> Any:
+        """An image as vLLM takes it (PIL), or a video as (frames, metadata): the frames our loader sampled, as
+        the encoder would have encoded them."""
+        if modality == "video":
+            video = decode_video(blob, self.policy, self.policy.video_frames)
+            return video.frames, video.metadata
+        return decode_image(blob, self.policy)
 
     async def _owner(self, ref: TensorRef) -> str:
         """The base URL of the encoder replica that owns `ref`: its address must be one the graph's encoder Service
@@ -227,7 +241,7 @@ class Engine:
     async def generate(self, req: GenerateRequest) -> AsyncIterator[GenerateEvent]:
         from vllm.sampling_params import RequestOutputKind
 
-        mm, uuids = await self._images(req)
+        mm, uuids = await self._media(req)
         prompt: dict[str, Any] = {"prompt_token_ids": req.prompt_token_ids}
         if mm is not None:
             prompt["multi_modal_data"] = mm
@@ -393,3 +407,11 @@ def main(args: argparse.Namespace, stage: str) -> None:
         return StreamingResponse(events(), media_type="application/x-ndjson")
 
     serve(app, args)
+
+
+def _uuids(items: list[Any]) -> dict[str, list[str]]:
+    """vLLM's `multi_modal_uuids`: each modality's content keys, in prompt order."""
+    out: dict[str, list[str]] = {}
+    for item in items:
+        out.setdefault(item.modality, []).append(item.key)
+    return out

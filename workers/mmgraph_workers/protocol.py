@@ -11,7 +11,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
-PROTOCOL_VERSION = 4  # 2: content keys; 3: a descriptor names its owner, not its metadata; 4: vLLM's SamplingParams
+PROTOCOL_VERSION = 5  # 2: content keys; 3: a descriptor names its owner, not its metadata; 4: vLLM's SamplingParams;
+# 5: media items name their modality (video)
 
 
 class Message(BaseModel):
@@ -49,10 +50,24 @@ class TensorRef(BaseModel):
         return self
 
 
+Modality = Literal["image", "video"]
+
+
+class MediaItem(BaseModel):
+    """One media item of a request, in prompt order: what it is and where to get it."""
+
+    modality: Modality = "image"
+    url: str
+
+
+def image_items(urls: list[str]) -> list[MediaItem]:
+    return [MediaItem(url=url) for url in urls]
+
+
 class EncodedItem(BaseModel):
     """One media item after the encoder: its embeddings and what the engine needs to place them."""
 
-    modality: Literal["image"] = "image"
+    modality: Modality = "image"
     key: str  # content key (content_key.py): the item's identity in every engine's prefix cache
     embeddings: TensorRef
     num_tokens: int
@@ -62,7 +77,7 @@ class EncodedItem(BaseModel):
 
 class EncodeRequest(Message):
     request_id: str
-    urls: list[str] = Field(min_length=1)
+    media: list[MediaItem] = Field(min_length=1)
 
 
 class EncodeResponse(Message):
@@ -100,6 +115,7 @@ class PlaceholderItem(BaseModel):
     it, never by the placeholder's values), the embedding shape and the family's metadata (positions may depend
     on it, e.g. Qwen's grid)."""
 
+    modality: Modality = "image"
     key: str
     num_tokens: int
     hidden_size: int
@@ -107,13 +123,13 @@ class PlaceholderItem(BaseModel):
 
 
 class GenerateRequest(Message):
-    """To a vLLM stage. Exactly one way of giving the images: `image_urls` (agg: the engine encodes),
+    """To a vLLM stage. Exactly one way of giving the media: `media` (agg: the engine loads and encodes it),
     `encoded` (pd fed by the encoder), or `placeholders` (decode: KV comes from pd)."""
 
     request_id: str
     prompt_token_ids: list[int]
     sampling: dict[str, Any]  # vLLM's SamplingParams (`sampling`, `sampling_params`)
-    image_urls: list[str] = Field(default_factory=list)
+    media: list[MediaItem] = Field(default_factory=list)
     encoded: list[EncodedItem] = Field(default_factory=list)
     placeholders: list[PlaceholderItem] = Field(default_factory=list)
     prefill_only: bool = False  # e-p-d's pd: compute the KV, keep it for decode, return kv_transfer_params

@@ -153,13 +153,13 @@ def build_app(args: argparse.Namespace) -> FastAPI:
         try:
             body = await request.body()
             loop = asyncio.get_running_loop()
-            req, (token_ids, urls, sampling) = await loop.run_in_executor(
+            req, (token_ids, media, sampling) = await loop.run_in_executor(
                 PREPARE, _prepare, processor, shape, body, router.pd_info
             )
         except (json.JSONDecodeError, UnicodeDecodeError, ValidationError, RequestError) as err:
             status, body = failure(_request_error(err), request_id)
             return JSONResponse(body, status_code=status)
-        events = router.run(request_id, token_ids, urls, sampling, prompt=req.return_token_ids)
+        events = router.run(request_id, token_ids, media, sampling, prompt=req.return_token_ids)
         writer = Writer(shape, request_id, req, processor.decode)
         if req.stream:  # Starlette stops the stream (and so the stages' calls) when the client goes
             return StreamingResponse(writer.stream(events), media_type="text/event-stream")

@@ -30,6 +30,22 @@ class ImagePart(BaseModel):
     image_url: ImageURL
 
 
+class VideoURL(BaseModel):
+    url: str
+
+
+class VideoPart(BaseModel):
+    type: Literal["video_url"]
+    video_url: VideoURL
+
+
+PARTS: dict[str, type[TextPart | ImagePart | VideoPart]] = {
+    "text": TextPart,
+    "image_url": ImagePart,
+    "video_url": VideoPart,
+}
+
+
 class RequestError(ValueError):
     """The client's request is wrong: answered 4xx in OpenAI's error format."""
 
@@ -49,22 +65,19 @@ class ChatMessage(BaseModel):
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
 
-    def parts(self) -> list[TextPart | ImagePart]:
+    def parts(self) -> list[TextPart | ImagePart | VideoPart]:
         if self.content is None:
             return []
         if isinstance(self.content, str):
             return [TextPart(type="text", text=self.content)]
-        out: list[TextPart | ImagePart] = []
+        out: list[TextPart | ImagePart | VideoPart] = []
         for i, part in enumerate(self.content):
             kind = part.get("type")
-            if kind == "text":
-                out.append(TextPart.model_validate(part))
-            elif kind == "image_url":
-                out.append(ImagePart.model_validate(part))
-            else:
+            if kind not in PARTS:
                 raise RequestError(
-                    f"content part {i} has type {kind!r}; this model accepts 'text' and 'image_url'", "messages"
+                    f"content part {i} has type {kind!r}; mmgraph accepts {', '.join(map(repr, PARTS))}", "messages"
                 )
+            out.append(PARTS[kind].model_validate(part))
         return out
 
 

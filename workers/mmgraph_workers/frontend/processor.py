@@ -29,11 +29,13 @@ from mmgraph_workers.frontend.openai_api import (
     ChatRequest,
     ImagePart,
     RequestError,
+    TextPart,
     TextRequest,
     refuse_unsupported,
 )
 from mmgraph_workers.media import MediaError, policy
 from mmgraph_workers.media.fetch import check_scheme, decode_data_url, scheme_of
+from mmgraph_workers.protocol import MediaItem
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -51,18 +53,18 @@ class Processor:
 
     def prepare(
         self, req: ChatRequest, body: dict[str, Any], max_model_len: int | None, defaults: dict[str, Any]
-    ) -> tuple[list[int], list[str], dict[str, Any]]:
-        """(prompt token ids, media URLs in prompt order, vLLM's SamplingParams as the message carries them), or
+    ) -> tuple[list[int], list[MediaItem], dict[str, Any]]:
+        """(prompt token ids, media items in prompt order, vLLM's SamplingParams as the message carries them), or
         RequestError saying what to change. `body` goes through vLLM's own request model, so its fields are checked
         and mean what they do in vLLM's server; `defaults` are the engine's (the model's generation config)."""
         self._check_model(req.model)
-        conversation, urls = self._conversation(req.messages)
+        conversation, media = self._conversation(req.messages)
         vllm_req = checked(ChatCompletionRequest, body, REFUSED)
         self._check_choices(vllm_req.n)
         _check_tool_choice(vllm_req)
         token_ids = self._template(conversation, vllm_req.add_generation_prompt, tool_dicts(vllm_req.tools))
         requested = req.max_completion_tokens or req.max_tokens
-        return list(token_ids), urls, _sampling(vllm_req, len(token_ids), requested, max_model_len, defaults)
+        return list(token_ids), media, _sampling(vllm_req, len(token_ids), requested, max_model_len, defaults)
 
     def prepare_text(
         self, req: TextRequest, body: dict[str, Any], max_model_len: int | None, defaults: dict[str, Any]
@@ -89,9 +91,9 @@ class Processor:
         if req.model is not None:
             self._check_model(req.model)
         if isinstance(req, TokenizeChatRequest):
-            conversation, urls = self._conversation([ChatMessage.model_validate(m) for m in req.messages])
-            if urls:
-                raise RequestError("/tokenize counts text here: leave the images out", "messages")
+            conversation, media = self._conversation([ChatMessage.model_validate(m) for m in req.messages])
+            if media:
+                raise RequestError("/tokenize counts text here: leave the images and videos out", "messages")
             ids = self._template(conversation, req.add_generation_prompt, tool_dicts(req.tools))
         else:
             ids = self.tokenizer(req.prompt, add_special_tokens=req.add_special_tokens).input_ids
@@ -137,27 +139,34 @@ class Processor:
                 f"model {model!r} is not served here; this endpoint serves {self.served_model_name!r}", "model", 404
             )
 
-    def _conversation(self, messages: list[ChatMessage]) -> tuple[list[dict[str, Any]], list[str]]:
-        """The messages as the chat template takes them (one image part per image) and the images' URLs, checked."""
-        conversation, urls = [], []
+    def _conversation(self, messages: list[ChatMessage]) -> tuple[list[dict[str, Any]], list[MediaItem]]:
+        """The messages as the chat template takes them (one image or video part per item) and the media items in
+        prompt order, checked."""
+        conversation, media = [], []
         for message in messages:
             parts = []
             for part in message.parts():
-                if isinstance(part, ImagePart):
-                    if message.role != "user":
-                        raise RequestError("images are accepted in user messages only", "messages")
-                    urls.append(self._checked_url(part.image_url.url))
-                    parts.append({"type": "image"})
-                else:
+                if isinstance(part, TextPart):
                     parts.append({"type": "text", "text": part.text})
+                    continue
+                modality = "image" if isinstance(part, ImagePart) else "video"
+                if message.role != "user":
+                    raise RequestError(f"{modality}s are accepted in user messages only", "messages")
+                if modality not in self.policy.modalities:
+                    raise RequestError(
+                        f"this graph does not accept {modality}s (spec.media.modalities is "
+                        f"{', '.join(self.policy.modalities)})",
+                        "messages",
+                    )
+                url = part.image_url.url if isinstance(part, ImagePart) else part.video_url.url
+                media.append(MediaItem(modality=modality, url=self._checked_url(url)))
+                parts.append({"type": modality})
             conversation.append(_templated(message, parts))
-        if "image" not in self.policy.modalities and urls:
-            raise RequestError("this graph does not accept images", "messages")
-        if len(urls) > self.policy.max_items:
+        if len(media) > self.policy.max_items:
             raise RequestError(
-                f"{len(urls)} images in one request, more than the {self.policy.max_items} allowed", "messages"
+                f"{len(media)} media items in one request, more than the {self.policy.max_items} allowed", "messages"
             )
-        return conversation, urls
+        return conversation, media
 
     def decode(self, token_id: int) -> str:
         """One token's text, as vLLM's server decodes a token its engine did not (for logprobs)."""

@@ -30,6 +30,7 @@ from mmgraph_workers.protocol import (
     EncodeResponse,
     GenerateEvent,
     GenerateRequest,
+    MediaItem,
     PlaceholderItem,
     WorkerInfo,
 )
@@ -68,9 +69,9 @@ class StageFailure(RuntimeError):
 
 @dataclass
 class Media:
-    """A request's media: the URLs, and the encoder's items for them (replaced when they are encoded again)."""
+    """A request's media items, and the encoder's for them (replaced when they are encoded again)."""
 
-    urls: list[str]
+    items: list[MediaItem]
     encoded: list[EncodedItem] = field(default_factory=list)
 
 
@@ -118,10 +119,10 @@ class Router:
         except NoReplica as err:
             raise StageFailure(stage, str(err).removeprefix(f"{stage}: "), 503) from None
 
-    async def encode(self, request_id: str, urls: list[str]) -> list[EncodedItem]:
+    async def encode(self, request_id: str, media: list[MediaItem]) -> list[EncodedItem]:
         started, body, tried = (
             time.perf_counter(),
-            EncodeRequest(request_id=request_id, urls=urls).model_dump_json(),
+            EncodeRequest(request_id=request_id, media=media).model_dump_json(),
             set(),
         )
         while True:
@@ -188,7 +189,12 @@ class Router:
     # ---- the topologies ---------------------------------------------------------------------------------------
 
     async def run(
-        self, request_id: str, token_ids: list[int], urls: list[str], sampling: dict[str, Any], prompt: bool = False
+        self,
+        request_id: str,
+        token_ids: list[int],
+        media: list[MediaItem],
+        sampling: dict[str, Any],
+        prompt: bool = False,
     ):
         """The tokens of one request, as GenerateEvents from the last engine (`prompt`: the first carries the
         prompt's token ids as that engine saw them)."""
@@ -199,12 +205,12 @@ class Router:
             "sampling": sampling,
             "return_prompt_token_ids": prompt,
         }
-        if topology == "agg" or (topology == "e-pd" and not urls):
-            stream = self.stream_stage("pd", GenerateRequest(**base, image_urls=urls))
+        if topology == "agg" or (topology == "e-pd" and not media):
+            stream = self.stream_stage("pd", GenerateRequest(**base, media=media))
         elif topology == "e-pd":
-            stream = self.prefill(base, Media(urls, await self.encode(request_id, urls)))
+            stream = self.prefill(base, Media(media, await self.encode(request_id, media)))
         else:
-            stream = self.prefill_then_decode(base, Media(urls))
+            stream = self.prefill_then_decode(base, Media(media))
         async for event in stream:
             yield event
 
@@ -224,7 +230,7 @@ class Router:
                     raise
                 RETRIES.labels("pd").inc()
                 log.warning("request %s: %s; encoding again", base["request_id"], err)
-            media.encoded = await self.encode(base["request_id"], media.urls)
+            media.encoded = await self.encode(base["request_id"], media.items)
 
     async def prefill_then_decode(self, base: dict[str, Any], media: Media) -> AsyncIterator[GenerateEvent]:
         """e-p-d: pd prefills, decode pulls the KV and streams. decode must start, and pull the KV, within pd's
@@ -232,8 +238,8 @@ class Router:
         token, prefills again (re-encoding: pd released the embeddings it pulled)."""
         request_id = base["request_id"]
         for attempt in range(1, KV_ATTEMPTS + 1):
-            if media.urls:
-                media.encoded = await self.encode(request_id, media.urls)
+            if media.items:
+                media.encoded = await self.encode(request_id, media.items)
             prefill, started = None, time.monotonic()
             async for event in self.prefill(base, media, prefill_only=True):
                 prefill = event
@@ -247,6 +253,7 @@ class Router:
                     **base,
                     placeholders=[
                         PlaceholderItem(
+                            modality=i.modality,
                             key=i.key,
                             num_tokens=i.num_tokens,
                             metadata=i.metadata,

@@ -9,6 +9,8 @@ name. The stages, the inter-stage protocol and the frontend stay family-agnostic
     encoder  encoder_settings()                    what besides weights changes its output (for content keys)
     encoder  max_item_tokens(processor, max_pixels) the most rows one image can become (sizes the pool)
     encoder  prepare(processor, image)             the processor's tensors for one image (or ValueError)
+    encoder  prepare_video(processor, video)       the same for a video's sampled frames (families with video)
+    encoder  max_video_tokens(processor, px, n)    the most rows one video of n frames can become
     encoder  forward(module, prepared)             tower (+ projector) over prepared items -> per item:
                                                    embeddings as the language model consumes them, and the
                                                    metadata the engine needs to place them (Qwen's grid),
@@ -50,6 +52,7 @@ class ItemShape:
 
     num_tokens: int
     metadata: dict[str, Any]
+    modality: str = "image"
 
 
 class ModelAdapter(ABC):
@@ -83,6 +86,15 @@ class ModelAdapter(ABC):
         """One image as the tower takes it (the processor's tensors); ValueError if the processor refuses it (an
         aspect ratio it cannot tile, say). The encoder runs this per item, off the tower's thread, so a bad item
         is refused before any pass, alone."""
+
+    def prepare_video(self, processor: Any, video: Any) -> Any:
+        """A video's sampled frames (media/video.py's Video) as the tower takes them; ValueError if the family
+        takes no video (the frontend refuses videos for a graph whose spec.media.modalities lacks it)."""
+        raise ValueError(f"the {self.family} family takes no video")
+
+    def max_video_tokens(self, processor: Any, max_pixels: int, frames: int) -> int:
+        """The most embedding rows one video of `frames` frames can become (0: the family takes no video)."""
+        return 0
 
     @abstractmethod
     def max_item_tokens(self, processor: Any, max_pixels: int) -> int:

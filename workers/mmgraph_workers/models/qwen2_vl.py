@@ -1,6 +1,8 @@
 """Qwen2-VL and Qwen2.5-VL: a vision transformer whose output is already in the language model's space (patch
-merging is its last step), one item per image with a (temporal, height, width) patch grid that the language
-model's M-RoPE positions depend on. vLLM takes `image_embeds` [tokens, hidden] with `image_grid_thw` [n, 3]."""
+merging is its last step), one item per image or video with a (temporal, height, width) patch grid that the
+language model's M-RoPE positions depend on. vLLM takes `image_embeds` [tokens, hidden] with `image_grid_thw`
+[n, 3], and `video_embeds` with `video_grid_thw` the same way: a video is frames, two at a time (the temporal
+patch), through the same tower."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ TOWERS = {
 class Qwen2VL(ModelAdapter):
     family = "qwen2-vl"
     architectures = tuple(TOWERS)
+    modalities = ("image", "video")
 
     def load_encoder(self, device: str) -> torch.nn.Module:
         import importlib
@@ -37,16 +40,21 @@ class Qwen2VL(ModelAdapter):
         inputs = processor.image_processor(images=[image], return_tensors="pt")
         return inputs["pixel_values"], inputs["image_grid_thw"]
 
+    def prepare_video(self, processor: Any, video: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """The frames as they are (the loader sampled them: the processor's own sampling stays off, as vLLM
+        leaves it); an odd count is padded with the last frame by the processor."""
+        inputs = processor.video_processor(videos=[video.frames], return_tensors="pt")
+        return inputs["pixel_values_videos"], inputs["video_grid_thw"]
+
     def max_item_tokens(self, processor: Any, max_pixels: int) -> int:
         """The processor resizes an image to at most its own pixel limit; each merged patch is one row."""
-        image_processor = processor.image_processor
-        size = getattr(image_processor, "size", None) or {}
-        own = getattr(image_processor, "max_pixels", None) or size.get("longest_edge") or max_pixels
-        patch = image_processor.patch_size * image_processor.merge_size
-        # each side is rounded to a multiple of `patch`, up as well as down; sides are at most 200:1 (the
-        # processor refuses more), so rounding adds at most patch * (longest side + 1) pixels
-        rounded = max_pixels + patch * (math.isqrt(200 * max_pixels) + 1 + patch)
-        return max(1, -(-min(rounded, own) // patch**2))
+        return _rows_per_frame(processor.image_processor, max_pixels)
+
+    def max_video_tokens(self, processor: Any, max_pixels: int, frames: int) -> int:
+        """Frames go through the tower two at a time (the temporal patch), each pair as many rows as a frame."""
+        video_processor = processor.video_processor
+        pairs = -(-frames // video_processor.temporal_patch_size)
+        return pairs * _rows_per_frame(video_processor, max_pixels)
 
     @torch.inference_mode()
     def forward(self, module: torch.nn.Module, prepared: list[tuple[torch.Tensor, torch.Tensor]]) -> list[Encoded]:
@@ -61,5 +69,26 @@ class Qwen2VL(ModelAdapter):
         ]
 
     def embeddings_data(self, embeddings: list[torch.Tensor], items: list[ItemShape]) -> dict[str, Any]:
-        grid = torch.tensor([item.metadata["grid_thw"] for item in items])  # 2-D, one row per image
-        return {"image": {"image_embeds": torch.cat(embeddings), "image_grid_thw": grid}}
+        """Per modality, in prompt order: the embeddings end to end and one grid row per item."""
+        out: dict[str, Any] = {}
+        for modality in self.modalities:
+            picked = [(e, item) for e, item in zip(embeddings, items, strict=True) if item.modality == modality]
+            if picked:
+                grid = torch.tensor([item.metadata["grid_thw"] for _, item in picked])
+                out[modality] = {
+                    f"{modality}_embeds": torch.cat([e for e, _ in picked]),
+                    f"{modality}_grid_thw": grid,
+                }
+        return out
+
+
+def _rows_per_frame(processor: Any, max_pixels: int) -> int:
+    """The most rows one image or frame becomes: the processor resizes it to at most its own pixel limit (and
+    the graph's cap), rounding each side to a multiple of the merged patch."""
+    size = getattr(processor, "size", None) or {}
+    own = getattr(processor, "max_pixels", None) or size.get("longest_edge") or max_pixels
+    patch = processor.patch_size * processor.merge_size
+    # each side is rounded to a multiple of `patch`, up as well as down; sides are at most 200:1 (the
+    # processor refuses more), so rounding adds at most patch * (longest side + 1) pixels
+    rounded = max_pixels + patch * (math.isqrt(200 * max_pixels) + 1 + patch)
+    return max(1, -(-min(rounded, own) // patch**2))
