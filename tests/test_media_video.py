@@ -20,7 +20,9 @@ CLIPS = {
     "mkv-h264": {"container": "matroska"},  # no frame count in the header
     "webm-vp9": {"codec": "libvpx-vp9", "container": "webm"},
     "webm-vp8": {"codec": "libvpx", "container": "webm"},
-    "avi-mpeg4": {"codec": "mpeg4", "container": "avi"},
+    "avi-mpeg4-b-frames": {"codec": "mpeg4", "container": "avi"},  # AVI seeks by decode time
+    "avi-mpeg4-no-b-frames": {"codec": "mpeg4", "container": "avi", "b_frames": False},
+    "avi-mpeg4-keyframe-every-10": {"codec": "mpeg4", "container": "avi", "keyframe_interval": 10},
     "fewer-frames-than-asked": {"seconds": 0.2},
 }
 

@@ -407,3 +407,43 @@ def no_worker_outlives_the_session() -> Iterator[None]:
     psutil.wait_procs(leaked, timeout=10)
     if leaked:
         print(f"\nstopped {len(leaked)} leaked worker process(es): {[p.pid for p in leaked]}", file=sys.stderr)
+
+
+# ---- requests with media parts, and their answers as a client reads them (video tests) ----
+
+
+def video(url: str) -> dict[str, Any]:
+    return {"type": "video_url", "video_url": {"url": url}}
+
+
+def image(url: str) -> dict[str, Any]:
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def media_request(*parts: dict[str, Any], text: str = "what happens here", stream: bool = False) -> dict[str, Any]:
+    content = [*parts, {"type": "text", "text": text}]
+    body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": content}], "max_tokens": 12}
+    body |= {"temperature": 0, "stream": stream}
+    return body | ({"stream_options": {"include_usage": True}} if stream else {})
+
+
+def answer_of(endpoint: str, body: dict[str, Any]) -> dict[str, Any]:
+    r = httpx.post(f"{endpoint}/v1/chat/completions", json=body, timeout=300)
+    assert r.status_code == 200, r.text
+    if not body["stream"]:
+        choice = r.json()["choices"][0]
+        return {"text": choice["message"]["content"], "finish": choice["finish_reason"], "usage": r.json()["usage"]}
+    text, finish, usage = "", None, None
+    for line in r.text.splitlines():
+        if line.startswith("data: {"):
+            chunk = json.loads(line[6:])
+            for c in chunk.get("choices") or []:
+                text += c["delta"].get("content") or ""
+                finish = c.get("finish_reason") or finish
+            usage = chunk.get("usage") or usage
+    return {"text": text, "finish": finish, "usage": usage}
+
+
+def counts(a: dict[str, Any]) -> dict[str, Any]:
+    keys = ("prompt_tokens", "completion_tokens", "total_tokens")
+    return {"text": a["text"], "finish": a["finish"], "usage": {k: a["usage"][k] for k in keys}}

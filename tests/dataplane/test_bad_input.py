@@ -143,7 +143,7 @@ def test_too_many_bytes(strict):
 def test_too_many_images(strict):
     image = data_url(png(56, 56, 1))
     message = error_of(chat(strict.endpoint, user(image, image, image, "three")), 400)
-    assert "3 images" in message and "2 allowed" in message
+    assert "3 media items" in message and "2 allowed" in message
 
 
 @pytest.mark.parametrize("url", ["file:///etc/passwd", "ftp://example.com/a.png", "http://example.com/a.png"])

@@ -4,9 +4,6 @@ weights, engine arguments and frame count; a bad video is a 4xx and the workers 
 
 from __future__ import annotations
 
-import json
-from typing import Any
-
 import httpx
 import pytest
 from mmgraph_operator.api import StageName, parse
@@ -14,48 +11,22 @@ from mmgraph_workers.media.samples import audio_only, clip
 from mmgraph_workers.ports import free_port
 from mmgraph_workers.up import LocalGraph
 
-from .conftest import IMG_A, MODEL_NAME, data_url, graph_spec, metric, start_frontend
+from .conftest import (
+    IMG_A,
+    answer_of,
+    counts,
+    data_url,
+    graph_spec,
+    image,
+    media_request,
+    metric,
+    start_frontend,
+    video,
+)
 
 TOPOLOGIES = ["agg", "e-pd", "e-p-d"]
 VIDEO_A = data_url(clip(seconds=2, size=(96, 64)), "video/mp4")
 VIDEO_B = data_url(clip(seconds=1.5, size=(64, 96), codec="libvpx-vp9", container="webm"), "video/webm")
-
-
-def video(url: str) -> dict[str, Any]:
-    return {"type": "video_url", "video_url": {"url": url}}
-
-
-def image(url: str) -> dict[str, Any]:
-    return {"type": "image_url", "image_url": {"url": url}}
-
-
-def request(*parts: dict[str, Any], text: str = "what happens here", stream: bool = False) -> dict[str, Any]:
-    content = [*parts, {"type": "text", "text": text}]
-    body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": content}], "max_tokens": 12}
-    body |= {"temperature": 0, "stream": stream}
-    return body | ({"stream_options": {"include_usage": True}} if stream else {})
-
-
-def answer(endpoint: str, body: dict[str, Any]) -> dict[str, Any]:
-    r = httpx.post(f"{endpoint}/v1/chat/completions", json=body, timeout=300)
-    assert r.status_code == 200, r.text
-    if not body["stream"]:
-        choice = r.json()["choices"][0]
-        return {"text": choice["message"]["content"], "finish": choice["finish_reason"], "usage": r.json()["usage"]}
-    text, finish, usage = "", None, None
-    for line in r.text.splitlines():
-        if line.startswith("data: {"):
-            chunk = json.loads(line[6:])
-            for c in chunk.get("choices") or []:
-                text += c["delta"].get("content") or ""
-                finish = c.get("finish_reason") or finish
-            usage = chunk.get("usage") or usage
-    return {"text": text, "finish": finish, "usage": usage}
-
-
-def counts(a: dict[str, Any]) -> dict[str, Any]:
-    keys = ("prompt_tokens", "completion_tokens", "total_tokens")
-    return {"text": a["text"], "finish": a["finish"], "usage": {k: a["usage"][k] for k in keys}}
 
 
 CASES = {
@@ -68,20 +39,20 @@ CASES = {
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
 @pytest.mark.parametrize("case", CASES)
 def test_video_answers_as_vllms_server_does(endpoints, vllm_server, case, stream):
-    theirs = counts(answer(vllm_server, request(*CASES[case], stream=stream)))
+    theirs = counts(answer_of(vllm_server, media_request(*CASES[case], stream=stream)))
     frames_tokens = theirs["usage"]["prompt_tokens"]
-    assert frames_tokens > counts(answer(vllm_server, request(stream=stream)))["usage"]["prompt_tokens"] + 4
+    assert frames_tokens > counts(answer_of(vllm_server, media_request(stream=stream)))["usage"]["prompt_tokens"] + 4
     for topology in TOPOLOGIES:
-        assert counts(answer(endpoints[topology], request(*CASES[case], stream=stream))) == theirs, topology
+        assert counts(answer_of(endpoints[topology], media_request(*CASES[case], stream=stream))) == theirs, topology
 
 
 def test_the_encoder_decodes_only_what_the_frames_need(graph, endpoints):
     """A clip of 150 frames with a keyframe every 30: the encoder seeks to each wanted frame's keyframe, and
     says in its metrics how many frames it decoded (fewer than the clip has)."""
     encoder = f"http://127.0.0.1:{graph.stages[StageName.ENCODER].port}"
-    body = request(video(data_url(clip(seconds=5, size=(80, 48), keyframe_interval=30), "video/mp4")))
+    body = media_request(video(data_url(clip(seconds=5, size=(80, 48), keyframe_interval=30), "video/mp4")))
     before = metric(encoder, "mmgraph_encoder_video_frames_decoded_total")
-    answer(endpoints["e-p-d"], body)
+    answer_of(endpoints["e-p-d"], body)
     decoded = metric(encoder, "mmgraph_encoder_video_frames_decoded_total") - before
     assert 8 <= decoded < 120, decoded
 
@@ -101,11 +72,11 @@ def test_a_bad_video_is_a_4xx_and_the_workers_go_on(endpoints, strict_video, cas
     for topology, endpoint in {**endpoints, "strict": strict_video}.items():
         if case == "too-large-frames" and topology != "strict":
             continue
-        r = httpx.post(f"{endpoint}/v1/chat/completions", json=request(video(url)), timeout=120)
+        r = httpx.post(f"{endpoint}/v1/chat/completions", json=media_request(video(url)), timeout=120)
         assert 400 <= r.status_code < 500, (topology, r.text)
         if topology == "strict" or case != "too-large-frames":
             assert r.status_code == status and message in r.json()["error"]["message"], (topology, r.text)
-    assert answer(endpoints["e-p-d"], request(video(VIDEO_A)))["finish"] == "length"
+    assert answer_of(endpoints["e-p-d"], media_request(video(VIDEO_A)))["finish"] == "length"
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +100,7 @@ def strict_video(graph, tiny_model, tmp_path_factory):
 
 
 def test_a_graph_without_video_refuses_a_video_by_name(strict_image_only):
-    r = httpx.post(f"{strict_image_only}/v1/chat/completions", json=request(video(VIDEO_A)), timeout=60)
+    r = httpx.post(f"{strict_image_only}/v1/chat/completions", json=media_request(video(VIDEO_A)), timeout=60)
     assert r.status_code == 400 and "does not accept videos" in r.json()["error"]["message"], r.text
 
 

@@ -11,6 +11,8 @@ import argparse
 import importlib
 import os
 
+from mmgraph_workers.tiny_model import FAMILIES as TINY_FAMILIES
+
 STAGES = {"frontend": "frontend", "encoder": "encoder", "pd": "engine", "decode": "engine"}
 
 # torch backs host allocations of 2 MiB and more with transparent huge pages: a fresh tensor that a transfer fills
@@ -32,7 +34,7 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
 
     tiny = sub.add_parser("tiny-model", help="build a tiny random-weight model of a supported family (no download)")
     tiny.add_argument("dir")
-    tiny.add_argument("--family", choices=["qwen2-vl", "llava"], default="qwen2-vl")
+    tiny.add_argument("--family", choices=TINY_FAMILIES, default="qwen2-vl")
     tiny.set_defaults(func=run_tiny_model)
 
 

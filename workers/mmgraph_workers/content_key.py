@@ -54,8 +54,10 @@ def media_digest(media: Any) -> bytes:
     """Digest of decoded media as the processor receives it: a PIL image (mode, size and pixels, row by row:
     the same bytes as `tobytes()`, in strips), or a video's sampled frames (their shape and pixels, frame by
     frame) and which frames they are."""
+    from mmgraph_workers.media.video import Video
+
     h = _hasher()
-    if hasattr(media, "frames"):
+    if isinstance(media, Video):
         frames = media.frames
         h.update(f"video:{frames.shape}:{frames.dtype}:{media.metadata['frames_indices']}".encode())
         for frame in frames:

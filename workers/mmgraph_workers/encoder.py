@@ -30,7 +30,7 @@ from mmgraph_workers.content_key import encoder_identity, item_key, media_digest
 from mmgraph_workers.media import MediaError, policy
 from mmgraph_workers.media.fetch import fetch_all, media_client
 from mmgraph_workers.media.image import decode_image
-from mmgraph_workers.media.video import decode_video
+from mmgraph_workers.media.video import DECODE_SECONDS, decode_video
 from mmgraph_workers.models import Encoded, adapter_for
 from mmgraph_workers.protocol import EncodedItem, EncodeRequest, EncodeResponse, WorkerInfo
 from mmgraph_workers.server import (
@@ -222,7 +222,10 @@ class Encoder:
         was_cached = {h: item is not None for h, item in found.items()}
         missing = list({h: i for i, h in enumerate(hashes) if found[h] is None}.values())
         if missing:
-            decoded = await asyncio.to_thread(lambda: [self._decode(blobs[i], i, media[i].modality) for i in missing])
+            deadline = time.monotonic() + DECODE_SECONDS  # one for all of the request's videos
+            decoded = await asyncio.to_thread(
+                lambda: [self._decode(blobs[i], i, media[i].modality, deadline) for i in missing]
+            )
             prepared, digests = [p for p, _ in decoded], [digest for _, digest in decoded]
             encoded: list[Encoded] = await self.batcher.run(prepared)
             for i, out, digest in zip(missing, encoded, digests, strict=True):
@@ -256,11 +259,11 @@ class Encoder:
         ENCODE_SECONDS.observe(time.perf_counter() - started)
         return EncodeResponse(items=items)
 
-    def _decode(self, blob: bytes, index: int, modality: str) -> tuple[Any, bytes]:
+    def _decode(self, blob: bytes, index: int, modality: str, deadline: float) -> tuple[Any, bytes]:
         """The image or video as the tower takes it and the digest of its pixels (for the content key), in one
         trip off the loop; media the model's processor refuses is the client's mistake, found before any pass."""
         if modality == "video":
-            media: Any = decode_video(blob, self.policy, self.policy.video_frames)
+            media: Any = decode_video(blob, self.policy, self.policy.video_frames, deadline - time.monotonic())
             VIDEO_FRAMES_DECODED.inc(media.decoded)
         else:
             media = decode_image(blob, self.policy)

@@ -36,7 +36,7 @@ from mmgraph_workers import cpu
 from mmgraph_workers.media import MediaError, policy
 from mmgraph_workers.media.fetch import fetch_all, media_client
 from mmgraph_workers.media.image import decode_image
-from mmgraph_workers.media.video import decode_video
+from mmgraph_workers.media.video import DECODE_SECONDS, decode_video
 from mmgraph_workers.models import ItemShape, adapter_for
 from mmgraph_workers.peers import Peer
 from mmgraph_workers.ports import bindable
@@ -162,8 +162,9 @@ class Engine:
         it is, never by placeholder values; with media it loads itself (agg) vLLM hashes the pixels."""
         if req.media:
             blobs = await fetch_all([m.url for m in req.media], self.policy, self.media)
+            deadline = time.monotonic() + DECODE_SECONDS  # one for all of the request's videos
             loaded = await asyncio.to_thread(
-                lambda: [self._load(m.modality, b) for m, b in zip(req.media, blobs, strict=True)]
+                lambda: [self._load(m.modality, b, deadline) for m, b in zip(req.media, blobs, strict=True)]
             )
             data: dict[str, list[Any]] = {}
             for m, item in zip(req.media, loaded, strict=True):
@@ -194,11 +195,11 @@ class Engine:
             return mm, _uuids(req.placeholders)
         return None, None
 
-    def _load(self, modality: str, blob: bytes) -> Any:
+    def _load(self, modality: str, blob: bytes, deadline: float) -> Any:
         """An image as vLLM takes it (PIL), or a video as (frames, metadata): the frames our loader sampled, as
         the encoder would have encoded them."""
         if modality == "video":
-            video = decode_video(blob, self.policy, self.policy.video_frames)
+            video = decode_video(blob, self.policy, self.policy.video_frames, deadline - time.monotonic())
             return video.frames, video.metadata
         return decode_image(blob, self.policy)
 

@@ -29,17 +29,29 @@ T = TypeVar("T")
 
 async def read_message(request: Request, kind: type[M]) -> M | JSONResponse:
     """The typed inter-stage message in the request body, or the 400 answer that says why it is not one."""
+    body = await request.body()
     try:
-        message = kind.model_validate_json(await request.body())
+        message = kind.model_validate_json(body)
     except ValidationError as err:
+        version = _version(body)  # another version's fields do not validate: say that, not which field
+        if version is not None and version != PROTOCOL_VERSION:
+            return _other_version(version)
         return JSONResponse({"error": f"bad {kind.__name__}: {err}", "status": 400}, status_code=400)
     if message.version != PROTOCOL_VERSION:
-        error = (
-            f"protocol version {message.version} is not spoken here ({PROTOCOL_VERSION}); "
-            "upgrade the graph's stages together"
-        )
-        return JSONResponse({"error": error, "status": 400}, status_code=400)
+        return _other_version(message.version)
     return message
+
+
+def _version(body: bytes) -> int | None:
+    try:
+        return Message.model_validate_json(body).version
+    except ValidationError:
+        return None
+
+
+def _other_version(version: int) -> JSONResponse:
+    error = f"protocol version {version} is not spoken here ({PROTOCOL_VERSION}); upgrade the graph's stages together"
+    return JSONResponse({"error": error, "status": 400}, status_code=400)
 
 
 class BodyTooLarge(Exception):

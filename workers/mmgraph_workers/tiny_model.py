@@ -42,7 +42,7 @@ LLAVA_CHAT_TEMPLATE = (
     "{% endfor %}{% endif %}</s>\n{% endfor %}"
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
-FAMILIES = ("qwen2-vl", "llava")
+FAMILIES = ("qwen2-vl", "qwen2.5-vl", "llava")
 VOCAB = 512
 # The language model of every tiny family: small enough for seconds on a CPU, large enough for distinct answers.
 TINY_TEXT = {
@@ -108,18 +108,25 @@ def build(
         raise ValueError(f"no tiny model for family {family!r}; families: {', '.join(FAMILIES)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    builder = _qwen2_vl if family == "qwen2-vl" else _llava
-    builder(out, seed, vision_seed, text_seed)
+    if family == "llava":
+        _llava(out, seed, vision_seed, text_seed)
+    else:
+        _qwen2_vl(out, seed, vision_seed, text_seed, version=family.removeprefix("qwen").removesuffix("-vl"))
     (out / "mmgraph-tiny.json").write_text(
         json.dumps({"family": family, "seed": seed, "vision_seed": vision_seed, "text_seed": text_seed})
     )
     return out
 
 
-def _qwen2_vl(out: Path, seed: int, vision_seed: int | None, text_seed: int | None) -> None:
+def _qwen2_vl(out: Path, seed: int, vision_seed: int | None, text_seed: int | None, version: str = "2") -> None:
+    """Qwen2-VL, or (version "2.5") Qwen2.5-VL: its windowed tower, and video positions in seconds (the temporal
+    grid's spacing, second_per_grid_ts, times tokens_per_second), which a test needs to see."""
     import torch
     from transformers import (
         AutoProcessor,
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
         Qwen2VLConfig,
         Qwen2VLForConditionalGeneration,
         Qwen2VLImageProcessor,
@@ -127,9 +134,22 @@ def _qwen2_vl(out: Path, seed: int, vision_seed: int | None, text_seed: int | No
         Qwen2VLVideoProcessor,
     )
 
+    vision: dict = {"patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "num_heads": 2, "depth": 2}
+    if version == "2.5":
+        config_class, model_class, processor_class = (
+            Qwen2_5_VLConfig,
+            Qwen2_5_VLForConditionalGeneration,
+            Qwen2_5_VLProcessor,
+        )
+        vision |= {"hidden_size": 64, "intermediate_size": 128, "out_hidden_size": TINY_TEXT["hidden_size"]}
+        vision |= {"window_size": 56, "fullatt_block_indexes": [1], "tokens_per_second": 2}
+    else:
+        config_class, model_class, processor_class = Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+        vision |= {"embed_dim": 64, "hidden_size": TINY_TEXT["hidden_size"], "mlp_ratio": 2}
+
     tokenizer = build_tokenizer(out, QWEN_SPECIAL_TOKENS, QWEN_CHAT_TEMPLATE, "<|im_end|>", "<|endoftext|>")
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
-    config = Qwen2VLConfig(
+    config = config_class(
         text_config={
             **TINY_TEXT,
             "rope_parameters": {"rope_type": "default", "mrope_section": [8, 12, 12], "rope_theta": 10000.0},
@@ -138,16 +158,7 @@ def _qwen2_vl(out: Path, seed: int, vision_seed: int | None, text_seed: int | No
             "pad_token_id": ids["<|endoftext|>"],
             "tie_word_embeddings": False,
         },
-        vision_config={
-            "depth": 2,
-            "embed_dim": 64,
-            "hidden_size": 128,
-            "num_heads": 2,
-            "mlp_ratio": 2,
-            "patch_size": 14,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
-        },
+        vision_config=vision,
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
@@ -155,13 +166,13 @@ def _qwen2_vl(out: Path, seed: int, vision_seed: int | None, text_seed: int | No
         tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(config)
+    model = model_class(config)
     _sharpen_and_save(model, out, ("visual",), vision_seed, text_seed, ids["<|im_end|>"], ids["<|endoftext|>"])
     image_processor = Qwen2VLImageProcessor(
         size={"shortest_edge": MIN_PIXELS, "longest_edge": MAX_PIXELS}, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS
     )
     video_processor = Qwen2VLVideoProcessor(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
-    processor = Qwen2VLProcessor(
+    processor = processor_class(
         image_processor=image_processor,
         tokenizer=tokenizer,
         video_processor=video_processor,

@@ -61,9 +61,10 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
-    name: str | None = None
+    name: Any = None  # vLLM's server passes a string on to the template and ignores anything else
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
+    reasoning: str | None = None  # an assistant's earlier reasoning, for templates that interleave it
 
     def parts(self) -> list[TextPart | ImagePart | VideoPart]:
         if self.content is None:

@@ -191,11 +191,13 @@ def _templated(message: ChatMessage, parts: list[dict[str, Any]]) -> dict[str, A
     out: dict[str, Any] = {"role": message.role, "content": parts}
     if message.role == "assistant" and message.tool_calls:
         out["tool_calls"] = [_tool_call(call) for call in message.tool_calls]
+    if message.role == "assistant" and message.reasoning is not None:
+        out["reasoning"] = out["reasoning_content"] = message.reasoning
     if message.role == "tool":
         out["content"] = "\n".join(part["text"] for part in parts)
         if message.tool_call_id is not None:
             out["tool_call_id"] = message.tool_call_id
-    if message.name is not None:
+    if isinstance(message.name, str):
         out["name"] = message.name
     return out
 
@@ -203,7 +205,7 @@ def _templated(message: ChatMessage, parts: list[dict[str, Any]]) -> dict[str, A
 def _tool_call(call: dict[str, Any]) -> dict[str, Any]:
     function = call.get("function")
     if call.get("type", "function") != "function" or not isinstance(function, dict):
-        raise RequestError("an assistant's tool_calls are of type 'function', with a 'function' object", "messages")
+        raise RequestError("an assistant's tool_calls are of type 'function', with a 'function' object", "tool_calls")
     arguments = function.get("arguments")
     if isinstance(arguments, str):
         try:

@@ -30,6 +30,8 @@ def clip(
         stream = out.add_stream(codec, rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         options = {"g": str(keyframe_interval)}
+        if codec == "mpeg4" and b_frames:
+            options["bf"] = "2"  # as Xvid-style AVI files have them
         if codec == "libx264":
             options |= {"bf": "2" if b_frames else "0", "keyint_min": str(keyframe_interval), "sc_threshold": "0"}
             options |= {"preset": "veryfast"}

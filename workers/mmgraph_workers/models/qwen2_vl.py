@@ -36,15 +36,24 @@ class Qwen2VL(ModelAdapter):
         # transformers >= 4.52 saves the tower as `model.visual.*`; Qwen's own checkpoints as `visual.*`
         return self._load(tower, {"model.visual.": "", "visual.": ""}, device)
 
-    def prepare(self, processor: Any, image: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def prepare(self, processor: Any, image: Any) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
         inputs = processor.image_processor(images=[image], return_tensors="pt")
-        return inputs["pixel_values"], inputs["image_grid_thw"]
+        return inputs["pixel_values"], inputs["image_grid_thw"], {}
 
-    def prepare_video(self, processor: Any, video: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def prepare_video(self, processor: Any, video: Any) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
         """The frames as they are (the loader sampled them: the processor's own sampling stays off, as vLLM
-        leaves it); an odd count is padded with the last frame by the processor."""
+        leaves it); an odd count is padded with the last frame by the processor. Qwen2.5-VL places a video's
+        frames in time: the seconds between two temporal patches (`second_per_grid_ts`, from the frames' rate as
+        sampled, as transformers computes it) go with the embeddings, or vLLM would assume 1 s."""
         inputs = processor.video_processor(videos=[video.frames], return_tensors="pt")
-        return inputs["pixel_values_videos"], inputs["video_grid_thw"]
+        extra = {}
+        if self.config.architectures[0] == "Qwen2_5_VLForConditionalGeneration":
+            meta = video.metadata
+            sampled_fps = len(meta["frames_indices"]) / meta["total_num_frames"] * meta["fps"]
+            if sampled_fps <= 0:
+                raise ValueError("the video has no frame rate, and Qwen2.5-VL places frames in time")
+            extra["second_per_grid_ts"] = processor.video_processor.temporal_patch_size / sampled_fps
+        return inputs["pixel_values_videos"], inputs["video_grid_thw"], extra
 
     def max_item_tokens(self, processor: Any, max_pixels: int) -> int:
         """The processor resizes an image to at most its own pixel limit; each merged patch is one row."""
@@ -57,15 +66,17 @@ class Qwen2VL(ModelAdapter):
         return pairs * _rows_per_frame(video_processor, max_pixels)
 
     @torch.inference_mode()
-    def forward(self, module: torch.nn.Module, prepared: list[tuple[torch.Tensor, torch.Tensor]]) -> list[Encoded]:
-        pixels, grid = torch.cat([p for p, _ in prepared]), torch.cat([g for _, g in prepared])
+    def forward(
+        self, module: torch.nn.Module, prepared: list[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]]
+    ) -> list[Encoded]:
+        pixels, grid = torch.cat([p for p, _, _ in prepared]), torch.cat([g for _, g, _ in prepared])
         weight = next(module.parameters())
         out = module(pixels.to(device=weight.device, dtype=weight.dtype), grid_thw=grid.to(weight.device))
         embeds = getattr(out, "pooler_output", out)
         sizes = (grid.prod(-1) // module.spatial_merge_size**2).tolist()
         return [
-            Encoded(e.contiguous(), {"grid_thw": g})
-            for e, g in zip(torch.split(embeds, sizes), grid.tolist(), strict=True)
+            Encoded(e.contiguous(), {"grid_thw": g, **extra})
+            for e, g, (_, _, extra) in zip(torch.split(embeds, sizes), grid.tolist(), prepared, strict=True)
         ]
 
     def embeddings_data(self, embeddings: list[torch.Tensor], items: list[ItemShape]) -> dict[str, Any]:
@@ -79,6 +90,9 @@ class Qwen2VL(ModelAdapter):
                     f"{modality}_embeds": torch.cat([e for e, _ in picked]),
                     f"{modality}_grid_thw": grid,
                 }
+                if "second_per_grid_ts" in picked[0][1].metadata:
+                    seconds = [item.metadata["second_per_grid_ts"] for _, item in picked]
+                    out[modality]["second_per_grid_ts"] = torch.tensor(seconds)
         return out
 
 
