@@ -32,6 +32,7 @@ import numpy as np
 import pytest
 import yaml
 from mmgraph_operator.api import PEER_TOKEN_ENV, StageName, parse
+from mmgraph_workers.media.samples import clip
 from mmgraph_workers.ports import free_port
 from mmgraph_workers.server import peer_headers
 from mmgraph_workers.up import LocalGraph
@@ -113,6 +114,15 @@ CASES["reuse"] = {"messages": user(REUSE, LONG_TEXT), "max_tokens": 12}
 CASES["reuse-longer"] = {"messages": user(REUSE, LONG_TEXT + " and then tell me the colors"), "max_tokens": 12}
 # Proof that decode's KV came over NIXL: a prompt no other test sends, so no engine has it cached.
 CASES["nixl-probe"] = {"messages": user(data_url(png(64, 64, 500)), IMG_B, "compare these two"), "max_tokens": 12}
+# Videos (the oracle is given the frames mmgraph's loader samples: this checks the pipeline, not the loader).
+VIDEO = data_url(clip(seconds=2, size=(96, 64)), "video/mp4")
+VIDEO_PART = {"type": "video_url", "video_url": {"url": VIDEO}}
+TEXT_PART = {"type": "text", "text": "what happens"}
+CASES["one-video"] = {"messages": [{"role": "user", "content": [VIDEO_PART, TEXT_PART]}]}
+IMAGE_PART = user(IMG_A)[0]["content"][0]
+CASES["image-and-video"] = {"messages": [{"role": "user", "content": [IMAGE_PART, VIDEO_PART, TEXT_PART]}]}
+for case in ("one-video", "image-and-video"):
+    CASES[case]["max_tokens"] = 12
 
 
 @pytest.fixture(scope="session")

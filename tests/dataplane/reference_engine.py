@@ -3,7 +3,9 @@
 Run as a subprocess by the test session (`python reference_engine.py MODEL REQUESTS.json OUT.json`), so that its
 in-process engine (VLLM_ENABLE_V1_MULTIPROCESSING=0) and its memory are gone once the references are known.
 Each request: {"messages": [...OpenAI messages...], "max_tokens": N}. Images are data: URLs decoded with Pillow,
-the prompt is the model's own chat template with one placeholder per image, exactly what the frontend builds.
+videos data: URLs sampled by mmgraph's own loader (8 frames: the engine is given the same frames as the
+encoder, so this checks the pipeline, not the loader); the prompt is the model's own chat template with one
+placeholder per item, exactly what the frontend builds.
 """
 
 import base64
@@ -18,6 +20,8 @@ os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
 
 def main() -> None:
     model, requests_file, out_file = sys.argv[1:4]
+    from mmgraph_workers.media.policy import MediaPolicy
+    from mmgraph_workers.media.video import decode_video
     from PIL import Image
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
@@ -30,13 +34,13 @@ def main() -> None:
         block_size=32,
         max_model_len=1024,
         kv_cache_memory_bytes=64 << 20,
-        limit_mm_per_prompt={"image": 8},
+        limit_mm_per_prompt={"image": 8, "video": 2},
     )
     prompts, params = [], []
     with open(requests_file) as f:
         requests = json.load(f)
     for request in requests:
-        conversation, images = [], []
+        conversation, images, videos = [], [], []
         for message in request["messages"]:
             content = message["content"]
             if isinstance(content, str):
@@ -47,13 +51,19 @@ def main() -> None:
                     data = part["image_url"]["url"].split(",", 1)[1]
                     images.append(Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB"))
                     parts.append({"type": "image"})
+                elif part["type"] == "video_url":
+                    data = base64.b64decode(part["video_url"]["url"].split(",", 1)[1])
+                    video = decode_video(data, MediaPolicy(), 8)
+                    videos.append((video.frames, video.metadata))
+                    parts.append({"type": "video"})
                 else:
                     parts.append(part)
             conversation.append({"role": message["role"], "content": parts})
         ids = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True, return_dict=False)
         prompt = {"prompt_token_ids": list(ids)}
-        if images:
-            prompt["multi_modal_data"] = {"image": images if len(images) > 1 else images[0]}
+        media = {"image": images, "video": videos}
+        if images or videos:
+            prompt["multi_modal_data"] = {k: v if len(v) > 1 else v[0] for k, v in media.items() if v}
         prompts.append(prompt)
         params.append(SamplingParams(temperature=0, max_tokens=request["max_tokens"]))
     outputs = llm.generate(prompts, params, use_tqdm=False)

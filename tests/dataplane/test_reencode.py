@@ -19,7 +19,7 @@ from mmgraph_workers.frontend.openai_api import ChatRequest
 from mmgraph_workers.frontend.processor import Processor
 from mmgraph_workers.frontend.router import Media, Router
 from mmgraph_workers.ports import free_port
-from mmgraph_workers.protocol import EncodeRequest, EncodeResponse, image_items
+from mmgraph_workers.protocol import EncodeRequest, EncodeResponse
 from mmgraph_workers.up import LocalGraph
 from prometheus_client import REGISTRY
 
@@ -45,10 +45,10 @@ def test_embeddings_lost_with_their_encoder_are_encoded_again(graph, tiny_model,
         ]
     )
     body = {"model": MODEL_NAME, "temperature": 0, **CASES["one-image"]}
-    token_ids, urls, sampling = Processor(args).prepare(ChatRequest.model_validate(body), body, None, {})
+    token_ids, media, sampling = Processor(args).prepare(ChatRequest.model_validate(body), body, None, {})
     try:
         doomed.wait_healthy(timeout=300, progress=lambda line: None)
-        body = EncodeRequest(request_id=f"doomed-{time.monotonic_ns()}", media=image_items(urls)).model_dump_json()
+        body = EncodeRequest(request_id=f"doomed-{time.monotonic_ns()}", media=media).model_dump_json()
         r = httpx.post(f"http://127.0.0.1:{port}/encode", content=body, headers=PEER, timeout=60)
         assert r.status_code == 200, r.text
         stale = EncodeResponse.model_validate_json(r.content).items
@@ -63,7 +63,7 @@ def test_embeddings_lost_with_their_encoder_are_encoded_again(graph, tiny_model,
         await router._refresh_peers()
         base = {"request_id": f"reencode-{time.monotonic_ns()}", "prompt_token_ids": token_ids, "sampling": sampling}
         try:
-            return [t async for event in router.prefill(base, Media(urls, stale)) for t in event.token_ids]
+            return [t async for event in router.prefill(base, Media(media, stale)) for t in event.token_ids]
         finally:
             await router.http.aclose()
 

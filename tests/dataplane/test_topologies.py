@@ -13,7 +13,10 @@ from .conftest import CASES, PEER, chat, data_url, metric, png, start_frontend, 
 TOPOLOGIES = ["agg", "e-pd", "e-p-d"]
 
 
-@pytest.mark.parametrize("case", ["one-image", "other-image", "two-images", "text-only"])
+ORACLE_CASES = ["one-image", "other-image", "two-images", "text-only", "one-video", "image-and-video"]
+
+
+@pytest.mark.parametrize("case", ORACLE_CASES)
 @pytest.mark.parametrize("topology", TOPOLOGIES)
 def test_topology_returns_the_single_engine_tokens(endpoints, reference, topology, case):
     assert tokens(endpoints[topology], case) == reference[case]
@@ -24,6 +27,7 @@ def test_the_oracle_is_sensitive_to_the_image(reference):
     tokens, and so do other images and no image, so equality above means something."""
     assert reference["one-image"] != reference["other-image"]
     assert len({tuple(reference[c]) for c in ("one-image", "other-image", "two-images", "text-only")}) == 4
+    assert len({tuple(reference[c]) for c in ("one-video", "image-and-video", "text-only")}) == 3
     assert len({tuple(reference[f"concurrent-{i}"]) for i in range(16)}) > 8
 
 
@@ -100,6 +104,7 @@ def test_embeddings_travel_from_the_encoder(graph, endpoints, reference, tiny_mo
         try:
             frontend.wait_healthy(timeout=120, progress=lambda line: None)
             assert tokens(frontend.endpoint, "one-image") != reference["one-image"]
+            assert tokens(frontend.endpoint, "one-video") != reference["one-video"]
             assert tokens(frontend.endpoint, "text-only") == reference["text-only"]  # no image: no difference
         finally:
             frontend.stop()
