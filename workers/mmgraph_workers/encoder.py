@@ -29,8 +29,8 @@ from prometheus_client import Counter, Gauge, Histogram
 from mmgraph_workers.content_key import encoder_identity, item_key, media_digest
 from mmgraph_workers.media import MediaError, policy
 from mmgraph_workers.media.fetch import fetch_all, media_client
-from mmgraph_workers.media.image import decode_image
-from mmgraph_workers.media.video import DECODE_SECONDS, decode_video
+from mmgraph_workers.media.load import load
+from mmgraph_workers.media.video import DECODE_SECONDS, Video
 from mmgraph_workers.models import Encoded, adapter_for
 from mmgraph_workers.protocol import EncodedItem, EncodeRequest, EncodeResponse, WorkerInfo
 from mmgraph_workers.server import (
@@ -262,16 +262,12 @@ class Encoder:
     def _decode(self, blob: bytes, index: int, modality: str, deadline: float) -> tuple[Any, bytes]:
         """The image or video as the tower takes it and the digest of its pixels (for the content key), in one
         trip off the loop; media the model's processor refuses is the client's mistake, found before any pass."""
-        if modality == "video":
-            media: Any = decode_video(blob, self.policy, self.policy.video_frames, deadline - time.monotonic())
+        media = load(modality, blob, self.policy, deadline)
+        if isinstance(media, Video):
             VIDEO_FRAMES_DECODED.inc(media.decoded)
-        else:
-            media = decode_image(blob, self.policy)
+        prepare = self.adapter.prepare_video if isinstance(media, Video) else self.adapter.prepare
         try:
-            if modality == "video":
-                prepared = self.adapter.prepare_video(self.processor, media)
-            else:
-                prepared = self.adapter.prepare(self.processor, media)
+            prepared = prepare(self.processor, media)
         except ValueError as err:
             raise MediaError(f"{modality} {index + 1} cannot be used with this model: {err}") from None
         return prepared, media_digest(media)

@@ -35,8 +35,8 @@ from prometheus_client import Counter, Gauge, Histogram
 from mmgraph_workers import cpu
 from mmgraph_workers.media import MediaError, policy
 from mmgraph_workers.media.fetch import fetch_all, media_client
-from mmgraph_workers.media.image import decode_image
-from mmgraph_workers.media.video import DECODE_SECONDS, decode_video
+from mmgraph_workers.media.load import load
+from mmgraph_workers.media.video import DECODE_SECONDS, Video
 from mmgraph_workers.models import ItemShape, adapter_for
 from mmgraph_workers.peers import Peer
 from mmgraph_workers.ports import bindable
@@ -198,10 +198,8 @@ class Engine:
     def _load(self, modality: str, blob: bytes, deadline: float) -> Any:
         """An image as vLLM takes it (PIL), or a video as (frames, metadata): the frames our loader sampled, as
         the encoder would have encoded them."""
-        if modality == "video":
-            video = decode_video(blob, self.policy, self.policy.video_frames, deadline - time.monotonic())
-            return video.frames, video.metadata
-        return decode_image(blob, self.policy)
+        media = load(modality, blob, self.policy, deadline)
+        return (media.frames, media.metadata) if isinstance(media, Video) else media
 
     async def _owner(self, ref: TensorRef) -> str:
         """The base URL of the encoder replica that owns `ref`: its address must be one the graph's encoder Service
