@@ -20,11 +20,12 @@ def clip(
     container: str = "mp4",
     b_frames: bool = True,
     variable_rate: bool = False,
+    seed: int = 0,
 ) -> bytes:
     """An encoded clip of `seconds` at `fps` (`variable_rate`: frame gaps alternate between 20 and 70 ms), with a
-    keyframe every `keyframe_interval` frames."""
+    keyframe every `keyframe_interval` frames; `seed` picks the noise, so clips of other seeds differ."""
     width, height = size
-    rng = np.random.RandomState(0)
+    rng = np.random.RandomState(seed)
     buf = io.BytesIO()
     with av.open(buf, "w", format=container) as out:
         stream = out.add_stream(codec, rate=fps)
@@ -68,4 +69,19 @@ def audio_only(seconds: float = 1.0, rate: int = 16000) -> bytes:
                 out.mux(packet)
         for packet in stream.encode():
             out.mux(packet)
+    return buf.getvalue()
+
+
+def tone(
+    seconds: float = 2.0, rate: int = 16000, channels: int = 1, format: str = "WAV", subtype: str | None = None
+) -> bytes:
+    """A clip of `seconds` with a sweeping tone per channel and a little noise (so clips of other lengths, rates
+    or channels decode to other samples), in a container libsndfile writes (WAV, FLAC, MP3, OGG)."""
+    import soundfile
+
+    t = np.arange(int(seconds * rate)) / rate
+    rng = np.random.RandomState(channels)
+    waves = [0.3 * np.sin(2 * np.pi * (220 * (c + 1) + 40 * t) * t) + 0.01 * rng.randn(len(t)) for c in range(channels)]
+    buf = io.BytesIO()
+    soundfile.write(buf, np.stack(waves, axis=1).astype(np.float32), rate, format=format, subtype=subtype)
     return buf.getvalue()
