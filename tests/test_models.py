@@ -54,7 +54,7 @@ def test_encoder_output_equals_transformers_whole_model(tiny, family):
 
     adapter = adapter_for(str(tiny[family]))
     processor = adapter.load_processor()
-    ours = adapter.encode(adapter.load_encoder("cpu"), processor, images())
+    ours = adapter.encode(adapter.load_encoder("cpu"), processor, "image", images())
     whole = AutoModelForImageTextToText.from_pretrained(tiny[family]).eval()
     inputs = processor.image_processor(images=images(), return_tensors="pt")
     with torch.no_grad():
@@ -84,7 +84,7 @@ def test_a_bf16_checkpoint_encodes_as_transformers_does(tiny, tmp_path):
             (tmp_path / "bf16" / source.name).write_bytes(source.read_bytes())
     adapter = adapter_for(str(tmp_path / "bf16"))
     processor = adapter.load_processor()
-    ours = adapter.encode(adapter.load_encoder("cpu"), processor, images())
+    ours = adapter.encode(adapter.load_encoder("cpu"), processor, "image", images())
     whole = AutoModelForImageTextToText.from_pretrained(tmp_path / "bf16", dtype="auto").eval()
     inputs = processor.image_processor(images=images(), return_tensors="pt")
     with torch.no_grad():
@@ -144,5 +144,46 @@ def test_max_item_tokens_bounds_what_an_image_becomes(tiny, family):
     processor, module = adapter.load_processor(), adapter.load_encoder("cpu")
     for cap, shapes in ((2000 * 1500, [(2000, 1500), (1500, 2000), (56, 56)]), (100 * 100, [(100, 100), (99, 101)])):
         bound = adapter.max_item_tokens(processor, cap)  # the second cap is below the processor's own: sides round up
-        rows = [adapter.encode(module, processor, [Image.new("RGB", size)])[0].embeddings.shape[0] for size in shapes]
+        encoded = [adapter.encode(module, processor, "image", [Image.new("RGB", size)])[0] for size in shapes]
+        rows = [item.embeddings.shape[0] for item in encoded]
         assert max(rows) <= bound, (cap, rows, bound)
+
+
+def clips(adapter, processor, seconds=(2.0, 0.7, 30.0)) -> list:
+    import time
+
+    from mmgraph_workers.media.audio import decode_audio
+    from mmgraph_workers.media.policy import MediaPolicy
+    from mmgraph_workers.media.samples import tone
+
+    fmt = adapter.audio_format(processor)
+    return [decode_audio(tone(seconds=s), MediaPolicy(), fmt, time.monotonic() + 30) for s in seconds]
+
+
+def test_audio_encoder_output_equals_transformers_whole_model(tmp_path):
+    """Qwen2-Audio's tower + projector, loaded alone and batched over clips of other lengths, gives transformers'
+    whole model's audio features for each clip, its padding's rows dropped; 25 rows a second, 750 for 30 s."""
+    from transformers import Qwen2AudioForConditionalGeneration
+    from transformers.masking_utils import create_bidirectional_mask
+
+    adapter = adapter_for(str(build(tmp_path / "audio", family="qwen2-audio")))
+    processor = adapter.load_processor()
+    audio = clips(adapter, processor)
+    ours = adapter.encode(adapter.load_encoder("cpu"), processor, "audio", audio)
+    whole = Qwen2AudioForConditionalGeneration.from_pretrained(tmp_path / "audio").eval()
+    rows = [item.embeddings.shape[0] for item in ours]
+    assert rows == [50, 17, 750] == [item.metadata["num_tokens"] for item in ours]
+    assert adapter.max_audio_tokens(processor) == 750
+    for clip, item in zip(audio, ours, strict=True):
+        inputs = processor.feature_extractor(
+            clip.samples, sampling_rate=16000, return_attention_mask=True, padding="max_length", return_tensors="pt"
+        )
+        with torch.no_grad():
+            lengths, rows = whole.model.audio_tower._get_feat_extract_output_lengths(inputs["attention_mask"].sum(-1))
+            keep = (torch.arange(1500) < lengths).long()[None]
+            mask = create_bidirectional_mask(
+                config=whole.model.audio_tower.config, inputs_embeds=torch.zeros(1, 1500, 1), attention_mask=keep
+            )
+            hidden = whole.model.audio_tower(inputs["input_features"], attention_mask=mask).last_hidden_state
+            theirs = whole.model.multi_modal_projector(hidden)[0, : int(rows)]
+        torch.testing.assert_close(item.embeddings, theirs, rtol=0, atol=1e-5)

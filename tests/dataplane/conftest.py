@@ -40,7 +40,8 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL_NAME = "tiny-qwen2-vl"
-QWEN_EXAMPLE, LLAVA_EXAMPLE = "tiny-e-p-d.yaml", "tiny-llava-e-p-d.yaml"
+QWEN_EXAMPLE, LLAVA_EXAMPLE, AUDIO_EXAMPLE = "tiny-e-p-d.yaml", "tiny-llava-e-p-d.yaml", "tiny-qwen2-audio-e-p-d.yaml"
+MODALITIES = {QWEN_EXAMPLE: ["image", "video"], LLAVA_EXAMPLE: ["image"], AUDIO_EXAMPLE: ["audio"]}
 # One peer credential for every graph these tests start (LocalGraph takes it from the environment), so a test can
 # call a stage directly, as another stage would, with PEER's headers.
 os.environ.setdefault(PEER_TOKEN_ENV, f"test-peer-credential-{os.getpid()}")
@@ -158,7 +159,7 @@ def graph_spec(model: Path, topology: str = "e-p-d", example: str = QWEN_EXAMPLE
     body["spec"]["model"]["path"] = str(model)
     body["spec"]["topology"] = topology
     body["spec"]["media"] = {
-        "modalities": ["image", "video"] if example == QWEN_EXAMPLE else ["image"],
+        "modalities": MODALITIES[example],
         "allowedSchemes": ["https", "http", "data"],
         "allowPrivateNetworks": True,
         **media,
@@ -241,15 +242,17 @@ def metric(endpoint: str, name: str, **labels: str) -> float:
     )
 
 
-def tokens(endpoint: str, case: str, model: str = MODEL_NAME) -> list[int]:
-    response = chat(endpoint, **CASES[case], model=model)
+def tokens(endpoint: str, case: str, model: str = MODEL_NAME, cases: dict[str, dict] = CASES) -> list[int]:
+    response = chat(endpoint, **cases[case], model=model)
     assert response.status_code == 200, response.text
     return response.json()["choices"][0]["token_ids"]
 
 
-def assert_same_as_vllm_server(endpoint: str, server: str, case: str, model: str = MODEL_NAME) -> None:
+def assert_same_as_vllm_server(
+    endpoint: str, server: str, case: str, model: str = MODEL_NAME, cases: dict[str, dict] = CASES
+) -> None:
     """The same HTTP request to mmgraph and to vLLM's own server gives the same text and token counts."""
-    ours, theirs = chat(endpoint, **CASES[case], model=model), chat(server, **CASES[case], model=model)
+    ours, theirs = chat(endpoint, **cases[case], model=model), chat(server, **cases[case], model=model)
     assert ours.status_code == theirs.status_code == 200, (ours.text, theirs.text)
     ours_body, theirs_body = ours.json(), theirs.json()
     assert ours_body["choices"][0]["message"]["content"] == theirs_body["choices"][0]["message"]["content"], case

@@ -4,7 +4,8 @@ Run as a subprocess by the test session (`python reference_engine.py MODEL REQUE
 in-process engine (VLLM_ENABLE_V1_MULTIPROCESSING=0) and its memory are gone once the references are known.
 Each request: {"messages": [...OpenAI messages...], "max_tokens": N}. Images are data: URLs decoded with Pillow,
 videos data: URLs sampled by mmgraph's own loader (8 frames: the engine is given the same frames as the
-encoder, so this checks the pipeline, not the loader); the prompt is the model's own chat template with one
+encoder, so this checks the pipeline, not the loader), audio (input_audio) loaded by mmgraph's loader at the
+model's rate (input_audio, or audio_url data: URLs); the prompt is the model's own chat template with one
 placeholder per item, exactly what the frontend builds.
 """
 
@@ -13,6 +14,7 @@ import io
 import json
 import os
 import sys
+import time
 
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
@@ -20,13 +22,18 @@ os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
 
 def main() -> None:
     model, requests_file, out_file = sys.argv[1:4]
+    from mmgraph_workers.media.audio import decode_audio
     from mmgraph_workers.media.policy import MediaPolicy
     from mmgraph_workers.media.video import decode_video
+    from mmgraph_workers.models import adapter_for
     from PIL import Image
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
 
     tokenizer = AutoTokenizer.from_pretrained(model)
+    family = adapter_for(model)
+    audio_format = family.audio_format(family.load_processor())
+    limits = {m: n for m, n in {"image": 8, "video": 2, "audio": 2}.items() if m in family.modalities}
     llm = LLM(
         model=model,
         dtype="float32",
@@ -34,13 +41,13 @@ def main() -> None:
         block_size=32,
         max_model_len=1024,
         kv_cache_memory_bytes=64 << 20,
-        limit_mm_per_prompt={"image": 8, "video": 2},
+        limit_mm_per_prompt=limits,
     )
     prompts, params = [], []
     with open(requests_file) as f:
         requests = json.load(f)
     for request in requests:
-        conversation, images, videos = [], [], []
+        conversation, images, videos, audios = [], [], [], []
         for message in request["messages"]:
             content = message["content"]
             if isinstance(content, str):
@@ -56,13 +63,19 @@ def main() -> None:
                     video = decode_video(data, MediaPolicy(), 8)
                     videos.append((video.frames, video.metadata))
                     parts.append({"type": "video"})
+                elif part["type"] in ("input_audio", "audio_url"):
+                    inline = part.get("input_audio", {}).get("data")
+                    data = base64.b64decode(inline or part["audio_url"]["url"].split(",", 1)[1])
+                    audio = decode_audio(data, MediaPolicy(), audio_format, time.monotonic() + 60)
+                    audios.append((audio.samples, audio.rate))
+                    parts.append({"type": "audio"})
                 else:
                     parts.append(part)
             conversation.append({"role": message["role"], "content": parts})
         ids = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True, return_dict=False)
         prompt = {"prompt_token_ids": list(ids)}
-        media = {"image": images, "video": videos}
-        if images or videos:
+        media = {"image": images, "video": videos, "audio": audios}
+        if images or videos or audios:
             prompt["multi_modal_data"] = {k: v if len(v) > 1 else v[0] for k, v in media.items() if v}
         prompts.append(prompt)
         params.append(SamplingParams(temperature=0, max_tokens=request["max_tokens"]))

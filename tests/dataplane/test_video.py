@@ -101,7 +101,7 @@ def strict_video(graph, tiny_model, tmp_path_factory):
 
 def test_a_graph_without_video_refuses_a_video_by_name(strict_image_only):
     r = httpx.post(f"{strict_image_only}/v1/chat/completions", json=media_request(video(VIDEO_A)), timeout=60)
-    assert r.status_code == 400 and "does not accept videos" in r.json()["error"]["message"], r.text
+    assert r.status_code == 400 and "does not accept video parts" in r.json()["error"]["message"], r.text
 
 
 @pytest.fixture(scope="module")

@@ -52,11 +52,16 @@ DIGEST_ROWS = 256  # rows hashed at a time: a strip, not a second copy of a larg
 
 def media_digest(media: Any) -> bytes:
     """Digest of decoded media as the processor receives it: a PIL image (mode, size and pixels, row by row:
-    the same bytes as `tobytes()`, in strips), or a video's sampled frames (their shape and pixels, frame by
-    frame) and which frames they are."""
+    the same bytes as `tobytes()`, in strips), a video's sampled frames (their shape and pixels, frame by
+    frame) and which frames they are, or a clip's samples at the model's rate."""
+    from mmgraph_workers.media.audio import Audio
     from mmgraph_workers.media.video import Video
 
     h = _hasher()
+    if isinstance(media, Audio):
+        h.update(f"audio:{media.rate}:{media.samples.shape}:{media.samples.dtype}".encode())
+        h.update(media.samples.view("uint8").data)
+        return h.digest()
     if isinstance(media, Video):
         frames = media.frames
         h.update(f"video:{frames.shape}:{frames.dtype}:{media.metadata['frames_indices']}".encode())

@@ -28,6 +28,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from mmgraph_workers.content_key import encoder_identity, item_key, media_digest
 from mmgraph_workers.media import MediaError, policy
+from mmgraph_workers.media.audio import Audio
 from mmgraph_workers.media.fetch import fetch_all, media_client
 from mmgraph_workers.media.load import load
 from mmgraph_workers.media.video import DECODE_SECONDS, Video
@@ -51,6 +52,7 @@ ENCODED = Counter("mmgraph_encoder_items_total", "Media items encoded", ["cached
 ENCODE_SECONDS = Histogram("mmgraph_encoder_seconds", "Time to fetch, decode and encode one request's media")
 PUBLISHED = Gauge("mmgraph_encoder_published_buffers", "Embedding buffers waiting for pd to pull them")
 MEDIA_ERRORS = Counter("mmgraph_encoder_media_errors_total", "Requests refused for their media", ["status"])
+AUDIO_SECONDS_DECODED = Counter("mmgraph_encoder_audio_seconds_decoded_total", "Seconds of audio decoded")
 VIDEO_FRAMES_DECODED = Counter(
     "mmgraph_encoder_video_frames_decoded_total", "Video frames decoded to sample the frames requests asked for"
 )
@@ -170,12 +172,10 @@ class Encoder:
         self.module = self.adapter.load_encoder(args.device)
         log.info("%s encoder loaded on %s (%.2f s)", self.adapter.family, args.device, time.perf_counter() - started)
         started = time.perf_counter()
-        processors = {"processor": self.processor.image_processor.to_dict()}
-        if "video" in self.adapter.modalities:
-            processors["video_processor"] = self.processor.video_processor.to_dict()
-        settings = {**processors, "encoder": self.adapter.encoder_settings()}
+        settings = {**self.adapter.processor_settings(self.processor), "encoder": self.adapter.encoder_settings()}
         self.identity = encoder_identity(self.module, settings)
         log.info("encoder identity %s… (%.2f s)", self.identity[:16], time.perf_counter() - started)
+        self.audio_format = self.adapter.audio_format(self.processor)
         self.transfer = make_pool(self.pool_bytes())
         self.cache = EmbeddingCache(args.cache_bytes)
         self.client = media_client()
@@ -183,18 +183,14 @@ class Encoder:
 
     def pool_bytes(self) -> int:
         """--transfer-pool-bytes, or room for POOL_REQUESTS requests of maxItems items, each as large as the caps
-        allow an image or (if the graph takes video) a video of videoFrames frames to be (the embedding width and
-        dtype from one tiny image through the tower)."""
+        allow an item of the graph's modalities to be (an image of maxPixels, a video of videoFrames frames, the
+        longest clip), in rows of the language model's width and the tower's dtype."""
         if self.args.transfer_pool_bytes:
             return self.args.transfer_pool_bytes
-        from PIL import Image
-
-        probe = self.adapter.encode(self.module, self.processor, [Image.new("RGB", (56, 56))])[0].embeddings
-        rows = self.adapter.max_item_tokens(self.processor, self.policy.max_pixels)
-        if "video" in self.policy.modalities:
-            frames = self.policy.video_frames
-            rows = max(rows, self.adapter.max_video_tokens(self.processor, self.policy.max_pixels, frames))
-        item = rows * probe.shape[-1] * probe.element_size()
+        rows = self.adapter.max_tokens(self.processor, self.policy)
+        width = self.adapter.config.get_text_config().hidden_size
+        element = next(self.module.parameters()).element_size()
+        item = rows * width * element
         size = max(MIN_POOL_BYTES, POOL_REQUESTS * max(1, self.policy.max_items) * item)
         log.info(
             "transfer pool %d MiB (%d requests of %d items of up to %d rows)",
@@ -260,14 +256,15 @@ class Encoder:
         return EncodeResponse(items=items)
 
     def _decode(self, blob: bytes, index: int, modality: str, deadline: float) -> tuple[Any, bytes]:
-        """The image or video as the tower takes it and the digest of its pixels (for the content key), in one
-        trip off the loop; media the model's processor refuses is the client's mistake, found before any pass."""
-        media = load(modality, blob, self.policy, deadline)
+        """The item as the tower takes it and the digest of what it decoded to (for the content key), in one trip
+        off the loop; media the model's processor refuses is the client's mistake, found before any pass."""
+        media = load(modality, blob, self.policy, deadline, self.audio_format)
         if isinstance(media, Video):
             VIDEO_FRAMES_DECODED.inc(media.decoded)
-        prepare = self.adapter.prepare_video if isinstance(media, Video) else self.adapter.prepare
+        elif isinstance(media, Audio):
+            AUDIO_SECONDS_DECODED.inc(media.seconds)
         try:
-            prepared = prepare(self.processor, media)
+            prepared = self.adapter.prepare_item(self.processor, modality, media)
         except ValueError as err:
             raise MediaError(f"{modality} {index + 1} cannot be used with this model: {err}") from None
         return prepared, media_digest(media)

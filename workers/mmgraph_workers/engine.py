@@ -34,6 +34,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from mmgraph_workers import cpu
 from mmgraph_workers.media import MediaError, policy
+from mmgraph_workers.media.audio import Audio
 from mmgraph_workers.media.fetch import fetch_all, media_client
 from mmgraph_workers.media.load import load
 from mmgraph_workers.media.video import DECODE_SECONDS, Video
@@ -133,7 +134,12 @@ class Engine:
         self.transfer = make_transfer(args.transfer_backend, name, recv_pool_bytes=64 << 20) if stage == "pd" else None
         # the family turns embeddings and placeholders into vLLM's inputs (agg's pd needs none: vLLM loads pixels)
         takes_embeddings = args.embeddings_input or stage == "decode"
-        self.adapter = adapter_for(args.model, args.revision, args.trust_remote_code) if takes_embeddings else None
+        adapter = adapter_for(args.model, args.revision, args.trust_remote_code)
+        self.adapter = adapter if takes_embeddings else None
+        # pd loads the audio of requests that come with media (agg), at the rate and within the length the model's
+        # feature extractor takes (the frontend admits audio only where the graph enables it)
+        loads_audio = stage == "pd" and "audio" in adapter.modalities
+        self.audio_format = adapter.audio_format(adapter.load_processor()) if loads_audio else None
         self.token = peer_token(args)
         self.http = httpx.AsyncClient(trust_env=False, timeout=5, headers=peer_headers(self.token))  # to peers
         self.media = media_client()  # agg: the request's URLs
@@ -196,10 +202,14 @@ class Engine:
         return None, None
 
     def _load(self, modality: str, blob: bytes, deadline: float) -> Any:
-        """An image as vLLM takes it (PIL), or a video as (frames, metadata): the frames our loader sampled, as
-        the encoder would have encoded them."""
-        media = load(modality, blob, self.policy, deadline)
-        return (media.frames, media.metadata) if isinstance(media, Video) else media
+        """An image as vLLM takes it (PIL), a video as (frames, metadata), a clip as (samples, rate): what our
+        loader decoded, as the encoder would have encoded it (a clip at the model's rate: vLLM resamples nothing)."""
+        media = load(modality, blob, self.policy, deadline, self.audio_format)
+        if isinstance(media, Video):
+            return media.frames, media.metadata
+        if isinstance(media, Audio):
+            return media.samples, media.rate
+        return media
 
     async def _owner(self, ref: TensorRef) -> str:
         """The base URL of the encoder replica that owns `ref`: its address must be one the graph's encoder Service

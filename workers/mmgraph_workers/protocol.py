@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, Field, model_validator
 
 PROTOCOL_VERSION = 5  # 2: content keys; 3: a descriptor names its owner, not its metadata; 4: vLLM's SamplingParams;
-# 5: media items name their modality (video)
+# 5: media items name their modality (video; audio came later as one more value, which old messages never carry)
 
 
 class Message(BaseModel):
@@ -50,7 +50,7 @@ class TensorRef(BaseModel):
         return self
 
 
-Modality = Literal["image", "video"]
+Modality = Literal["image", "video", "audio"]
 
 
 class MediaItem(BaseModel):

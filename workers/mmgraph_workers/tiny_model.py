@@ -1,11 +1,11 @@
-"""`mmgraph tiny-model DIR [--family qwen2-vl|llava]`: a tiny model of a supported family with random weights,
-built locally with no download.
+"""`mmgraph tiny-model DIR [--family qwen2-vl|qwen2.5-vl|llava|qwen2-audio]`: a tiny model of a supported family
+with random weights, built locally with no download.
 
 Each is a real transformers model (config, safetensors weights, a byte-level BPE tokenizer trained here with
-Qwen's special tokens, a Qwen-style chat template, an image processor), small enough to load in seconds on a CPU
-and to run through vLLM. Two deliberate tweaks make it a useful test oracle: q/k projections are scaled up so
-attention is sharp (a position bug, e.g. wrong M-RoPE grids, changes the tokens), and lm_head is scaled up so
-greedy decoding is decisive (token equality is stable across engines).
+Qwen's special tokens, a Qwen-style chat template, an image, video or audio processor), small enough to load in
+seconds on a CPU and to run through vLLM. Two deliberate tweaks make it a useful test oracle: q/k projections are
+scaled up so attention is sharp (a position bug, e.g. wrong M-RoPE grids, changes the tokens), and lm_head is
+scaled up so greedy decoding is decisive (token equality is stable across engines).
 """
 
 from __future__ import annotations
@@ -32,6 +32,18 @@ QWEN_CHAT_TEMPLATE = (
     "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+AUDIO_SPECIAL_TOKENS = [*QWEN_SPECIAL_TOKENS[:3], "<|audio_bos|>", "<|AUDIO|>", "<|audio_eos|>"]
+# Qwen2-Audio-Instruct's template numbers the clips ("Audio 1: ..."), as this one does
+AUDIO_CHAT_TEMPLATE = (
+    "{% set audios = namespace(n=0) %}{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] in ('audio', 'audio_url', 'input_audio') %}{% set audios.n = audios.n + 1 %}"
+    "Audio {{ audios.n }}: <|audio_bos|><|AUDIO|><|audio_eos|>\n"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 LLAVA_SPECIAL_TOKENS = ["<pad>", "</s>", "<image>"]
 LLAVA_CHAT_TEMPLATE = (
     "{% for message in messages %}{{ message['role'] | upper }}: "
@@ -42,7 +54,7 @@ LLAVA_CHAT_TEMPLATE = (
     "{% endfor %}{% endif %}</s>\n{% endfor %}"
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
-FAMILIES = ("qwen2-vl", "qwen2.5-vl", "llava")
+FAMILIES = ("qwen2-vl", "qwen2.5-vl", "llava", "qwen2-audio")
 VOCAB = 512
 # The language model of every tiny family: small enough for seconds on a CPU, large enough for distinct answers.
 TINY_TEXT = {
@@ -110,6 +122,8 @@ def build(
     out.mkdir(parents=True, exist_ok=True)
     if family == "llava":
         _llava(out, seed, vision_seed, text_seed)
+    elif family == "qwen2-audio":
+        _qwen2_audio(out, seed, vision_seed, text_seed)
     else:
         _qwen2_vl(out, seed, vision_seed, text_seed, version=family.removeprefix("qwen").removesuffix("-vl"))
     (out / "mmgraph-tiny.json").write_text(
@@ -245,19 +259,77 @@ def _llava(out: Path, seed: int, vision_seed: int | None, text_seed: int | None)
     AutoProcessor.from_pretrained(out)
 
 
+def _qwen2_audio(out: Path, seed: int, tower_seed: int | None, text_seed: int | None) -> None:
+    """Qwen2-Audio: a Whisper-style audio encoder (128 mel bins, 30 s windows: 3000 mel frames, 750 tokens at
+    most; 25 per second), a linear projector, a Qwen2 language model; Whisper's feature extractor at 16 kHz."""
+    import torch
+    from transformers import (
+        AutoProcessor,
+        Qwen2AudioConfig,
+        Qwen2AudioForConditionalGeneration,
+        Qwen2AudioProcessor,
+        WhisperFeatureExtractor,
+    )
+
+    tokenizer = build_tokenizer(out, AUDIO_SPECIAL_TOKENS, AUDIO_CHAT_TEMPLATE, "<|im_end|>", "<|endoftext|>")
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in AUDIO_SPECIAL_TOKENS}
+    config = Qwen2AudioConfig(
+        audio_config={
+            "d_model": 64,
+            "encoder_layers": 2,
+            "encoder_attention_heads": 2,
+            "encoder_ffn_dim": 128,
+            "num_mel_bins": 128,
+            "max_source_positions": 1500,
+        },
+        text_config={
+            "model_type": "qwen2",
+            **TINY_TEXT,
+            "bos_token_id": ids["<|endoftext|>"],
+            "eos_token_id": ids["<|im_end|>"],
+            "pad_token_id": ids["<|endoftext|>"],
+            "tie_word_embeddings": False,
+        },
+        audio_token_index=ids["<|AUDIO|>"],
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2AudioForConditionalGeneration(config)
+    tower_parts = ("audio_tower", "multi_modal_projector")
+    _sharpen_and_save(model, out, tower_parts, tower_seed, text_seed, ids["<|im_end|>"], ids["<|endoftext|>"])
+    _as_qwen2_audio_checkpoint(out / "model.safetensors")
+    processor = Qwen2AudioProcessor(
+        feature_extractor=WhisperFeatureExtractor(feature_size=128),
+        tokenizer=tokenizer,
+        chat_template=AUDIO_CHAT_TEMPLATE,
+    )
+    processor.save_pretrained(out)
+    AutoProcessor.from_pretrained(out)
+
+
 def _as_llava_hf_checkpoint(path: Path) -> None:
     """Write the tower's tensors as published LLaVA checkpoints (llava-hf/*) name them, which vLLM reads:
     `vision_tower.vision_model.*`. transformers 5 saves a CLIP tower without the `vision_model.` level."""
+
+    def rename(name: str) -> str:
+        if name.startswith("vision_tower.") and not name.startswith("vision_tower.vision_model."):
+            return "vision_tower.vision_model." + name.removeprefix("vision_tower.")
+        return name
+
+    _rename_tensors(path, rename)
+
+
+def _as_qwen2_audio_checkpoint(path: Path) -> None:
+    """Write the language model's tensors as Qwen's Qwen2-Audio checkpoints name them, which vLLM reads:
+    `language_model.model.*`. transformers 5 saves them one `model.` level deeper."""
+    _rename_tensors(path, lambda name: name.replace("language_model.model.model.", "language_model.model.", 1))
+
+
+def _rename_tensors(path: Path, rename) -> None:
     from safetensors.torch import load_file, save_file
 
     tensors = load_file(str(path))
-    renamed = {
-        "vision_tower.vision_model." + name.removeprefix("vision_tower.")
-        if name.startswith("vision_tower.") and not name.startswith("vision_tower.vision_model.")
-        else name: tensor
-        for name, tensor in tensors.items()
-    }
-    save_file(renamed, str(path), metadata={"format": "pt"})
+    save_file({rename(name): tensor for name, tensor in tensors.items()}, str(path), metadata={"format": "pt"})
 
 
 def _sharpen_and_save(

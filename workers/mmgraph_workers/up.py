@@ -237,18 +237,25 @@ def demo_image() -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def send_demo_request(endpoint: str, model: str) -> None:
+def demo_part(modalities: list[str]) -> tuple[dict, str]:
+    """The demo's media part for a graph that takes `modalities` (an image where it can), and what it is."""
+    if "image" in modalities:
+        return {"type": "image_url", "image_url": {"url": demo_image()}}, "one 96x64 PNG"
+    from mmgraph_workers.media.samples import clip, tone
+
+    if "audio" in modalities:
+        data = base64.b64encode(tone(seconds=2.0)).decode()
+        return {"type": "input_audio", "input_audio": {"data": data, "format": "wav"}}, "a 2 s 16 kHz WAV"
+    url = "data:video/mp4;base64," + base64.b64encode(clip(seconds=2.0)).decode()
+    return {"type": "video_url", "video_url": {"url": url}}, "a 2 s 160x96 MP4"
+
+
+def send_demo_request(endpoint: str, model: str, modalities: list[str]) -> None:
+    part, what = demo_part(modalities)
+    kind = part["type"].removesuffix("_url").removeprefix("input_")
     body = {
         "model": model,
-        "messages": [
-            {
-                "role": "user",
-                "content": [
-                    {"type": "image_url", "image_url": {"url": demo_image()}},
-                    {"type": "text", "text": "describe this image"},
-                ],
-            }
-        ],
+        "messages": [{"role": "user", "content": [part, {"type": "text", "text": f"describe this {kind}"}]}],
         "max_tokens": 16,
         "temperature": 0,
         "stream": True,
@@ -256,7 +263,7 @@ def send_demo_request(endpoint: str, model: str) -> None:
     request = urllib.request.Request(
         f"{endpoint}/v1/chat/completions", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
     )
-    print(f"\n> POST {endpoint}/v1/chat/completions  (one 96x64 PNG + 'describe this image', greedy, 16 tokens)")
+    print(f"\n> POST {endpoint}/v1/chat/completions  ({what} + 'describe this {kind}', greedy, 16 tokens)")
     started, first, text = time.perf_counter(), None, []
     with urllib.request.urlopen(request, timeout=120) as response:
         for raw in response:
@@ -303,7 +310,7 @@ def up(file: str, host: str = "127.0.0.1", demo: bool = False) -> int:
         local.wait_healthy(progress=lambda line: print(line, flush=True))
         print(f"\nready: {local.endpoint}/v1/chat/completions  (model {graph.spec.model.name!r})", flush=True)
         if demo:
-            send_demo_request(local.endpoint, graph.spec.model.name)
+            send_demo_request(local.endpoint, graph.spec.model.name, graph.spec.media.modalities)
             return 0
         print("Ctrl-C stops every stage.", flush=True)
         while True:

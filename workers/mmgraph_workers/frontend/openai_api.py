@@ -7,7 +7,7 @@ import json
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -20,29 +20,66 @@ class TextPart(BaseModel):
     text: str
 
 
-class ImageURL(BaseModel):
+class URL(BaseModel):
     url: str
-    detail: str | None = None
+    detail: str | None = None  # images only; read by neither vLLM's server nor mmgraph
 
 
 class ImagePart(BaseModel):
     type: Literal["image_url"]
-    image_url: ImageURL
+    image_url: URL
+    modality: ClassVar[str] = "image"
 
-
-class VideoURL(BaseModel):
-    url: str
+    @property
+    def url(self) -> str:
+        return self.image_url.url
 
 
 class VideoPart(BaseModel):
     type: Literal["video_url"]
-    video_url: VideoURL
+    video_url: URL
+    modality: ClassVar[str] = "video"
+
+    @property
+    def url(self) -> str:
+        return self.video_url.url
 
 
-PARTS: dict[str, type[TextPart | ImagePart | VideoPart]] = {
+class AudioURLPart(BaseModel):
+    type: Literal["audio_url"]
+    audio_url: URL
+    modality: ClassVar[str] = "audio"
+
+    @property
+    def url(self) -> str:
+        return self.audio_url.url
+
+
+class InputAudio(BaseModel):
+    data: str
+    format: Literal["wav", "mp3", "flac", "ogg"]  # media/audio.py's INPUT_FORMATS
+
+
+class InputAudioPart(BaseModel):
+    """OpenAI's inline audio: base64 bytes and their format, which becomes a data: URL (as vLLM's server makes
+    it), so every stage loads it as it loads any other."""
+
+    type: Literal["input_audio"]
+    input_audio: InputAudio
+    modality: ClassVar[str] = "audio"
+
+    @property
+    def url(self) -> str:
+        return f"data:audio/{self.input_audio.format};base64,{self.input_audio.data}"
+
+
+MediaPart = ImagePart | VideoPart | AudioURLPart | InputAudioPart
+PARTS: dict[str, type[TextPart | MediaPart]] = {
     "text": TextPart,
     "image_url": ImagePart,
     "video_url": VideoPart,
+    "audio_url": AudioURLPart,
+    "input_audio": InputAudioPart,
 }
 
 
@@ -66,12 +103,12 @@ class ChatMessage(BaseModel):
     tool_call_id: str | None = None
     reasoning: str | None = None  # an assistant's earlier reasoning, for templates that interleave it
 
-    def parts(self) -> list[TextPart | ImagePart | VideoPart]:
+    def parts(self) -> list[TextPart | MediaPart]:
         if self.content is None:
             return []
         if isinstance(self.content, str):
             return [TextPart(type="text", text=self.content)]
-        out: list[TextPart | ImagePart | VideoPart] = []
+        out: list[TextPart | MediaPart] = []
         for i, part in enumerate(self.content):
             kind = part.get("type")
             if kind not in PARTS:

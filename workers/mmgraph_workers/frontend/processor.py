@@ -27,7 +27,6 @@ from mmgraph_workers.frontend.openai_api import (
     TOKENIZE_REFUSED,
     ChatMessage,
     ChatRequest,
-    ImagePart,
     RequestError,
     TextPart,
     TextRequest,
@@ -35,6 +34,7 @@ from mmgraph_workers.frontend.openai_api import (
 )
 from mmgraph_workers.media import MediaError, policy
 from mmgraph_workers.media.fetch import check_scheme, decode_data_url, scheme_of
+from mmgraph_workers.models import adapter_for
 from mmgraph_workers.protocol import MediaItem
 
 M = TypeVar("M", bound=BaseModel)
@@ -50,6 +50,8 @@ class Processor:
         self.tokenizer = AutoTokenizer.from_pretrained(
             args.model, revision=args.revision, trust_remote_code=args.trust_remote_code
         )
+        family = adapter_for(args.model, args.revision, args.trust_remote_code)
+        self.family, self.family_modalities = family.family, family.modalities
 
     def prepare(
         self, req: ChatRequest, body: dict[str, Any], max_model_len: int | None, defaults: dict[str, Any]
@@ -149,17 +151,18 @@ class Processor:
                 if isinstance(part, TextPart):
                     parts.append({"type": "text", "text": part.text})
                     continue
-                modality = "image" if isinstance(part, ImagePart) else "video"
+                modality = part.modality
                 if message.role != "user":
-                    raise RequestError(f"{modality}s are accepted in user messages only", "messages")
+                    raise RequestError(f"{modality} parts are accepted in user messages only", "messages")
                 if modality not in self.policy.modalities:
                     raise RequestError(
-                        f"this graph does not accept {modality}s (spec.media.modalities is "
+                        f"this graph does not accept {modality} parts (spec.media.modalities is "
                         f"{', '.join(self.policy.modalities)})",
                         "messages",
                     )
-                url = part.image_url.url if isinstance(part, ImagePart) else part.video_url.url
-                media.append(MediaItem(modality=modality, url=self._checked_url(url)))
+                if modality not in self.family_modalities:
+                    raise RequestError(f"this model ({self.family}) takes no {modality}", "messages")
+                media.append(MediaItem(modality=modality, url=self._checked_url(part.url)))
                 parts.append({"type": modality})
             conversation.append(_templated(message, parts))
         if len(media) > self.policy.max_items:

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from mmgraph_workers.models.base import Encoded, ItemShape, ModelAdapter
 from mmgraph_workers.models.llava import Llava
+from mmgraph_workers.models.qwen2_audio import Qwen2Audio
 from mmgraph_workers.models.qwen2_vl import Qwen2VL
 
-FAMILIES: tuple[type[ModelAdapter], ...] = (Qwen2VL, Llava)
+FAMILIES: tuple[type[ModelAdapter], ...] = (Qwen2VL, Llava, Qwen2Audio)
 __all__ = ["FAMILIES", "Encoded", "ItemShape", "ModelAdapter", "UnsupportedModel", "adapter_for", "supported"]
 
 

@@ -7,10 +7,12 @@ name. The stages, the inter-stage protocol and the frontend stay family-agnostic
     encoder  load_encoder(device)                  which weights form the encoder (tower, projector), loaded
                                                    alone onto the stage's device: never the language model
     encoder  encoder_settings()                    what besides weights changes its output (for content keys)
-    encoder  max_item_tokens(processor, max_pixels) the most rows one image can become (sizes the pool)
-    encoder  prepare(processor, image)             the processor's tensors for one image (or ValueError)
-    encoder  prepare_video(processor, video)       the same for a video's sampled frames (families with video)
-    encoder  max_video_tokens(processor, px, n)    the most rows one video of n frames can become
+    encoder  processor_settings(processor)         the same, of the processor (resizing, features)
+    both     audio_format(processor)               the rate and longest clip audio is loaded for (audio)
+    encoder  prepare_item(processor, modality, m)  the processor's tensors for one decoded item (or ValueError):
+                                                   prepare (image), prepare_video, prepare_audio
+    encoder  max_tokens(processor, policy)         the most rows one item the graph's caps allow can become
+                                                   (max_item_tokens, max_video_tokens, max_audio_tokens)
     encoder  forward(module, prepared)             tower (+ projector) over prepared items -> per item:
                                                    embeddings as the language model consumes them, and the
                                                    metadata the engine needs to place them (Qwen's grid),
@@ -20,6 +22,7 @@ name. The stages, the inter-stage protocol and the frontend stay family-agnostic
                                                    (the KV comes over NIXL), but positions and token counts
                                                    depend on the metadata
 
+A family implements the calls of the modalities it takes (`modalities`); the others refuse with ValueError.
 The frontend needs nothing from a family: the model's chat template renders one placeholder per media part and
 vLLM expands it from the metadata. Weights come from the model's safetensors (a local directory, or the Hugging
 Face Hub, where only the shards holding the encoder's weights are fetched).
@@ -36,6 +39,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+
+from mmgraph_workers.media.audio import AudioFormat
 
 
 @dataclass(frozen=True)
@@ -81,33 +86,67 @@ class ModelAdapter(ABC):
         the vision tower's config; families add how features are selected and projected."""
         return {"family": self.family, "vision_config": self.config.vision_config.to_dict()}
 
-    @abstractmethod
+    def processor_settings(self, processor: Any) -> dict[str, Any]:
+        """The processor's settings that change the encoder's output (content_key.py)."""
+        settings = {"processor": processor.image_processor.to_dict()}
+        if "video" in self.modalities:
+            settings["video_processor"] = processor.video_processor.to_dict()
+        return settings
+
+    def audio_format(self, processor: Any) -> AudioFormat | None:
+        """The sampling rate audio is loaded at and the longest clip the model takes (None: it takes no audio)."""
+        return None
+
+    def prepare_item(self, processor: Any, modality: str, media: Any) -> Any:
+        """One decoded item (media/load.py) as the tower takes it; ValueError if the processor refuses it (an
+        aspect ratio it cannot tile, a modality the family lacks). The encoder runs this per item, off the tower's
+        thread, so a bad item is refused before any pass, alone."""
+        if modality not in self.modalities:
+            raise ValueError(f"the {self.family} family takes no {modality}")
+        prepare = {"image": self.prepare, "video": self.prepare_video, "audio": self.prepare_audio}[modality]
+        return prepare(processor, media)
+
     def prepare(self, processor: Any, image: Any) -> Any:
-        """One image as the tower takes it (the processor's tensors); ValueError if the processor refuses it (an
-        aspect ratio it cannot tile, say). The encoder runs this per item, off the tower's thread, so a bad item
-        is refused before any pass, alone."""
+        """One image as the tower takes it (the processor's tensors)."""
+        raise ValueError(f"the {self.family} family takes no image")
 
     def prepare_video(self, processor: Any, video: Any) -> Any:
-        """A video's sampled frames (media/video.py's Video) as the tower takes them; ValueError if the family
-        takes no video (the frontend refuses videos for a graph whose spec.media.modalities lacks it)."""
+        """A video's sampled frames (media/video.py's Video) as the tower takes them."""
         raise ValueError(f"the {self.family} family takes no video")
 
-    def max_video_tokens(self, processor: Any, max_pixels: int, frames: int) -> int:
-        """The most embedding rows one video of `frames` frames can become (0: the family takes no video)."""
+    def prepare_audio(self, processor: Any, audio: Any) -> Any:
+        """A clip (media/audio.py's Audio, at `audio_format`'s rate) as the tower takes it."""
+        raise ValueError(f"the {self.family} family takes no audio")
+
+    def max_tokens(self, processor: Any, policy: Any) -> int:
+        """The most embedding rows one item the graph's caps (MediaPolicy) allow can become, over the modalities
+        the graph and the family both take: it sizes the encoder's transfer pool."""
+        rows = {
+            "image": lambda: self.max_item_tokens(processor, policy.max_pixels),
+            "video": lambda: self.max_video_tokens(processor, policy.max_pixels, policy.video_frames),
+            "audio": lambda: self.max_audio_tokens(processor),
+        }
+        return max([rows[m]() for m in policy.modalities if m in self.modalities] or [1])
+
+    def max_item_tokens(self, processor: Any, max_pixels: int) -> int:
+        """The most embedding rows one image can become, given the graph's pixel cap."""
         return 0
 
-    @abstractmethod
-    def max_item_tokens(self, processor: Any, max_pixels: int) -> int:
-        """The most embedding rows one image can become, given the graph's pixel cap (which sizes the encoder's
-        transfer pool: a request of maxItems such images must fit)."""
+    def max_video_tokens(self, processor: Any, max_pixels: int, frames: int) -> int:
+        """The most embedding rows one video of `frames` frames can become."""
+        return 0
+
+    def max_audio_tokens(self, processor: Any) -> int:
+        """The most embedding rows one clip can become."""
+        return 0
 
     @abstractmethod
     def forward(self, module: torch.nn.Module, prepared: list[Any]) -> list[Encoded]:
         """Embeddings and metadata per prepared item, in order, in one pass of the tower (and projector)."""
 
-    def encode(self, module: torch.nn.Module, processor: Any, images: list[Any]) -> list[Encoded]:
-        """`prepare` then `forward`: what transformers' whole model computes for these images."""
-        return self.forward(module, [self.prepare(processor, image) for image in images])
+    def encode(self, module: torch.nn.Module, processor: Any, modality: str, items: list[Any]) -> list[Encoded]:
+        """`prepare_item` then `forward`: what transformers' whole model computes for these items."""
+        return self.forward(module, [self.prepare_item(processor, modality, item) for item in items])
 
     @abstractmethod
     def embeddings_data(self, embeddings: list[torch.Tensor], items: list[ItemShape]) -> dict[str, Any]:

@@ -1,0 +1,123 @@
+"""Audio: bytes to mono float32 samples at the model's rate, read as vLLM's loader reads them.
+
+vLLM's server reads audio with libsndfile (soundfile: WAV, FLAC, MP3, Ogg), averages the channels, then
+resamples to the feature extractor's rate. This module reads the same samples (so 16 kHz audio gives the same
+tokens as vLLM's server), with three differences that matter in a shared worker:
+- the file is read in blocks and mixed down to mono as it is read, so a many-channel file costs one channel of
+  memory, not all of them at once;
+- its length is checked from the header before decoding, against the graph's cap (spec.media.maxSeconds) and the
+  model's own limit (Qwen2-Audio takes 30 s: vLLM's processor truncates longer audio without a word, so mmgraph
+  refuses it, naming the limit), and again while decoding, in case the header lied;
+- resampling is librosa's (soxr, high quality). vLLM resamples with torchaudio by default, which its CPU build
+  does not ship, so audio at another rate gives other samples there (see docs/architecture.md).
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import soundfile
+
+from mmgraph_workers.media import MediaError
+from mmgraph_workers.media.policy import MediaPolicy
+
+# libsndfile's container names (what it sniffs from the bytes, whatever the request says the format is)
+FORMATS = {"WAV": "wav", "WAVEX": "wav", "FLAC": "flac", "MP3": "mp3", "OGG": "ogg"}
+# the `format` values of OpenAI's `input_audio` parts this accepts (OpenAI's own: wav, mp3)
+INPUT_FORMATS = frozenset(FORMATS.values())
+MAX_RATE = 384_000  # samples per second; above is not audio anyone records
+MAX_CHANNELS = 64
+BLOCK = 1 << 16  # frames read at a time
+RESAMPLER = "soxr_hq"  # librosa's default
+
+
+@dataclass(frozen=True)
+class AudioFormat:
+    """What a model's feature extractor takes: its sampling rate, and the longest audio it represents whole."""
+
+    rate: int
+    max_seconds: float
+
+
+@dataclass(frozen=True)
+class Audio:
+    """Mono float32 samples at `rate`; `native_rate` is the file's."""
+
+    samples: np.ndarray
+    rate: int
+    native_rate: int
+
+    @property
+    def seconds(self) -> float:
+        return len(self.samples) / self.rate
+
+
+def decode_audio(data: bytes, policy: MediaPolicy, model: AudioFormat, deadline: float) -> Audio:
+    """The audio in `data` as `model` takes it, or MediaError saying what to change; decoding stops at `deadline`
+    (time.monotonic())."""
+    if not data:
+        raise MediaError("the audio is empty (0 bytes)")
+    try:
+        with soundfile.SoundFile(io.BytesIO(data)) as f:
+            limit = _check_header(f, policy, model)
+            mono = _read_mono(f, int(limit * f.samplerate) + 1, deadline)
+            native = f.samplerate
+    except MediaError:
+        raise
+    except (soundfile.LibsndfileError, RuntimeError, TypeError) as err:
+        kinds = ", ".join(sorted(INPUT_FORMATS))
+        raise MediaError(f"cannot decode the audio ({_reason(err)}): send a whole {kinds} file") from None
+    if not len(mono):
+        raise MediaError("the audio has no samples")
+    if native != model.rate:
+        import librosa
+
+        mono = librosa.resample(mono, orig_sr=native, target_sr=model.rate, res_type=RESAMPLER).astype(np.float32)
+    return Audio(mono, model.rate, native)
+
+
+def _check_header(f: soundfile.SoundFile, policy: MediaPolicy, model: AudioFormat) -> float:
+    """Refuse what the header already shows is unusable; the most seconds decoding may then produce."""
+    if f.format not in FORMATS:
+        raise MediaError(f"audio in {f.format} is not accepted: send {', '.join(sorted(INPUT_FORMATS))}")
+    if not 0 < f.samplerate <= MAX_RATE or not 0 < f.channels <= MAX_CHANNELS:
+        raise MediaError(f"audio of {f.channels} channels at {f.samplerate} Hz is refused")
+    seconds = f.frames / f.samplerate
+    _check_length(seconds, policy, model)
+    return min(policy.max_seconds, model.max_seconds)
+
+
+def _check_length(seconds: float, policy: MediaPolicy, model: AudioFormat) -> None:
+    if seconds > policy.max_seconds:
+        raise MediaError(
+            f"the audio is {seconds:.1f} s long, over the {policy.max_seconds:g} s limit (spec.media.maxSeconds)",
+            status=413,
+        )
+    if seconds > model.max_seconds:
+        raise MediaError(
+            f"the audio is {seconds:.1f} s long; this model takes at most {model.max_seconds:g} s of audio per "
+            "item: cut it into parts"
+        )
+
+
+def _read_mono(f: soundfile.SoundFile, max_frames: int, deadline: float) -> np.ndarray:
+    """The channels' mean, block by block (vLLM's `np.mean` over channels, the same float32 operations)."""
+    blocks: list[np.ndarray] = []
+    frames = 0
+    for block in f.blocks(blocksize=BLOCK, dtype="float32", always_2d=True):
+        blocks.append(block[:, 0].copy() if block.shape[1] == 1 else block.mean(axis=1, dtype=np.float32))
+        frames += len(block)
+        if frames > max_frames:  # the header said less: refuse as if it had told the truth
+            seconds = frames / f.samplerate
+            raise MediaError(f"the audio is longer than its header says (over {seconds:.1f} s): refused")
+        if time.monotonic() > deadline:
+            raise MediaError("decoding the audio took too long", status=408)
+    return np.concatenate(blocks) if blocks else np.zeros(0, np.float32)
+
+
+def _reason(err: Exception) -> str:
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return text.removeprefix("Error opening <_io.BytesIO object at ").split(">: ", 1)[-1]
