@@ -3,11 +3,13 @@
 For agg, e-pd and e-p-d (one graph of processes; the agg and e-pd frontends route to the same workers) and for
 the baseline (vLLM's AsyncLLM embedded in this process, same prompt and image, no HTTP, no disaggregation), at a
 few concurrency levels: time to first token (TTFT), inter-token latency (ITL) and requests/s. The disaggregation
-tax is the TTFT difference to the baseline (p50). Two workloads: one 96x64 PNG per request, and one 2 s 160x96
-H.264 clip per request (8 frames sampled; the baseline decodes it with mmgraph's loader inside the timed region,
-as vLLM's server would decode it). Writes bench/out/e2e.json and e2e.png and prints the figures.
+tax is the TTFT difference to the baseline (p50). Three workloads, each request with its own item: a 96x64 PNG
+and a 2 s 160x96 H.264 clip (8 frames sampled) on the tiny Qwen2-VL graph, a 2 s 16 kHz WAV on the tiny
+Qwen2-Audio graph. The baseline decodes each item from its bytes with mmgraph's loader inside the timed region,
+as vLLM's server would decode it. Writes bench/out/e2e.json and e2e.png and prints the figures.
 
-    .venv/bin/python bench/e2e.py [--requests 16] [--concurrency 1 4 8] [--video-concurrency 1 4]
+    .venv/bin/python bench/e2e.py [--requests 16] [--concurrency 1 4 8] [--media-concurrency 1 4]
+        [--workloads image video audio]
 """
 
 from __future__ import annotations
@@ -35,34 +37,35 @@ from PIL import Image
 REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "bench" / "out"
 MAX_TOKENS = 16
-VIDEO_FRAMES = 8  # examples/tiny-e-p-d.yaml's spec.media.videoFrames
-
-
-def image(seed: int) -> Image.Image:
-    return Image.fromarray((np.random.RandomState(seed).rand(64, 96, 3) * 255).astype("uint8"))
-
-
-def data_url(img: Image.Image) -> str:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+# workload -> (example graph, tiny model family, mime type)
+WORKLOADS = {
+    "image": ("tiny-e-p-d.yaml", "qwen2-vl", "image/png"),
+    "video": ("tiny-e-p-d.yaml", "qwen2-vl", "video/mp4"),
+    "audio": ("tiny-qwen2-audio-e-p-d.yaml", "qwen2-audio", "audio/wav"),
+}
 
 
 @functools.cache
-def video(seed: int) -> bytes:
-    from mmgraph_workers.media.samples import clip
+def item(media: str, seed: int) -> bytes:
+    """The bytes of request `seed`'s item: every request has its own (no cache hit)."""
+    from mmgraph_workers.media.samples import clip, tone
 
-    return clip(seconds=2.0, seed=seed)
+    if media == "video":
+        return clip(seconds=2.0, seed=seed)
+    if media == "audio":
+        return tone(seconds=2.0 + seed / 100)
+    buf = io.BytesIO()
+    Image.fromarray((np.random.RandomState(seed).rand(64, 96, 3) * 255).astype("uint8")).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def messages(i: int, media: str) -> list[dict]:
-    if media == "video":
-        part = {
-            "type": "video_url",
-            "video_url": {"url": "data:video/mp4;base64," + base64.b64encode(video(i)).decode()},
-        }
+    data = base64.b64encode(item(media, i)).decode()
+    if media == "audio":
+        part = {"type": "input_audio", "input_audio": {"data": data, "format": "wav"}}
     else:
-        part = {"type": "image_url", "image_url": {"url": data_url(image(i))}}
+        url = f"data:{WORKLOADS[media][2]};base64,{data}"
+        part = {"type": f"{media}_url", f"{media}_url": {"url": url}}
     return [{"role": "user", "content": [part, {"type": "text", "text": f"describe {media} {i}"}]}]
 
 
@@ -105,8 +108,9 @@ async def run_http(endpoint: str, model: str, n: int, concurrency: int, media: s
 
 async def run_in_process(model_dir: Path, n: int, levels: dict[str, list[int]]) -> dict[str, dict[str, dict]]:
     from mmgraph_workers import cpu
+    from mmgraph_workers.media.load import load, vllm_item
     from mmgraph_workers.media.policy import MediaPolicy
-    from mmgraph_workers.media.video import decode_video
+    from mmgraph_workers.models import adapter_for
     from transformers import AutoTokenizer
     from vllm import SamplingParams
     from vllm.engine.arg_utils import AsyncEngineArgs
@@ -114,6 +118,8 @@ async def run_in_process(model_dir: Path, n: int, levels: dict[str, list[int]]) 
     from vllm.v1.engine.async_llm import AsyncLLM
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    family = adapter_for(str(model_dir))
+    audio_format = family.audio_format(family.load_processor())
     cpu.apply_engine_env([])  # the same environment as the graph's CPU engines
     llm = AsyncLLM.from_engine_args(
         AsyncEngineArgs(
@@ -125,22 +131,20 @@ async def run_in_process(model_dir: Path, n: int, levels: dict[str, list[int]]) 
             kv_cache_memory_bytes=64 << 20,
             # the same executor as the graph's engines, or the baseline would pay for vLLM's worker process
             distributed_executor_backend="uni" if cpu.uses_uni_executor([]) else None,
-            limit_mm_per_prompt={"image": 1, "video": 1},
+            limit_mm_per_prompt={modality: 1 for modality in family.modalities},
         )
     )
     params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, output_kind=RequestOutputKind.DELTA)
+    policy = MediaPolicy(modalities=list(family.modalities))
 
-    async def media_data(i: int, media: str) -> object:
-        if media == "image":
-            return image(i)
-        loaded = await asyncio.to_thread(decode_video, video(i), MediaPolicy(), VIDEO_FRAMES)
-        return (loaded.frames, loaded.metadata)
+    def decoded(i: int, media: str) -> object:
+        return vllm_item(load(media, item(media, i), policy, time.monotonic() + 30, audio_format))
 
     results: dict[str, dict[str, dict]] = {}
-    for i in range(n + 1):
-        video(i)  # encoded once, here, not in a timed request
     try:
         for media, concurrencies in levels.items():
+            for i in range(n + 1):
+                item(media, i)  # made once, here, not in a timed request
             conversation = [{"role": "user", "content": [{"type": media}, {"type": "text", "text": "describe"}]}]
             ids = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, return_dict=False)
             results[media] = {}
@@ -149,10 +153,8 @@ async def run_in_process(model_dir: Path, n: int, levels: dict[str, list[int]]) 
                 async def one(i: int, sem: asyncio.Semaphore, media: str = media, ids: list = ids) -> tuple:
                     async with sem:
                         started, stamps = time.perf_counter(), []
-                        prompt = {
-                            "prompt_token_ids": list(ids),
-                            "multi_modal_data": {media: await media_data(i, media)},
-                        }
+                        data = await asyncio.to_thread(decoded, i, media)
+                        prompt = {"prompt_token_ids": list(ids), "multi_modal_data": {media: data}}
                         async for out in llm.generate(prompt, params, uuid.uuid4().hex):
                             if out.outputs[0].token_ids:
                                 stamps.append(time.perf_counter())
@@ -171,55 +173,18 @@ async def run_in_process(model_dir: Path, n: int, levels: dict[str, list[int]]) 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=16)
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8])
-    parser.add_argument("--video-concurrency", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8], help="image levels")
+    parser.add_argument("--media-concurrency", type=int, nargs="+", default=[1, 4], help="video and audio levels")
+    parser.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
     args = parser.parse_args()
-    levels = {"image": args.concurrency, "video": args.video_concurrency}
     OUT.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
-
-    from mmgraph_operator.api import StageName, parse
-    from mmgraph_workers.ports import free_port
-    from mmgraph_workers.tiny_model import build
-    from mmgraph_workers.up import LocalGraph
-
     work = Path(tempfile.mkdtemp(prefix="mmgraph-e2e-"))
-    model_dir = build(work / "tiny")
-    print("baseline: one in-process engine ...", flush=True)
-    baseline = asyncio.run(run_in_process(model_dir, args.requests, levels))
-
-    body = yaml.safe_load((REPO / "examples" / "tiny-e-p-d.yaml").read_text())
-    body["spec"]["model"]["path"] = str(model_dir)
-    graph = LocalGraph(parse(body), logdir=work / "logs")
-    extra = {}
-    results = {media: {"in-process": rows} for media, rows in baseline.items()}
-    try:
-        graph.start()
-        graph.wait_healthy(progress=lambda line: None)
-        workers = {s: f"http://127.0.0.1:{graph.stages[s].port}" for s in (StageName.ENCODER, StageName.PD)}
-        for topology in ("agg", "e-pd"):
-            spec = dict(body, spec={**body["spec"], "topology": topology})
-            local = LocalGraph(parse(spec), logdir=work / f"logs-{topology}")
-            local.peer_token = graph.peer_token  # the same graph's credential: its workers refuse any other
-            peers = {StageName.PD: workers[StageName.PD]}
-            if topology == "e-pd":
-                peers[StageName.ENCODER] = workers[StageName.ENCODER]
-            local.spawn(StageName.FRONTEND, free_port(), peers)
-            extra[topology] = local
-        for local in extra.values():
-            local.wait_healthy(progress=lambda line: None)
-        endpoints = {"agg": extra["agg"].endpoint, "e-pd": extra["e-pd"].endpoint, "e-p-d": graph.endpoint}
-        for media, concurrencies in levels.items():
-            for topology, endpoint in endpoints.items():
-                results[media][topology] = {}
-                for concurrency in concurrencies:
-                    name = body["spec"]["model"]["name"]
-                    row = asyncio.run(run_http(endpoint, name, args.requests, concurrency, media))
-                    results[media][topology][str(concurrency)] = row
-    finally:
-        for local in extra.values():
-            local.stop()
-        graph.stop()
+    results: dict[str, dict] = {}
+    for example in dict.fromkeys(WORKLOADS[w][0] for w in args.workloads):
+        workloads = [w for w in args.workloads if WORKLOADS[w][0] == example]
+        levels = {w: args.concurrency if w == "image" else args.media_concurrency for w in workloads}
+        results |= measure(example, WORKLOADS[workloads[0]][1], levels, args.requests, work)
 
     print(
         f"{'':6s} {'':10s} {'conc':>4s} {'TTFT p50':>9s} {'TTFT p90':>9s} {'ITL p50':>8s} {'req/s':>6s} {'tax p50':>8s}"
@@ -238,6 +203,52 @@ def main() -> None:
     )
     plot(results)
     print(f"wrote {OUT / 'e2e.json'} and {OUT / 'e2e.png'}")
+
+
+def measure(example: str, family: str, levels: dict[str, list[int]], n: int, work: Path) -> dict[str, dict]:
+    """The in-process baseline, then `example`'s graph (e-p-d, with an agg and an e-pd frontend routed to its
+    workers), for each workload of `levels` at its concurrency levels."""
+    from mmgraph_operator.api import StageName, parse
+    from mmgraph_workers.ports import free_port
+    from mmgraph_workers.tiny_model import build
+    from mmgraph_workers.up import LocalGraph
+
+    model_dir = build(work / family, family=family)
+    print(f"{family}: baseline, one in-process engine ...", flush=True)
+    results = {media: {"in-process": rows} for media, rows in asyncio.run(run_in_process(model_dir, n, levels)).items()}
+    body = yaml.safe_load((REPO / "examples" / example).read_text())
+    body["spec"]["model"]["path"] = str(model_dir)
+    graph = LocalGraph(parse(body), logdir=work / f"logs-{family}")
+    extra = {}
+    try:
+        print(f"{family}: the graph ...", flush=True)
+        graph.start()
+        graph.wait_healthy(progress=lambda line: None)
+        workers = {s: f"http://127.0.0.1:{graph.stages[s].port}" for s in (StageName.ENCODER, StageName.PD)}
+        for topology in ("agg", "e-pd"):
+            spec = dict(body, spec={**body["spec"], "topology": topology})
+            local = LocalGraph(parse(spec), logdir=work / f"logs-{family}-{topology}")
+            local.peer_token = graph.peer_token  # the same graph's credential: its workers refuse any other
+            peers = {StageName.PD: workers[StageName.PD]}
+            if topology == "e-pd":
+                peers[StageName.ENCODER] = workers[StageName.ENCODER]
+            local.spawn(StageName.FRONTEND, free_port(), peers)
+            extra[topology] = local
+        for local in extra.values():
+            local.wait_healthy(progress=lambda line: None)
+        endpoints = {"agg": extra["agg"].endpoint, "e-pd": extra["e-pd"].endpoint, "e-p-d": graph.endpoint}
+        for media, concurrencies in levels.items():
+            for topology, endpoint in endpoints.items():
+                results[media][topology] = {}
+                for concurrency in concurrencies:
+                    name = body["spec"]["model"]["name"]
+                    row = asyncio.run(run_http(endpoint, name, n, concurrency, media))
+                    results[media][topology][str(concurrency)] = row
+    finally:
+        for local in extra.values():
+            local.stop()
+        graph.stop()
+    return results
 
 
 def plot(results: dict) -> None:

@@ -34,10 +34,9 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from mmgraph_workers import cpu
 from mmgraph_workers.media import MediaError, policy
-from mmgraph_workers.media.audio import Audio
 from mmgraph_workers.media.fetch import fetch_all, media_client
-from mmgraph_workers.media.load import load
-from mmgraph_workers.media.video import DECODE_SECONDS, Video
+from mmgraph_workers.media.load import load, vllm_item
+from mmgraph_workers.media.video import DECODE_SECONDS
 from mmgraph_workers.models import ItemShape, adapter_for
 from mmgraph_workers.peers import Peer
 from mmgraph_workers.ports import bindable
@@ -204,12 +203,7 @@ class Engine:
     def _load(self, modality: str, blob: bytes, deadline: float) -> Any:
         """An image as vLLM takes it (PIL), a video as (frames, metadata), a clip as (samples, rate): what our
         loader decoded, as the encoder would have encoded it (a clip at the model's rate: vLLM resamples nothing)."""
-        media = load(modality, blob, self.policy, deadline, self.audio_format)
-        if isinstance(media, Video):
-            return media.frames, media.metadata
-        if isinstance(media, Audio):
-            return media.samples, media.rate
-        return media
+        return vllm_item(load(modality, blob, self.policy, deadline, self.audio_format))
 
     async def _owner(self, ref: TensorRef) -> str:
         """The base URL of the encoder replica that owns `ref`: its address must be one the graph's encoder Service

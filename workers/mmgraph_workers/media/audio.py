@@ -30,7 +30,7 @@ FORMATS = {"WAV": "wav", "WAVEX": "wav", "FLAC": "flac", "MP3": "mp3", "OGG": "o
 INPUT_FORMATS = frozenset(FORMATS.values())
 MAX_RATE = 384_000  # samples per second; above is not audio anyone records
 MAX_CHANNELS = 64
-BLOCK = 1 << 16  # frames read at a time
+BLOCK = 1 << 16  # frames read at a time (2 MB of an 8-channel float file)
 RESAMPLER = "soxr_hq"  # librosa's default
 
 
@@ -104,18 +104,26 @@ def _check_length(seconds: float, policy: MediaPolicy, model: AudioFormat) -> No
 
 
 def _read_mono(f: soundfile.SoundFile, max_frames: int, deadline: float) -> np.ndarray:
-    """The channels' mean, block by block (vLLM's `np.mean` over channels, the same float32 operations)."""
+    """The channels' mean as vLLM computes it (`np.mean` over the channel axis: the same float32 operations), a
+    block at a time when there are several channels, so they are never all held at once."""
+    if f.channels == 1:  # one channel: reading it whole costs what the result does
+        mono = f.read(frames=max_frames + 1, dtype="float32")
+        _check_decoded(len(mono), max_frames, f.samplerate, deadline)
+        return mono
     blocks: list[np.ndarray] = []
     frames = 0
     for block in f.blocks(blocksize=BLOCK, dtype="float32", always_2d=True):
-        blocks.append(block[:, 0].copy() if block.shape[1] == 1 else block.mean(axis=1, dtype=np.float32))
+        blocks.append(block.T.mean(axis=0))
         frames += len(block)
-        if frames > max_frames:  # the header said less: refuse as if it had told the truth
-            seconds = frames / f.samplerate
-            raise MediaError(f"the audio is longer than its header says (over {seconds:.1f} s): refused")
-        if time.monotonic() > deadline:
-            raise MediaError("decoding the audio took too long", status=408)
+        _check_decoded(frames, max_frames, f.samplerate, deadline)
     return np.concatenate(blocks) if blocks else np.zeros(0, np.float32)
+
+
+def _check_decoded(frames: int, max_frames: int, rate: int, deadline: float) -> None:
+    if frames > max_frames:  # the header said less: refuse as if it had told the truth
+        raise MediaError(f"the audio is longer than its header says (over {frames / rate:.1f} s): refused")
+    if time.monotonic() > deadline:
+        raise MediaError("decoding the audio took too long", status=408)
 
 
 def _reason(err: Exception) -> str:

@@ -4,6 +4,7 @@ e-p-d) and agg's pd decode media, so both see the same pixels and samples."""
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from PIL import Image
 
@@ -26,3 +27,13 @@ def load(
             raise MediaError("this model takes no audio")
         return decode_audio(blob, policy, audio, deadline)
     return decode_image(blob, policy)
+
+
+def vllm_item(media: Image.Image | Video | Audio) -> Any:
+    """A loaded item as vLLM's `multi_modal_data` takes it: an image as is (PIL), a video as (frames, metadata), a
+    clip as (samples, rate) at the model's rate, so vLLM resamples nothing."""
+    if isinstance(media, Video):
+        return media.frames, media.metadata
+    if isinstance(media, Audio):
+        return media.samples, media.rate
+    return media
