@@ -173,7 +173,7 @@ def test_audio_encoder_output_equals_transformers_whole_model(tmp_path):
     whole = Qwen2AudioForConditionalGeneration.from_pretrained(tmp_path / "audio").eval()
     rows = [item.embeddings.shape[0] for item in ours]
     assert rows == [50, 17, 750] == [item.metadata["num_tokens"] for item in ours]
-    assert adapter.max_audio_tokens(processor) == 750
+    assert adapter.max_audio_tokens(processor, 600) == 750 and adapter.max_audio_tokens(processor, 2.0) == 50
     for clip, item in zip(audio, ours, strict=True):
         inputs = processor.feature_extractor(
             clip.samples, sampling_rate=16000, return_attention_mask=True, padding="max_length", return_tensors="pt"

@@ -507,7 +507,7 @@ def test_encoder_passes_together_what_arrived_during_a_pass_and_a_bad_request_fa
         return [f"emb-{image}" for image in images]
 
     async def scenario():
-        batcher = Batcher(forward, max_images=16)
+        batcher = Batcher(forward, max_items=16)
         first = asyncio.create_task(batcher.run(["a"]))
         await asyncio.to_thread(started.wait, 10)
         later = [asyncio.create_task(batcher.run(images)) for images in (["b", "cc"], ["broken"], ["d"], ["gone"])]
@@ -538,12 +538,12 @@ def test_the_encoders_queue_is_bounded():
         return images
 
     async def scenario():
-        batcher = Batcher(forward, max_images=4, max_waiting=5)
+        batcher = Batcher(forward, max_items=4, max_waiting=5)
         first = asyncio.create_task(batcher.run(list(range(9))))  # more than max_waiting, alone: accepted
         await asyncio.to_thread(started.wait, 10)
         waiting = [asyncio.create_task(batcher.run([i, i])) for i in range(2)]  # 4 images wait
         await asyncio.sleep(0)
-        with pytest.raises(Busy, match="4 images waiting"):
+        with pytest.raises(Busy, match="4 items waiting"):
             await batcher.run([7, 7])  # 6 > 5
         release.set()
         return await first, await asyncio.gather(*waiting)

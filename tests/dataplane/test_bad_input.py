@@ -204,10 +204,10 @@ def test_an_image_the_model_cannot_use_is_refused_before_any_pass(graph, endpoin
     server answers 400) and which every family refuses. A 400 saying so, whichever stage processes images, and the
     encoder's tower never runs for it."""
     encoder = f"http://127.0.0.1:{graph.stages[StageName.ENCODER].port}"
-    passes = metric(encoder, "mmgraph_encoder_batch_images_count")
+    passes = metric(encoder, "mmgraph_encoder_batch_items_count")
     message = error_of(ask_image(endpoints[topology], data_url(png(4000, 16, 7))), 400)
     assert "aspect ratio" in message, message
-    assert metric(encoder, "mmgraph_encoder_batch_images_count") == passes
+    assert metric(encoder, "mmgraph_encoder_batch_items_count") == passes
 
 
 def test_a_full_transfer_pool_is_a_retryable_503_that_pins_nothing(graph, tiny_model, tmp_path_factory):

@@ -270,7 +270,7 @@ def test_tokenize_refuses_what_it_cannot_count(endpoints, vllm_server):
     assert httpx.post(f"{vllm_server}/tokenize", json=wrong, timeout=30).status_code == 404
     images = {"messages": CASES["one-image"]["messages"]}
     r = httpx.post(f"{endpoints['e-p-d']}/tokenize", json=images, timeout=30)
-    assert r.status_code == 400 and "leave the images and videos out" in r.json()["error"]["message"]
+    assert r.status_code == 400 and "leave the media parts out" in r.json()["error"]["message"]
 
 
 TEXT_CASES: dict[str, dict[str, Any]] = {

@@ -56,8 +56,8 @@ AUDIO_SECONDS_DECODED = Counter("mmgraph_encoder_audio_seconds_decoded_total", "
 VIDEO_FRAMES_DECODED = Counter(
     "mmgraph_encoder_video_frames_decoded_total", "Video frames decoded to sample the frames requests asked for"
 )
-BATCH_IMAGES = Histogram(
-    "mmgraph_encoder_batch_images", "Images per pass of the vision tower", buckets=(1, 2, 4, 8, 16, 32, 64)
+BATCH_ITEMS = Histogram(
+    "mmgraph_encoder_batch_items", "Media items per pass of the tower", buckets=(1, 2, 4, 8, 16, 32, 64)
 )
 
 
@@ -66,38 +66,38 @@ class Busy(RuntimeError):
 
 
 class Batcher:
-    """Runs `forward` once over the images of every request that arrived while the previous pass ran: no waiting
+    """Runs `forward` once over the items of every request that arrived while the previous pass ran: no waiting
     window (a lone request starts at once), and under load one pass per wave of requests instead of one each (a
-    GPU's vision tower is far from busy with one image). A failed pass is retried request by request, so a request
+    GPU's tower is far from busy with one item). A failed pass is retried request by request, so a request
     that breaks the tower fails alone."""
 
-    def __init__(self, forward: Callable[[list[Any]], list[Any]], max_images: int, max_waiting: int | None = None):
-        self.forward, self.max_images = forward, max_images
-        self.max_waiting = max_waiting if max_waiting is not None else 4 * max_images
+    def __init__(self, forward: Callable[[list[Any]], list[Any]], max_items: int, max_waiting: int | None = None):
+        self.forward, self.max_items = forward, max_items
+        self.max_waiting = max_waiting if max_waiting is not None else 4 * max_items
         self.queue: list[tuple[list[Any], asyncio.Future]] = []
         self.worker: asyncio.Task | None = None
 
-    async def run(self, images: list[Any]) -> list[Any]:
-        """`forward`'s results for `images`, in order; Busy when `max_waiting` images already wait (the queue is
+    async def run(self, items: list[Any]) -> list[Any]:
+        """`forward`'s results for `items`, in order; Busy when `max_waiting` items already wait (the queue is
         bounded: a replica that cannot keep up says so at once, and the client retries, maybe elsewhere)."""
-        self.check(len(images))
+        self.check(len(items))
         future = asyncio.get_running_loop().create_future()
-        self.queue.append((images, future))
+        self.queue.append((items, future))
         if self.worker is None or self.worker.done():
             self.worker = asyncio.create_task(self._drain())
         return await future
 
-    def check(self, images: int) -> None:
-        """Busy if `images` more would not fit in the queue (also asked before fetching, to fail fast)."""
+    def check(self, items: int) -> None:
+        """Busy if `items` more would not fit in the queue (also asked before fetching, to fail fast)."""
         waiting = sum(len(request) for request, future in self.queue if not future.done())
-        if waiting and waiting + images > self.max_waiting:
-            raise Busy(f"the encoder has {waiting} images waiting for its vision tower; retry shortly")
+        if waiting and waiting + items > self.max_waiting:
+            raise Busy(f"the encoder has {waiting} items waiting for its tower; retry shortly")
 
     async def _drain(self) -> None:
         while self.queue:
             batch = [self.queue.pop(0)]
             count = len(batch[0][0])
-            while self.queue and count + len(self.queue[0][0]) <= self.max_images:
+            while self.queue and count + len(self.queue[0][0]) <= self.max_items:
                 batch.append(self.queue.pop(0))
                 count += len(batch[-1][0])
             await self._pass(batch)
@@ -106,10 +106,10 @@ class Batcher:
         batch = [item for item in batch if not item[1].done()]  # a client that left needs no embeddings
         if not batch:
             return
-        images = [image for request, _ in batch for image in request]
-        BATCH_IMAGES.observe(len(images))
+        items = [item for request, _ in batch for item in request]
+        BATCH_ITEMS.observe(len(items))
         try:
-            results = await asyncio.to_thread(self.forward, images)
+            results = await asyncio.to_thread(self.forward, items)
         except Exception as err:
             if len(batch) == 1:
                 if not batch[0][1].done():  # the client may have gone during the pass

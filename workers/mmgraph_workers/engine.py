@@ -37,7 +37,7 @@ from mmgraph_workers.media import MediaError, policy
 from mmgraph_workers.media.fetch import fetch_all, media_client
 from mmgraph_workers.media.load import load, vllm_item
 from mmgraph_workers.media.video import DECODE_SECONDS
-from mmgraph_workers.models import ItemShape, adapter_for
+from mmgraph_workers.models import ItemShape, ModelAdapter, UnsupportedModel, adapter_for
 from mmgraph_workers.peers import Peer
 from mmgraph_workers.ports import bindable
 from mmgraph_workers.protocol import GenerateEvent, GenerateRequest, TensorRef, WorkerInfo, sampling_params
@@ -133,11 +133,16 @@ class Engine:
         self.transfer = make_transfer(args.transfer_backend, name, recv_pool_bytes=64 << 20) if stage == "pd" else None
         # the family turns embeddings and placeholders into vLLM's inputs (agg's pd needs none: vLLM loads pixels)
         takes_embeddings = args.embeddings_input or stage == "decode"
-        adapter = adapter_for(args.model, args.revision, args.trust_remote_code)
+        try:
+            adapter: ModelAdapter | None = adapter_for(args.model, args.revision, args.trust_remote_code)
+        except UnsupportedModel:
+            if takes_embeddings:
+                raise
+            adapter = None  # agg's pd serves a model of another family as vLLM does, pixels in
         self.adapter = adapter if takes_embeddings else None
         # pd loads the audio of requests that come with media (agg), at the rate and within the length the model's
         # feature extractor takes (the frontend admits audio only where the graph enables it)
-        loads_audio = stage == "pd" and "audio" in adapter.modalities
+        loads_audio = stage == "pd" and adapter is not None and "audio" in adapter.modalities
         self.audio_format = adapter.audio_format(adapter.load_processor()) if loads_audio else None
         self.token = peer_token(args)
         self.http = httpx.AsyncClient(trust_env=False, timeout=5, headers=peer_headers(self.token))  # to peers

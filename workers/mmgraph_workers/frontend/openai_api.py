@@ -10,8 +10,9 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from mmgraph_workers.media.audio import INPUT_FORMATS
 from mmgraph_workers.protocol import GenerateEvent
 
 
@@ -57,7 +58,14 @@ class AudioURLPart(BaseModel):
 
 class InputAudio(BaseModel):
     data: str
-    format: Literal["wav", "mp3", "flac", "ogg"]  # media/audio.py's INPUT_FORMATS
+    format: str
+
+    @field_validator("format")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        if value not in INPUT_FORMATS:
+            raise ValueError(f"{value!r} is not accepted: send one of {', '.join(sorted(INPUT_FORMATS))}")
+        return value
 
 
 class InputAudioPart(BaseModel):

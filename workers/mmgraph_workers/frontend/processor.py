@@ -34,7 +34,7 @@ from mmgraph_workers.frontend.openai_api import (
 )
 from mmgraph_workers.media import MediaError, policy
 from mmgraph_workers.media.fetch import check_scheme, decode_data_url, scheme_of
-from mmgraph_workers.models import adapter_for
+from mmgraph_workers.models import UnsupportedModel, adapter_for
 from mmgraph_workers.protocol import MediaItem
 
 M = TypeVar("M", bound=BaseModel)
@@ -50,8 +50,11 @@ class Processor:
         self.tokenizer = AutoTokenizer.from_pretrained(
             args.model, revision=args.revision, trust_remote_code=args.trust_remote_code
         )
-        family = adapter_for(args.model, args.revision, args.trust_remote_code)
-        self.family, self.family_modalities = family.family, family.modalities
+        try:  # which media kinds the family takes; agg serves models of other families too, as vLLM does
+            family = adapter_for(args.model, args.revision, args.trust_remote_code)
+            self.family, self.family_modalities = family.family, family.modalities
+        except UnsupportedModel:
+            self.family, self.family_modalities = "unknown", ("image", "video", "audio")
 
     def prepare(
         self, req: ChatRequest, body: dict[str, Any], max_model_len: int | None, defaults: dict[str, Any]
@@ -95,7 +98,7 @@ class Processor:
         if isinstance(req, TokenizeChatRequest):
             conversation, media = self._conversation([ChatMessage.model_validate(m) for m in req.messages])
             if media:
-                raise RequestError("/tokenize counts text here: leave the images and videos out", "messages")
+                raise RequestError("/tokenize counts text here: leave the media parts out", "messages")
             ids = self._template(conversation, req.add_generation_prompt, tool_dicts(req.tools))
         else:
             ids = self.tokenizer(req.prompt, add_special_tokens=req.add_special_tokens).input_ids

@@ -181,7 +181,11 @@ async def _fetch(url: str, policy: MediaPolicy, client: httpx.AsyncClient) -> by
         target = _target(url)
         host = target.host
         pinned = target.at(await _resolve(host, target.port, policy))
-        headers = {"Host": target.host_header, "Accept": "image/*,*/*;q=0.5", "Accept-Encoding": "identity"}
+        headers = {
+            "Host": target.host_header,
+            "Accept": "image/*,video/*,audio/*,*/*;q=0.5",
+            "Accept-Encoding": "identity",
+        }
         try:
             request = client.build_request("GET", pinned, headers=headers, extensions={"sni_hostname": host})
             response = await client.send(request, stream=True, follow_redirects=False)

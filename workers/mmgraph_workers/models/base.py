@@ -124,7 +124,7 @@ class ModelAdapter(ABC):
         rows = {
             "image": lambda: self.max_item_tokens(processor, policy.max_pixels),
             "video": lambda: self.max_video_tokens(processor, policy.max_pixels, policy.video_frames),
-            "audio": lambda: self.max_audio_tokens(processor),
+            "audio": lambda: self.max_audio_tokens(processor, policy.max_seconds),
         }
         return max([rows[m]() for m in policy.modalities if m in self.modalities] or [1])
 
@@ -136,8 +136,8 @@ class ModelAdapter(ABC):
         """The most embedding rows one video of `frames` frames can become."""
         return 0
 
-    def max_audio_tokens(self, processor: Any) -> int:
-        """The most embedding rows one clip can become."""
+    def max_audio_tokens(self, processor: Any, max_seconds: float) -> int:
+        """The most embedding rows one clip of at most `max_seconds` (the graph's cap) can become."""
         return 0
 
     @abstractmethod

@@ -68,9 +68,10 @@ class Qwen2Audio(ModelAdapter):
             raise ValueError(f"the clip ({audio.seconds:.3f} s) is too short to be represented by the model")
         return inputs["input_features"], mask
 
-    def max_audio_tokens(self, processor: Any) -> int:
+    def max_audio_tokens(self, processor: Any, max_seconds: float) -> int:
         extractor = processor.feature_extractor
-        frames = int(self.audio_format(processor).max_seconds * extractor.sampling_rate) // extractor.hop_length
+        seconds = min(max_seconds, self.audio_format(processor).max_seconds)
+        frames = int(seconds * extractor.sampling_rate) // extractor.hop_length
         return int(_output_lengths(torch.tensor(frames))[1])
 
     @torch.inference_mode()
@@ -84,9 +85,10 @@ class Qwen2Audio(ModelAdapter):
         batch, _, mel_frames = features.shape
         rows = (mel_frames - 2) // 2 + 1
         padded = torch.arange(rows).expand(batch, rows) >= feature_lengths.unsqueeze(-1)
-        attention = torch.zeros(batch, 1, rows, rows, dtype=weight.dtype)
-        attention.masked_fill_(padded.view(batch, 1, 1, rows).expand(batch, 1, rows, rows), float("-inf"))
-        hidden = tower(features.to(weight), attention_mask=attention.to(weight.device)).last_hidden_state
+        padded = padded.view(batch, 1, 1, rows).expand(batch, 1, rows, rows).to(weight.device)
+        attention = torch.zeros(batch, 1, rows, rows, dtype=weight.dtype, device=weight.device)
+        attention.masked_fill_(padded, float("-inf"))
+        hidden = tower(features.to(weight), attention_mask=attention).last_hidden_state
         embeds = module.multi_modal_projector(hidden)
         return [
             Encoded(e[:n].contiguous(), {"num_tokens": n}) for e, n in zip(embeds, output_lengths.tolist(), strict=True)
