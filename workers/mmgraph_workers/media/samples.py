@@ -73,14 +73,19 @@ def audio_only(seconds: float = 1.0, rate: int = 16000) -> bytes:
 
 
 def tone(
-    seconds: float = 2.0, rate: int = 16000, channels: int = 1, format: str = "WAV", subtype: str | None = None
+    seconds: float = 2.0,
+    rate: int = 16000,
+    channels: int = 1,
+    format: str = "WAV",
+    subtype: str | None = None,
+    seed: int | None = None,
 ) -> bytes:
-    """A clip of `seconds` with a sweeping tone per channel and a little noise (so clips of other lengths, rates
-    or channels decode to other samples), in a container libsndfile writes (WAV, FLAC, MP3, OGG)."""
+    """A clip of `seconds` with a sweeping tone per channel and a little noise (so clips of other lengths, rates,
+    channels or seeds decode to other samples), in a container libsndfile writes (WAV, FLAC, MP3, OGG)."""
     import soundfile
 
     t = np.arange(int(seconds * rate)) / rate
-    rng = np.random.RandomState(channels)
+    rng = np.random.RandomState(channels if seed is None else seed)
     waves = [0.3 * np.sin(2 * np.pi * (220 * (c + 1) + 40 * t) * t) + 0.01 * rng.randn(len(t)) for c in range(channels)]
     buf = io.BytesIO()
     soundfile.write(buf, np.stack(waves, axis=1).astype(np.float32), rate, format=format, subtype=subtype)
