@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import functools
 import gzip
 import io
@@ -220,6 +221,40 @@ def frontends(graph: LocalGraph, model: Path, logs: Path, example: str = QWEN_EX
     finally:
         for extra in extras.values():
             extra.stop()
+
+
+@dataclasses.dataclass
+class FamilyGraph:
+    """A tiny model of one family, served by an e-p-d graph with an agg and an e-pd frontend beside it, its
+    oracle's tokens and vLLM's own server on the same weights."""
+
+    model: Path
+    graph: LocalGraph
+    reference: dict[str, list[int]]
+    endpoints: dict[str, str]
+    vllm_server: str
+
+
+@contextlib.contextmanager
+def family_graph(
+    tmp: pytest.TempPathFactory, family: str, example: str, name: str, cases: dict[str, dict[str, Any]], **media: Any
+) -> Iterator[FamilyGraph]:
+    """What a model family's test module needs, started once for the module and stopped after it."""
+    from mmgraph_workers.tiny_model import build
+
+    model = build(tmp.mktemp("models") / f"tiny-{family}", family=family)
+    reference = reference_tokens(model, cases, tmp.mktemp(f"{family}-reference")) if cases else {}
+    graph = LocalGraph(parse(graph_spec(model, example=example, **media)), logdir=tmp.mktemp(family))
+    graph.start()
+    try:
+        graph.wait_healthy(timeout=300, progress=lambda line: None)
+        with (
+            frontends(graph, model, tmp.mktemp(f"{family}-frontends"), example) as endpoints,
+            vllm_openai_server(model, name, example, tmp.mktemp(f"{family}-vllm")) as server,
+        ):
+            yield FamilyGraph(model, graph, reference, endpoints, server)
+    finally:
+        graph.stop()
 
 
 def chat(

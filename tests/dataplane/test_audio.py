@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
 import pytest
@@ -21,17 +19,16 @@ from mmgraph_workers.up import LocalGraph
 
 from .conftest import (
     AUDIO_EXAMPLE,
+    FamilyGraph,
     assert_same_as_vllm_server,
     chat,
     data_url,
-    frontends,
+    family_graph,
     graph_spec,
     metric,
     png,
-    reference_tokens,
     start_frontend,
     tokens,
-    vllm_openai_server,
 )
 
 NAME = "tiny-qwen2-audio"
@@ -62,34 +59,10 @@ AUDIO_CASES["8khz"] = ask(input_audio(tone(seconds=2.0, rate=8000)))
 SAME_AS_SERVER = [c for c in AUDIO_CASES if c != "8khz"]
 
 
-@dataclass
-class AudioGraph:
-    model: Path
-    graph: LocalGraph
-    reference: dict[str, list[int]]
-    endpoints: dict[str, str]
-    vllm_server: str
-
-
 @pytest.fixture(scope="module")
-def audio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AudioGraph]:
-    from mmgraph_workers.tiny_model import build
-
-    model = build(tmp_path_factory.mktemp("models") / "tiny-qwen2-audio", family="qwen2-audio")
-    reference = reference_tokens(model, AUDIO_CASES, tmp_path_factory.mktemp("audio-reference"))
-    spec = graph_spec(model, example=AUDIO_EXAMPLE, **CAPS)
-    graph = LocalGraph(parse(spec), logdir=tmp_path_factory.mktemp("audio"))
-    graph.start()
-    try:
-        graph.wait_healthy(timeout=300, progress=lambda line: None)
-        logs = tmp_path_factory.mktemp("audio-frontends")
-        with (
-            frontends(graph, model, logs, AUDIO_EXAMPLE) as endpoints,
-            vllm_openai_server(model, NAME, AUDIO_EXAMPLE, tmp_path_factory.mktemp("audio-vllm")) as server,
-        ):
-            yield AudioGraph(model, graph, reference, endpoints, server)
-    finally:
-        graph.stop()
+def audio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FamilyGraph]:
+    with family_graph(tmp_path_factory, "qwen2-audio", AUDIO_EXAMPLE, NAME, AUDIO_CASES, **CAPS) as served:
+        yield served
 
 
 def test_the_audio_oracle_tells_clips_apart(audio):

@@ -7,22 +7,16 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
-from mmgraph_operator.api import parse
-from mmgraph_workers.up import LocalGraph
 
 from .conftest import (
     CASES,
     LLAVA_EXAMPLE,
+    FamilyGraph,
     assert_same_as_vllm_server,
-    frontends,
-    graph_spec,
-    reference_tokens,
+    family_graph,
     tokens,
-    vllm_openai_server,
 )
 
 NAME = "tiny-llava"
@@ -30,31 +24,10 @@ LLAVA_CASES = {c: CASES[c] for c in ("one-image", "two-images", "text-only", "lo
 TOPOLOGIES = ["agg", "e-pd", "e-p-d"]
 
 
-@dataclass
-class Llava:
-    reference: dict[str, list[int]]
-    endpoints: dict[str, str]
-    vllm_server: str
-
-
 @pytest.fixture(scope="module")
-def llava(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Llava]:
-    from mmgraph_workers.tiny_model import build
-
-    model = build(tmp_path_factory.mktemp("models") / "tiny-llava", family="llava")
-    reference = reference_tokens(model, LLAVA_CASES, tmp_path_factory.mktemp("llava-reference"))
-    graph = LocalGraph(parse(graph_spec(model, example=LLAVA_EXAMPLE)), logdir=tmp_path_factory.mktemp("llava"))
-    graph.start()
-    try:
-        graph.wait_healthy(timeout=300, progress=lambda line: None)
-        logs: Path = tmp_path_factory.mktemp("llava-frontends")
-        with (
-            frontends(graph, model, logs, LLAVA_EXAMPLE) as endpoints,
-            vllm_openai_server(model, NAME, LLAVA_EXAMPLE, tmp_path_factory.mktemp("llava-vllm")) as server,
-        ):
-            yield Llava(reference, endpoints, server)
-    finally:
-        graph.stop()
+def llava(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FamilyGraph]:
+    with family_graph(tmp_path_factory, "llava", LLAVA_EXAMPLE, NAME, LLAVA_CASES) as served:
+        yield served
 
 
 def test_the_llava_oracle_tells_images_apart(llava):

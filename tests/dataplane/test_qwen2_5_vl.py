@@ -6,25 +6,21 @@ module only."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import pytest
-from mmgraph_operator.api import parse
 from mmgraph_workers.media.samples import clip
-from mmgraph_workers.up import LocalGraph
 
 from .conftest import (
     IMG_A,
     QWEN_EXAMPLE,
+    FamilyGraph,
     answer_of,
     counts,
     data_url,
-    frontends,
-    graph_spec,
+    family_graph,
     image,
     media_request,
     video,
-    vllm_openai_server,
 )
 
 TOPOLOGIES = ["agg", "e-pd", "e-p-d"]
@@ -34,28 +30,10 @@ AT_30_FPS = data_url(clip(seconds=2, fps=30, size=(96, 64)), "video/mp4")
 AT_15_FPS = data_url(clip(seconds=4, fps=15, size=(96, 64)), "video/mp4")
 
 
-@dataclass
-class Qwen25:
-    endpoints: dict[str, str]
-    vllm_server: str
-
-
 @pytest.fixture(scope="module")
-def qwen25(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Qwen25]:
-    from mmgraph_workers.tiny_model import build
-
-    model = build(tmp_path_factory.mktemp("models") / "tiny-qwen2.5-vl", family="qwen2.5-vl")
-    graph = LocalGraph(parse(graph_spec(model)), logdir=tmp_path_factory.mktemp("qwen25"))
-    graph.start()
-    try:
-        graph.wait_healthy(timeout=300, progress=lambda line: None)
-        with (
-            frontends(graph, model, tmp_path_factory.mktemp("qwen25-frontends")) as endpoints,
-            vllm_openai_server(model, "tiny-qwen2-vl", QWEN_EXAMPLE, tmp_path_factory.mktemp("qwen25-vllm")) as url,
-        ):
-            yield Qwen25(endpoints, url)
-    finally:
-        graph.stop()
+def qwen25(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FamilyGraph]:
+    with family_graph(tmp_path_factory, "qwen2.5-vl", QWEN_EXAMPLE, "tiny-qwen2-vl", {}) as served:
+        yield served
 
 
 def test_the_frame_rate_changes_the_answer(qwen25):

@@ -80,7 +80,9 @@ def _corpus() -> list[str]:
     return [" ".join(words[(i * 7 + j * 3) % len(words)] for j in range(12)) for i in range(400)]
 
 
-def build_tokenizer(out: Path, special_tokens: list[str], chat_template: str, eos: str, pad: str):
+def build_tokenizer(
+    out: Path, special_tokens: list[str], chat_template: str, eos: str, pad: str
+) -> tuple[object, dict[str, int]]:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -103,7 +105,7 @@ def build_tokenizer(out: Path, special_tokens: list[str], chat_template: str, eo
     )
     fast.chat_template = chat_template
     fast.save_pretrained(out)
-    return fast
+    return fast, {t: fast.convert_tokens_to_ids(t) for t in special_tokens}
 
 
 def build(
@@ -161,8 +163,7 @@ def _qwen2_vl(out: Path, seed: int, vision_seed: int | None, text_seed: int | No
         config_class, model_class, processor_class = Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
         vision |= {"embed_dim": 64, "hidden_size": TINY_TEXT["hidden_size"], "mlp_ratio": 2}
 
-    tokenizer = build_tokenizer(out, QWEN_SPECIAL_TOKENS, QWEN_CHAT_TEMPLATE, "<|im_end|>", "<|endoftext|>")
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
+    tokenizer, ids = build_tokenizer(out, QWEN_SPECIAL_TOKENS, QWEN_CHAT_TEMPLATE, "<|im_end|>", "<|endoftext|>")
     config = config_class(
         text_config={
             **TINY_TEXT,
@@ -210,8 +211,7 @@ def _llava(out: Path, seed: int, vision_seed: int | None, text_seed: int | None)
         LlavaProcessor,
     )
 
-    tokenizer = build_tokenizer(out, LLAVA_SPECIAL_TOKENS, LLAVA_CHAT_TEMPLATE, "</s>", "<pad>")
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in LLAVA_SPECIAL_TOKENS}
+    tokenizer, ids = build_tokenizer(out, LLAVA_SPECIAL_TOKENS, LLAVA_CHAT_TEMPLATE, "</s>", "<pad>")
     text = LlamaConfig(
         **TINY_TEXT,
         bos_token_id=ids["<pad>"],
@@ -271,8 +271,7 @@ def _qwen2_audio(out: Path, seed: int, tower_seed: int | None, text_seed: int | 
         WhisperFeatureExtractor,
     )
 
-    tokenizer = build_tokenizer(out, AUDIO_SPECIAL_TOKENS, AUDIO_CHAT_TEMPLATE, "<|im_end|>", "<|endoftext|>")
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in AUDIO_SPECIAL_TOKENS}
+    tokenizer, ids = build_tokenizer(out, AUDIO_SPECIAL_TOKENS, AUDIO_CHAT_TEMPLATE, "<|im_end|>", "<|endoftext|>")
     config = Qwen2AudioConfig(
         audio_config={
             "d_model": 64,
