@@ -86,7 +86,13 @@ def summarize(samples: list[tuple[float, list[float]]], wall: float) -> dict:
     }
 
 
-async def run_http(endpoint: str, model: str, n: int, concurrency: int, media: str) -> dict:
+def has_content(chunk: dict) -> bool:
+    """A streamed chunk that carries text (vLLM's server writes its JSON without spaces, the frontend with)."""
+    return any((choice.get("delta") or {}).get("content") for choice in chunk.get("choices") or [])
+
+
+async def run_http(endpoint: str, model: str, n: int, concurrency: int, media: str, base: int | None = None) -> dict:
+    """Streaming requests `base + 1 .. base + n` (after one warm-up request), `concurrency` at a time."""
     sem = asyncio.Semaphore(concurrency)
     async with httpx.AsyncClient(timeout=120) as client:
 
@@ -102,11 +108,12 @@ async def run_http(endpoint: str, model: str, n: int, concurrency: int, media: s
                 started, stamps = time.perf_counter(), []
                 async with client.stream("POST", f"{endpoint}/v1/chat/completions", json=body) as r:
                     async for line in r.aiter_lines():
-                        if line.startswith("data: {") and '"content": "' in line and '"content": ""' not in line:
+                        if line.startswith("data: {") and has_content(json.loads(line[6:])):
                             stamps.append(time.perf_counter())
-                return stamps[0] - started, [b - a for a, b in itertools.pairwise(stamps)]
+                first = stamps[0] if stamps else time.perf_counter()  # the answer was empty (EOS came first)
+                return first - started, [b - a for a, b in itertools.pairwise(stamps)]
 
-        base = first_seed(concurrency)
+        base = first_seed(concurrency) if base is None else base
         await one(base)  # warm-up
         t0 = time.perf_counter()
         samples = await asyncio.gather(*(one(i) for i in range(base + 1, base + n + 1)))
