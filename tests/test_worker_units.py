@@ -416,6 +416,63 @@ def test_idle_replicas_take_turns():
     assert picks == ["10.0.0.1", "10.0.0.2", "10.0.0.3"] * 2
 
 
+def metric_value(name: str) -> float:
+    """A series of this process's default Prometheus registry (0 when it was never set)."""
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value(name) or 0.0
+
+
+def owners_of(peer: Peer, keys: list[str]) -> dict[str, str]:
+    """key -> the replica acquire_for picks for it on an idle peer."""
+    picked = {}
+    for key in keys:
+        address, _, spilled = peer.acquire_for(key)
+        peer.release(address)
+        assert not spilled  # nothing is busy: every key goes to its owner
+        picked[key] = address
+    return picked
+
+
+def test_keys_spread_over_encoders_and_move_only_with_the_replica_that_came_or_went():
+    """Routing by content: each key has one owner, the owners' shares are even, and scaling the stage moves only
+    the keys the new replica takes (and, scaling down, only the leaving one's), so the other caches stay warm."""
+    keys = [f"image:{i:064x}" for i in range(4000)]
+    addresses = [f"10.0.0.{i}" for i in range(1, 4)]
+    three = owners_of(Peer("encoder", "http://e:8001", addresses=addresses), keys)
+    assert owners_of(Peer("encoder", "http://e:8001", addresses=addresses[::-1]), keys) == three  # order-blind
+    shares = [list(three.values()).count(a) / len(keys) for a in addresses]
+    assert all(0.25 < share < 0.42 for share in shares), shares
+
+    four = owners_of(Peer("encoder", "http://e:8001", addresses=[*addresses, "10.0.0.4"]), keys)
+    moved = [k for k in keys if four[k] != three[k]]
+    assert {four[k] for k in moved} == {"10.0.0.4"}  # only to the newcomer
+    assert 0.18 < len(moved) / len(keys) < 0.32  # about a quarter
+
+    two = owners_of(Peer("encoder", "http://e:8001", addresses=addresses[:2]), keys)
+    moved = [k for k in keys if two[k] != three[k]]
+    assert {three[k] for k in moved} == {"10.0.0.3"}  # only the leaver's keys
+
+
+def test_a_busy_owner_spills_its_keys_to_the_next_owner_and_takes_them_back_when_free():
+    """Bounded loads: a hot key (every call for one image) fills its owner up to 1.25x the mean, then goes to
+    the key's next owner instead of queueing; once calls end, the owner takes it again."""
+    peer = Peer("encoder", "http://e:8001", addresses=["10.0.0.1", "10.0.0.2", "10.0.0.3"])
+    owner, second, _ = peer.owners("image:hot")
+    picks = [peer.acquire_for("image:hot") for _ in range(6)]
+    # the bound, ceil(1.25 * (calls in flight + 1) / 3), is 1, 1, 2, 2, 3, 3: the hot key alternates between its
+    # first two owners; the third is never needed
+    assert [(address, spilled) for address, _, spilled in picks] == [(owner, False), (second, True)] * 3
+    assert picks[0][1] == peer.url_of(owner)
+    for address, _, _ in picks:
+        peer.release(address)
+    assert peer.acquire_for("image:hot")[0] == owner
+    peer.release(owner)
+    assert peer.acquire_for("image:hot", avoid={owner})[:2] == (second, peer.url_of(second))  # a refusal, say
+    with pytest.raises(NoReplica, match="no ready replica"):
+        Peer("encoder", "http://e:8001").acquire_for("image:hot")
+
+
 def test_peer_with_no_ready_replica_fails_naming_the_stage():
     with pytest.raises(NoReplica, match="pd: no ready replica"):
         Peer("pd", "http://pd:1").acquire()
@@ -560,15 +617,34 @@ def test_the_embedding_cache_keeps_the_most_recently_used_within_its_bytes():
         return Embedding(torch.zeros(n, 4), {}, f"k{n}")  # n * 16 bytes
 
     cache = EmbeddingCache(capacity_bytes=100)
-    cache.put("a", item(2))
-    cache.put("b", item(2))
-    cache.put("c", item(2))  # 96 bytes: all fit
+    evicted = metric_value("mmgraph_encoder_cache_evictions_total")
+    cache.put("bytes-a", "a", item(2))
+    cache.put("bytes-b", "b", item(2))
+    cache.put("bytes-c", "c", item(2))  # 96 bytes: all fit
     assert cache.get("a") is not None  # a is now the most recent
-    cache.put("d", item(2))  # 128 bytes: the least recently used (b) goes
+    cache.put("bytes-d", "d", item(2))  # 128 bytes: the least recently used (b) goes
     assert cache.get("b") is None and all(cache.get(k) is not None for k in "acd")
-    assert cache.used == 96
-    cache.put("huge", item(10))  # larger than the whole cache: not kept, nothing evicted
+    assert cache.used == 96 and metric_value("mmgraph_encoder_cache_evictions_total") == evicted + 1
+    assert metric_value("mmgraph_encoder_cache_bytes") == 96
+    cache.put("bytes-huge", "huge", item(10))  # larger than the whole cache: not kept, nothing evicted
     assert cache.get("huge") is None and cache.used == 96
+
+
+def test_the_embedding_cache_is_keyed_by_decoded_content():
+    """Other bytes of the same content (another PNG compression) find the entry once decoded; bytes seen before
+    find it without decoding; bytes whose content was evicted miss."""
+    import torch
+    from mmgraph_workers.encoder import Embedding, EmbeddingCache
+
+    cache = EmbeddingCache(capacity_bytes=64)
+    entry = Embedding(torch.zeros(2, 4), {}, "key")
+    cache.put("png-fast", "image:pixels", entry)
+    assert cache.by_bytes("png-fast") is entry and cache.by_bytes("png-small") is None  # not decoded yet
+    assert cache.get("image:pixels") is entry  # what the encoder finds after decoding png-small
+    cache.put("png-small", "image:pixels", None)
+    assert cache.by_bytes("png-small") is entry and len(cache.items) == 1 and cache.used == 32
+    cache.put("other", "image:other", Embedding(torch.zeros(4, 4), {}, "other"))  # 64 bytes: evicts the first
+    assert cache.by_bytes("png-fast") is None and cache.by_bytes("png-small") is None
 
 
 def test_the_embedding_cache_counts_each_entry_once_under_repeated_and_concurrent_inserts():
@@ -579,7 +655,11 @@ def test_the_embedding_cache_counts_each_entry_once_under_repeated_and_concurren
 
     cache = EmbeddingCache(capacity_bytes=1000)
     with ThreadPoolExecutor(8) as pool:
-        list(pool.map(lambda i: cache.put(f"k{i % 5}", Embedding(torch.zeros(2, 4), {}, f"k{i % 5}")), range(400)))
+        list(
+            pool.map(
+                lambda i: cache.put(f"b{i}", f"k{i % 5}", Embedding(torch.zeros(2, 4), {}, f"k{i % 5}")), range(400)
+            )
+        )
     assert cache.used == 5 * 32 == sum(e.tensor.numel() * e.tensor.element_size() for e in cache.items.values())
     assert all(cache.get(f"k{i}") is not None for i in range(5))
 

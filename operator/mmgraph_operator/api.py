@@ -293,6 +293,10 @@ class EmbeddingCacheSpec(Spec):
 
     capacity_bytes: int = Field(default=1 << 30, ge=0, le=2**40)
     """Most bytes of embeddings the encoder keeps; 0 disables the cache."""
+    routing: Literal["content", "leastBusy"] = "content"
+    """How the frontend picks an encoder replica for a media item: content sends it to the replica that owns a
+    hash of its bytes (consistent hashing with bounded loads), so replicas' caches do not hold the same items and
+    a repeated item skips the tower; leastBusy sends it to the replica with the fewest calls in flight."""
 
 
 class NetworkPolicySpec(Spec):

@@ -54,6 +54,9 @@ def worker_command(
     if stage == StageName.FRONTEND:
         argv.append(f"--topology={spec.topology.value}")
         argv += [f"--{peer.value}-url={url}" for peer, url in sorted(peers.items(), key=lambda kv: kv[0].value)]
+        if StageName.ENCODER in peers:
+            routing = {"content": "content", "leastBusy": "least-busy"}[spec.embedding_cache.routing]
+            argv.append(f"--encoder-routing={routing}")
         argv += _media_flags(spec)
         argv.append(f"--kv-lease-seconds={xfer.kv_lease_seconds}")
         argv.append(f"--transfer-timeout-seconds={xfer.timeout_seconds:g}")

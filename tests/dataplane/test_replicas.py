@@ -7,6 +7,7 @@ on the next loopback address and the same port, as pods of one Deployment are.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -18,9 +19,11 @@ import httpx
 import torch
 from mmgraph_operator.api import StageName, parse
 from mmgraph_workers.ports import free_port
+from mmgraph_workers.protocol import EncodedItem, EncodeRequest, EncodeResponse, image_items
 from mmgraph_workers.up import LocalGraph
+from PIL import Image
 
-from .conftest import CASES, IMG_C, MODEL_NAME, PEER, chat, graph_spec, metric, wait
+from .conftest import CASES, IMG_C, MODEL_NAME, PEER, chat, data_url, graph_spec, metric, png, user, wait
 
 LOAD = [f"concurrent-{i}" for i in range(16)]
 
@@ -58,6 +61,73 @@ class Load:
 def encoded_by(replica) -> float:
     text = httpx.get(f"http://{replica.host}:{replica.port}/metrics", timeout=5).text
     return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("mmgraph_encoder_items_total"))
+
+
+def items_encoded(stage, cached: bool) -> float:
+    """mmgraph_encoder_items_total of one encoder replica: served from its cache, or through the tower."""
+    text = httpx.get(f"http://{stage.host}:{stage.port}/metrics", timeout=5).text
+    series = f'mmgraph_encoder_items_total{{cached="{str(cached).lower()}"}}'
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(series))
+
+
+def test_routing_by_content_encodes_each_image_once_across_encoder_replicas(graph, tmp_path_factory):
+    """Two encoder replicas; four new images, each sent three times in turn. Routed by content, an image always
+    meets the one replica that owns it: one tower pass per image, every repeat a cache hit. A frontend routing to
+    the least busy replica, as before, alternates between idle replicas and encodes images twice."""
+    encoders = [graph.stages[StageName.ENCODER], graph.add_replica(StageName.ENCODER)]
+    spec = graph.graph.model_copy(deep=True)
+    spec.spec.embedding_cache.routing = "leastBusy"
+    least = LocalGraph(spec, logdir=tmp_path_factory.mktemp("least-busy"))
+    least.spawn(StageName.FRONTEND, free_port(), graph.peers, args=graph.hosts_args(StageName.FRONTEND))
+
+    def passes(endpoint: str, seed: int) -> tuple[float, float]:
+        """(tower passes, cache hits) for one round of four new images through `endpoint`."""
+        before = [sum(items_encoded(e, cached) for e in encoders) for cached in (False, True)]
+        for image in [data_url(png(80, 64, seed + i)) for i in range(4)]:
+            answers = [chat(endpoint, user(image, "describe"), max_tokens=4).json()["choices"][0] for _ in range(3)]
+            assert [a["token_ids"] for a in answers] == [answers[0]["token_ids"]] * 3
+        after = [sum(items_encoded(e, cached) for e in encoders) for cached in (False, True)]
+        return after[0] - before[0], after[1] - before[1]
+
+    def routes_to_both(endpoint: str) -> bool:  # the frontend has re-read its peers: the new replica gets work
+        seed = 7000 + time.monotonic_ns() % 10**6
+        before = items_encoded(encoders[1], False)
+        for i in range(8):
+            assert chat(endpoint, user(data_url(png(48, 48, seed + i)), "hi"), max_tokens=1).status_code == 200
+        return items_encoded(encoders[1], False) > before
+
+    try:
+        least.wait_healthy(timeout=120, progress=lambda line: None)
+        for endpoint in (graph.endpoint, least.endpoint):
+            wait(lambda endpoint=endpoint: routes_to_both(endpoint), timeout=60)
+        by_content, least_busy = passes(graph.endpoint, 6000), passes(least.endpoint, 6100)
+    finally:
+        least.stop()
+        graph.remove_replica(encoders[1])
+    assert by_content == (4, 8)  # one pass per image, its repeats hits
+    assert least_busy[0] > 4, least_busy  # the images met both replicas
+
+
+def test_the_encoder_cache_finds_the_same_pixels_in_other_bytes(graph):
+    """The encoder's cache is keyed by decoded content: an image re-compressed (other PNG bytes, the same
+    pixels) skips the tower and carries the same content key."""
+
+    def encode(image: bytes) -> EncodedItem:
+        encoder = graph.stages[StageName.ENCODER]
+        body = EncodeRequest(request_id=f"bytes-{time.monotonic_ns()}", media=image_items([data_url(image)]))
+        base = f"http://{encoder.host}:{encoder.port}"
+        r = httpx.post(f"{base}/encode", content=body.model_dump_json(), headers=PEER, timeout=60)
+        assert r.status_code == 200, r.text
+        item = EncodeResponse.model_validate_json(r.content).items[0]
+        httpx.post(f"{base}/release/{item.embeddings.handle}", headers=PEER, timeout=10)  # no pd will pull it
+        return item
+
+    image = png(80, 64, 6200)
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(image)).save(buf, format="PNG", compress_level=1)
+    assert buf.getvalue() != image
+    first, again = encode(image), encode(buf.getvalue())
+    assert not first.cached and again.cached and again.key == first.key
 
 
 def test_encoder_replicas_added_and_removed_under_load(graph, reference):
@@ -106,7 +176,6 @@ def test_an_encoder_told_to_stop_stays_until_its_embeddings_are_read(graph, tiny
     """SIGTERM with embeddings published and not yet read (a replica scaled down after answering a request whose
     embeddings pd has still to pull): the encoder stays, the read gets the right bytes, then it exits cleanly."""
     os.environ.setdefault("UCX_NET_DEVICES", "lo")
-    from mmgraph_workers.protocol import EncodeRequest, EncodeResponse, image_items
     from mmgraph_workers.transfer import make_transfer
 
     def encode(port: int) -> EncodeResponse:

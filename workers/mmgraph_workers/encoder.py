@@ -48,7 +48,10 @@ from mmgraph_workers.transfer import PoolFull, Transfer, make_transfer
 log = logging.getLogger("mmgraph.encoder")
 POOL_REQUESTS = 2  # the automatic transfer pool holds this many largest requests' embeddings at once
 MIN_POOL_BYTES = 64 << 20
+DECODED_AS = 65536  # bytes' hashes the cache remembers the content of (~10 MiB of keys)
 ENCODED = Counter("mmgraph_encoder_items_total", "Media items encoded", ["cached"])
+CACHE_EVICTIONS = Counter("mmgraph_encoder_cache_evictions_total", "Embeddings dropped from the cache to make room")
+CACHE_BYTES = Gauge("mmgraph_encoder_cache_bytes", "Bytes of embeddings the cache holds")
 ENCODE_SECONDS = Histogram("mmgraph_encoder_seconds", "Time to fetch, decode and encode one request's media")
 PUBLISHED = Gauge("mmgraph_encoder_published_buffers", "Embedding buffers waiting for pd to pull them")
 MEDIA_ERRORS = Counter("mmgraph_encoder_media_errors_total", "Requests refused for their media", ["status"])
@@ -135,29 +138,43 @@ class Embedding:
 
 
 class EmbeddingCache:
-    """LRU of embeddings by the media's bytes (sha256), bounded in bytes. Within one encoder process the bytes
-    determine the decoded media and so the content key, which the entry keeps."""
+    """LRU of embeddings by decoded content (modality + digest of the decoded media), bounded in bytes: the same
+    pixels in other bytes (another PNG compression, a re-encoded upload) are one entry. Bytes seen lately map to
+    the content they decoded to, so bytes seen before skip decoding too. Within one encoder process decoded
+    content determines the content key, which the entry keeps."""
 
     def __init__(self, capacity_bytes: int):
         self.capacity = capacity_bytes
         self.used = 0
         self.items: OrderedDict[str, Embedding] = OrderedDict()
+        self.decoded_as: OrderedDict[str, str] = OrderedDict()  # bytes' hash -> content, at most DECODED_AS entries
 
-    def get(self, key: str) -> Embedding | None:
-        if key in self.items:
-            self.items.move_to_end(key)
-            return self.items[key]
+    def by_bytes(self, blob_hash: str) -> Embedding | None:
+        content = self.decoded_as.get(blob_hash)
+        return None if content is None else self.get(content)
+
+    def get(self, content: str) -> Embedding | None:
+        if content in self.items:
+            self.items.move_to_end(content)
+            return self.items[content]
         return None
 
-    def put(self, key: str, item: Embedding) -> None:
-        size = item.tensor.numel() * item.tensor.element_size()
-        if size > self.capacity or key in self.items:
+    def put(self, blob_hash: str, content: str, item: Embedding | None) -> None:
+        """Remember what `blob_hash` decoded to, and `item` as that content's (None: it is cached already)."""
+        self.decoded_as[blob_hash] = content
+        self.decoded_as.move_to_end(blob_hash)
+        if len(self.decoded_as) > DECODED_AS:
+            self.decoded_as.popitem(last=False)
+        size = 0 if item is None else item.tensor.numel() * item.tensor.element_size()
+        if item is None or size > self.capacity or content in self.items:
             return
-        self.items[key] = item
+        self.items[content] = item
         self.used += size
         while self.used > self.capacity:
             _, old = self.items.popitem(last=False)
             self.used -= old.tensor.numel() * old.tensor.element_size()
+            CACHE_EVICTIONS.inc()
+        CACHE_BYTES.set(self.used)
 
 
 class Encoder:
@@ -214,7 +231,7 @@ class Encoder:
         hashes = await asyncio.to_thread(
             lambda: [f"{m.modality}:{hashlib.sha256(b).hexdigest()}" for m, b in zip(media, blobs, strict=True)]
         )
-        found = {h: self.cache.get(h) for h in hashes}
+        found = {h: self.cache.by_bytes(h) for h in hashes}
         was_cached = {h: item is not None for h, item in found.items()}
         missing = list({h: i for i, h in enumerate(hashes) if found[h] is None}.values())
         if missing:
@@ -222,12 +239,18 @@ class Encoder:
             decoded = await asyncio.to_thread(
                 lambda: [self._decode(blobs[i], i, media[i].modality, deadline) for i in missing]
             )
-            prepared, digests = [p for p, _ in decoded], [digest for _, digest in decoded]
-            encoded: list[Encoded] = await self.batcher.run(prepared)
-            for i, out, digest in zip(missing, encoded, digests, strict=True):
+            contents = [f"{media[i].modality}:{digest.hex()}" for i, (_, digest) in zip(missing, decoded, strict=True)]
+            for i, content in zip(missing, contents, strict=True):  # other bytes of content encoded before
+                if (item := self.cache.get(content)) is not None:
+                    found[hashes[i]], was_cached[hashes[i]] = item, True
+                    self.cache.put(hashes[i], content, None)
+            todo = [k for k, i in enumerate(missing) if found[hashes[i]] is None]
+            encoded: list[Encoded] = await self.batcher.run([decoded[k][0] for k in todo]) if todo else []
+            for k, out in zip(todo, encoded, strict=True):
+                i, digest = missing[k], decoded[k][1]
                 key = item_key(self.identity, media[i].modality, digest, out.metadata, out.embeddings.shape[0])
                 found[hashes[i]] = Embedding(out.embeddings, out.metadata, key)
-                self.cache.put(hashes[i], found[hashes[i]])
+                self.cache.put(hashes[i], contents[k], found[hashes[i]])
         items: list[EncodedItem] = []
         ttl = self.args.transfer_timeout_seconds * 3 + 30
         for m, h in zip(media, hashes, strict=True):

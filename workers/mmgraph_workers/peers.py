@@ -1,11 +1,14 @@
 """Each stage's replicas, as its callers see them: a URL whose host is re-resolved (a headless Service resolves to
-every ready pod). The frontend picks the least-busy address for each call; pd and decode check that an address a
-message names is one of the graph's own (the encoder that owns embeddings, the pd that holds a KV cache).
+every ready pod). The frontend picks the least-busy address for each call, or, for a media item, the encoder that
+owns the item's routing key on a hash ring (consistent hashing with bounded loads: a busy owner's keys spill to the
+next); pd and decode check that an address a message names is one of the graph's own (the encoder that owns
+embeddings, the pd that holds a KV cache).
 `mmgraph up` keeps a hosts file, its local stand-in for cluster DNS, so local replicas come and go the same way."""
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import itertools
 import math
 import socket
@@ -15,10 +18,27 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import blake3
 from mmgraph_operator.api import POD_GRACE_SECONDS
 
 REFRESH_SECONDS = 2.0  # how stale a resolution `knows` accepts
 TRUST_SECONDS = float(POD_GRACE_SECONDS)  # how long an address stays the stage's after it was last resolved
+RING_POINTS = 128  # points per replica on the hash ring: each replica owns ~1/n of the keys, give or take ~10%
+# A replica takes a key only while its calls in flight stay under LOAD_BOUND x the mean (+1): a hot key or a busy
+# replica spills to the key's next owner instead of queueing (Mirrokni, Thorup, Zadimoghaddam, "Consistent Hashing
+# with Bounded Loads", 2018).
+LOAD_BOUND = 1.25
+
+
+def ring_point(text: str) -> int:
+    """A position on the ring: 64 bits of BLAKE3, so points spread evenly whatever the text looks like."""
+    return int.from_bytes(blake3.blake3(text.encode()).digest(length=8), "big")
+
+
+def ring_of(addresses: list[str]) -> list[tuple[int, str]]:
+    """(point, address), RING_POINTS per address, sorted. An address's points depend on it alone, so a replica
+    that comes or goes moves only the keys it takes or had."""
+    return sorted((ring_point(f"{a}#{i}"), a) for a in addresses for i in range(RING_POINTS))
 
 
 class NoReplica(RuntimeError):
@@ -57,6 +77,7 @@ class Peer:
         self.turns = itertools.count()
         self.refreshed = -math.inf
         self.seen: dict[str, float] = {}  # address -> when it was last resolved
+        self.ring = ring_of(self.addresses)
 
     async def refresh(self, hosts: dict[str, list[str]] | None = None) -> None:
         """`hosts`: the peer hosts file's names, read once per round for every peer."""
@@ -76,6 +97,8 @@ class Peer:
             self._resolved(addresses)
 
     def _resolved(self, addresses: list[str]) -> None:
+        if addresses != self.addresses:
+            self.ring = ring_of(addresses)
         self.addresses = addresses
         now = time.monotonic()
         self.seen.update(dict.fromkeys(addresses, now))
@@ -84,15 +107,39 @@ class Peer:
     def acquire(self, avoid: Collection[str] = ()) -> tuple[str, str]:
         """(address, base URL) of the least busy replica not in `avoid`, counted busy until `release`; replicas
         equally busy take turns (an idle graph would otherwise send everything to the first address)."""
-        choices = [a for a in self.addresses if a not in avoid]
-        if not choices:
-            reason = "no ready replica" if not avoid else f"no replica took the connection ({len(avoid)} tried)"
-            raise NoReplica(f"{self.stage}: {reason}")
+        choices = self._choices(self.addresses, avoid)
         least = min(self.outstanding.get(a, 0) for a in choices)
         tied = [a for a in choices if self.outstanding.get(a, 0) == least]
         address = tied[next(self.turns) % len(tied)]
         self.outstanding[address] = self.outstanding.get(address, 0) + 1
         return address, self.url_of(address)
+
+    def acquire_for(self, key: str, avoid: Collection[str] = ()) -> tuple[str, str, bool]:
+        """(address, base URL, spilled) of the replica that owns `key`: the first on the ring clockwise from the
+        key's point, not in `avoid`, whose calls in flight are under LOAD_BOUND x the mean; `spilled` when that is
+        not the key's first owner. Counted busy until `release`."""
+        choices = self._choices(self.owners(key), avoid)
+        load = sum(self.outstanding.get(a, 0) for a in choices)
+        bound = math.ceil(LOAD_BOUND * (load + 1) / len(choices))  # the least busy is always under it
+        address = next(a for a in choices if self.outstanding.get(a, 0) < bound)
+        self.outstanding[address] = self.outstanding.get(address, 0) + 1
+        return address, self.url_of(address), address != choices[0]
+
+    def owners(self, key: str) -> list[str]:
+        """The replicas in the order `key` prefers them: clockwise on the ring from the key's point."""
+        start, order = bisect.bisect(self.ring, (ring_point(key), "")), dict[str, None]()
+        for i in range(len(self.ring)):
+            order.setdefault(self.ring[(start + i) % len(self.ring)][1])
+            if len(order) == len(self.addresses):
+                break
+        return list(order)
+
+    def _choices(self, addresses: list[str], avoid: Collection[str]) -> list[str]:
+        choices = [a for a in addresses if a not in avoid]
+        if not choices:
+            reason = "no ready replica" if not avoid else f"no replica took the connection ({len(avoid)} tried)"
+            raise NoReplica(f"{self.stage}: {reason}")
+        return choices
 
     def url_of(self, address: str, port: int | None = None) -> str:
         """The base URL of the replica at `address` (on the Service's port unless told another)."""

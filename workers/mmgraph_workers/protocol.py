@@ -58,6 +58,9 @@ class MediaItem(BaseModel):
 
     modality: Modality = "image"
     url: str
+    # The frontend's: which encoder replica should encode the item (a hash of its bytes, or of its URL when the
+    # frontend has no bytes). It picks a replica, never keys a cache, and never leaves the frontend.
+    route: str = Field(default="", exclude=True)
 
 
 def image_items(urls: list[str]) -> list[MediaItem]:

@@ -59,6 +59,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--encoder-url", default=None)
     parser.add_argument("--pd-url", required=True)
     parser.add_argument("--decode-url", default=None)
+    parser.add_argument(
+        "--encoder-routing",
+        choices=["content", "least-busy"],
+        default="content",
+        help="which encoder replica encodes a media item: the owner of its key (content) or the least busy",
+    )
     add_kv_lease_argument(parser)
     parser.add_argument("--request-timeout-seconds", type=float, default=120)
     parser.add_argument("--api-key-env", default=None, help="environment variable holding the API key")

@@ -8,6 +8,7 @@ import argparse
 import json
 from typing import Any, TypeVar
 
+import blake3
 import jinja2
 import msgspec
 from pydantic import BaseModel, ValidationError
@@ -165,7 +166,7 @@ class Processor:
                     )
                 if modality not in self.family_modalities:
                     raise RequestError(f"this model ({self.family}) takes no {modality}", "messages")
-                media.append(MediaItem(modality=modality, url=self._checked_url(part.url)))
+                media.append(MediaItem(modality=modality, url=part.url, route=self._checked_route(modality, part.url)))
                 parts.append({"type": modality})
             conversation.append(_templated(message, parts))
         if len(media) > self.policy.max_items:
@@ -178,16 +179,16 @@ class Processor:
         """One token's text, as vLLM's server decodes a token its engine did not (for logprobs)."""
         return self.tokenizer.decode(token_id)
 
-    def _checked_url(self, url: str) -> str:
-        """Scheme, and for data: URLs size and encoding, checked before any stage works (the encoder checks the
+    def _checked_route(self, modality: str, url: str) -> str:
+        """The item's routing key (a full-width hash of its bytes for a data: URL, of the URL otherwise), once
+        scheme, and for data: URLs size and encoding, are checked: before any stage works (the encoder checks the
         rest where it connects)."""
         try:
             check_scheme(url, self.policy)
-            if scheme_of(url) == "data":
-                decode_data_url(url, self.policy)
+            data = decode_data_url(url, self.policy) if scheme_of(url) == "data" else url.encode()
         except MediaError as err:
             raise RequestError(str(err), "messages", err.status) from None
-        return url
+        return f"{modality}:{blake3.blake3(data).hexdigest()}"
 
 
 def _templated(message: ChatMessage, parts: list[dict[str, Any]]) -> dict[str, Any]:

@@ -14,7 +14,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +47,10 @@ REFUSED = Counter(
     "Calls a replica refused at connect (it left before the address list caught up), sent to another",
     ["stage"],
 )
+SPILLS = Counter(
+    "mmgraph_encoder_route_spills_total",
+    "Media items sent to another encoder than their key's owner, which was busier than the bound allows",
+)
 KV_REPREFILLS = Counter(
     "mmgraph_kv_lease_reprefills_total", "Prefills redone because decode could not start or pull within the KV lease"
 )
@@ -69,10 +73,12 @@ class StageFailure(RuntimeError):
 
 @dataclass
 class Media:
-    """A request's media items, and the encoder's for them (replaced when they are encoded again)."""
+    """A request's media items, the encoder's answer for each and the replica that gave it (replaced when they
+    are encoded again)."""
 
     items: list[MediaItem]
     encoded: list[EncodedItem] = field(default_factory=list)
+    encoders: list[str] = field(default_factory=list)  # each item's replica's address
 
 
 class Router:
@@ -119,33 +125,105 @@ class Router:
         except NoReplica as err:
             raise StageFailure(stage, str(err).removeprefix(f"{stage}: "), 503) from None
 
-    async def encode(self, request_id: str, media: list[MediaItem]) -> list[EncodedItem]:
-        started, body, tried = (
-            time.perf_counter(),
-            EncodeRequest(request_id=request_id, media=media).model_dump_json(),
-            set(),
-        )
-        while True:
-            address, base = self._acquire("encoder", tried)
-            try:
-                r = await self.http.post(f"{base}/encode", content=body)
-                break
-            except httpx.ConnectError:
-                tried.add(address)  # nothing was sent: the next replica
-                REFUSED.labels("encoder").inc()
-            except httpx.HTTPError as err:
-                raise _call_failed("encoder", base, err) from None
-            finally:
-                self.peers["encoder"].release(address)
+    async def encode(self, request_id: str, media: Media, elsewhere: bool = False) -> None:
+        """Encode `media`'s items, each on the encoder replica that owns its routing key (with
+        --encoder-routing=least-busy: the least busy), one call per replica, the calls at once. `elsewhere`: pd
+        could not pull the last embeddings, so each item goes to its key's next owner where there is one."""
+        started, done = time.perf_counter(), list[tuple[str, list[int], list[EncodedItem]]]()
+        last = media.encoders if elsewhere and media.encoders else [""] * len(media.items)
+        try:
+            await self._encode_each(request_id, media.items, range(len(media.items)), last, frozenset(), done)
+        except BaseException:  # what the other replicas published for this request is nobody's now
+            await asyncio.gather(*(self._release(address, items) for address, _, items in done))
+            raise
         STAGE_SECONDS.labels("encoder").observe(time.perf_counter() - started)
+        placed = {
+            i: (item, address) for address, indices, items in done for i, item in zip(indices, items, strict=True)
+        }
+        media.encoded = [placed[i][0] for i in range(len(media.items))]
+        media.encoders = [placed[i][1] for i in range(len(media.items))]
+        CACHE_HITS.inc(sum(item.cached for item in media.encoded))
+
+    async def _encode_each(
+        self,
+        request_id: str,
+        items: list[MediaItem],
+        indices: Iterable[int],
+        last: list[str],
+        tried: frozenset[str],
+        done: list[tuple[str, list[int], list[EncodedItem]]],
+    ) -> None:
+        """Each item of `indices` placed on a replica, one call per replica, all at once; every call has ended
+        when this returns or raises the first failure, and `done` holds what succeeded."""
+        groups: dict[str, list[int]] = {}
+        try:
+            for i in indices:
+                groups.setdefault(self._pick_encoder(items[i], last[i], tried), []).append(i)
+        except StageFailure:
+            for address, group in groups.items():
+                for _ in group:
+                    self.peers["encoder"].release(address)
+            raise
+        calls = (
+            self._encode_call(request_id, items, address, group, last, tried, done) for address, group in groups.items()
+        )
+        if errors := [e for e in await asyncio.gather(*calls, return_exceptions=True) if isinstance(e, BaseException)]:
+            raise errors[0]
+
+    def _pick_encoder(self, item: MediaItem, last: str, tried: frozenset[str]) -> str:
+        """The replica for one item (counted busy until released): never one that refused a connection, and not
+        `last` (its embeddings could not be pulled) while another is left."""
+        peer = self.peers["encoder"]
+        avoid = tried | {last} if last and set(peer.addresses) - tried - {last} else tried
+        try:
+            if self.args.encoder_routing == "least-busy":
+                return peer.acquire(avoid)[0]
+            address, _, spilled = peer.acquire_for(item.route, avoid)
+        except NoReplica as err:
+            raise StageFailure("encoder", str(err).removeprefix("encoder: "), 503) from None
+        SPILLS.inc(spilled)
+        return address
+
+    async def _encode_call(
+        self,
+        request_id: str,
+        items: list[MediaItem],
+        address: str,
+        group: list[int],
+        last: list[str],
+        tried: frozenset[str],
+        done: list[tuple[str, list[int], list[EncodedItem]]],
+    ) -> None:
+        peer = self.peers["encoder"]
+        base, refused = peer.url_of(address), False
+        body = EncodeRequest(request_id=request_id, media=[items[i] for i in group]).model_dump_json()
+        try:
+            r = await self.http.post(f"{base}/encode", content=body)
+        except httpx.ConnectError:
+            refused = True  # nothing was sent: place these items again, on the others
+            REFUSED.labels("encoder").inc()
+        except httpx.HTTPError as err:
+            raise _call_failed("encoder", base, err) from None
+        finally:
+            for _ in group:
+                peer.release(address)
+        if refused:
+            return await self._encode_each(request_id, items, group, last, tried | {address}, done)
         if r.status_code != 200:
             message = _error_text(r)
             if 400 <= r.status_code < 500:
                 raise RequestError(message, "messages", r.status_code)
             raise StageFailure("encoder", message, 503 if r.status_code == 503 else 502)  # 503: busy, retry
-        items = EncodeResponse.model_validate_json(r.content).items
-        CACHE_HITS.inc(sum(item.cached for item in items))
-        return items
+        encoded = EncodeResponse.model_validate_json(r.content).items
+        if len(encoded) != len(group):
+            raise StageFailure("encoder", f"{len(encoded)} items answered for {len(group)} sent", 502)
+        done.append((address, group, encoded))
+
+    async def _release(self, address: str, items: list[EncodedItem]) -> None:
+        """Free what an encoder published for a request that failed elsewhere (else it waits out its TTL)."""
+        for item in items:
+            with contextlib.suppress(httpx.HTTPError):
+                await self.http.post(f"{self.peers['encoder'].url_of(address)}/release/{item.embeddings.handle}")
 
     async def stream_stage(self, stage: str, request: GenerateRequest) -> AsyncIterator[GenerateEvent]:
         """The stage's events until the request finishes. A refused connection goes to the next replica, but only
@@ -208,7 +286,8 @@ class Router:
         if topology == "agg" or (topology == "e-pd" and not media):
             stream = self.stream_stage("pd", GenerateRequest(**base, media=media))
         elif topology == "e-pd":
-            stream = self.prefill(base, Media(media, await self.encode(request_id, media)))
+            await self.encode(request_id, encoded := Media(media))
+            stream = self.prefill(base, encoded)
         else:
             stream = self.prefill_then_decode(base, Media(media))
         async for event in stream:
@@ -218,7 +297,7 @@ class Router:
         self, base: dict[str, Any], media: Media, prefill_only: bool = False
     ) -> AsyncIterator[GenerateEvent]:
         """pd's stream for the encoder's embeddings. If pd could not pull them (it did no work yet), encode again,
-        on whichever encoder replica is least busy, and send pd the request once more."""
+        on each item's next owner, and send pd the request once more."""
         for attempt in (1, 2):
             request = GenerateRequest(**base, encoded=media.encoded, prefill_only=prefill_only)
             try:
@@ -230,7 +309,7 @@ class Router:
                     raise
                 RETRIES.labels("pd").inc()
                 log.warning("request %s: %s; encoding again", base["request_id"], err)
-            media.encoded = await self.encode(base["request_id"], media.items)
+            await self.encode(base["request_id"], media, elsewhere=True)
 
     async def prefill_then_decode(self, base: dict[str, Any], media: Media) -> AsyncIterator[GenerateEvent]:
         """e-p-d: pd prefills, decode pulls the KV and streams. decode must start, and pull the KV, within pd's
@@ -239,7 +318,7 @@ class Router:
         request_id = base["request_id"]
         for attempt in range(1, KV_ATTEMPTS + 1):
             if media.items:
-                media.encoded = await self.encode(request_id, media.items)
+                await self.encode(request_id, media)
             prefill, started = None, time.monotonic()
             async for event in self.prefill(base, media, prefill_only=True):
                 prefill = event
