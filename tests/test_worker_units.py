@@ -13,7 +13,6 @@ import sys
 import threading
 import time
 import tracemalloc
-from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -424,12 +423,11 @@ def metric_value(name: str) -> float:
 
 
 def owners_of(peer: Peer, keys: list[str]) -> dict[str, str]:
-    """key -> the replica acquire_for picks for it on an idle peer."""
+    """key -> the replica that owns it on an idle peer."""
     picked = {}
     for key in keys:
-        address, _, spilled = peer.acquire_for(key)
-        peer.release(address)
-        assert not spilled  # nothing is busy: every key goes to its owner
+        address, spilled = peer.owner(key)
+        assert not spilled  # nothing is busy: every key goes to its first owner
         picked[key] = address
     return picked
 
@@ -459,18 +457,19 @@ def test_a_busy_owner_spills_its_keys_to_the_next_owner_and_takes_them_back_when
     the key's next owner instead of queueing; once calls end, the owner takes it again."""
     peer = Peer("encoder", "http://e:8001", addresses=["10.0.0.1", "10.0.0.2", "10.0.0.3"])
     owner, second, _ = peer.owners("image:hot")
-    picks = [peer.acquire_for("image:hot") for _ in range(6)]
+    picks = []
+    for _ in range(6):  # six calls for the key, each in flight while the next is placed
+        picks.append(peer.owner("image:hot"))
+        assert peer.take(picks[-1][0]) == peer.url_of(picks[-1][0])
     # the bound, ceil(1.25 * (calls in flight + 1) / 3), is 1, 1, 2, 2, 3, 3: the hot key alternates between its
     # first two owners; the third is never needed
-    assert [(address, spilled) for address, _, spilled in picks] == [(owner, False), (second, True)] * 3
-    assert picks[0][1] == peer.url_of(owner)
-    for address, _, _ in picks:
+    assert picks == [(owner, False), (second, True)] * 3
+    for address, _ in picks:
         peer.release(address)
-    assert peer.acquire_for("image:hot")[0] == owner
-    peer.release(owner)
-    assert peer.acquire_for("image:hot", avoid={owner})[:2] == (second, peer.url_of(second))  # a refusal, say
+    assert peer.owner("image:hot") == (owner, False)
+    assert peer.owner("image:hot", avoid={owner}) == (second, False)  # a refusal, say: the next owner, no spill
     with pytest.raises(NoReplica, match="no ready replica"):
-        Peer("encoder", "http://e:8001").acquire_for("image:hot")
+        Peer("encoder", "http://e:8001").owner("image:hot")
 
 
 def test_peer_with_no_ready_replica_fails_naming_the_stage():
@@ -647,19 +646,15 @@ def test_the_embedding_cache_is_keyed_by_decoded_content():
     assert cache.by_bytes("png-fast") is None and cache.by_bytes("png-small") is None
 
 
-def test_the_embedding_cache_counts_each_entry_once_under_repeated_and_concurrent_inserts():
-    """The same image twice in one request, or two concurrent misses of one image, insert one key twice: the
-    bytes are counted once, so hits do not fade as the count drifts."""
+def test_the_embedding_cache_counts_each_entry_once_under_repeated_inserts():
+    """One content inserted again (other bytes of it, or two misses of one image in one request) is counted
+    once, so hits do not fade as the count drifts. (The encoder uses its cache on its event loop only.)"""
     import torch
     from mmgraph_workers.encoder import Embedding, EmbeddingCache
 
     cache = EmbeddingCache(capacity_bytes=1000)
-    with ThreadPoolExecutor(8) as pool:
-        list(
-            pool.map(
-                lambda i: cache.put(f"b{i}", f"k{i % 5}", Embedding(torch.zeros(2, 4), {}, f"k{i % 5}")), range(400)
-            )
-        )
+    for i in range(400):
+        cache.put(f"b{i}", f"k{i % 5}", Embedding(torch.zeros(2, 4), {}, f"k{i % 5}"))
     assert cache.used == 5 * 32 == sum(e.tensor.numel() * e.tensor.element_size() for e in cache.items.values())
     assert all(cache.get(f"k{i}") is not None for i in range(5))
 
@@ -902,3 +897,122 @@ def test_a_peer_cannot_smuggle_kv_parameters_in_sampling():
 
     with pytest.raises(ValueError, match="extra_args"):
         sampling_params({"extra_args": {"kv_transfer_params": {"remote_host": "10.0.0.9"}}})
+
+
+class StandInEncoder:
+    """A stand-in for an encoder replica (not the encoder: it runs no tower) at `host`:`port`, for the router's
+    placement and bookkeeping: it records each /encode body and /release path, and answers each item with a
+    one-float descriptor, or a 400 for an item whose URL contains "bad"."""
+
+    def __init__(self, host: str, port: int):
+        self.bodies: list[dict] = []
+        self.released: list[str] = []
+        stand_in = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if self.path.startswith("/release/"):
+                    stand_in.released.append(self.path.removeprefix("/release/"))
+                    return self._answer(200, {})
+                request = json.loads(body)
+                stand_in.bodies.append(request)
+                if any("bad" in m["url"] for m in request["media"]):
+                    return self._answer(400, {"error": "image 2 is not an image", "status": 400})
+                ref = {"agent": "a", "owner": f"http://{host}:{port}", "address": 0, "nbytes": 4}
+                items = [
+                    {
+                        "key": m["url"],
+                        "num_tokens": 1,
+                        "embeddings": {**ref, "handle": f"{host}-{m['url']}", "dtype": "float32", "shape": [1]},
+                    }
+                    for m in request["media"]
+                ]
+                self._answer(200, {"items": items})
+
+            def _answer(self, status: int, body: dict) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer((host, port), Handler)
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_the_router_sends_each_key_to_its_owner_and_counts_every_call_back():
+    """The frontend's placement over two replicas (stand-ins) and one listed address where nothing listens:
+    a request's items go one call per replica, each distinct key to its owner, a repeated item in the same call,
+    positions as in the request; a refused address's items go to the others; encoding again (pd could not pull)
+    moves each item to another replica; a 4xx from one replica releases what the other published; and every
+    call is counted back (no replica stays busy)."""
+    import argparse
+
+    from mmgraph_workers.frontend.openai_api import RequestError
+    from mmgraph_workers.frontend.router import Media, Router
+    from mmgraph_workers.ports import free_port
+    from mmgraph_workers.protocol import MediaItem
+
+    port = free_port()
+    stand_ins = [StandInEncoder(host, port) for host in ("127.0.0.1", "127.0.0.2")]
+    args = argparse.Namespace(
+        encoder_url=f"http://encoder.test:{port}",
+        pd_url="http://pd.test:1",
+        decode_url=None,
+        request_timeout_seconds=10,
+        peer_token_env=None,
+        encoder_routing="content",
+    )
+
+    def item(url: str) -> MediaItem:
+        return MediaItem(url=url, route=f"image:{url}")
+
+    async def scenario() -> None:
+        router = Router(args)
+        peer = router.peers["encoder"]
+        peer._resolved(["127.0.0.1", "127.0.0.2"])
+        try:
+            urls = [f"data:,{i}" for i in range(12)]
+            sent = [*urls, urls[0]]
+            media = Media([item(u) for u in sent])
+            await router.encode("r1", media)
+            owners = {u: peer.owner(f"image:{u}")[0] for u in urls}
+            assert media.encoders == [owners[u] for u in sent] and len(set(owners.values())) == 2
+            assert [i.key for i in media.encoded] == sent
+            for stand_in, address in zip(stand_ins, ("127.0.0.1", "127.0.0.2"), strict=True):
+                (call,) = [b for b in stand_in.bodies if b["request_id"] == "r1"]  # one call per replica
+                assert call["positions"] == [p for p, u in enumerate(sent) if owners[u] == address]
+                assert "route" not in call["media"][0]
+            first = list(media.encoders)
+            await router.encode("r1", media, elsewhere=True)
+            assert all(a != b for a, b in zip(first, media.encoders, strict=True))
+
+            with pytest.raises(RequestError, match="not an image"):
+                await router.encode("r2", Media([item(u) for u in [*urls[:6], "data:,bad"]]))
+            other = stand_ins[1 if peer.owner("image:data:,bad")[0] == "127.0.0.1" else 0]  # not the 400's
+            published = sum(len(b["media"]) for b in other.bodies if b["request_id"] == "r2")
+            await asyncio.sleep(0.5)  # the release runs in a task of its own
+            assert published and len(other.released) == published
+
+            peer._resolved(["127.0.0.1", "127.0.0.2", "127.0.0.3"])  # .3: listed, nothing listening
+            media = Media([item(u) for u in urls])
+            await router.encode("r3", media)
+            assert [i.key for i in media.encoded] == urls and "127.0.0.3" not in media.encoders
+            assert any(peer.owner(f"image:{u}")[0] == "127.0.0.3" for u in urls)  # so some were refused
+            assert all(count == 0 for count in peer.outstanding.values()), peer.outstanding
+        finally:
+            await router.http.aclose()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        for stand_in in stand_ins:
+            stand_in.stop()

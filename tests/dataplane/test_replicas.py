@@ -13,6 +13,7 @@ import os
 import signal
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -108,26 +109,40 @@ def test_routing_by_content_encodes_each_image_once_across_encoder_replicas(grap
     assert least_busy[0] > 4, least_busy  # the images met both replicas
 
 
+def encode_directly(graph: LocalGraph, image: bytes) -> EncodedItem:
+    """One image through the graph's encoder as pd's caller would send it; released at once (no pd pulls it)."""
+    encoder = graph.stages[StageName.ENCODER]
+    body = EncodeRequest(request_id=f"direct-{time.monotonic_ns()}", media=image_items([data_url(image)]))
+    base = f"http://{encoder.host}:{encoder.port}"
+    r = httpx.post(f"{base}/encode", content=body.model_dump_json(), headers=PEER, timeout=60)
+    assert r.status_code == 200, r.text
+    item = EncodeResponse.model_validate_json(r.content).items[0]
+    httpx.post(f"{base}/release/{item.embeddings.handle}", headers=PEER, timeout=10)
+    return item
+
+
 def test_the_encoder_cache_finds_the_same_pixels_in_other_bytes(graph):
     """The encoder's cache is keyed by decoded content: an image re-compressed (other PNG bytes, the same
     pixels) skips the tower and carries the same content key."""
-
-    def encode(image: bytes) -> EncodedItem:
-        encoder = graph.stages[StageName.ENCODER]
-        body = EncodeRequest(request_id=f"bytes-{time.monotonic_ns()}", media=image_items([data_url(image)]))
-        base = f"http://{encoder.host}:{encoder.port}"
-        r = httpx.post(f"{base}/encode", content=body.model_dump_json(), headers=PEER, timeout=60)
-        assert r.status_code == 200, r.text
-        item = EncodeResponse.model_validate_json(r.content).items[0]
-        httpx.post(f"{base}/release/{item.embeddings.handle}", headers=PEER, timeout=10)  # no pd will pull it
-        return item
-
     image = png(80, 64, 6200)
     buf = io.BytesIO()
     Image.open(io.BytesIO(image)).save(buf, format="PNG", compress_level=1)
     assert buf.getvalue() != image
-    first, again = encode(image), encode(buf.getvalue())
+    first, again = encode_directly(graph, image), encode_directly(graph, buf.getvalue())
     assert not first.cached and again.cached and again.key == first.key
+
+
+def test_concurrent_requests_for_one_new_image_share_one_tower_pass(graph):
+    """A hot new image arrives in several requests at once: the first encodes it, the others wait for that
+    pass instead of repeating it."""
+    encoder = graph.stages[StageName.ENCODER]
+    image = png(224, 224, 6300)
+    before = items_encoded(encoder, cached=False), items_encoded(encoder, cached=True)
+    with ThreadPoolExecutor(6) as pool:
+        items = list(pool.map(lambda _: encode_directly(graph, image), range(6)))
+    assert len({item.key for item in items}) == 1
+    assert items_encoded(encoder, cached=False) - before[0] == 1
+    assert items_encoded(encoder, cached=True) - before[1] == 5
 
 
 def test_encoder_replicas_added_and_removed_under_load(graph, reference):

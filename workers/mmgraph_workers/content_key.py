@@ -53,7 +53,7 @@ DIGEST_ROWS = 256  # rows hashed at a time: a strip, not a second copy of a larg
 def media_digest(media: Any) -> bytes:
     """Digest of decoded media as the processor receives it: a PIL image (mode, size and pixels, row by row:
     the same bytes as `tobytes()`, in strips), a video's sampled frames (their shape and pixels, frame by
-    frame) and which frames they are, or a clip's samples at the model's rate."""
+    frame) and their metadata (which frames, when), or a clip's samples at the model's rate."""
     from mmgraph_workers.media.audio import Audio
     from mmgraph_workers.media.video import Video
 
@@ -64,7 +64,10 @@ def media_digest(media: Any) -> bytes:
         return h.digest()
     if isinstance(media, Video):
         frames = media.frames
-        h.update(f"video:{frames.shape}:{frames.dtype}:{media.metadata['frames_indices']}".encode())
+        # the whole metadata, not only which frames: fps and the frame count time the frames (Qwen's
+        # second_per_grid_ts), so the same frames re-timed are other content
+        h.update(f"video:{frames.shape}:{frames.dtype}:".encode())
+        h.update(json.dumps(media.metadata, sort_keys=True, default=str).encode())
         for frame in frames:
             h.update(frame.data)
         return h.digest()

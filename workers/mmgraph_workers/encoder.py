@@ -151,7 +151,10 @@ class EmbeddingCache:
 
     def by_bytes(self, blob_hash: str) -> Embedding | None:
         content = self.decoded_as.get(blob_hash)
-        return None if content is None else self.get(content)
+        if content is None:
+            return None
+        self.decoded_as.move_to_end(blob_hash)  # a hot blob's mapping stays
+        return self.get(content)
 
     def get(self, content: str) -> Embedding | None:
         if content in self.items:
@@ -195,6 +198,7 @@ class Encoder:
         self.audio_format = self.adapter.audio_format(self.processor)
         self.transfer = make_pool(self.pool_bytes())
         self.cache = EmbeddingCache(args.cache_bytes)
+        self.pending: dict[str, asyncio.Future[Embedding | None]] = {}  # bytes' hash -> its encoding in progress
         self.client = media_client()
         self.batcher = Batcher(self._forward, args.max_batch_size)  # one pass at a time: the tower uses every core
 
@@ -232,25 +236,19 @@ class Encoder:
             lambda: [f"{m.modality}:{hashlib.sha256(b).hexdigest()}" for m, b in zip(media, blobs, strict=True)]
         )
         found = {h: self.cache.by_bytes(h) for h in hashes}
+        for h in [h for h in found if found[h] is None and h in self.pending]:  # another request encodes it now
+            found[h] = await asyncio.shield(self.pending[h])  # None: that request failed, this one does the work
         was_cached = {h: item is not None for h, item in found.items()}
         missing = list({h: i for i, h in enumerate(hashes) if found[h] is None}.values())
-        if missing:
-            deadline = time.monotonic() + DECODE_SECONDS  # one for all of the request's videos
-            decoded = await asyncio.to_thread(
-                lambda: [self._decode(blobs[i], i, media[i].modality, deadline) for i in missing]
-            )
-            contents = [f"{media[i].modality}:{digest.hex()}" for i, (_, digest) in zip(missing, decoded, strict=True)]
-            for i, content in zip(missing, contents, strict=True):  # other bytes of content encoded before
-                if (item := self.cache.get(content)) is not None:
-                    found[hashes[i]], was_cached[hashes[i]] = item, True
-                    self.cache.put(hashes[i], content, None)
-            todo = [k for k, i in enumerate(missing) if found[hashes[i]] is None]
-            encoded: list[Encoded] = await self.batcher.run([decoded[k][0] for k in todo]) if todo else []
-            for k, out in zip(todo, encoded, strict=True):
-                i, digest = missing[k], decoded[k][1]
-                key = item_key(self.identity, media[i].modality, digest, out.metadata, out.embeddings.shape[0])
-                found[hashes[i]] = Embedding(out.embeddings, out.metadata, key)
-                self.cache.put(hashes[i], contents[k], found[hashes[i]])
+        mine = {hashes[i]: asyncio.get_running_loop().create_future() for i in missing}
+        self.pending.update(mine)
+        try:
+            if missing:
+                await self._encode_missing(request, blobs, hashes, missing, found, was_cached)
+        finally:  # what this request encoded, for the requests that waited for it (None if it failed)
+            for h, waiter in mine.items():
+                waiter.set_result(found[h])
+                del self.pending[h]
         items: list[EncodedItem] = []
         ttl = self.args.transfer_timeout_seconds * 3 + 30
         for m, h in zip(media, hashes, strict=True):
@@ -278,7 +276,36 @@ class Encoder:
         ENCODE_SECONDS.observe(time.perf_counter() - started)
         return EncodeResponse(items=items)
 
-    def _decode(self, blob: bytes, index: int, modality: str, deadline: float) -> tuple[Any, bytes]:
+    async def _encode_missing(
+        self,
+        request: EncodeRequest,
+        blobs: list[bytes],
+        hashes: list[str],
+        missing: list[int],
+        found: dict[str, Embedding | None],
+        was_cached: dict[str, bool],
+    ) -> None:
+        """Decode the `missing` items; those whose decoded content is cached are hits, the rest go through the
+        tower and into the cache. Fills `found` (and `was_cached` for content hits)."""
+        media = request.media
+        deadline = time.monotonic() + DECODE_SECONDS  # one for all of the request's videos
+        decoded = await asyncio.to_thread(
+            lambda: [self._decode(blobs[i], request.position(i), media[i].modality, deadline) for i in missing]
+        )
+        contents = [f"{media[i].modality}:{digest.hex()}" for i, (_, digest) in zip(missing, decoded, strict=True)]
+        for i, content in zip(missing, contents, strict=True):  # other bytes of content encoded before
+            if (item := self.cache.get(content)) is not None:
+                found[hashes[i]], was_cached[hashes[i]] = item, True
+                self.cache.put(hashes[i], content, None)
+        todo = [k for k, i in enumerate(missing) if found[hashes[i]] is None]
+        encoded: list[Encoded] = await self.batcher.run([decoded[k][0] for k in todo]) if todo else []
+        for k, out in zip(todo, encoded, strict=True):
+            i, digest = missing[k], decoded[k][1]
+            key = item_key(self.identity, media[i].modality, digest, out.metadata, out.embeddings.shape[0])
+            found[hashes[i]] = Embedding(out.embeddings, out.metadata, key)
+            self.cache.put(hashes[i], contents[k], found[hashes[i]])
+
+    def _decode(self, blob: bytes, position: int, modality: str, deadline: float) -> tuple[Any, bytes]:
         """The item as the tower takes it and the digest of what it decoded to (for the content key), in one trip
         off the loop; media the model's processor refuses is the client's mistake, found before any pass."""
         media = load(modality, blob, self.policy, deadline, self.audio_format)
@@ -289,7 +316,7 @@ class Encoder:
         try:
             prepared = self.adapter.prepare_item(self.processor, modality, media)
         except ValueError as err:
-            raise MediaError(f"{modality} {index + 1} cannot be used with this model: {err}") from None
+            raise MediaError(f"{modality} {position + 1} cannot be used with this model: {err}") from None
         return prepared, media_digest(media)
 
     def _forward(self, prepared: list) -> list[Encoded]:

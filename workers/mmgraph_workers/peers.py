@@ -111,19 +111,22 @@ class Peer:
         least = min(self.outstanding.get(a, 0) for a in choices)
         tied = [a for a in choices if self.outstanding.get(a, 0) == least]
         address = tied[next(self.turns) % len(tied)]
-        self.outstanding[address] = self.outstanding.get(address, 0) + 1
-        return address, self.url_of(address)
+        return address, self.take(address)
 
-    def acquire_for(self, key: str, avoid: Collection[str] = ()) -> tuple[str, str, bool]:
-        """(address, base URL, spilled) of the replica that owns `key`: the first on the ring clockwise from the
-        key's point, not in `avoid`, whose calls in flight are under LOAD_BOUND x the mean; `spilled` when that is
-        not the key's first owner. Counted busy until `release`."""
+    def owner(self, key: str, avoid: Collection[str] = ()) -> tuple[str, bool]:
+        """(address, spilled) of the replica that owns `key`: the first on the ring clockwise from the key's point,
+        not in `avoid`, whose calls in flight are under LOAD_BOUND x the mean; `spilled` when that is not the
+        key's first owner. Not counted busy: `take` it."""
         choices = self._choices(self.owners(key), avoid)
         load = sum(self.outstanding.get(a, 0) for a in choices)
         bound = math.ceil(LOAD_BOUND * (load + 1) / len(choices))  # the least busy is always under it
         address = next(a for a in choices if self.outstanding.get(a, 0) < bound)
+        return address, address != choices[0]
+
+    def take(self, address: str) -> str:
+        """Count a call to `address` busy until `release`; its base URL."""
         self.outstanding[address] = self.outstanding.get(address, 0) + 1
-        return address, self.url_of(address), address != choices[0]
+        return self.url_of(address)
 
     def owners(self, key: str) -> list[str]:
         """The replicas in the order `key` prefers them: clockwise on the ring from the key's point."""

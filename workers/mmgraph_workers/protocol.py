@@ -81,6 +81,18 @@ class EncodedItem(BaseModel):
 class EncodeRequest(Message):
     request_id: str
     media: list[MediaItem] = Field(min_length=1)
+    # each item's place among the request's media (a request's items may be split over encoder replicas), so an
+    # error names the item the client knows; unset: 0, 1, ...
+    positions: list[Annotated[int, Field(ge=0)]] | None = None
+
+    @model_validator(mode="after")
+    def _one_position_per_item(self) -> EncodeRequest:
+        if self.positions is not None and len(self.positions) != len(self.media):
+            raise ValueError(f"{len(self.positions)} positions for {len(self.media)} media items")
+        return self
+
+    def position(self, i: int) -> int:
+        return self.positions[i] if self.positions is not None else i
 
 
 class EncodeResponse(Message):

@@ -94,6 +94,7 @@ class Router:
         headers = peer_headers(peer_token(args))
         self.http = httpx.AsyncClient(timeout=timeout, trust_env=False, limits=limits, headers=headers)
         self.pd_info: WorkerInfo | None = None
+        self.releasing: set[asyncio.Task] = set()  # releases of failed requests' embeddings, until they are sent
 
     async def watch_peers(self) -> None:
         """Re-resolve every stage's replicas (quickly until pd has answered once, then every 2 s)."""
@@ -134,7 +135,10 @@ class Router:
         try:
             await self._encode_each(request_id, media.items, range(len(media.items)), last, frozenset(), done)
         except BaseException:  # what the other replicas published for this request is nobody's now
-            await asyncio.gather(*(self._release(address, items) for address, _, items in done))
+            if done:  # in a task of its own: a cancelled request (the client left) cancels every await of its own
+                task = asyncio.create_task(self._release(done))
+                self.releasing.add(task)
+                task.add_done_callback(self.releasing.discard)
             raise
         STAGE_SECONDS.labels("encoder").observe(time.perf_counter() - started)
         placed = {
@@ -155,34 +159,41 @@ class Router:
     ) -> None:
         """Each item of `indices` placed on a replica, one call per replica, all at once; every call has ended
         when this returns or raises the first failure, and `done` holds what succeeded."""
-        groups: dict[str, list[int]] = {}
-        try:
-            for i in indices:
-                groups.setdefault(self._pick_encoder(items[i], last[i], tried), []).append(i)
-        except StageFailure:
-            for address, group in groups.items():
-                for _ in group:
-                    self.peers["encoder"].release(address)
-            raise
-        calls = (
-            self._encode_call(request_id, items, address, group, last, tried, done) for address, group in groups.items()
-        )
+        groups = self._place(items, indices, last, tried)
+        calls = [self._encode_call(request_id, items, address, group, last, tried, done) for address, group in groups]
         if errors := [e for e in await asyncio.gather(*calls, return_exceptions=True) if isinstance(e, BaseException)]:
             raise errors[0]
 
-    def _pick_encoder(self, item: MediaItem, last: str, tried: frozenset[str]) -> str:
-        """The replica for one item (counted busy until released): never one that refused a connection, and not
-        `last` (its embeddings could not be pulled) while another is left."""
+    def _place(
+        self, items: list[MediaItem], indices: Iterable[int], last: list[str], tried: frozenset[str]
+    ) -> list[tuple[str, list[int]]]:
+        """(replica, its items) for one call each, counted busy until released. Never a replica that refused a
+        connection, nor an item's `last` (its embeddings could not be pulled) while another is left. By content:
+        each distinct key to its owner, as loaded before this request (a request's own items do not spill each
+        other); least busy: the whole request to one replica."""
         peer = self.peers["encoder"]
-        avoid = tried | {last} if last and set(peer.addresses) - tried - {last} else tried
+
+        def avoiding(previous: set[str]) -> frozenset[str]:
+            return tried | previous if set(peer.addresses) - tried - previous else tried
+
         try:
             if self.args.encoder_routing == "least-busy":
-                return peer.acquire(avoid)[0]
-            address, _, spilled = peer.acquire_for(item.route, avoid)
+                indices = list(indices)
+                address, _ = peer.acquire(avoiding({last[i] for i in indices} - {""}))
+                return [(address, indices)]
+            keys: dict[tuple[str, str], list[int]] = {}
+            for i in indices:
+                keys.setdefault((items[i].route, last[i]), []).append(i)
+            groups: dict[str, list[int]] = {}
+            for (route, previous), same in keys.items():
+                address, spilled = peer.owner(route, avoiding({previous} - {""}))
+                SPILLS.inc(spilled)
+                groups.setdefault(address, []).extend(same)
         except NoReplica as err:
             raise StageFailure("encoder", str(err).removeprefix("encoder: "), 503) from None
-        SPILLS.inc(spilled)
-        return address
+        for address in groups:
+            peer.take(address)
+        return [(address, sorted(group)) for address, group in groups.items()]
 
     async def _encode_call(
         self,
@@ -196,7 +207,7 @@ class Router:
     ) -> None:
         peer = self.peers["encoder"]
         base, refused = peer.url_of(address), False
-        body = EncodeRequest(request_id=request_id, media=[items[i] for i in group]).model_dump_json()
+        body = EncodeRequest(request_id=request_id, media=[items[i] for i in group], positions=group).model_dump_json()
         try:
             r = await self.http.post(f"{base}/encode", content=body)
         except httpx.ConnectError:
@@ -205,8 +216,7 @@ class Router:
         except httpx.HTTPError as err:
             raise _call_failed("encoder", base, err) from None
         finally:
-            for _ in group:
-                peer.release(address)
+            peer.release(address)
         if refused:
             return await self._encode_each(request_id, items, group, last, tried | {address}, done)
         if r.status_code != 200:
@@ -219,11 +229,12 @@ class Router:
             raise StageFailure("encoder", f"{len(encoded)} items answered for {len(group)} sent", 502)
         done.append((address, group, encoded))
 
-    async def _release(self, address: str, items: list[EncodedItem]) -> None:
-        """Free what an encoder published for a request that failed elsewhere (else it waits out its TTL)."""
-        for item in items:
-            with contextlib.suppress(httpx.HTTPError):
-                await self.http.post(f"{self.peers['encoder'].url_of(address)}/release/{item.embeddings.handle}")
+    async def _release(self, done: list[tuple[str, list[int], list[EncodedItem]]]) -> None:
+        """Free what encoders published for a request that failed elsewhere (else it waits out its TTL)."""
+        for address, _, items in done:
+            for item in items:
+                with contextlib.suppress(httpx.HTTPError):
+                    await self.http.post(f"{self.peers['encoder'].url_of(address)}/release/{item.embeddings.handle}")
 
     async def stream_stage(self, stage: str, request: GenerateRequest) -> AsyncIterator[GenerateEvent]:
         """The stage's events until the request finishes. A refused connection goes to the next replica, but only
