@@ -24,49 +24,16 @@ import contextlib
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from e2e import OUT, REPO, run_http  # the same client and workload as bench/e2e.py
 
 NAME = "tiny-qwen2-vl"
-
-
-@contextlib.contextmanager
-def vllm_server(model: Path, engine_args: list[str], env: dict[str, str], log: Path) -> Iterator[str]:
-    """`python -m vllm.entrypoints.openai.api_server`, as a user starts it, on a free loopback port."""
-    from mmgraph_workers.ports import free_port
-
-    port = free_port()
-    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model)]
-    argv += ["--served-model-name", NAME, "--host", "127.0.0.1", "--port", str(port), *engine_args]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"vLLM's server did not start:\n{log.read_text()[-2000:]}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            time.sleep(1)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def main() -> None:
@@ -79,6 +46,7 @@ def main() -> None:
 
     from mmgraph_operator.api import parse
     from mmgraph_operator.commands import vllm_flags
+    from mmgraph_workers.baseline import vllm_serve
     from mmgraph_workers.tiny_model import build
     from mmgraph_workers.up import LocalGraph
 
@@ -108,7 +76,7 @@ def main() -> None:
     with contextlib.ExitStack() as stack:
         print(f"starting {', '.join(configs)} and mmgraph agg ...", flush=True)
         servers = {
-            who: stack.enter_context(vllm_server(model, argv, env, work / f"vllm-{i}.log"))
+            who: stack.enter_context(vllm_serve(model, NAME, argv, env, work / f"vllm-{i}.log"))
             for i, (who, (argv, env)) in enumerate(configs.items())
         }
         graph.start()

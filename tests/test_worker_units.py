@@ -453,8 +453,9 @@ def test_keys_spread_over_encoders_and_move_only_with_the_replica_that_came_or_w
 
 
 def test_a_busy_owner_spills_its_keys_to_the_next_owner_and_takes_them_back_when_free():
-    """Bounded loads: a hot key (every call for one image) fills its owner up to 1.25x the mean, then goes to
-    the key's next owner instead of queueing; once calls end, the owner takes it again."""
+    """Bounded loads: a hot key (every call for one image) fills its owner up to 1.25x the mean (or the floor,
+    what one pass takes), then goes to the key's next owner instead of queueing; once calls end, the owner takes
+    it again."""
     peer = Peer("encoder", "http://e:8001", addresses=["10.0.0.1", "10.0.0.2", "10.0.0.3"])
     owner, second, _ = peer.owners("image:hot")
     picks = []
@@ -464,6 +465,7 @@ def test_a_busy_owner_spills_its_keys_to_the_next_owner_and_takes_them_back_when
     # the bound, ceil(1.25 * (calls in flight + 1) / 3), is 1, 1, 2, 2, 3, 3: the hot key alternates between its
     # first two owners; the third is never needed
     assert picks == [(owner, False), (second, True)] * 3
+    assert peer.owner("image:hot", floor=4) == (owner, False)  # 3 in flight: still one pass of a batch of 4
     for address, _ in picks:
         peer.release(address)
     assert peer.owner("image:hot") == (owner, False)
@@ -970,6 +972,7 @@ def test_the_router_sends_each_key_to_its_owner_and_counts_every_call_back():
         request_timeout_seconds=10,
         peer_token_env=None,
         encoder_routing="content",
+        encoder_batch_size=1,
     )
 
     def item(url: str) -> MediaItem:

@@ -57,6 +57,8 @@ def worker_command(
         if StageName.ENCODER in peers:
             routing = {"content": "content", "leastBusy": "least-busy"}[spec.embedding_cache.routing]
             argv.append(f"--encoder-routing={routing}")
+            if spec.stages.encoder is not None:
+                argv.append(f"--encoder-batch-size={spec.stages.encoder.max_batch_size}")
         argv += _media_flags(spec)
         argv.append(f"--kv-lease-seconds={xfer.kv_lease_seconds}")
         argv.append(f"--transfer-timeout-seconds={xfer.timeout_seconds:g}")

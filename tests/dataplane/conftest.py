@@ -33,6 +33,7 @@ import numpy as np
 import pytest
 import yaml
 from mmgraph_operator.api import PEER_TOKEN_ENV, StageName, parse
+from mmgraph_workers.baseline import vllm_serve
 from mmgraph_workers.media.samples import clip
 from mmgraph_workers.ports import free_port
 from mmgraph_workers.server import peer_headers
@@ -333,34 +334,10 @@ def vllm_openai_server(model: Path, name: str, example: str, logdir: Path) -> It
     engine_args = vllm_flags(spec.stages.pd.engine_args or {})
     video = {"video": {"num_frames": spec.media.video_frames, "video_backend": "opencv"}}
     engine_args += ["--media-io-kwargs", json.dumps(video)]
-    port = free_port()
-    log = logdir / "server.log"
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
     env.setdefault("OMP_NUM_THREADS", "1")  # as `mmgraph up` gives each of the graph's two engines on 2 cores
-    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model)]
-    argv += ["--served-model-name", name, "--host", "127.0.0.1", "--port", str(port), *engine_args]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert proc.poll() is None, f"vLLM's server exited:\n{log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"vLLM's server not healthy in 300 s:\n{log.read_text()[-3000:]}"
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
+    with vllm_serve(model, name, engine_args, env, logdir / "server.log") as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 class MediaServer:

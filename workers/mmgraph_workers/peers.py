@@ -113,13 +113,14 @@ class Peer:
         address = tied[next(self.turns) % len(tied)]
         return address, self.take(address)
 
-    def owner(self, key: str, avoid: Collection[str] = ()) -> tuple[str, bool]:
+    def owner(self, key: str, avoid: Collection[str] = (), floor: int = 1) -> tuple[str, bool]:
         """(address, spilled) of the replica that owns `key`: the first on the ring clockwise from the key's point,
-        not in `avoid`, whose calls in flight are under LOAD_BOUND x the mean; `spilled` when that is not the
-        key's first owner. Not counted busy: `take` it."""
+        not in `avoid`, whose calls in flight are under LOAD_BOUND x the mean, or under `floor` (the calls a
+        replica serves in one pass: those do not queue); `spilled` when that is not the key's first owner. Not
+        counted busy: `take` it."""
         choices = self._choices(self.owners(key), avoid)
         load = sum(self.outstanding.get(a, 0) for a in choices)
-        bound = math.ceil(LOAD_BOUND * (load + 1) / len(choices))  # the least busy is always under it
+        bound = max(floor, math.ceil(LOAD_BOUND * (load + 1) / len(choices)))  # the least busy is always under it
         address = next(a for a in choices if self.outstanding.get(a, 0) < bound)
         return address, address != choices[0]
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from mmgraph_operator.api import EncoderSpec, default
 from prometheus_client import Counter, Gauge, Histogram
 from pydantic import ValidationError
 
@@ -64,6 +65,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["content", "least-busy"],
         default="content",
         help="which encoder replica encodes a media item: the owner of its key (content) or the least busy",
+    )
+    parser.add_argument(
+        "--encoder-batch-size",
+        type=int,
+        default=default(EncoderSpec, "max_batch_size"),
+        help="the encoders' --max-batch-size: a replica with fewer calls in flight keeps its keys (no spill)",
     )
     add_kv_lease_argument(parser)
     parser.add_argument("--request-timeout-seconds", type=float, default=120)

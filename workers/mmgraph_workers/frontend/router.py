@@ -170,7 +170,9 @@ class Router:
         """(replica, its items) for one call each, counted busy until released. Never a replica that refused a
         connection, nor an item's `last` (its embeddings could not be pulled) while another is left. By content:
         each distinct key to its owner, as loaded before this request (a request's own items do not spill each
-        other); least busy: the whole request to one replica."""
+        other), spilling only from an owner with more calls in flight than one pass of its tower takes (a spilled
+        hot item costs a pass on the next owner; on its owner it would have joined the pass, or hit); least busy:
+        the whole request to one replica."""
         peer = self.peers["encoder"]
 
         def avoiding(previous: set[str]) -> frozenset[str]:
@@ -186,7 +188,7 @@ class Router:
                 keys.setdefault((items[i].route, last[i]), []).append(i)
             groups: dict[str, list[int]] = {}
             for (route, previous), same in keys.items():
-                address, spilled = peer.owner(route, avoiding({previous} - {""}))
+                address, spilled = peer.owner(route, avoiding({previous} - {""}), self.args.encoder_batch_size)
                 SPILLS.inc(spilled)
                 groups.setdefault(address, []).extend(same)
         except NoReplica as err:

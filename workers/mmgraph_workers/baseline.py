@@ -1,0 +1,48 @@
+"""vLLM's own OpenAI server, started as a user would start it: the baseline the oracles and benchmarks compare
+mmgraph with (same weights, same engine arguments). Not used by the graph itself."""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+
+from mmgraph_workers.ports import free_port
+
+
+@contextlib.contextmanager
+def vllm_serve(
+    model: Path, name: str, engine_args: list[str], env: dict[str, str], log: Path, timeout: float = 300
+) -> Iterator[str]:
+    """`python -m vllm.entrypoints.openai.api_server` on a free loopback port, until healthy (its log's tail in
+    the error otherwise); its base URL. Stopped on exit, killed if it will not stop."""
+    port = free_port()
+    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model)]
+    argv += ["--served-model-name", name, "--host", "127.0.0.1", "--port", str(port), *engine_args]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"vLLM's server exited:\n{log.read_text()[-3000:]}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"vLLM's server not healthy in {timeout:.0f} s:\n{log.read_text()[-3000:]}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            time.sleep(1)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
