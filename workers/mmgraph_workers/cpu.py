@@ -42,9 +42,11 @@ def apply_engine_env(user_args: list[str]) -> None:
 
 
 def omp_threads(engines: int, gpus: int) -> dict[str, str]:
-    """OpenMP threads for one of a graph's `engines` CPU engines on this machine: the cores split between them.
-    Each would otherwise run one thread per core, and their teams, spinning at every barrier, wait on each other
-    (e-p-d on 2 cores: decode's inter-token latency ~40 ms instead of ~8 ms). The user's OMP_NUM_THREADS wins."""
+    """OpenMP threads for one of a graph's `engines` CPU engines on this machine: the cores but one, split between
+    them. The core left is for the graph's Python processes (the frontend, each engine's API server, the
+    encoder): an OpenMP team on every core spins at each barrier while they wait for a core (agg on 2 cores: two
+    threads gave 0.49-0.64x the requests/s of vLLM's server with one; two engines with a thread per core each:
+    decode's inter-token latency ~40 ms instead of ~8 ms). The user's OMP_NUM_THREADS wins."""
     if gpus or engines == 0 or "OMP_NUM_THREADS" in os.environ:
         return {}
-    return {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // engines))}
+    return {"OMP_NUM_THREADS": str(max(1, ((os.cpu_count() or 1) - 1) // engines))}

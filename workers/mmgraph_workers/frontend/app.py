@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hmac
 import json
 import logging
 import os
@@ -43,7 +42,14 @@ from mmgraph_workers.frontend.processor import Processor
 from mmgraph_workers.frontend.router import Router, StageFailure
 from mmgraph_workers.media import policy
 from mmgraph_workers.protocol import GenerateEvent, WorkerInfo
-from mmgraph_workers.server import add_common_arguments, add_kv_lease_argument, make_app, serve, unless_disconnected
+from mmgraph_workers.server import (
+    BearerAuth,
+    add_common_arguments,
+    add_kv_lease_argument,
+    make_app,
+    serve,
+    unless_disconnected,
+)
 
 log = logging.getLogger("mmgraph.frontend")
 PREPARE = ThreadPoolExecutor(1, thread_name_prefix="prepare")  # one: a tokenizer must not be used concurrently
@@ -111,15 +117,15 @@ def build_app(args: argparse.Namespace) -> FastAPI:
         app.state.router = Router(args)
         app.state.watcher = asyncio.create_task(app.state.router.watch_peers())
 
-    @app.middleware("http")
-    async def authenticate(request: Request, call_next):
-        if api_key and request.url.path.startswith(("/v1/", "/tokenize", "/detokenize")):  # all but probes and metrics
-            given = request.headers.get("authorization", "").encode()
-            if not hmac.compare_digest(given, f"Bearer {api_key}".encode()):  # constant time: no timing oracle
-                return error_response(
-                    "missing or wrong API key (Authorization: Bearer <key>)", 401, kind="authentication_error"
-                )
-        return await call_next(request)
+    if api_key:  # the OpenAI routes; probes and metrics stay open
+        app.add_middleware(
+            BearerAuth,
+            token=api_key,
+            guarded=lambda path: path.startswith(("/v1/", "/tokenize", "/detokenize")),
+            refusal=error_response(
+                "missing or wrong API key (Authorization: Bearer <key>)", 401, kind="authentication_error"
+            ),
+        )
 
     @app.get("/v1/models")
     async def models() -> dict:
