@@ -3,13 +3,14 @@
 
 Two sets, each up at once and measured one endpoint at a time, in rounds that alternate their order (so each
 meets the machine's noise alike):
-- serve: vLLM's server with its own defaults, with the CPU settings mmgraph gives agg's engine (the `uni`
-  executor, every core's OpenMP thread, unpinned), and with one OpenMP thread; and mmgraph's agg graph.
+- serve: vLLM's server with its own defaults, with the `uni` executor and an OpenMP thread per core (unpinned),
+  and with the CPU settings mmgraph gives agg's engine (`uni`, the cores but one, unpinned: one thread on 2
+  cores); and mmgraph's agg graph.
 - epd: vLLM's EPD as its disaggregated-encoder example runs it: an encoder instance (`--ec-transfer-config`,
   ECExampleConnector, producer), a prefill+decode instance (consumer), and for E+P+D a prefill instance (consumer
   and NixlConnector KV producer) and a decode instance (KV consumer), driven by bench/vllm_epd_proxy.py; against
-  mmgraph's e-pd and e-p-d. Every engine of both gets the CPU settings mmgraph gives a graph's engines (`uni`,
-  one OpenMP thread each on this machine's cores shared by two engines, unpinned).
+  mmgraph's e-pd and e-p-d. Every engine of both gets the CPU settings mmgraph gives a graph of two engines
+  (`uni`, the cores but one split between them, unpinned).
 Streaming chat requests with one 96x64 PNG each (a new image for every request, so no cache helps), 16 output
 tokens, at each concurrency level: TTFT (first non-empty content delta), ITL and requests/s. Medians over the
 rounds, with the spread of the rounds beside them.
@@ -42,7 +43,11 @@ from e2e import OUT, REPO, run_http  # the same client and workload as bench/e2e
 NAME = "tiny-qwen2-vl"
 
 
-SERVE = ("vllm serve (defaults)", "vllm serve (mmgraph's CPU settings)", "vllm serve (1 OpenMP thread)")
+SERVE = (
+    "vllm serve (defaults)",
+    "vllm serve (uni, a thread per core)",
+    "vllm serve (mmgraph's CPU settings)",
+)
 # mmgraph's topology -> the vLLM set it is compared with (the better of them, level by level)
 PAIRS = {"mmgraph agg": SERVE, "mmgraph e-pd": ("vllm EPD (E+PD)",), "mmgraph e-p-d": ("vllm EPD (E+P+D)",)}
 OURS = ("OMP_NUM_THREADS", "VLLM_CPU_OMP_THREADS_BIND", "VLLM_ENABLE_V1_MULTIPROCESSING")
@@ -110,7 +115,7 @@ def serve_set(body: dict, engine_args: list[str], work: Path) -> Iterator[dict[s
             [
                 (engine_args, clean),
                 ([*engine_args, "--distributed-executor-backend", "uni"], {**clean, **UNI, "OMP_NUM_THREADS": cores()}),
-                (engine_args, {**clean, **UNI, "OMP_NUM_THREADS": "1"}),
+                ([*engine_args, "--distributed-executor-backend", "uni"], {**clean, **UNI, **omp_threads(1, 0)}),
             ],
             strict=True,
         )
@@ -143,7 +148,7 @@ def epd_set(body: dict, engine_args: list[str], work: Path) -> Iterator[dict[str
     work.mkdir(parents=True, exist_ok=True)
     store = work / "ec-store"
     store.mkdir()
-    env = {**{k: v for k, v in os.environ.items() if k not in OURS}, **UNI, "OMP_NUM_THREADS": "1"}
+    env = {**{k: v for k, v in os.environ.items() if k not in OURS}, **UNI, **omp_threads(2, 0)}
     env.setdefault("UCX_NET_DEVICES", "lo")
     base = [*engine_args, "--distributed-executor-backend", "uni"]
 
@@ -199,6 +204,18 @@ def proxy(argv: list[str], log: Path) -> contextlib.AbstractContextManager[str]:
     port = free_port()
     command = [sys.executable, str(Path(__file__).with_name("vllm_epd_proxy.py")), "--port", str(port), *argv]
     return process(command, None, log, f"http://127.0.0.1:{port}", timeout=60)
+
+
+def omp_threads(engines: int, gpus: int) -> dict[str, str]:
+    """What `mmgraph up` gives each of a graph's `engines` CPU engines (here, whatever this shell set)."""
+    from mmgraph_workers import cpu
+
+    saved = os.environ.pop("OMP_NUM_THREADS", None)
+    try:
+        return cpu.omp_threads(engines, gpus)
+    finally:
+        if saved is not None:
+            os.environ["OMP_NUM_THREADS"] = saved
 
 
 def cores() -> str:
