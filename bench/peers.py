@@ -62,6 +62,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16])
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
+    for name in OURS:  # both sides get their thread settings from here, never from the shell
+        os.environ.pop(name, None)
 
     from mmgraph_operator.commands import vllm_flags
     from mmgraph_workers.tiny_model import build

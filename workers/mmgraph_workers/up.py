@@ -37,7 +37,8 @@ START_TIMEOUT = 600.0  # seconds for every stage to become healthy (engines take
 
 
 def cpu_share(spec: MultimodalGraphSpec, stage: StageName) -> dict[str, str]:
-    """OpenMP threads for a CPU engine of this graph: the machine's cores split between its engines (cpu.py)."""
+    """OpenMP threads for a CPU engine of this graph: the machine's cores but one split between its engines
+    (cpu.py)."""
     engines = [s for s in spec.used_stages() if s in (StageName.PD, StageName.DECODE)]
     cfg = spec.stages.get(stage)
     if stage not in engines or cfg is None:
