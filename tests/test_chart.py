@@ -107,7 +107,8 @@ def test_crd_upgrade_path(api, cluster, helm_install, operator):
     custom = client.CustomObjectsApi(api)
     custom.create_namespaced_custom_object("mmgraph.io", "v1alpha1", ns, "multimodalgraphs", body)
     stored = custom.get_namespaced_custom_object("mmgraph.io", "v1alpha1", ns, "multimodalgraphs", "tiny")
-    assert stored["spec"]["embeddingCache"] == {"capacityBytes": 1024}
+    # stored with it, and with the new CRD's defaults for what the graph left out
+    assert stored["spec"]["embeddingCache"] == {"capacityBytes": 1024, "routing": "content"}
     wait_for(
         lambda: client.AppsV1Api(api).list_namespaced_deployment(ns).items, what="operator reconciles after upgrade"
     )
