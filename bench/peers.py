@@ -106,18 +106,19 @@ def measure(servers: dict[str, str], args: argparse.Namespace) -> dict[str, dict
 def serve_set(body: dict, engine_args: list[str], work: Path) -> Iterator[dict[str, str]]:
     """vLLM's server in three configurations, and mmgraph's agg graph."""
     from mmgraph_operator.api import parse
+    from mmgraph_workers import cpu
     from mmgraph_workers.baseline import vllm_serve
     from mmgraph_workers.up import LocalGraph
 
     model = Path(body["spec"]["model"]["path"])
-    clean = {k: v for k, v in os.environ.items() if k not in OURS}
+    clean = dict(os.environ)  # main() removed OURS: each configuration sets its own
     configs = dict(
         zip(
             SERVE,
             [
                 (engine_args, clean),
                 ([*engine_args, "--distributed-executor-backend", "uni"], {**clean, **UNI, "OMP_NUM_THREADS": cores()}),
-                ([*engine_args, "--distributed-executor-backend", "uni"], {**clean, **UNI, **omp_threads(1, 0)}),
+                ([*engine_args, "--distributed-executor-backend", "uni"], {**clean, **UNI, **cpu.omp_threads(1, 0)}),
             ],
             strict=True,
         )
@@ -142,6 +143,7 @@ def epd_set(body: dict, engine_args: list[str], work: Path) -> Iterator[dict[str
     """vLLM's EPD, E+PD and E+P+D (one encoder instance serves both: they read the same store), and mmgraph's
     e-p-d graph with an e-pd frontend routed to its encoder and pd."""
     from mmgraph_operator.api import StageName, parse
+    from mmgraph_workers import cpu
     from mmgraph_workers.baseline import vllm_serve
     from mmgraph_workers.ports import free_port
     from mmgraph_workers.up import LocalGraph
@@ -150,7 +152,7 @@ def epd_set(body: dict, engine_args: list[str], work: Path) -> Iterator[dict[str
     work.mkdir(parents=True, exist_ok=True)
     store = work / "ec-store"
     store.mkdir()
-    env = {**{k: v for k, v in os.environ.items() if k not in OURS}, **UNI, **omp_threads(2, 0)}
+    env = {**os.environ, **UNI, **cpu.omp_threads(2, 0)}
     env.setdefault("UCX_NET_DEVICES", "lo")
     base = [*engine_args, "--distributed-executor-backend", "uni"]
 
@@ -206,18 +208,6 @@ def proxy(argv: list[str], log: Path) -> contextlib.AbstractContextManager[str]:
     port = free_port()
     command = [sys.executable, str(Path(__file__).with_name("vllm_epd_proxy.py")), "--port", str(port), *argv]
     return process(command, None, log, f"http://127.0.0.1:{port}", timeout=60)
-
-
-def omp_threads(engines: int, gpus: int) -> dict[str, str]:
-    """What `mmgraph up` gives each of a graph's `engines` CPU engines (here, whatever this shell set)."""
-    from mmgraph_workers import cpu
-
-    saved = os.environ.pop("OMP_NUM_THREADS", None)
-    try:
-        return cpu.omp_threads(engines, gpus)
-    finally:
-        if saved is not None:
-            os.environ["OMP_NUM_THREADS"] = saved
 
 
 def cores() -> str:
