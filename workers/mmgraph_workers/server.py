@@ -197,6 +197,8 @@ def serve(app: FastAPI, args) -> None:
     """Run until SIGINT/SIGTERM; then take no new requests and let those in flight finish (streams included)
     for up to --drain-seconds, within the pod's grace period."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # httpx logs every call at INFO: a log line for every stage call the frontend makes
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=args.drain_seconds)
 
 
