@@ -40,3 +40,40 @@ def test_images_install_extras_that_exist_and_carry_the_product():
     assert installs == {"Dockerfile.operator": ["operator"], "Dockerfile.worker": ["worker,cuda"]}
     worker = {re.split(r"[<>=\[ ]", d)[0].lower() for e in ("worker", "cuda") for d in extras[e]}
     assert {"vllm", "nixl", "torch", "transformers", "pillow", "av", "librosa"} <= worker
+
+
+def test_make_images_builds_the_names_the_chart_and_a_graph_default_to():
+    """`make images` (README, "Images") tags exactly what the chart's image.repository and appVersion and the
+    CRD's spec.image default to, and REGISTRY / TAG / ENGINE move both images."""
+    import yaml
+    from mmgraph_operator.api import MultimodalGraphSpec
+
+    def planned(*overrides: str) -> list[list[str]]:
+        out = subprocess.run(["make", "-n", "images", *overrides], cwd=REPO, capture_output=True, text=True, check=True)
+        return [line.split() for line in out.stdout.splitlines()]
+
+    chart = yaml.safe_load((REPO / "charts/mmgraph/Chart.yaml").read_text())
+    values = yaml.safe_load((REPO / "charts/mmgraph/values.yaml").read_text())
+    operator, worker = planned("ENGINE=docker")
+    assert operator == [
+        "docker",
+        "build",
+        "-f",
+        "Dockerfile.operator",
+        "-t",
+        f"{values['image']['repository']}:{chart['appVersion']}",
+        ".",
+    ]
+    assert worker == [
+        "docker",
+        "build",
+        "-f",
+        "Dockerfile.worker",
+        "-t",
+        MultimodalGraphSpec.model_fields["image"].default,
+        ".",
+    ]
+    assert [c[5] for c in planned("REGISTRY=reg.example.com/team", "TAG=9", "ENGINE=podman")] == [
+        "reg.example.com/team/operator:9",
+        "reg.example.com/team/worker:9",
+    ]

@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 import pytest
+from argocd import health
 from conftest import graph_manifest, webhook_absent
 from kubecluster import OPERATOR_USER, OperatorProcess, wait_for
 from kubernetes import client, dynamic
@@ -86,6 +87,7 @@ def test_create_makes_every_child_with_owner_and_status(api, operator, namespace
     assert condition(graph, "Ready")["status"] == "False"  # no kubelet: pods never become ready by themselves
     assert condition(graph, "Degraded")["status"] == "False"
     assert status["phase"] == "Progressing"
+    assert health(graph) == ("Progressing", condition(graph, "Ready")["message"])  # Argo CD: "waiting for ..."
 
 
 def test_the_peer_credential_is_created_once_and_never_readable_by_the_operator(api, operator, namespace):
@@ -171,7 +173,7 @@ def test_deleted_or_edited_child_is_restored(api, operator, namespace):
     wait_for(
         lambda: (
             apps.read_namespaced_deployment("g-pd", namespace).spec.template.spec.containers[0].image
-            == "ghcr.io/mmgraph/worker:0.1.0"
+            == "localhost/mmgraph/worker:0.1.0"
         ),
         what="image reverted",
     )
@@ -241,6 +243,7 @@ def test_ready_condition_follows_pod_readiness(api, operator, namespace):
     assert graph["status"]["readyStages"] == "4/4"
     assert graph["status"]["phase"] == "Ready"
     assert graph["status"]["stages"]["pd"] == {"replicas": 1, "readyReplicas": 1, "updatedReplicas": 1}
+    assert health(graph) == ("Healthy", "every stage is rolled out and ready")  # what Argo CD shows
 
 
 def _operator_writes(cluster) -> list[dict[str, Any]]:
@@ -331,6 +334,7 @@ def test_a_running_graph_turned_invalid_keeps_its_children(api, cluster, operato
     degraded = condition(graph, "Degraded")
     assert (degraded["status"], degraded["reason"]) == ("True", "InvalidSpec")
     assert "topology e-pd does not use it" in degraded["message"]
+    assert health(graph) == ("Degraded", degraded["message"])  # Argo CD shows the operator's message
     assert condition(graph, "Ready")["lastTransitionTime"] == ready["lastTransitionTime"]
     time.sleep(2)
     assert children(api, namespace, "g") == E_P_D_CHILDREN

@@ -3,6 +3,7 @@ detection that accepts the API server's canonical quantities."""
 
 from __future__ import annotations
 
+from argocd import health
 from mmgraph_operator.reconcile import drifted
 from mmgraph_operator.status import already_degraded, degraded_status, with_transition_times
 
@@ -48,3 +49,13 @@ def test_drift_ignores_the_servers_canonical_quantities_but_not_other_values():
     assert drifted({"replicas": 1}, {"replicas": 1, "added": "by the server"}) is None
     assert drifted({"args": ["a", "b"]}, {"args": ["a"]}) == ".args"
     assert drifted({"cpu": "1000m"}, {"cpu": "1"}) == ".cpu"  # only under requests/limits is a quantity a quantity
+
+
+def test_argo_cd_health_before_the_operator_has_answered():
+    """Argo CD (docs/argocd/health.lua) waits while the operator has not written a status for this generation,
+    whatever an older status said."""
+    assert health({"metadata": {"generation": 1}})[0] == "Progressing"
+    ready = {"observedGeneration": 1, "conditions": [_cond("Ready", "True", message="every stage is ready")]}
+    assert health({"metadata": {"generation": 1}, "status": ready}) == ("Healthy", "every stage is ready")
+    status, message = health({"metadata": {"generation": 2}, "status": ready})
+    assert (status, message) == ("Progressing", "waiting for the mmgraph operator to apply generation 2")

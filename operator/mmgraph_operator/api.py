@@ -312,8 +312,9 @@ class MultimodalGraphSpec(Spec):
 
     model: ModelSpec
     """The model served and where its weights come from."""
-    image: str = Field(default="ghcr.io/mmgraph/worker:0.1.0", min_length=1, max_length=512)
-    """Worker image (vLLM, NIXL, media libraries and mmgraph)."""
+    image: str = Field(default="localhost/mmgraph/worker:0.1.0", min_length=1, max_length=512)
+    """Worker image (vLLM, NIXL, media libraries and mmgraph). The default is the name `make images` builds
+    locally; push it to your registry and set this to that name (README, "Images")."""
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
     """When the kubelet pulls the image."""
     image_pull_secrets: list[LocalObjectReference] | None = None
