@@ -156,6 +156,27 @@ def test_update_changes_children_and_topology_change_deletes_unneeded(api, opera
         what="status caught up",
     )
     assert set(graph["status"]["stages"]) == {"frontend", "encoder", "pd"}
+    # e-pd -> agg: pd's pods serve the API themselves; the frontend's Deployment, PDB and policy go, its Service
+    # stays (the graph's endpoint) and now selects pd's pods.
+    patch_graph(api, namespace, "g", {"spec": {"topology": "agg", "stages": {"encoder": None}}})
+    want = {
+        "Deployment": {"g-pd"},
+        "Service": {"g-frontend", "g-pd"},
+        "PodDisruptionBudget": {"g-pd"},
+        "NetworkPolicy": {"g-pd"},
+    }
+    wait_for(lambda: children(api, namespace, "g") == want, what="the frontend folded into pd")
+    service = client.CoreV1Api(api).read_namespaced_service("g-frontend", namespace)
+    assert service.spec.selector == {"mmgraph.io/graph": "g", "mmgraph.io/stage": "pd"}
+    assert "--openai" in apps.read_namespaced_deployment("g-pd", namespace).spec.template.spec.containers[0].args
+    graph = wait_for(
+        lambda: (
+            (g := get_graph(api, namespace, "g"))["status"].get("observedGeneration") == g["metadata"]["generation"]
+            and g
+        ),
+        what="status caught up",
+    )
+    assert set(graph["status"]["stages"]) == {"pd"} and graph["status"]["readyStages"] == "0/1"
 
 
 def test_deleted_or_edited_child_is_restored(api, operator, namespace):

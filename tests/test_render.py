@@ -53,19 +53,29 @@ def test_render_is_pure_and_deterministic():
 
 
 @pytest.mark.parametrize(
-    ("topology", "stages"),
+    ("topology", "stages", "api"),
     [
-        ("agg", {"frontend", "pd"}),
-        ("e-pd", {"frontend", "encoder", "pd"}),
-        ("e-p-d", {"frontend", "encoder", "pd", "decode"}),
+        ("agg", {"frontend", "pd"}, "pd"),
+        ("e-pd", {"frontend", "encoder", "pd"}, "frontend"),
+        ("e-p-d", {"frontend", "encoder", "pd", "decode"}, "frontend"),
     ],
 )
-def test_each_topology_renders_exactly_its_stages(topology: str, stages: set[str]):
+def test_each_topology_renders_exactly_its_stages(topology: str, stages: set[str], api: str):
+    """A Deployment per stage, but agg's frontend, which runs in pd's pods (the frontend Service selects them)."""
     body = load("qwen2.5-vl-e-p-d.yaml")
     body["spec"]["topology"] = topology
     body["spec"]["stages"] = {s: v for s, v in body["spec"]["stages"].items() if s in stages}
-    deployments = {m["metadata"]["name"] for m in render(parse(body)) if m["kind"] == "Deployment"}
-    assert deployments == {f"qwen-vl-{s}" for s in stages}
+    manifests = render(parse(body))
+    deployments = {m["metadata"]["name"] for m in manifests if m["kind"] == "Deployment"}
+    assert deployments == {f"qwen-vl-{s}" for s in stages if s != "frontend" or api == "frontend"}
+    services = {m["metadata"]["name"]: m["spec"] for m in manifests if m["kind"] == "Service"}
+    assert services.keys() == {f"qwen-vl-{s}" for s in stages}
+    assert services["qwen-vl-frontend"]["selector"] == {"mmgraph.io/graph": "qwen-vl", "mmgraph.io/stage": api}
+    assert services["qwen-vl-frontend"]["ports"] == [
+        {"name": "http", "port": 8000, "targetPort": "http", "protocol": "TCP"}
+    ]
+    pd = next(m for m in manifests if m["kind"] == "Deployment" and m["metadata"]["name"] == "qwen-vl-pd")
+    assert ("--openai" in pd["spec"]["template"]["spec"]["containers"][0]["args"]) == (api == "pd")
 
 
 def test_pdb_api_version_follows_the_server():
@@ -128,16 +138,20 @@ def test_pods_are_non_root_and_read_only():
     ],
 )
 def test_network_policies_admit_only_the_stages_that_call(topology: str, readers: dict[str, set[str]]):
-    """Structure only: the test API server has no network plugin that enforces NetworkPolicies. The frontend
-    reaches each worker's HTTP port; the stage that reads over NIXL reaches any port (UCX's are ephemeral)."""
+    """Structure only: the test API server has no network plugin that enforces NetworkPolicies. Anyone reaches
+    the HTTP port of the pods that serve the API (agg: pd's); the frontend reaches each worker's HTTP port; the
+    stage that reads over NIXL reaches any port (UCX's are ephemeral)."""
     body = load("qwen2.5-vl-e-p-d.yaml")
     body["spec"]["topology"] = topology
     body["spec"]["stages"] = {k: v for k, v in body["spec"]["stages"].items() if k in ("frontend", *readers)}
     policies = {m["metadata"]["name"]: m["spec"] for m in render(parse(body)) if m["kind"] == "NetworkPolicy"}
-    assert set(policies) == {f"qwen-vl-{s}" for s in ("frontend", *readers)}
-    assert policies["qwen-vl-frontend"]["ingress"] == [{"ports": [{"port": "http", "protocol": "TCP"}]}]
+    api = "pd" if topology == "agg" else "frontend"
+    assert set(policies) == {f"qwen-vl-{s}" for s in (api, *readers)}
+    assert policies[f"qwen-vl-{api}"]["ingress"] == [{"ports": [{"port": "http", "protocol": "TCP"}]}]
     http = [{"port": "http", "protocol": "TCP"}]
     for stage, expected in readers.items():
+        if stage == api:
+            continue
         spec = policies[f"qwen-vl-{stage}"]
         assert spec["podSelector"]["matchLabels"] == {"mmgraph.io/graph": "qwen-vl", "mmgraph.io/stage": stage}
         assert spec["policyTypes"] == ["Ingress"]

@@ -147,10 +147,13 @@ class StageSpec(Spec):
 
 
 class FrontendSpec(StageSpec):
-    """The OpenAI-compatible HTTP frontend: chat template, tokenization, request checks and routing."""
+    """The OpenAI-compatible HTTP frontend: chat template, tokenization, request checks and routing. In agg it
+    runs in pd's pods (pd serves the API, the engine one call away instead of an HTTP hop): there only `port`
+    and `apiKeySecret` apply, and pd's replicas are the API's."""
 
     port: int = Field(default=8000, ge=1, le=65535)
-    """HTTP port of the OpenAI API (also /health and /metrics)."""
+    """Port of the OpenAI API's Service (the frontend's HTTP port, also /health and /metrics; agg: the Service's
+    port, onto pd's)."""
     api_key_secret: SecretKeySelector | None = None
     """Secret key holding the API key clients must send as a Bearer token; no authentication when unset."""
 

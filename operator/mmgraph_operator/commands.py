@@ -62,9 +62,7 @@ def worker_command(
         argv += _media_flags(spec)
         argv.append(f"--kv-lease-seconds={xfer.kv_lease_seconds}")
         argv.append(f"--transfer-timeout-seconds={xfer.timeout_seconds:g}")
-        if spec.stages.frontend.api_key_secret:
-            argv.append("--api-key-env=MMGRAPH_API_KEY")
-        return argv
+        return argv + _api_key_flag(spec)
     argv.append(f"--advertise-host={advertise_host}")
     argv.append(f"--transfer-backend={xfer.backend}")
     argv.append(f"--transfer-port={transfer_port or xfer.port}")
@@ -84,13 +82,38 @@ def worker_command(
         upstream = {StageName.PD: StageName.ENCODER, StageName.DECODE: StageName.PD}.get(stage)
         if upstream in peers and upstream in spec.used_stages():
             argv.append(f"--{upstream.value}-url={peers[upstream]}")
-        if stage == StageName.PD and spec.topology.value == "agg":
-            argv += _media_flags(spec)  # agg's pd fetches and decodes the media itself
+        if serves_api(spec, stage):  # agg's pd fetches and decodes the media itself, and serves the OpenAI API
+            argv += _media_flags(spec)
+            argv += ["--openai", f"--api-max-request-bytes={max_request_bytes(spec.media, StageName.FRONTEND)}"]
+            argv += _api_key_flag(spec)
+            if StageName.PD in peers:  # its sibling replicas, over which its router also routes
+                argv.append(f"--pd-url={peers[StageName.PD]}")
         engine_args = dict(cfg.engine_args or {})
         if cfg.gpus > 1 and cfg.engine_arg("tensor-parallel-size") is None:
             engine_args["tensor-parallel-size"] = cfg.tensor_parallel_size()
         argv += [f"--engine-arg={flag}" for flag in vllm_flags(engine_args)]
     return argv
+
+
+def serves_api(spec: MultimodalGraphSpec, stage: StageName) -> bool:
+    """agg's pd serves the OpenAI API itself: the frontend runs in its process, where the engine is one call away
+    instead of an HTTP hop (bench/peers.py measured the hop at 4-17% of vLLM's server's requests/s on 2 cores).
+    Its pods are the frontend Service's; a request may still go to a less busy sibling replica over HTTP."""
+    return spec.topology.value == "agg" and stage == StageName.PD
+
+
+def api_stage(spec: MultimodalGraphSpec) -> StageName:
+    """The stage whose pods serve the OpenAI API (the frontend Service's)."""
+    return StageName.PD if serves_api(spec, StageName.PD) else StageName.FRONTEND
+
+
+def process_stages(spec: MultimodalGraphSpec) -> tuple[StageName, ...]:
+    """The stages that run processes of their own (a Deployment each): agg's frontend runs inside pd."""
+    return tuple(s for s in spec.used_stages() if s != StageName.FRONTEND or api_stage(spec) == StageName.FRONTEND)
+
+
+def _api_key_flag(spec: MultimodalGraphSpec) -> list[str]:
+    return ["--api-key-env=MMGRAPH_API_KEY"] if spec.stages.frontend.api_key_secret else []
 
 
 def _media_flags(spec: MultimodalGraphSpec) -> list[str]:

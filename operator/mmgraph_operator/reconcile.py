@@ -29,6 +29,7 @@ from pydantic import ValidationError
 
 from mmgraph_operator import metrics
 from mmgraph_operator.api import GROUP, KIND, PLURAL, VERSION, MultimodalGraph, explain, parse, peer_credential_name
+from mmgraph_operator.commands import process_stages
 from mmgraph_operator.render import (
     GRAPH_LABEL,
     MANAGED_BY,
@@ -248,7 +249,7 @@ class Reconciler:
                 stage.value: self.children[key].get(
                     ChildKey("apps/v1", "Deployment", key[0], child_name(key[1], stage))
                 )
-                for stage in graph.spec.used_stages()
+                for stage in process_stages(graph.spec)
             }
             await self._write_status(body, running_status(graph, deployments, endpoint(graph)))
         metrics.RECONCILES.labels(result="applied").inc()

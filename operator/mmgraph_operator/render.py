@@ -25,7 +25,7 @@ from mmgraph_operator.api import (
     peer_credential_name,
     problems,
 )
-from mmgraph_operator.commands import worker_command
+from mmgraph_operator.commands import api_stage, process_stages, worker_command
 
 DEFAULT_KUBE_VERSION = "1.29"
 GRAPH_LABEL = "mmgraph.io/graph"
@@ -70,7 +70,7 @@ def pdb_api_version(version: KubeVersion) -> str:
 
 
 def endpoint(graph: MultimodalGraph) -> str:
-    """The frontend's in-cluster URL, as reported in status.endpoint."""
+    """The OpenAI API's in-cluster URL (the frontend Service's), as reported in status.endpoint."""
     port = graph.spec.stages.frontend.port
     return f"http://{child_name(graph.name, StageName.FRONTEND)}.{graph.namespace}.svc:{port}"
 
@@ -82,15 +82,17 @@ def render(graph: MultimodalGraph, kube_version: str = DEFAULT_KUBE_VERSION) -> 
         raise InvalidGraph(found)
     version = KubeVersion.parse(kube_version)
     out: list[dict[str, Any]] = []
+    running = process_stages(graph.spec)  # agg: the frontend runs in pd's pods, which its Service selects
     for stage in graph.spec.used_stages():
         cfg = graph.spec.stages.get(stage)
         assert cfg is not None
-        if graph.spec.network_policy.enabled:
+        if graph.spec.network_policy.enabled and stage in running:
             out.append(_network_policy(graph, stage))
         out.append(_service(graph, stage))
-        out.append(_deployment(graph, stage, cfg))
-        if cfg.replicas > 1:
-            out.append(_pdb(graph, stage, version))
+        if stage in running:
+            out.append(_deployment(graph, stage, cfg))
+            if cfg.replicas > 1:
+                out.append(_pdb(graph, stage, version))
     return out
 
 
@@ -140,18 +142,23 @@ def _ports(graph: MultimodalGraph, stage: StageName, cfg: StageSpec) -> list[dic
 
 
 def _service(graph: MultimodalGraph, stage: StageName) -> dict[str, Any]:
-    """Frontend: a ClusterIP Service clients use. Workers: headless, so peers resolve every ready pod."""
+    """Frontend: a ClusterIP Service clients use, on the pods that serve the API (agg: pd's). Workers: headless,
+    so peers resolve every ready pod."""
     cfg = graph.spec.stages.get(stage)
     assert cfg is not None
-    ports = [
-        {"name": p["name"], "port": p["containerPort"], "targetPort": p["name"], "protocol": "TCP"}
-        for p in _ports(graph, stage, cfg)
-    ]
-    spec: dict[str, Any] = {"selector": _selector(graph, stage), "ports": ports}
-    if stage != StageName.FRONTEND:
-        spec["clusterIP"] = "None"
+    if stage == StageName.FRONTEND:
+        http = {"name": "http", "port": cfg.port, "targetPort": "http", "protocol": "TCP"}
+        spec: dict[str, Any] = {
+            "selector": _selector(graph, api_stage(graph.spec)),
+            "ports": [http],
+            "type": "ClusterIP",
+        }
     else:
-        spec["type"] = "ClusterIP"
+        ports = [
+            {"name": p["name"], "port": p["containerPort"], "targetPort": p["name"], "protocol": "TCP"}
+            for p in _ports(graph, stage, cfg)
+        ]
+        spec = {"selector": _selector(graph, stage), "ports": ports, "clusterIP": "None"}
     return {
         "apiVersion": "v1",
         "kind": "Service",
@@ -233,7 +240,7 @@ def _env(graph: MultimodalGraph, stage: StageName, cfg: StageSpec, model_env: li
     if stage != StageName.FRONTEND and spec.transfer.ucx_tls:
         env.append({"name": "UCX_TLS", "value": spec.transfer.ucx_tls})
     api_key = spec.stages.frontend.api_key_secret
-    if stage == StageName.FRONTEND and api_key:
+    if stage == api_stage(spec) and api_key:
         env.append({"name": "MMGRAPH_API_KEY", "valueFrom": {"secretKeyRef": dict(api_key)}})
     return env + [dict(e) for e in cfg.env or []]
 
@@ -358,14 +365,14 @@ READERS: dict[StageName, tuple[StageName, ...]] = {
 
 def _network_policy(graph: MultimodalGraph, stage: StageName) -> dict[str, Any]:
     """A worker's pods admit the graph's frontend on their HTTP port, and the stage that reads from them (READERS)
-    on any port: UCX over TCP listens on ephemeral ports, so readers are chosen by label, never by port. The
-    frontend's HTTP port admits anyone."""
+    on any port: UCX over TCP listens on ephemeral ports, so readers are chosen by label, never by port. The HTTP
+    port of the pods that serve the API (the frontend's; agg: pd's) admits anyone."""
     http = [{"port": "http", "protocol": "TCP"}]
-    if stage == StageName.FRONTEND:
-        return _policy(graph, stage, [{"ports": http}])
-    frontend = {"podSelector": {"matchLabels": _selector(graph, StageName.FRONTEND)}}
-    ingress: list[dict[str, Any]] = [{"from": [frontend], "ports": http}]
-    readers = [r for r in READERS[stage] if r in graph.spec.used_stages()]
+    if stage == api_stage(graph.spec):
+        ingress: list[dict[str, Any]] = [{"ports": http}]
+    else:
+        ingress = [{"from": [{"podSelector": {"matchLabels": _selector(graph, StageName.FRONTEND)}}], "ports": http}]
+    readers = [r for r in READERS.get(stage, ()) if r in graph.spec.used_stages()]
     if readers:
         ingress.append({"from": [{"podSelector": {"matchLabels": _selector(graph, r)}} for r in readers]})
     return _policy(graph, stage, ingress)

@@ -4,7 +4,8 @@ The graph is an e-p-d graph run by `LocalGraph` (the same `mmgraph worker` comma
 Deployment run): encoder, pd (vLLM + NixlConnector producer), decode (vLLM + NixlConnector consumer) and its
 frontend. Two more frontends, one with topology agg and one with e-pd, route to the same pd and encoder: vLLM
 engines start in ~25 s each on these CPUs, so the session shares them (an agg request to pd is the same engine
-code path as in an agg-only graph: the engine loads the images itself). Every process is stopped at the end.
+code path as in an agg-only graph: the engine loads the images itself; an agg graph runs its frontend inside pd's
+process, which test_agg.py starts). Every process is stopped at the end.
 """
 
 from __future__ import annotations

@@ -33,6 +33,8 @@ from mmgraph_operator.api import kv_side_channel_port
 from prometheus_client import Counter, Gauge, Histogram
 
 from mmgraph_workers import cpu
+from mmgraph_workers.frontend.app import add_api, add_api_arguments, api_ready, is_api
+from mmgraph_workers.frontend.router import Local
 from mmgraph_workers.media import MediaError, policy
 from mmgraph_workers.media.fetch import fetch_all, media_client
 from mmgraph_workers.media.load import load, vllm_item
@@ -76,6 +78,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pd-url", default=None, help="decode: the pd Service (KV caches' owners)")
     parser.add_argument(
         "--peer-hosts-file", default=None, help="/etc/hosts-style file read before DNS (`mmgraph up`'s replicas)"
+    )
+    parser.add_argument(
+        "--openai",
+        action="store_true",
+        help="agg's pd: serve the OpenAI API too, the frontend in this process (no hop to the engine)",
+    )
+    parser.add_argument("--api-max-request-bytes", type=int, default=None, help="--openai: a client's body limit")
+    add_api_arguments(parser)
+
+
+def api_args(args: argparse.Namespace) -> argparse.Namespace:
+    """The frontend's flags for the API agg's pd serves: agg, routed over the pd replicas (this one reached
+    without HTTP), no encoder, no decode."""
+    if args.embeddings_input or args.kv_role:
+        raise SystemExit("--openai is agg's: a pd that takes embeddings or hands its KV cache on has a frontend")
+    return argparse.Namespace(
+        **{
+            **vars(args),
+            "topology": "agg",
+            "pd_url": args.pd_url or f"http://{args.advertise_host}:{args.port}",
+            "encoder_url": None,
+            "decode_url": None,
+            "encoder_routing": "least-busy",
+            "encoder_batch_size": 1,
+        }
     )
 
 
@@ -302,6 +329,37 @@ class Engine:
                 retry=True,
             ) from None
 
+    async def events(self, req: GenerateRequest) -> AsyncIterator[GenerateEvent]:
+        """What /generate streams for `req`: its events, and a failure as a last event that says whose it is
+        (the client's 4xx, or this stage's). agg's pd, serving the API itself, reads these without HTTP."""
+        stage = self.stage
+        IN_FLIGHT.labels(stage).inc()
+        outcome = "ok"
+        try:
+            async with contextlib.aclosing(self.generate(req)) as generated:  # closing us closes it
+                async for event in generated:
+                    yield event
+        except (asyncio.CancelledError, GeneratorExit):  # the caller hung up: generate() aborted the request
+            outcome = "cancelled"
+            raise
+        except MediaError as err:
+            outcome = "bad_request"
+            yield GenerateEvent(error=str(err), status=err.status)
+        except StageError as err:
+            outcome = "error"
+            yield GenerateEvent(error=str(err), status=err.status, retry=err.retry)
+        except Exception as err:
+            if (refusal := _refusal(err)) is not None:  # vLLM refuses the input (too long, an image it cannot tile)
+                outcome = "bad_request"
+                yield GenerateEvent(error=refusal, status=400)
+                return
+            outcome = "error"
+            log.exception("%s failed on request %s", stage, req.request_id)
+            yield GenerateEvent(error=f"{stage} failed: {err}", status=500)
+        finally:
+            IN_FLIGHT.labels(stage).dec()
+            REQUESTS.labels(stage, outcome).inc()
+
 
 def _logprobs(steps: Any) -> list[list[tuple[int, float, int | None, str | None]]]:
     """vLLM's logprobs of each new position (a list or FlatLogprobs of {token id: Logprob}), order kept; clamped
@@ -348,9 +406,17 @@ class StageError(RuntimeError):
 
 def main(args: argparse.Namespace, stage: str) -> None:
     cpu.apply_engine_env(user_engine_args(args)[0])
+    openai = args.openai and stage == "pd"
     engine = Engine(args, stage)
     alive = lambda: engine.llm is not None and not engine.llm.errored  # noqa: E731
-    app = make_app(stage, alive, args.max_request_bytes, engine.token)
+    app = make_app(
+        stage,
+        lambda: alive() and (not openai or api_ready(app)),
+        args.max_request_bytes,
+        engine.token,
+        public=is_api if openai else lambda path: False,
+        public_body_bytes=args.api_max_request_bytes,
+    )
 
     @app.on_event("startup")
     async def load() -> None:
@@ -382,38 +448,15 @@ def main(args: argparse.Namespace, stage: str) -> None:
         if isinstance(req, JSONResponse):
             return req
 
-        async def events() -> AsyncIterator[bytes]:
-            IN_FLIGHT.labels(stage).inc()
-            outcome = "ok"
-            try:
-                async with contextlib.aclosing(engine.generate(req)) as generated:  # closing us closes it
-                    async for event in generated:
-                        yield event.model_dump_json(exclude_none=True).encode() + b"\n"
-            except (asyncio.CancelledError, GeneratorExit):  # the caller hung up: generate() aborted the request
-                outcome = "cancelled"
-                raise
-            except MediaError as err:
-                outcome = "bad_request"
-                yield GenerateEvent(error=str(err), status=err.status).model_dump_json().encode() + b"\n"
-            except StageError as err:
-                outcome = "error"
-                yield (
-                    GenerateEvent(error=str(err), status=err.status, retry=err.retry).model_dump_json().encode() + b"\n"
-                )
-            except Exception as err:
-                if (refusal := _refusal(err)) is not None:  # vLLM refuses the input (too long, an image it cannot tile)
-                    outcome = "bad_request"
-                    yield GenerateEvent(error=refusal, status=400).model_dump_json().encode() + b"\n"
-                    return
-                outcome = "error"
-                log.exception("%s failed on request %s", stage, req.request_id)
-                yield GenerateEvent(error=f"{stage} failed: {err}", status=500).model_dump_json().encode() + b"\n"
-            finally:
-                IN_FLIGHT.labels(stage).dec()
-                REQUESTS.labels(stage, outcome).inc()
+        async def lines() -> AsyncIterator[bytes]:
+            async with contextlib.aclosing(engine.events(req)) as events:  # closing us closes it
+                async for event in events:
+                    yield event.model_dump_json(exclude_none=True).encode() + b"\n"
 
-        return StreamingResponse(events(), media_type="application/x-ndjson")
+        return StreamingResponse(lines(), media_type="application/x-ndjson")
 
+    if openai:  # after the engine's startup: the API's starts once the engine has loaded
+        add_api(app, api_args(args), Local(args.advertise_host, engine.events))
     serve(app, args)
 
 

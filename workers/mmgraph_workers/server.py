@@ -57,28 +57,33 @@ def _other_version(version: int) -> JSONResponse:
 class BodyTooLarge(Exception):
     """A request body went past the stage's --max-request-bytes while it was read."""
 
+    def __init__(self, limit: int):
+        super().__init__(limit)
+        self.limit = limit
+
 
 class BodyLimit:
-    """ASGI middleware: a body over `limit` bytes is a 413, from its Content-Length before anything is read, or
-    as soon as a streamed body passes the limit (so no more of it is held)."""
+    """ASGI middleware: a body over its path's limit (`limit_of`) is a 413, from its Content-Length before
+    anything is read, or as soon as a streamed body passes the limit (so no more of it is held)."""
 
-    def __init__(self, app: Any, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, app: Any, limit_of: Callable[[str], int]):
+        self.app, self.limit_of = app, limit_of
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        limit = self.limit_of(scope["path"])
         declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await too_large(self.limit)(scope, receive, send)
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return await too_large(limit)(scope, receive, send)
         received = 0
 
         async def counted() -> dict:
             nonlocal received
             message = await receive()
             received += len(message.get("body", b""))
-            if received > self.limit:
-                raise BodyTooLarge
+            if received > limit:
+                raise BodyTooLarge(limit)
             return message
 
         await self.app(scope, counted, send)
@@ -102,6 +107,7 @@ class BearerAuth:
 
 
 PEER_OPEN = ("/health", "/metrics")  # probes and Prometheus: every other call of a stage is a peer's
+PEER_PATHS = ("/v1/info", "/v1/transfer/")  # the stages' own calls under /v1/, beside the OpenAI API's
 
 
 def peer_token(args) -> str | None:
@@ -152,23 +158,31 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
 
 
 def make_app(
-    stage: str, ready: Callable[[], bool], max_body_bytes: int | None = None, token: str | None = None
+    stage: str,
+    ready: Callable[[], bool],
+    max_body_bytes: int | None = None,
+    token: str | None = None,
+    public: Callable[[str], bool] = lambda path: False,
+    public_body_bytes: int | None = None,
 ) -> FastAPI:
-    """`token`: the peer credential every call must carry (internal stages; the frontend faces clients)."""
+    """`token`: the peer credential every call must carry (internal stages; the frontend faces clients), but
+    probes, metrics and the `public` paths (the OpenAI API of a pd that serves it), whose bodies may have a limit
+    of their own (`public_body_bytes`: a client's, where peers' messages wrap what a client sent)."""
     app = FastAPI(title=f"mmgraph {stage}", docs_url=None, redoc_url=None)
     if max_body_bytes is not None:
-        app.add_middleware(BodyLimit, limit=max_body_bytes)
+        peers, clients = max_body_bytes, public_body_bytes or max_body_bytes
+        app.add_middleware(BodyLimit, limit_of=lambda path: clients if public(path) else peers)
 
         @app.exception_handler(BodyTooLarge)
         async def body_too_large(request: Request, err: BodyTooLarge) -> JSONResponse:
-            return too_large(max_body_bytes)
+            return too_large(err.limit)
 
     if token is not None:
         refusal = {"error": "this is an internal stage: calls need the graph's peer credential", "status": 401}
         app.add_middleware(  # added last, so it runs first: no body is read for a stranger
             BearerAuth,
             token=token,
-            guarded=lambda path: path not in PEER_OPEN,
+            guarded=lambda path: path not in PEER_OPEN and not public(path),
             refusal=JSONResponse(refusal, status_code=401),
         )
 

@@ -39,10 +39,11 @@ from mmgraph_workers.frontend.openai_api import (
     usage,
 )
 from mmgraph_workers.frontend.processor import Processor
-from mmgraph_workers.frontend.router import Router, StageFailure
+from mmgraph_workers.frontend.router import Local, Router, StageFailure
 from mmgraph_workers.media import policy
 from mmgraph_workers.protocol import GenerateEvent, WorkerInfo
 from mmgraph_workers.server import (
+    PEER_PATHS,
     BearerAuth,
     add_common_arguments,
     add_kv_lease_argument,
@@ -79,11 +80,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the encoders' --max-batch-size: a replica with fewer calls in flight keeps its keys (no spill)",
     )
     add_kv_lease_argument(parser)
-    parser.add_argument("--request-timeout-seconds", type=float, default=120)
-    parser.add_argument("--api-key-env", default=None, help="environment variable holding the API key")
+    add_api_arguments(parser)
     parser.add_argument(
         "--peer-hosts-file", default=None, help="/etc/hosts-style file read before DNS (`mmgraph up`'s replicas)"
     )
+
+
+def add_api_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of the OpenAI API wherever it is served: by the frontend, or by agg's pd (engine.py)."""
+    parser.add_argument("--request-timeout-seconds", type=float, default=120)
+    parser.add_argument("--api-key-env", default=None, help="environment variable holding the API key")
+
+
+def is_api(path: str) -> bool:
+    """An OpenAI API path: the API key guards it (when there is one), the peer credential never does. A stage's
+    own calls under /v1/ stay the peers' (agg's pd serves both)."""
+    return path.startswith(("/v1/", "/tokenize", "/detokenize")) and not path.startswith(PEER_PATHS)
 
 
 def failure(err: Exception, request_id: str) -> tuple[int, dict]:
@@ -101,27 +113,35 @@ def failure(err: Exception, request_id: str) -> tuple[int, dict]:
 
 
 def build_app(args: argparse.Namespace) -> FastAPI:
+    app = make_app("frontend", lambda: api_ready(app), args.max_request_bytes)
+    add_api(app, args)
+    return app
+
+
+def api_ready(app: FastAPI) -> bool:
+    """The API can serve: it has its processor, and pd has told it the model's limits."""
+    router: Router | None = getattr(app.state, "router", None)
+    return router is not None and router.pd_info is not None
+
+
+def add_api(app: FastAPI, args: argparse.Namespace, local: Local | None = None) -> None:
+    """The OpenAI API on `app`: the frontend's, or agg's pd's, whose own engine is `local` (its calls skip HTTP)."""
     api_key = os.environ.get(args.api_key_env, "") if args.api_key_env else ""
     if args.api_key_env and not api_key:
         raise SystemExit(f"--api-key-env {args.api_key_env} is set but the variable is empty")
-    app = make_app(
-        "frontend",
-        lambda: app.state.router is not None and app.state.router.pd_info is not None,
-        args.max_request_bytes,
-    )
     app.state.processor, app.state.router = None, None
 
     @app.on_event("startup")
     async def load() -> None:
         app.state.processor = await asyncio.to_thread(Processor, args)
-        app.state.router = Router(args)
+        app.state.router = Router(args, local)
         app.state.watcher = asyncio.create_task(app.state.router.watch_peers())
 
     if api_key:  # the OpenAI routes; probes and metrics stay open
         app.add_middleware(
             BearerAuth,
             token=api_key,
-            guarded=lambda path: path.startswith(("/v1/", "/tokenize", "/detokenize")),
+            guarded=is_api,
             refusal=error_response(
                 "missing or wrong API key (Authorization: Bearer <key>)", 401, kind="authentication_error"
             ),
@@ -183,8 +203,6 @@ def build_app(args: argparse.Namespace) -> FastAPI:
         if req.stream:  # Starlette stops the stream (and so the stages' calls) when the client goes
             return StreamingResponse(writer.stream(events), media_type="text/event-stream")
         return await unless_disconnected(request, writer.whole(events))
-
-    return app
 
 
 def _prepare(

@@ -14,7 +14,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,9 +81,18 @@ class Media:
     encoders: list[str] = field(default_factory=list)  # each item's replica's address
 
 
+@dataclass
+class Local:
+    """A pd replica in this very process (agg: pd serves the OpenAI API itself): calls it is picked for skip HTTP
+    and JSON, and reach its engine directly."""
+
+    address: str  # the address the pd Service resolves this replica to
+    events: Callable[[GenerateRequest], AsyncIterator[GenerateEvent]]  # what its /generate would stream
+
+
 class Router:
-    def __init__(self, args: argparse.Namespace):
-        self.args = args
+    def __init__(self, args: argparse.Namespace, local: Local | None = None):
+        self.args, self.local = args, local
         self.peers = {
             stage: Peer(stage, url)
             for stage, url in (("encoder", args.encoder_url), ("pd", args.pd_url), ("decode", args.decode_url))
@@ -241,16 +250,22 @@ class Router:
     async def stream_stage(self, stage: str, request: GenerateRequest) -> AsyncIterator[GenerateEvent]:
         """The stage's events until the request finishes. A refused connection goes to the next replica, but only
         before any event came: a request is never sent twice once a stage has begun answering it."""
-        started, body, tried, sent = time.perf_counter(), request.model_dump_json(), set(), False
+        started, body, tried, sent = time.perf_counter(), None, set(), False
         while True:
             address, base = self._acquire(stage, tried)
             try:
-                async for event in self._stream(stage, base, body):
-                    sent = True
-                    yield event
-                    if event.final:
-                        STAGE_SECONDS.labels(stage).observe(time.perf_counter() - started)
-                        return
+                if self.local is not None and stage == "pd" and address == self.local.address:
+                    events = self.local.events(request)
+                else:
+                    body = body or request.model_dump_json()
+                    events = self._stream(stage, base, body)
+                async with contextlib.aclosing(events):
+                    async for event in events:
+                        sent = True
+                        yield _checked(stage, event)
+                        if event.final:
+                            STAGE_SECONDS.labels(stage).observe(time.perf_counter() - started)
+                            return
                 raise StageFailure(stage, "the stream ended before the request finished (the stage died?)", 502)
             except httpx.ConnectError:
                 if sent:
@@ -269,13 +284,7 @@ class Router:
                 raise StageFailure(stage, _error_text(r), 502)
             async for line in r.aiter_lines():
                 if line.strip():
-                    event = GenerateEvent.model_validate_json(line)
-                    if event.error:
-                        if event.status and 400 <= event.status < 500:
-                            raise RequestError(event.error, None, event.status)
-                        status = event.status if event.status in (503, 504) else 502  # busy stays retryable
-                        raise StageFailure(stage, event.error, status, retry=event.retry)
-                    yield event
+                    yield GenerateEvent.model_validate_json(line)
 
     # ---- the topologies ---------------------------------------------------------------------------------------
 
@@ -369,6 +378,16 @@ class Router:
             KV_REPREFILLS.inc()
             log.warning("request %s: %s (attempt %d of %d)", request_id, reason, attempt, KV_ATTEMPTS)
         raise StageFailure("decode", f"{reason}, {KV_ATTEMPTS} times; the graph is overloaded", 503)
+
+
+def _checked(stage: str, event: GenerateEvent) -> GenerateEvent:
+    """`event`, unless it says the stage failed: the client's 4xx, or the stage's failure (busy stays retryable)."""
+    if event.error:
+        if event.status and 400 <= event.status < 500:
+            raise RequestError(event.error, None, event.status)
+        status = event.status if event.status in (503, 504) else 502
+        raise StageFailure(stage, event.error, status, retry=event.retry)
+    return event
 
 
 def _call_failed(stage: str, base: str, err: httpx.HTTPError) -> StageFailure:

@@ -1,0 +1,87 @@
+"""agg as the operator runs it: pd serves the OpenAI API itself (the frontend in its process, the engine one
+call away instead of an HTTP hop), against the oracle; the API key and the peer credential each guard their own
+paths on the one port; and a second pd replica, to which the first routes requests over HTTP.
+
+(The session's agg endpoint elsewhere is a frontend process routed to the e-p-d graph's pd, which shares one
+engine among the topologies; this module starts an engine of its own.)"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from mmgraph_operator.api import StageName, parse
+from mmgraph_workers.up import LocalGraph
+
+from .conftest import CASES, MODEL_NAME, PEER, graph_spec, metric, wait
+
+KEY = {"Authorization": "Bearer s3cret"}
+
+
+@pytest.fixture(scope="module")
+def agg(tiny_model, reference, tmp_path_factory) -> Iterator[LocalGraph]:
+    spec = graph_spec(tiny_model, "agg")
+    spec["spec"]["stages"]["frontend"]["apiKeySecret"] = {"name": "api", "key": "key"}
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MMGRAPH_API_KEY", "s3cret")  # what the Secret gives the pod
+        local = LocalGraph(parse(spec), logdir=tmp_path_factory.mktemp("agg-logs"))
+        local.start()
+        try:
+            local.wait_healthy(timeout=300, progress=lambda line: None)
+            yield local
+        finally:
+            local.stop()
+
+
+def answer(endpoint: str, case: str, headers: dict[str, str] = KEY) -> httpx.Response:
+    body = {"model": MODEL_NAME, "temperature": 0, "max_tokens": 12, "return_token_ids": True, **CASES[case]}
+    return httpx.post(f"{endpoint}/v1/chat/completions", json=body, headers=headers, timeout=180)
+
+
+def tokens(endpoint: str, case: str) -> list[int]:
+    response = answer(endpoint, case)
+    assert response.status_code == 200, response.text
+    return response.json()["choices"][0]["token_ids"]
+
+
+def test_pd_serves_the_api_with_no_frontend_process(agg):
+    """One process, one port: the API key guards the OpenAI routes, the graph's peer credential its stage calls,
+    and neither opens the other's."""
+    assert set(agg.stages) == {StageName.PD}
+    pd = agg.endpoint
+    assert pd == f"http://127.0.0.1:{agg.stages[StageName.PD].port}"
+    assert answer(pd, "text-only", headers={}).status_code == 401
+    assert answer(pd, "text-only", headers=PEER).status_code == 401  # the peer credential is not the API key
+    assert answer(pd, "text-only").status_code == 200
+    assert httpx.get(f"{pd}/v1/info", headers=KEY, timeout=10).status_code == 401  # nor the other way round
+    assert httpx.get(f"{pd}/v1/info", headers=PEER, timeout=10).status_code == 200
+    assert httpx.post(f"{pd}/generate", content=b"{}", headers=KEY, timeout=10).status_code == 401
+    assert httpx.get(f"{pd}/health", timeout=10).status_code == 200
+
+
+@pytest.mark.parametrize("case", ["one-image", "two-images", "text-only", "image-and-video"])
+def test_agg_returns_the_single_engine_tokens(agg, reference, case):
+    assert tokens(agg.endpoint, case) == reference[case]
+
+
+def test_a_second_pd_replica_takes_requests_over_http(agg, reference):
+    """The API a replica serves routes over every pd replica, its own engine in process and the others over
+    HTTP, least busy first: with another replica up, concurrent requests to the first reach both engines, and
+    every answer is still the oracle's."""
+    replica = agg.add_replica(StageName.PD)
+    try:
+        second = f"http://{replica.host}:{replica.port}"
+        served = lambda: metric(second, "mmgraph_engine_requests_total", outcome="ok")  # noqa: E731
+        before, load = served(), [f"concurrent-{i}" for i in range(16)]
+
+        def round_trip() -> bool:
+            with ThreadPoolExecutor(8) as pool:
+                got = list(pool.map(lambda case: tokens(agg.endpoint, case), load))
+            assert got == [reference[case] for case in load]
+            return served() > before
+
+        wait(round_trip, timeout=60)  # the first replica re-reads its peers every 2 s
+    finally:
+        agg.remove_replica(replica)
