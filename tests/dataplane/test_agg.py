@@ -24,6 +24,7 @@ KEY = {"Authorization": "Bearer s3cret"}
 def agg(tiny_model, reference, tmp_path_factory) -> Iterator[LocalGraph]:
     spec = graph_spec(tiny_model, "agg")
     spec["spec"]["stages"]["frontend"]["apiKeySecret"] = {"name": "api", "key": "key"}
+    spec["spec"]["stages"]["pd"]["engineArgs"]["max-num-seqs"] = 2  # saturated at 3 in flight: see the last test
     with pytest.MonkeyPatch.context() as env:
         env.setenv("MMGRAPH_API_KEY", "s3cret")  # what the Secret gives the pod
         local = LocalGraph(parse(spec), logdir=tmp_path_factory.mktemp("agg-logs"))
@@ -66,21 +67,32 @@ def test_agg_returns_the_single_engine_tokens(agg, reference, case):
     assert tokens(agg.endpoint, case) == reference[case]
 
 
-def test_a_second_pd_replica_takes_requests_over_http(agg, reference):
-    """The API a replica serves routes over every pd replica, its own engine in process and the others over
-    HTTP, least busy first: with another replica up, concurrent requests to the first reach both engines, and
-    every answer is still the oracle's."""
+def test_one_request_at_a_time_stays_in_process(agg, reference):
+    """Requests the engine has room for never leave the process, and each counts as served (none as cancelled,
+    though the API stops reading at the last event)."""
+    served = lambda outcome: metric(agg.endpoint, "mmgraph_engine_requests_total", outcome=outcome)  # noqa: E731
+    before = served("ok"), served("cancelled")
+    for case in ("one-image", "text-only"):
+        assert tokens(agg.endpoint, case) == reference[case]
+    assert (served("ok") - before[0], served("cancelled") - before[1]) == (2, 0)
+
+
+def test_a_saturated_engine_sends_requests_to_another_replica(agg, reference):
+    """The API a replica serves takes every request into its own engine until that engine is saturated (here
+    max-num-seqs 2), then sends it to the least busy other pd replica over HTTP: with 8 requests in flight,
+    both engines serve some, and every answer is still the oracle's."""
     replica = agg.add_replica(StageName.PD)
     try:
         second = f"http://{replica.host}:{replica.port}"
-        served = lambda: metric(second, "mmgraph_engine_requests_total", outcome="ok")  # noqa: E731
-        before, load = served(), [f"concurrent-{i}" for i in range(16)]
+        served = lambda endpoint: metric(endpoint, "mmgraph_engine_requests_total", outcome="ok")  # noqa: E731
+        load = [f"concurrent-{i}" for i in range(16)]
 
         def round_trip() -> bool:
+            before = served(agg.endpoint), served(second)
             with ThreadPoolExecutor(8) as pool:
                 got = list(pool.map(lambda case: tokens(agg.endpoint, case), load))
             assert got == [reference[case] for case in load]
-            return served() > before
+            return served(agg.endpoint) > before[0] and served(second) > before[1]
 
         wait(round_trip, timeout=60)  # the first replica re-reads its peers every 2 s
     finally:

@@ -178,6 +178,25 @@ class Engine:
         self.max_model_len: int | None = None
         self.encoders = Peer("encoder", args.encoder_url) if args.encoder_url else None
         self.pds = Peer("pd", args.pd_url) if args.pd_url else None
+        self.in_flight = 0  # requests in this engine, from every caller
+        self.max_num_seqs = 1
+
+    def info(self) -> WorkerInfo | None:
+        """What /v1/info answers (None until the engine has loaded)."""
+        if self.llm is None:
+            return None
+        return WorkerInfo(
+            stage=self.stage,
+            model=self.args.model,
+            served_model_name=self.args.served_model_name,
+            max_model_len=self.max_model_len,
+            hidden_size=self.hidden_size,
+            default_sampling=self.llm.model_config.get_diff_sampling_param(),
+        )
+
+    def saturated(self) -> bool:
+        """Every sequence slot of the engine is taken: another request would queue here."""
+        return self.in_flight >= self.max_num_seqs
 
     async def start(self) -> None:
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -192,6 +211,7 @@ class Engine:
         config = self.llm.model_config
         self.max_model_len = config.max_model_len
         self.hidden_size = config.get_hidden_size()
+        self.max_num_seqs = self.llm.vllm_config.scheduler_config.max_num_seqs
 
     async def _media(self, req: GenerateRequest) -> tuple[Any, dict[str, list[str]] | None]:
         """vLLM's `multi_modal_data` for the request's media, and their `multi_modal_uuids`: the content keys
@@ -290,7 +310,7 @@ class Engine:
             params.extra_args = {**(params.extra_args or {}), "kv_transfer_params": {"do_remote_decode": True}}
         elif req.kv_transfer_params is not None:
             params.extra_args = {**(params.extra_args or {}), "kv_transfer_params": req.kv_transfer_params}
-        completion, first = 0, req.return_prompt_token_ids
+        completion, first, finished = 0, req.return_prompt_token_ids, False
         try:
             async with asyncio.timeout(req.kv_deadline_seconds) as lease:  # the owner check is inside the lease
                 if req.kv_transfer_params is not None:
@@ -300,6 +320,7 @@ class Engine:
                     for k, piece in enumerate(out.outputs):  # one per choice with news (n > 1: several)
                         completion += len(piece.token_ids)
                         last = out.finished and k == len(out.outputs) - 1  # usage, once, for all choices
+                        finished = last  # a caller that stops at the last event leaves nothing to abort
                         yield GenerateEvent(
                             index=piece.index,
                             final=last,
@@ -315,7 +336,8 @@ class Engine:
                         )
                         first = False
         except (asyncio.CancelledError, GeneratorExit):  # the caller left: stop computing for nobody
-            await self.llm.abort(req.request_id)
+            if not finished:
+                await self.llm.abort(req.request_id)
             raise
         except TimeoutError:  # no token before the deadline: whatever KV it pulls now may be another request's
             if not lease.expired():
@@ -334,13 +356,15 @@ class Engine:
         (the client's 4xx, or this stage's). agg's pd, serving the API itself, reads these without HTTP."""
         stage = self.stage
         IN_FLIGHT.labels(stage).inc()
-        outcome = "ok"
+        self.in_flight += 1
+        outcome, finished = "ok", False
         try:
             async with contextlib.aclosing(self.generate(req)) as generated:  # closing us closes it
                 async for event in generated:
+                    finished = event.final
                     yield event
         except (asyncio.CancelledError, GeneratorExit):  # the caller hung up: generate() aborted the request
-            outcome = "cancelled"
+            outcome = "ok" if finished else "cancelled"  # (or stopped reading at the last event: in process)
             raise
         except MediaError as err:
             outcome = "bad_request"
@@ -358,6 +382,7 @@ class Engine:
             yield GenerateEvent(error=f"{stage} failed: {err}", status=500)
         finally:
             IN_FLIGHT.labels(stage).dec()
+            self.in_flight -= 1
             REQUESTS.labels(stage, outcome).inc()
 
 
@@ -431,16 +456,9 @@ def main(args: argparse.Namespace, stage: str) -> None:
         if engine.transfer is not None:
             engine.transfer.close()
 
-    @app.get("/v1/info")
-    async def info() -> WorkerInfo:
-        return WorkerInfo(
-            stage=stage,
-            model=args.model,
-            served_model_name=args.served_model_name,
-            max_model_len=engine.max_model_len,
-            hidden_size=engine.hidden_size,
-            default_sampling=engine.llm.model_config.get_diff_sampling_param() if engine.llm else {},
-        )
+    @app.get("/v1/info", response_model=None)
+    async def info() -> WorkerInfo | JSONResponse:
+        return engine.info() or JSONResponse({"error": "the engine is loading", "status": 503}, status_code=503)
 
     @app.post("/generate")
     async def generate(request: Request):
@@ -456,7 +474,7 @@ def main(args: argparse.Namespace, stage: str) -> None:
         return StreamingResponse(lines(), media_type="application/x-ndjson")
 
     if openai:  # after the engine's startup: the API's starts once the engine has loaded
-        add_api(app, api_args(args), Local(args.advertise_host, engine.events))
+        add_api(app, api_args(args), Local(args.advertise_host, engine.events, engine.info, engine.saturated))
     serve(app, args)
 
 

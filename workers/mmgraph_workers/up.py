@@ -53,6 +53,7 @@ class Stage:
     proc: subprocess.Popen
     log: Path
     host: str = "127.0.0.1"
+    listed: bool = False  # in the hosts file: healthy once, as a Service lists a pod once it is ready
 
     def tail(self, lines: int = 15) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
@@ -98,11 +99,12 @@ class LocalGraph:
         return [] if stage == StageName.ENCODER else [f"--peer-hosts-file={self.hosts_file}"]
 
     def write_hosts(self, leaving: Stage | None = None) -> None:
-        """List every worker replica under its stage's name (but `leaving`); the frontend re-reads the file."""
+        """List every worker replica that has been healthy under its stage's name (but `leaving`), as a Service
+        lists ready pods; the stages re-read the file."""
         lines = [
             f"{s.host} {self.peer_name(s.name)}"
             for s in [*self.stages.values(), *self.replicas]
-            if s.name != StageName.FRONTEND and s is not leaving and s.proc.poll() is None
+            if s.name != StageName.FRONTEND and s is not leaving and s.proc.poll() is None and s.listed
         ]
         tmp = self.hosts_file.with_suffix(".tmp")
         tmp.write_text("".join(f"{line}\n" for line in lines))
@@ -121,6 +123,7 @@ class LocalGraph:
             if replica.proc.poll() is not None or time.monotonic() > deadline:
                 raise StageDied(replica)
             time.sleep(0.2)
+        replica.listed = True
         self.write_hosts()
         return replica
 
@@ -195,7 +198,12 @@ class LocalGraph:
             dead = self.dead()
             if dead:
                 raise StageDied(dead)
-            ready = [s.name.value for s in self.stages.values() if self.healthy(s)]
+            healthy = [s for s in self.stages.values() if self.healthy(s)]
+            if any(not s.listed for s in healthy):
+                for s in healthy:
+                    s.listed = True
+                self.write_hosts()
+            ready = [s.name.value for s in healthy]
             line = f"  {time.monotonic() - started:5.0f}s  ready: {', '.join(ready) or '-'}"
             if line.split("ready")[1] != (shown or "").split("ready")[-1]:
                 progress(line)

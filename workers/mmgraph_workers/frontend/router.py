@@ -83,11 +83,15 @@ class Media:
 
 @dataclass
 class Local:
-    """A pd replica in this very process (agg: pd serves the OpenAI API itself): calls it is picked for skip HTTP
-    and JSON, and reach its engine directly."""
+    """The pd replica in this very process (agg: pd serves the OpenAI API itself). It takes every request until
+    its engine is saturated (another request would queue there), then the least busy of the other replicas does,
+    over HTTP: the Service already spreads clients over the replicas, and the hop costs what vLLM's server does
+    not pay. Its calls skip HTTP and JSON."""
 
-    address: str  # the address the pd Service resolves this replica to
+    address: str  # the address the pd Service resolves this replica to (never called over HTTP)
     events: Callable[[GenerateRequest], AsyncIterator[GenerateEvent]]  # what its /generate would stream
+    info: Callable[[], WorkerInfo | None]  # what its /v1/info answers; None while the engine loads
+    saturated: Callable[[], bool]
 
 
 class Router:
@@ -117,6 +121,8 @@ class Router:
     async def _refresh_peers(self) -> None:
         hosts = read_hosts(self.args.peer_hosts_file) if self.args.peer_hosts_file else None
         await asyncio.gather(*(p.refresh(hosts) for p in self.peers.values()))
+        if self.pd_info is None and self.local is not None:  # before the Service lists this replica (it is not
+            self.pd_info = self.local.info()  # ready until the API is), so from the engine itself
         if self.pd_info is None and self.peers["pd"].addresses:
             with contextlib.suppress(httpx.HTTPError, NoReplica, ValidationError):
                 address, base = self.peers["pd"].acquire()
@@ -252,10 +258,11 @@ class Router:
         before any event came: a request is never sent twice once a stage has begun answering it."""
         started, body, tried, sent = time.perf_counter(), None, set(), False
         while True:
-            address, base = self._acquire(stage, tried)
+            local = self._local(stage, tried)
+            address, base = (local.address, "") if local else self._acquire(stage, tried | self._own(stage))
             try:
-                if self.local is not None and stage == "pd" and address == self.local.address:
-                    events = self.local.events(request)
+                if local:  # no HTTP, so no read timeout: the same deadline between events, kept here
+                    events = _within(stage, local.events(request), self.args.request_timeout_seconds)
                 else:
                     body = body or request.model_dump_json()
                     events = self._stream(stage, base, body)
@@ -275,7 +282,21 @@ class Router:
             except httpx.HTTPError as err:
                 raise _call_failed(stage, base, err) from None
             finally:
-                self.peers[stage].release(address)
+                if not local:
+                    self.peers[stage].release(address)
+
+    def _own(self, stage: str) -> set[str]:
+        """This process's own replica of `stage`: reached in process, never over HTTP."""
+        return {self.local.address} if self.local is not None and stage == "pd" else set()
+
+    def _local(self, stage: str, tried: set[str]) -> Local | None:
+        """The replica in this process, for a pd call: unless its engine is saturated and another replica is
+        there to take the request."""
+        local = self.local
+        if local is None or stage != "pd" or local.address in tried:
+            return None
+        others = set(self.peers["pd"].addresses) - tried - {local.address}
+        return local if not (local.saturated() and others) else None
 
     async def _stream(self, stage: str, base: str, body: str) -> AsyncIterator[GenerateEvent]:
         async with self.http.stream("POST", f"{base}/generate", content=body) as r:
@@ -378,6 +399,20 @@ class Router:
             KV_REPREFILLS.inc()
             log.warning("request %s: %s (attempt %d of %d)", request_id, reason, attempt, KV_ATTEMPTS)
         raise StageFailure("decode", f"{reason}, {KV_ATTEMPTS} times; the graph is overloaded", 503)
+
+
+async def _within(stage: str, events: AsyncIterator[GenerateEvent], seconds: float) -> AsyncIterator[GenerateEvent]:
+    """`events`, each within `seconds` of the last (in this task: the engine's own deadlines stay its task's); a
+    stall is the 504 an HTTP read timeout would give, and the request is aborted (its generator is cancelled)."""
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(seconds) as deadline, contextlib.aclosing(events):
+            async for event in events:
+                deadline.reschedule(None)  # the caller's time with the event is not the engine's
+                yield event
+                deadline.reschedule(loop.time() + seconds)
+    except TimeoutError:
+        raise StageFailure(stage, f"no answer within {seconds:g} s", 504) from None
 
 
 def _checked(stage: str, event: GenerateEvent) -> GenerateEvent:
