@@ -156,19 +156,35 @@ def test_update_changes_children_and_topology_change_deletes_unneeded(api, opera
         what="status caught up",
     )
     assert set(graph["status"]["stages"]) == {"frontend", "encoder", "pd"}
-    # e-pd -> agg: pd's pods serve the API themselves; the frontend's Deployment, PDB and policy go, its Service
-    # stays (the graph's endpoint) and now selects pd's pods.
+    # e-pd -> agg: pd's pods serve the API themselves. Until pd has rolled out pods that do, the frontend keeps
+    # serving (its Deployment, PDB and policy stay; its Service still selects it); then they go, and the Service
+    # selects pd's pods. (The same handover moves an older operator's agg graph into pd without an outage.)
     patch_graph(api, namespace, "g", {"spec": {"topology": "agg", "stages": {"encoder": None}}})
+    core = client.CoreV1Api(api)
+    selector = lambda: core.read_namespaced_service("g-frontend", namespace).spec.selector["mmgraph.io/stage"]  # noqa: E731
+    handing_over = {
+        "Deployment": {"g-frontend", "g-pd"},
+        "Service": {"g-frontend", "g-pd"},
+        "PodDisruptionBudget": {"g-frontend", "g-pd"},
+        "NetworkPolicy": {"g-frontend", "g-pd"},
+    }
+    wait_for(lambda: children(api, namespace, "g") == handing_over, what="the encoder pruned, the frontend kept")
+    assert "--openai" in apps.read_namespaced_deployment("g-pd", namespace).spec.template.spec.containers[0].args
+    time.sleep(2)
+    assert selector() == "frontend" and "g-frontend" in children(api, namespace, "g")["Deployment"]
     want = {
         "Deployment": {"g-pd"},
         "Service": {"g-frontend", "g-pd"},
         "PodDisruptionBudget": {"g-pd"},
         "NetworkPolicy": {"g-pd"},
     }
-    wait_for(lambda: children(api, namespace, "g") == want, what="the frontend folded into pd")
-    service = client.CoreV1Api(api).read_namespaced_service("g-frontend", namespace)
-    assert service.spec.selector == {"mmgraph.io/graph": "g", "mmgraph.io/stage": "pd"}
-    assert "--openai" in apps.read_namespaced_deployment("g-pd", namespace).spec.template.spec.containers[0].args
+    # pd's new pods become ready (the kubelet's part, played here) and the old ones go: then the handover
+    wait_for(
+        lambda: play_kubelet_mark_ready(api, namespace, "g") >= 0 and children(api, namespace, "g") == want,
+        timeout=60,
+        what="the frontend folded into pd",
+    )
+    assert selector() == "pd"
     graph = wait_for(
         lambda: (
             (g := get_graph(api, namespace, "g"))["status"].get("observedGeneration") == g["metadata"]["generation"]
@@ -176,7 +192,7 @@ def test_update_changes_children_and_topology_change_deletes_unneeded(api, opera
         ),
         what="status caught up",
     )
-    assert set(graph["status"]["stages"]) == {"pd"} and graph["status"]["readyStages"] == "0/1"
+    assert set(graph["status"]["stages"]) == {"pd"}
 
 
 def test_deleted_or_edited_child_is_restored(api, operator, namespace):

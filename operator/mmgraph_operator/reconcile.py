@@ -28,8 +28,18 @@ from kubernetes.utils.quantity import parse_quantity
 from pydantic import ValidationError
 
 from mmgraph_operator import metrics
-from mmgraph_operator.api import GROUP, KIND, PLURAL, VERSION, MultimodalGraph, explain, parse, peer_credential_name
-from mmgraph_operator.commands import process_stages
+from mmgraph_operator.api import (
+    GROUP,
+    KIND,
+    PLURAL,
+    VERSION,
+    MultimodalGraph,
+    StageName,
+    explain,
+    parse,
+    peer_credential_name,
+)
+from mmgraph_operator.commands import api_stage, process_stages
 from mmgraph_operator.render import (
     GRAPH_LABEL,
     MANAGED_BY,
@@ -43,6 +53,7 @@ from mmgraph_operator.status import (
     already_degraded,
     degraded_status,
     running_status,
+    stage_ready,
     status_patch,
     with_transition_times,
 )
@@ -220,7 +231,8 @@ class Reconciler:
         with metrics.DURATION.time():
             try:
                 graph = parse(body)
-                manifests = render(graph, self.kube_version)
+                handing_over = self._api_moving(key, graph)
+                manifests = render(graph, self.kube_version, handing_over)
             except (ValidationError, InvalidGraph) as err:
                 await self._degraded(
                     key, body, "InvalidSpec", explain(err) if isinstance(err, ValidationError) else str(err)
@@ -233,7 +245,10 @@ class Reconciler:
                     changed += await self._create_credential(graph)
                 applied = await asyncio.gather(*(self._ensure(key, ck, m) for ck, m in desired.items()))
                 changed += [f"{ck.kind} {ck.name}" for ck, wrote in zip(desired, applied, strict=True) if wrote]
-                stale = [ck for ck in self.children[key] if ck not in desired]
+                frontend = child_name(graph.name, StageName.FRONTEND)  # kept while it still serves the API
+                stale = [
+                    ck for ck in self.children[key] if ck not in desired and not (handing_over and ck.name == frontend)
+                ]
                 pruned = await asyncio.gather(*(self._prune(key, ck) for ck in stale))
                 changed += [f"deleted {ck.kind} {ck.name}" for ck, gone in zip(stale, pruned, strict=True) if gone]
             except ApiException as err:
@@ -292,6 +307,18 @@ class Reconciler:
             return []
         metrics.WRITES.labels(verb="create", kind="Secret").inc()
         return [f"Secret {manifest['metadata']['name']}"]
+
+    def _api_moving(self, key: GraphKey, graph: MultimodalGraph) -> bool:
+        """agg's API moves from a frontend Deployment (an older operator's, or another topology's) into pd's pods:
+        until pd has rolled out pods that serve it, the frontend keeps its objects and its Service's clients."""
+        if api_stage(graph.spec) == StageName.FRONTEND:
+            return False
+        children, namespace = self.children[key], key[0]
+        if ChildKey("apps/v1", "Deployment", namespace, child_name(graph.name, StageName.FRONTEND)) not in children:
+            return False
+        pd = children.get(ChildKey("apps/v1", "Deployment", namespace, child_name(graph.name, StageName.PD)))
+        containers = (((pd or {}).get("spec") or {}).get("template") or {}).get("spec", {}).get("containers") or [{}]
+        return not (stage_ready(pd) and "--openai" in (containers[0].get("args") or []))
 
     async def _prune(self, key: GraphKey, ck: ChildKey) -> bool:
         fresh = await self._get(ck)

@@ -75,8 +75,12 @@ def endpoint(graph: MultimodalGraph) -> str:
     return f"http://{child_name(graph.name, StageName.FRONTEND)}.{graph.namespace}.svc:{port}"
 
 
-def render(graph: MultimodalGraph, kube_version: str = DEFAULT_KUBE_VERSION) -> list[dict[str, Any]]:
-    """Every object the graph needs, in apply order; raises InvalidGraph with what to change."""
+def render(
+    graph: MultimodalGraph, kube_version: str = DEFAULT_KUBE_VERSION, handing_over: bool = False
+) -> list[dict[str, Any]]:
+    """Every object the graph needs, in apply order; raises InvalidGraph with what to change. `handing_over`: the
+    loop saw agg's API still served by a frontend Deployment (an older operator's, or another topology's) while
+    pd's pods that serve it roll out; until then the frontend Service keeps selecting the frontend's pods."""
     found = problems(graph)
     if found:
         raise InvalidGraph(found)
@@ -88,7 +92,7 @@ def render(graph: MultimodalGraph, kube_version: str = DEFAULT_KUBE_VERSION) -> 
         assert cfg is not None
         if graph.spec.network_policy.enabled and stage in running:
             out.append(_network_policy(graph, stage))
-        out.append(_service(graph, stage))
+        out.append(_service(graph, stage, StageName.FRONTEND if handing_over else api_stage(graph.spec)))
         if stage in running:
             out.append(_deployment(graph, stage, cfg))
             if cfg.replicas > 1:
@@ -141,15 +145,15 @@ def _ports(graph: MultimodalGraph, stage: StageName, cfg: StageSpec) -> list[dic
     return ports
 
 
-def _service(graph: MultimodalGraph, stage: StageName) -> dict[str, Any]:
-    """Frontend: a ClusterIP Service clients use, on the pods that serve the API (agg: pd's). Workers: headless,
-    so peers resolve every ready pod."""
+def _service(graph: MultimodalGraph, stage: StageName, api: StageName) -> dict[str, Any]:
+    """Frontend: a ClusterIP Service clients use, on the pods that serve the API (`api`'s: agg's pd). Workers:
+    headless, so peers resolve every ready pod."""
     cfg = graph.spec.stages.get(stage)
     assert cfg is not None
     if stage == StageName.FRONTEND:
         http = {"name": "http", "port": cfg.port, "targetPort": "http", "protocol": "TCP"}
         spec: dict[str, Any] = {
-            "selector": _selector(graph, api_stage(graph.spec)),
+            "selector": _selector(graph, api),
             "ports": [http],
             "type": "ClusterIP",
         }
