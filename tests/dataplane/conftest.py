@@ -176,7 +176,14 @@ def graph_spec(model: Path, topology: str = "e-p-d", example: str = QWEN_EXAMPLE
 
 @pytest.fixture(scope="session")
 def graph(tiny_model: Path, reference: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalGraph]:
-    local = LocalGraph(parse(graph_spec(tiny_model)), logdir=tmp_path_factory.mktemp("graph-logs"))
+    with running(graph_spec(tiny_model), tmp_path_factory.mktemp("graph-logs")) as local:
+        yield local
+
+
+@contextlib.contextmanager
+def running(body: dict[str, Any], logdir: Path) -> Iterator[LocalGraph]:
+    """The graph `body` as local processes, healthy, stopped on the way out."""
+    local = LocalGraph(parse(body), logdir=logdir)
     local.start()
     try:
         local.wait_healthy(timeout=300, progress=lambda line: None)

@@ -12,10 +12,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from mmgraph_operator.api import StageName, parse
+from mmgraph_operator.api import StageName
 from mmgraph_workers.up import LocalGraph
 
-from .conftest import CASES, MODEL_NAME, PEER, graph_spec, metric, wait
+from .conftest import CASES, MODEL_NAME, PEER, graph_spec, metric, running, wait
 
 KEY = {"Authorization": "Bearer s3cret"}
 
@@ -27,13 +27,8 @@ def agg(tiny_model, reference, tmp_path_factory) -> Iterator[LocalGraph]:
     spec["spec"]["stages"]["pd"]["engineArgs"]["max-num-seqs"] = 2  # saturated at 3 in flight: see the last test
     with pytest.MonkeyPatch.context() as env:
         env.setenv("MMGRAPH_API_KEY", "s3cret")  # what the Secret gives the pod
-        local = LocalGraph(parse(spec), logdir=tmp_path_factory.mktemp("agg-logs"))
-        local.start()
-        try:
-            local.wait_healthy(timeout=300, progress=lambda line: None)
+        with running(spec, tmp_path_factory.mktemp("agg-logs")) as local:
             yield local
-        finally:
-            local.stop()
 
 
 def answer(endpoint: str, case: str, headers: dict[str, str] = KEY) -> httpx.Response:
