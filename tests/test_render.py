@@ -155,13 +155,29 @@ def test_network_policies_admit_only_the_stages_that_call(topology: str, readers
         spec = policies[f"qwen-vl-{stage}"]
         assert spec["podSelector"]["matchLabels"] == {"mmgraph.io/graph": "qwen-vl", "mmgraph.io/stage": stage}
         assert spec["policyTypes"] == ["Ingress"]
-        front, *rest = spec["ingress"]
+        front, *rest, scrape = spec["ingress"]
         assert front == {
             "from": [{"podSelector": {"matchLabels": {"mmgraph.io/graph": "qwen-vl", "mmgraph.io/stage": "frontend"}}}],
             "ports": http,
         }
         admitted = {peer["podSelector"]["matchLabels"]["mmgraph.io/stage"] for rule in rest for peer in rule["from"]}
         assert admitted == expected and all("ports" not in rule for rule in rest)
+        monitoring = {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}  # the default scrapers
+        assert scrape == {"from": [{"namespaceSelector": monitoring}], "ports": http}  # /metrics is on http
+
+
+def test_the_scrape_rule_follows_spec_network_policy_scrape_from():
+    """The pods' prometheus.io annotations invite a scrape of /metrics on the HTTP port: the namespaces
+    scrapeFrom selects may make it; null leaves no rule beyond the graph's own edges."""
+    body = load("qwen2.5-vl-e-p-d.yaml")
+    selector = {"matchExpressions": [{"key": "team", "operator": "In", "values": ["observability"]}]}
+    for scrape_from, rule in ((selector, [{"namespaceSelector": selector}]), (None, None)):
+        body["spec"]["networkPolicy"] = {"scrapeFrom": scrape_from}
+        policy = next(
+            m for m in render(parse(body)) if m["kind"] == "NetworkPolicy" and m["metadata"]["name"] == "qwen-vl-pd"
+        )
+        scrapes = [r["from"] for r in policy["spec"]["ingress"] if any("namespaceSelector" in p for p in r["from"])]
+        assert scrapes == ([rule] if rule else [])
 
 
 def test_invalid_graph_raises_with_every_problem():

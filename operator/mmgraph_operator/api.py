@@ -33,6 +33,7 @@ EnvVar = Annotated[dict[str, Any], K8sType("io.k8s.api.core.v1.EnvVar")]
 Probe = Annotated[dict[str, Any], K8sType("io.k8s.api.core.v1.Probe")]
 LocalObjectReference = Annotated[dict[str, Any], K8sType("io.k8s.api.core.v1.LocalObjectReference")]
 SecretKeySelector = Annotated[dict[str, Any], K8sType("io.k8s.api.core.v1.SecretKeySelector")]
+LabelSelector = Annotated[dict[str, Any], K8sType("io.k8s.apimachinery.pkg.apis.meta.v1.LabelSelector")]
 # A vLLM argument: a scalar, or an object/list that vLLM takes as JSON (e.g. compilation-config).
 EngineArgValue = Annotated[
     str | int | float | bool | dict[str, Any] | list[Any],
@@ -307,7 +308,14 @@ class NetworkPolicySpec(Spec):
 
     enabled: bool = True
     """One NetworkPolicy per stage: a worker admits the graph's frontend on its HTTP port and the stage that reads
-    from it on any port (pd from the encoder, decode from pd); anyone reaches the frontend's port."""
+    from it on any port (pd from the encoder, decode from pd); anyone reaches the frontend's port (agg: pd's)."""
+    scrape_from: LabelSelector | None = Field(
+        default={"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}
+    )
+    """Namespaces whose pods (Prometheus) may reach every stage's HTTP port, where /metrics is (the pods' own
+    prometheus.io annotations invite the scrape). Default: the namespace named `monitoring` (Kubernetes labels
+    each namespace with its name from 1.21; label it yourself below that). null: no scrapes from other
+    namespaces."""
 
 
 class MultimodalGraphSpec(Spec):

@@ -31,6 +31,7 @@ TYPES = (
     "io.k8s.api.core.v1.Probe",
     "io.k8s.api.core.v1.LocalObjectReference",
     "io.k8s.api.core.v1.SecretKeySelector",
+    "io.k8s.apimachinery.pkg.apis.meta.v1.LabelSelector",
 )
 # Extensions whose rules (e.g. list-map keys must be required) a CRD would enforce differently from core types.
 DROPPED_KEYS = {

@@ -379,6 +379,9 @@ def _network_policy(graph: MultimodalGraph, stage: StageName) -> dict[str, Any]:
     readers = [r for r in READERS.get(stage, ()) if r in graph.spec.used_stages()]
     if readers:
         ingress.append({"from": [{"podSelector": {"matchLabels": _selector(graph, r)}} for r in readers]})
+    scrapers = graph.spec.network_policy.scrape_from
+    if scrapers is not None and stage != api_stage(graph.spec):  # the API's port is open to all already
+        ingress.append({"from": [{"namespaceSelector": dict(scrapers)}], "ports": http})
     return _policy(graph, stage, ingress)
 
 
