@@ -4,6 +4,7 @@ session install is what every integration test's operator runs under) and the do
 from __future__ import annotations
 
 import copy
+import json
 
 import helm_python as helm
 import kubernetes_validate
@@ -14,7 +15,7 @@ from kubernetes import client, dynamic
 
 VALUE_SETS = {
     "defaults": {},
-    "namespaced": {"watchNamespaces": ["team-a", "team-b"]},
+    "namespaced": {"watchNamespaces": ["team-a", "team-b"], "grafanaDashboard": {"enabled": True}},
     "no-webhook": {
         "webhook": {"enabled": False},
         "image": {"repository": "registry.example/mmgraph-operator", "tag": "1.2.3"},
@@ -112,3 +113,14 @@ def test_crd_upgrade_path(api, cluster, helm_install, operator):
     wait_for(
         lambda: client.AppsV1Api(api).list_namespaced_deployment(ns).items, what="operator reconciles after upgrade"
     )
+
+
+def test_the_grafana_dashboard_ships_as_the_sidecar_loads_it():
+    """Off by default; on, a ConfigMap with the sidecar's label holding dashboards/mmgraph.json as it is (its
+    series are checked against a running graph's /metrics in tests/dataplane/test_dashboard.py)."""
+    assert not [d for d in rendered({}) if d["kind"] == "ConfigMap"]
+    (config_map,) = [d for d in rendered(VALUE_SETS["namespaced"]) if d["kind"] == "ConfigMap"]
+    assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
+    shipped = json.loads(config_map["data"]["mmgraph.json"])
+    assert shipped == json.loads((CHART / "dashboards" / "mmgraph.json").read_text())
+    assert shipped["uid"] == "mmgraph" and shipped["panels"]
