@@ -668,7 +668,7 @@ def test_the_frontends_peer_watcher_outlives_a_failing_round(monkeypatch):
 
     from mmgraph_workers.frontend import router
 
-    monkeypatch.setattr(router, "PEER_REFRESH_SECONDS", 0.01)
+    monkeypatch.setattr(router, "REFRESH_SECONDS", 0.01)
     args = argparse.Namespace(
         encoder_url=None,
         pd_url="http://pd:1",
@@ -683,7 +683,7 @@ def test_the_frontends_peer_watcher_outlives_a_failing_round(monkeypatch):
         rounds.append(len(rounds))
         if len(rounds) % 2:
             raise OSError("the resolver is down")
-        self.pd_info = object()  # answered: the watcher now waits PEER_REFRESH_SECONDS between rounds
+        self.pd_info = object()  # answered: the watcher now waits REFRESH_SECONDS between rounds
 
     monkeypatch.setattr(router.Router, "_refresh_peers", flaky)
 

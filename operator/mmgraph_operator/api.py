@@ -309,9 +309,7 @@ class NetworkPolicySpec(Spec):
     enabled: bool = True
     """One NetworkPolicy per stage: a worker admits the graph's frontend on its HTTP port and the stage that reads
     from it on any port (pd from the encoder, decode from pd); anyone reaches the frontend's port (agg: pd's)."""
-    scrape_from: LabelSelector | None = Field(
-        default={"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}
-    )
+    scrape_from: LabelSelector | None = Field(default={"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}})
     """Namespaces whose pods (Prometheus) may reach every stage's HTTP port, where /metrics is (the pods' own
     prometheus.io annotations invite the scrape). Default: the namespace named `monitoring` (Kubernetes labels
     each namespace with its name from 1.21; label it yourself below that). null: no scrapes from other

@@ -21,7 +21,7 @@ from pathlib import Path
 import blake3
 from mmgraph_operator.api import POD_GRACE_SECONDS
 
-REFRESH_SECONDS = 2.0  # how stale a resolution `knows` accepts
+REFRESH_SECONDS = 2.0  # how often callers re-resolve a stage, and how stale a resolution `knows` accepts
 TRUST_SECONDS = float(POD_GRACE_SECONDS)  # how long an address stays the stage's after it was last resolved
 RING_POINTS = 128  # points per replica on the hash ring: each replica owns ~1/n of the keys, give or take ~10%
 # A replica takes a key only while its calls in flight stay under LOAD_BOUND x the mean (+1): a hot key or a busy

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import math
 import os
 import secrets
 import signal
@@ -29,6 +30,7 @@ from mmgraph_operator.api import PEER_TOKEN_ENV, MultimodalGraph, MultimodalGrap
 from mmgraph_operator.commands import api_stage, process_stages, worker_command
 
 from mmgraph_workers import cpu
+from mmgraph_workers.peers import REFRESH_SECONDS
 from mmgraph_workers.ports import free_port
 
 # Which tiny model `up` builds where the graph's model path is empty (the demo examples set it; default Qwen2-VL).
@@ -70,6 +72,7 @@ class LocalGraph:
         self.replicas: list[Stage] = []  # the others (add_replica)
         self.hosts_file = self.logdir / "peers.hosts"  # the frontend's stand-in for a headless Service's DNS
         self.peers: dict[StageName, str] = {}  # each worker stage's URL (start)
+        self.hosts_written = -math.inf
         # the graph's peer credential, as the operator's Secret gives it to pods (or the caller's, to reach stages)
         self.peer_token = os.environ.get(PEER_TOKEN_ENV) or secrets.token_urlsafe(32)
 
@@ -109,6 +112,7 @@ class LocalGraph:
         tmp = self.hosts_file.with_suffix(".tmp")
         tmp.write_text("".join(f"{line}\n" for line in lines))
         tmp.replace(self.hosts_file)  # atomic: a reader never sees half a file
+        self.hosts_written = time.monotonic()
 
     def add_replica(self, stage: StageName, timeout: float = START_TIMEOUT) -> Stage:
         """Start one more replica of a worker stage on the next loopback address (same port, as pods of a
@@ -208,7 +212,8 @@ class LocalGraph:
             if line.split("ready")[1] != (shown or "").split("ready")[-1]:
                 progress(line)
                 shown = line
-            if len(ready) == len(self.stages):
+            if len(ready) == len(self.stages):  # and every reader has re-read the last listing, as DNS would
+                time.sleep(max(0.0, self.hosts_written + REFRESH_SECONDS + 0.5 - time.monotonic()))
                 return
             time.sleep(0.5)
         raise TimeoutError(f"stages not healthy within {timeout:.0f} s; logs in {self.logdir}")

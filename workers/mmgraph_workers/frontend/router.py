@@ -23,7 +23,7 @@ from prometheus_client import Counter, Histogram
 from pydantic import ValidationError
 
 from mmgraph_workers.frontend.openai_api import RequestError
-from mmgraph_workers.peers import NoReplica, Peer, read_hosts
+from mmgraph_workers.peers import REFRESH_SECONDS, NoReplica, Peer, read_hosts
 from mmgraph_workers.protocol import (
     EncodedItem,
     EncodeRequest,
@@ -60,7 +60,6 @@ KV_DEADLINE_MARGIN_SECONDS = 1.0
 # Prefills per request when decode cannot start, or pull the KV, within the lease: a late decode is usually a
 # passing overload.
 KV_ATTEMPTS = 3
-PEER_REFRESH_SECONDS = 2.0
 
 
 class StageFailure(RuntimeError):
@@ -116,7 +115,7 @@ class Router:
                 await self._refresh_peers()
             except Exception:  # one bad round (a pd answering garbage, a resolver error) must not end the watch
                 log.exception("refreshing the stages' addresses failed; trying again")
-            await asyncio.sleep(PEER_REFRESH_SECONDS if self.pd_info else 0.5)
+            await asyncio.sleep(REFRESH_SECONDS if self.pd_info else 0.5)
 
     async def _refresh_peers(self) -> None:
         hosts = read_hosts(self.args.peer_hosts_file) if self.args.peer_hosts_file else None
