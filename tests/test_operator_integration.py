@@ -156,31 +156,21 @@ def test_update_changes_children_and_topology_change_deletes_unneeded(api, opera
         what="status caught up",
     )
     assert set(graph["status"]["stages"]) == {"frontend", "encoder", "pd"}
-    # e-pd -> agg: pd's pods serve the API themselves. Until pd has rolled out pods that do, the frontend keeps
-    # serving (its Deployment, PDB and policy stay; its Service still selects it); then they go, and the Service
-    # selects pd's pods. (The same handover moves an older operator's agg graph into pd without an outage.)
+    # e-pd -> agg: pd's pods serve the API themselves. Until pd has rolled out pods that do, nothing goes: the
+    # frontend keeps serving, through the encoder it calls, and its Service still selects it. Then the e-pd
+    # objects go and the Service selects pd's pods. (The same handover moves an older operator's agg graph.)
     patch_graph(api, namespace, "g", {"spec": {"topology": "agg", "stages": {"encoder": None}}})
     core = client.CoreV1Api(api)
     selector = lambda: core.read_namespaced_service("g-frontend", namespace).spec.selector["mmgraph.io/stage"]  # noqa: E731
-    handing_over = {
-        "Deployment": {"g-frontend", "g-pd"},
-        "Service": {"g-frontend", "g-pd"},
-        "PodDisruptionBudget": {"g-frontend", "g-pd"},
-        "NetworkPolicy": {"g-frontend", "g-pd"},
-    }
-    wait_for(lambda: children(api, namespace, "g") == handing_over, what="the encoder pruned, the frontend kept")
-    assert "--openai" in apps.read_namespaced_deployment("g-pd", namespace).spec.template.spec.containers[0].args
+    pd_args = lambda: apps.read_namespaced_deployment("g-pd", namespace).spec.template.spec.containers[0].args  # noqa: E731
+    wait_for(lambda: "--openai" in pd_args(), what="pd rolling out pods that serve the API")
     time.sleep(2)
-    assert selector() == "frontend" and "g-frontend" in children(api, namespace, "g")["Deployment"]
-    want = {
-        "Deployment": {"g-pd"},
-        "Service": {"g-frontend", "g-pd"},
-        "PodDisruptionBudget": {"g-pd"},
-        "NetworkPolicy": {"g-pd"},
-    }
+    assert selector() == "frontend" and children(api, namespace, "g") == want  # e-pd's objects, all kept
+    agg = {"Deployment": {"g-pd"}, "Service": {"g-frontend", "g-pd"}, "PodDisruptionBudget": {"g-pd"}}
+    agg["NetworkPolicy"] = {"g-pd"}
     # pd's new pods become ready (the kubelet's part, played here) and the old ones go: then the handover
     wait_for(
-        lambda: play_kubelet_mark_ready(api, namespace, "g") >= 0 and children(api, namespace, "g") == want,
+        lambda: play_kubelet_mark_ready(api, namespace, "g") >= 0 and children(api, namespace, "g") == agg,
         timeout=60,
         what="the frontend folded into pd",
     )
@@ -193,6 +183,50 @@ def test_update_changes_children_and_topology_change_deletes_unneeded(api, opera
         what="status caught up",
     )
     assert set(graph["status"]["stages"]) == {"pd"}
+    # agg -> e-pd: the Service stays on pd's pods until the new frontend's are ready, then moves to them.
+    patch_graph(api, namespace, "g", {"spec": {"topology": "e-pd", "stages": {"encoder": {"gpus": 0}}}})
+    wait_for(lambda: {"g-frontend", "g-encoder"} <= children(api, namespace, "g")["Deployment"], what="e-pd again")
+    time.sleep(2)
+    assert selector() == "pd"
+    wait_for(
+        lambda: play_kubelet_mark_ready(api, namespace, "g") >= 0 and selector() == "frontend",
+        timeout=60,
+        what="the API moved to the frontend",
+    )
+
+
+def test_scrape_from_null_is_kept_and_means_no_scrape_rule(api, operator, namespace):
+    """spec.networkPolicy.scrapeFrom has a default (the namespace named monitoring) and null is a choice: the API
+    server stores null rather than defaulting it, and the operator then renders no scrape rule."""
+    create_graph(api, graph_manifest("g", namespace))
+    create_graph(api, graph_manifest("h", namespace, networkPolicy={"scrapeFrom": None}))
+    assert get_graph(api, namespace, "g")["spec"]["networkPolicy"]["scrapeFrom"] == {
+        "matchLabels": {"kubernetes.io/metadata.name": "monitoring"}
+    }
+    assert get_graph(api, namespace, "h")["spec"]["networkPolicy"]["scrapeFrom"] is None
+    networking = client.NetworkingV1Api(api)
+
+    def scrapers(graph: str) -> list:
+        policy = wait_for(
+            lambda: next(
+                (
+                    p
+                    for p in networking.list_namespaced_network_policy(namespace).items
+                    if p.metadata.name == f"{graph}-pd"
+                ),
+                None,
+            ),
+            what=f"{graph}'s pd policy",
+        )
+        return [
+            peer.namespace_selector
+            for rule in policy.spec.ingress
+            for peer in rule._from or []
+            if peer.namespace_selector
+        ]
+
+    assert [s.match_labels for s in scrapers("g")] == [{"kubernetes.io/metadata.name": "monitoring"}]
+    assert scrapers("h") == []
 
 
 def test_deleted_or_edited_child_is_restored(api, operator, namespace):

@@ -313,7 +313,7 @@ class NetworkPolicySpec(Spec):
     """Namespaces whose pods (Prometheus) may reach every stage's HTTP port, where /metrics is (the pods' own
     prometheus.io annotations invite the scrape). Default: the namespace named `monitoring` (Kubernetes labels
     each namespace with its name from 1.21; label it yourself below that). null: no scrapes from other
-    namespaces."""
+    namespaces; {} selects every namespace."""
 
 
 class MultimodalGraphSpec(Spec):

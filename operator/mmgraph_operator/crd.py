@@ -48,6 +48,8 @@ def _structural(node: Any, defs: dict[str, Any]) -> Any:
     if any_of is not None:
         kinds = [a for a in any_of if a.get("type") != "null"]
         rest = {k: v for k, v in node.items() if k != "anyOf"}
+        if len(kinds) < len(any_of) and rest.get("default") is not None:
+            rest["nullable"] = True  # null is a choice here, not "unset": the server keeps it, defaults nothing
         if len(kinds) == 1:
             return _structural({**kinds[0], **rest}, defs)
         if rest.get("x-kubernetes-preserve-unknown-fields"):  # engine arguments: any JSON value

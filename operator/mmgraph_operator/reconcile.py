@@ -43,6 +43,7 @@ from mmgraph_operator.commands import api_stage, process_stages
 from mmgraph_operator.render import (
     GRAPH_LABEL,
     MANAGED_BY,
+    STAGE_LABEL,
     InvalidGraph,
     child_name,
     endpoint,
@@ -231,8 +232,8 @@ class Reconciler:
         with metrics.DURATION.time():
             try:
                 graph = parse(body)
-                handing_over = self._api_moving(key, graph)
-                manifests = render(graph, self.kube_version, handing_over)
+                api_pods = self._api_pods(key, graph)
+                manifests = render(graph, self.kube_version, api_pods)
             except (ValidationError, InvalidGraph) as err:
                 await self._degraded(
                     key, body, "InvalidSpec", explain(err) if isinstance(err, ValidationError) else str(err)
@@ -245,10 +246,9 @@ class Reconciler:
                     changed += await self._create_credential(graph)
                 applied = await asyncio.gather(*(self._ensure(key, ck, m) for ck, m in desired.items()))
                 changed += [f"{ck.kind} {ck.name}" for ck, wrote in zip(desired, applied, strict=True) if wrote]
-                frontend = child_name(graph.name, StageName.FRONTEND)  # kept while it still serves the API
-                stale = [
-                    ck for ck in self.children[key] if ck not in desired and not (handing_over and ck.name == frontend)
-                ]
+                # while agg's API moves into pd, nothing goes: the old frontend serves, through the stages it calls
+                moving_in = api_pods != api_stage(graph.spec) == StageName.PD
+                stale = [] if moving_in else [ck for ck in self.children[key] if ck not in desired]
                 pruned = await asyncio.gather(*(self._prune(key, ck) for ck in stale))
                 changed += [f"deleted {ck.kind} {ck.name}" for ck, gone in zip(stale, pruned, strict=True) if gone]
             except ApiException as err:
@@ -308,17 +308,27 @@ class Reconciler:
         metrics.WRITES.labels(verb="create", kind="Secret").inc()
         return [f"Secret {manifest['metadata']['name']}"]
 
-    def _api_moving(self, key: GraphKey, graph: MultimodalGraph) -> bool:
-        """agg's API moves from a frontend Deployment (an older operator's, or another topology's) into pd's pods:
-        until pd has rolled out pods that serve it, the frontend keeps its objects and its Service's clients."""
-        if api_stage(graph.spec) == StageName.FRONTEND:
-            return False
-        children, namespace = self.children[key], key[0]
-        if ChildKey("apps/v1", "Deployment", namespace, child_name(graph.name, StageName.FRONTEND)) not in children:
-            return False
-        pd = children.get(ChildKey("apps/v1", "Deployment", namespace, child_name(graph.name, StageName.PD)))
-        containers = (((pd or {}).get("spec") or {}).get("template") or {}).get("spec", {}).get("containers") or [{}]
-        return not (stage_ready(pd) and "--openai" in (containers[0].get("args") or []))
+    def _api_pods(self, key: GraphKey, graph: MultimodalGraph) -> StageName:
+        """Whose pods the API's Service selects: the stage that serves the API (agg: pd), except while the API moves
+        between a frontend Deployment and pd's pods (an older operator's agg graph; a topology changed to or from
+        agg). Then it stays where the live Service has it until the new side has rolled out pods that serve it,
+        and never moves back."""
+        target, children, namespace = api_stage(graph.spec), self.children[key], key[0]
+
+        def cached(kind: str, stage: StageName) -> dict[str, Any] | None:
+            version = "apps/v1" if kind == "Deployment" else "v1"
+            return children.get(ChildKey(version, kind, namespace, child_name(graph.name, stage)))
+
+        service = cached("Service", StageName.FRONTEND)
+        now = ((service or {}).get("spec") or {}).get("selector", {}).get(STAGE_LABEL)
+        if now not in (StageName.FRONTEND.value, StageName.PD.value) or now == target.value:
+            return target
+        deployment = cached("Deployment", target)
+        template = (((deployment or {}).get("spec") or {}).get("template") or {}).get("spec") or {}
+        serving = target == StageName.FRONTEND or "--openai" in (
+            (template.get("containers") or [{}])[0].get("args") or []
+        )
+        return target if stage_ready(deployment) and serving else StageName(now)
 
     async def _prune(self, key: GraphKey, ck: ChildKey) -> bool:
         fresh = await self._get(ck)

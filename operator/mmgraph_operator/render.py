@@ -76,11 +76,11 @@ def endpoint(graph: MultimodalGraph) -> str:
 
 
 def render(
-    graph: MultimodalGraph, kube_version: str = DEFAULT_KUBE_VERSION, handing_over: bool = False
+    graph: MultimodalGraph, kube_version: str = DEFAULT_KUBE_VERSION, api_pods: StageName | None = None
 ) -> list[dict[str, Any]]:
-    """Every object the graph needs, in apply order; raises InvalidGraph with what to change. `handing_over`: the
-    loop saw agg's API still served by a frontend Deployment (an older operator's, or another topology's) while
-    pd's pods that serve it roll out; until then the frontend Service keeps selecting the frontend's pods."""
+    """Every object the graph needs, in apply order; raises InvalidGraph with what to change. `api_pods`: whose
+    pods the frontend Service selects, when the loop keeps it on the pods that served the API while it moves
+    between a frontend Deployment and agg's pd (default: the stage that serves it)."""
     found = problems(graph)
     if found:
         raise InvalidGraph(found)
@@ -92,7 +92,7 @@ def render(
         assert cfg is not None
         if graph.spec.network_policy.enabled and stage in running:
             out.append(_network_policy(graph, stage))
-        out.append(_service(graph, stage, StageName.FRONTEND if handing_over else api_stage(graph.spec)))
+        out.append(_service(graph, stage, api_pods or api_stage(graph.spec)))
         if stage in running:
             out.append(_deployment(graph, stage, cfg))
             if cfg.replicas > 1:

@@ -118,10 +118,10 @@ class Router:
             await asyncio.sleep(REFRESH_SECONDS if self.pd_info else 0.5)
 
     async def _refresh_peers(self) -> None:
-        hosts = read_hosts(self.args.peer_hosts_file) if self.args.peer_hosts_file else None
-        await asyncio.gather(*(p.refresh(hosts) for p in self.peers.values()))
         if self.pd_info is None and self.local is not None:  # before the Service lists this replica (it is not
             self.pd_info = self.local.info()  # ready until the API is), so from the engine itself
+        hosts = read_hosts(self.args.peer_hosts_file) if self.args.peer_hosts_file else None
+        await asyncio.gather(*(p.refresh(hosts) for p in self.peers.values()))
         if self.pd_info is None and self.peers["pd"].addresses:
             with contextlib.suppress(httpx.HTTPError, NoReplica, ValidationError):
                 address, base = self.peers["pd"].acquire()
