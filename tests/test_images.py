@@ -3,6 +3,7 @@ exactly the pyproject extras the rest of the project is tested with."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -49,7 +50,11 @@ def test_make_images_builds_the_names_the_chart_and_a_graph_default_to():
     from mmgraph_operator.api import MultimodalGraphSpec
 
     def planned(*overrides: str) -> list[list[str]]:
-        out = subprocess.run(["make", "-n", "images", *overrides], cwd=REPO, capture_output=True, text=True, check=True)
+        env = {
+            k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")
+        }  # under `make test`
+        argv = ["make", "--no-print-directory", "-n", "images", *overrides]
+        out = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, check=True, env=env)
         return [line.split() for line in out.stdout.splitlines()]
 
     chart = yaml.safe_load((REPO / "charts/mmgraph/Chart.yaml").read_text())
