@@ -286,6 +286,14 @@ def metric(endpoint: str, name: str, **labels: str) -> float:
     )
 
 
+def error_of(response: httpx.Response, status: int) -> str:
+    """The message of an OpenAI error answer with `status`."""
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) >= {"message", "type", "code"} and error["type"] == "invalid_request_error"
+    return error["message"]
+
+
 def tokens(endpoint: str, case: str, model: str = MODEL_NAME, cases: dict[str, dict] = CASES) -> list[int]:
     response = chat(endpoint, **cases[case], model=model)
     assert response.status_code == 200, response.text

@@ -1,6 +1,7 @@
 """agg as the operator runs it: pd serves the OpenAI API itself (the frontend in its process, the engine one
 call away instead of an HTTP hop), against the oracle; the API key and the peer credential each guard their own
-paths on the one port; and a second pd replica, to which the first routes requests over HTTP.
+paths on the one port, and a client's body is cut off at the client's limit; the same answers as vLLM's own
+server; and a second pd replica, to which the first routes requests over HTTP.
 
 (The session's agg endpoint elsewhere is a frontend process routed to the e-p-d graph's pd, which shares one
 engine among the topologies; this module starts an engine of its own.)"""
@@ -15,14 +16,14 @@ import pytest
 from mmgraph_operator.api import StageName
 from mmgraph_workers.up import LocalGraph
 
-from .conftest import CASES, MODEL_NAME, PEER, graph_spec, metric, running, wait
+from .conftest import CASES, MODEL_NAME, PEER, error_of, graph_spec, metric, running, wait
 
 KEY = {"Authorization": "Bearer s3cret"}
 
 
 @pytest.fixture(scope="module")
 def agg(tiny_model, reference, tmp_path_factory) -> Iterator[LocalGraph]:
-    spec = graph_spec(tiny_model, "agg")
+    spec = graph_spec(tiny_model, "agg", maxBytes=1 << 20)  # a client's body limit of ~12 MB: see the 413 test
     spec["spec"]["stages"]["frontend"]["apiKeySecret"] = {"name": "api", "key": "key"}
     spec["spec"]["stages"]["pd"]["engineArgs"]["max-num-seqs"] = 2  # saturated at 3 in flight: see the last test
     with pytest.MonkeyPatch.context() as env:
@@ -60,6 +61,51 @@ def test_pd_serves_the_api_with_no_frontend_process(agg):
 @pytest.mark.parametrize("case", ["one-image", "two-images", "text-only", "image-and-video"])
 def test_agg_returns_the_single_engine_tokens(agg, reference, case):
     assert tokens(agg.endpoint, case) == reference[case]
+
+
+@pytest.mark.parametrize("case", ["one-image", "two-images", "text-only"])
+def test_agg_answers_as_vllms_server_does(agg, vllm_server, case):
+    """The same HTTP request to the in-process API and to vLLM's own server (same weights, same engine
+    arguments) gives the same text and the same token counts."""
+    ours, theirs = answer(agg.endpoint, case), answer(vllm_server, case, headers={})
+    assert ours.status_code == theirs.status_code == 200, (ours.text, theirs.text)
+    ours_body, theirs_body = ours.json(), theirs.json()
+    assert ours_body["choices"][0]["message"]["content"] == theirs_body["choices"][0]["message"]["content"]
+    counts = ("prompt_tokens", "completion_tokens", "total_tokens")
+    assert {k: ours_body["usage"][k] for k in counts} == {k: theirs_body["usage"][k] for k in counts}
+
+
+def test_a_client_body_over_the_limit_is_cut_off_where_the_limit_is(agg):
+    """pd also takes its peers' messages, with twice a client's limit; the API's paths keep a client's. A body
+    streamed past it (no length declared) is a 413 naming that limit, and pd stops reading there: its memory,
+    sampled meanwhile, grows by far less than the 96 MB sent (the status alone would not show it)."""
+    import threading
+    import time
+
+    import psutil
+    from mmgraph_operator.api import StageName, max_request_bytes
+
+    limit = max_request_bytes(agg.graph.spec.media, StageName.FRONTEND)
+    assert limit < 16 << 20 and max_request_bytes(agg.graph.spec.media, StageName.PD) == 2 * limit
+    pd = psutil.Process(agg.stages[StageName.PD].proc.pid)
+    baseline, peak, done = pd.memory_info().rss, [0], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], pd.memory_info().rss)
+            time.sleep(0.002)
+
+    chunk = b"x" * (1 << 20)
+    body = (b'{"model": "m", "padding": "', *([chunk] * 96), b'"}')
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        r = httpx.post(f"{agg.endpoint}/v1/chat/completions", content=iter(body), headers=KEY, timeout=60)
+    finally:
+        done.set()
+        sampler.join()
+    assert f"larger than this graph's {limit} byte limit" in error_of(r, 413)
+    assert peak[0] - baseline < 3 * limit, f"pd grew by {(peak[0] - baseline) >> 20} MiB"
 
 
 def test_one_request_at_a_time_stays_in_process(agg, reference):

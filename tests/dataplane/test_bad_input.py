@@ -25,7 +25,7 @@ from mmgraph_workers.protocol import PROTOCOL_VERSION, GenerateEvent, GenerateRe
 from mmgraph_workers.up import LocalGraph
 from PIL import Image
 
-from .conftest import CASES, MODEL_NAME, PEER, chat, data_url, graph_spec, metric, png, tokens, user, wait
+from .conftest import CASES, MODEL_NAME, PEER, chat, data_url, error_of, graph_spec, metric, png, tokens, user, wait
 
 GUARD = Path(__file__).with_name("guard")
 STRICT = {
@@ -62,13 +62,6 @@ def strict(graph, tiny_model, tmp_path_factory):
         yield local
     finally:
         local.stop()
-
-
-def error_of(response: httpx.Response, status: int) -> str:
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert set(error) >= {"message", "type", "code"} and error["type"] == "invalid_request_error"
-    return error["message"]
 
 
 def ask_image(endpoint: str, url: str) -> httpx.Response:
