@@ -100,8 +100,6 @@ def api_args(args: argparse.Namespace) -> argparse.Namespace:
             "pd_url": args.pd_url or f"http://{args.advertise_host}:{args.port}",
             "encoder_url": None,
             "decode_url": None,
-            "encoder_routing": "least-busy",
-            "encoder_batch_size": 1,
         }
     )
 
@@ -439,7 +437,7 @@ def main(args: argparse.Namespace, stage: str) -> None:
         lambda: alive() and (not openai or api_ready(app)),
         args.max_request_bytes,
         engine.token,
-        public=is_api if openai else lambda path: False,
+        public=is_api if openai else None,
         public_body_bytes=args.api_max_request_bytes,
     )
 

@@ -162,7 +162,7 @@ def make_app(
     ready: Callable[[], bool],
     max_body_bytes: int | None = None,
     token: str | None = None,
-    public: Callable[[str], bool] = lambda path: False,
+    public: Callable[[str], bool] | None = None,
     public_body_bytes: int | None = None,
 ) -> FastAPI:
     """`token`: the peer credential every call must carry (internal stages; the frontend faces clients), but
@@ -171,7 +171,7 @@ def make_app(
     app = FastAPI(title=f"mmgraph {stage}", docs_url=None, redoc_url=None)
     if max_body_bytes is not None:
         peers, clients = max_body_bytes, public_body_bytes or max_body_bytes
-        app.add_middleware(BodyLimit, limit_of=lambda path: clients if public(path) else peers)
+        app.add_middleware(BodyLimit, limit_of=lambda path: clients if public and public(path) else peers)
 
         @app.exception_handler(BodyTooLarge)
         async def body_too_large(request: Request, err: BodyTooLarge) -> JSONResponse:
@@ -182,7 +182,7 @@ def make_app(
         app.add_middleware(  # added last, so it runs first: no body is read for a stranger
             BearerAuth,
             token=token,
-            guarded=lambda path: path not in PEER_OPEN and not public(path),
+            guarded=lambda path: path not in PEER_OPEN and not (public and public(path)),
             refusal=JSONResponse(refusal, status_code=401),
         )
 
