@@ -2,13 +2,13 @@
 the ServiceAccount that install created (so every integration test also proves the chart's RBAC suffices).
 
 The operator runs as a subprocess (`mmgraph operator`) with its own token, so the API server's audit log tells
-its requests apart from the tests'. The webhook is served by that process on 127.0.0.1 and registered by URL,
-since there is no kubelet to run the chart's in-cluster Deployment.
+its requests apart from the tests'. The webhook is served by that process on 127.0.0.1, and the chart's webhook
+configuration names it by URL (webhook.url), since there is no kubelet to run the chart's in-cluster Deployment;
+the operator makes its certificate and sets the caBundle as it does in a cluster.
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import random
 import sys
@@ -25,15 +25,17 @@ from kubernetes.client.exceptions import ApiException
 
 sys.path.insert(0, str(Path(__file__).parent))
 from kubecluster import (
+    WEBHOOK_CONFIG,
     KubeCluster,
     OperatorProcess,
     install_chart,
     operator_kubeconfig_of,
     start_cluster,
+    wait_for,
 )
+from mmgraph_workers.ports import free_port
 
 REPO = Path(__file__).resolve().parent.parent
-WEBHOOK_NAME = "mmgraph-test-webhook"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -86,9 +88,19 @@ def dyn(api: client.ApiClient) -> dynamic.DynamicClient:
 
 
 @pytest.fixture(scope="session")
-def helm_install(cluster: KubeCluster, api: client.ApiClient) -> Any:
+def webhook_port() -> int:
+    """Where the session's operator serves the webhook: the chart's webhook configuration names it by URL."""
+    return free_port()
+
+
+@pytest.fixture(scope="session")
+def helm_install(cluster: KubeCluster, api: client.ApiClient, webhook_port: int) -> Any:
     """`helm install mmgraph charts/mmgraph -n mmgraph-system` through helm-python-sdk (CRD included)."""
-    return install_chart(cluster, api)
+    return install_chart(cluster, api, chart_values(webhook_port))
+
+
+def chart_values(webhook_port: int) -> dict[str, Any]:
+    return {"webhook": {"url": f"https://127.0.0.1:{webhook_port}/multimodalgraph"}}
 
 
 @pytest.fixture(scope="session")
@@ -98,67 +110,37 @@ def operator_kubeconfig(cluster: KubeCluster, api: client.ApiClient, helm_instal
 
 
 @pytest.fixture(scope="session")
-def webhook_certs(cluster: KubeCluster) -> Path:
-    d = cluster.workdir / "webhook"
-    d.mkdir(exist_ok=True)
-    crt, key = cluster.pki.issue("webhook", "mmgraph-webhook", sans=["127.0.0.1"])
-    (d / "tls.crt").write_bytes(crt.read_bytes())
-    (d / "tls.key").write_bytes(key.read_bytes())
-    return d
-
-
-@pytest.fixture(scope="session")
 def operator(
-    cluster: KubeCluster, api: client.ApiClient, operator_kubeconfig: Path, webhook_certs: Path
+    cluster: KubeCluster, api: client.ApiClient, operator_kubeconfig: Path, webhook_port: int
 ) -> Iterator[OperatorProcess]:
-    proc = OperatorProcess(operator_kubeconfig, webhook_certs, cluster.workdir)
+    """The operator as the chart runs it: it makes the webhook's certificate and sets the caBundle itself."""
+    proc = OperatorProcess(operator_kubeconfig, cluster.workdir, webhook_port=webhook_port)
     proc.start()
-    register_webhook(api, cluster, proc.webhook_port)
+    wait_for(lambda: ca_bundle(api), what="the operator sets its webhook's caBundle")
     try:
         yield proc
     finally:
         proc.stop()
 
 
-def register_webhook(api: client.ApiClient, cluster: KubeCluster, port: int) -> None:
-    ca = base64.b64encode((cluster.workdir / "ca.crt").read_bytes()).decode()
-    body = {
-        "apiVersion": "admissionregistration.k8s.io/v1",
-        "kind": "ValidatingWebhookConfiguration",
-        "metadata": {"name": WEBHOOK_NAME},
-        "webhooks": [
-            {
-                "name": "multimodalgraphs.mmgraph.io",
-                "admissionReviewVersions": ["v1", "v1beta1"],
-                "sideEffects": "None",
-                "failurePolicy": "Fail",
-                "timeoutSeconds": 10,
-                "clientConfig": {"url": f"https://127.0.0.1:{port}/multimodalgraph", "caBundle": ca},
-                "rules": [
-                    {
-                        "apiGroups": ["mmgraph.io"],
-                        "apiVersions": ["v1alpha1"],
-                        "operations": ["CREATE", "UPDATE"],
-                        "resources": ["multimodalgraphs"],
-                        "scope": "Namespaced",
-                    }
-                ],
-            }
-        ],
-    }
-    client.AdmissionregistrationV1Api(api).create_validating_webhook_configuration(body)
+def ca_bundle(api: client.ApiClient) -> str | None:
+    (hook,) = client.AdmissionregistrationV1Api(api).read_validating_webhook_configuration(WEBHOOK_CONFIG).webhooks
+    return hook.client_config.ca_bundle
 
 
 @contextlib.contextmanager
-def webhook_absent(api: client.ApiClient, cluster: KubeCluster, port: int) -> Iterator[None]:
-    """Unregister the webhook for the duration (as if it were never installed), then put it back."""
+def webhook_absent(api: client.ApiClient) -> Iterator[None]:
+    """Unregister the webhook for the duration (as if it were never installed), then put it back as it was."""
     admission = client.AdmissionregistrationV1Api(api)
-    admission.delete_validating_webhook_configuration(WEBHOOK_NAME)
+    saved = api.sanitize_for_serialization(admission.read_validating_webhook_configuration(WEBHOOK_CONFIG))
+    admission.delete_validating_webhook_configuration(WEBHOOK_CONFIG)
     time.sleep(1.5)  # the API server's webhook informer catches up
     try:
         yield
     finally:
-        register_webhook(api, cluster, port)
+        meta = saved["metadata"]
+        saved["metadata"] = {k: meta[k] for k in ("name", "labels", "annotations") if k in meta}
+        admission.create_validating_webhook_configuration(saved)
         time.sleep(1.5)
 
 

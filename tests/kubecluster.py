@@ -323,7 +323,8 @@ class KubeCluster:
 
 def install_chart(cluster: KubeCluster, api: Any, values: dict | None = None) -> Any:
     """`helm install mmgraph charts/mmgraph -n mmgraph-system` through helm-python-sdk (CRD included), then start
-    the controller-manager. The chart's webhook is off: there is no kubelet to run its in-cluster Deployment."""
+    the controller-manager. There is no kubelet to run the chart's Deployment (nor kube-proxy for its Service):
+    the tests run the operator as a process, so a chart with the webhook on must name it by URL."""
     import helm_python as helm
     from kubernetes import client
 
@@ -358,28 +359,45 @@ def operator_kubeconfig_of(cluster: KubeCluster, api: Any) -> Path:
     return cluster.kubeconfig_for_token("operator", token)
 
 
+WEBHOOK_CONFIG = f"{RELEASE}-operator"  # the chart's ValidatingWebhookConfiguration (and Lease, and Secret prefix)
+LEASE_TIMING = ["--lease-duration=6", "--lease-renew-deadline=4", "--lease-retry=1"]  # tests' short lease
+
+
 class OperatorProcess:
-    """`mmgraph operator` as a child process; start/stop can be repeated (restart tests)."""
+    """`mmgraph operator` as a child process, as the chart runs it (leader election, the webhook certificate in
+    its Secret) but with a short lease and a 1 s certificate check; start/stop can be repeated (restart tests)."""
 
     def __init__(
-        self, kubeconfig: Path, cert_dir: Path, logdir: Path, namespaces: tuple[str, ...] = (), name: str = "operator"
+        self,
+        kubeconfig: Path,
+        logdir: Path,
+        namespaces: tuple[str, ...] = (),
+        name: str = "operator",
+        webhook_port: int | None = None,
     ):
-        self.kubeconfig, self.cert_dir, self.logdir = kubeconfig, cert_dir, logdir
+        self.kubeconfig, self.logdir = kubeconfig, logdir
         self.namespaces, self.name = namespaces, name
-        self.webhook_port, self.metrics_port, self.health_port = free_port(), free_port(), free_port()
+        self.webhook_port = webhook_port or free_port()
+        self.metrics_port, self.health_port = free_port(), free_port()
         self.proc: subprocess.Popen | None = None
         self.starts = 0
 
-    def start(self) -> None:
+    def start(self, wait: bool = True) -> None:
         self.starts += 1
         log = open(self.logdir / f"{self.name}-{self.starts}.log", "wb")  # noqa: SIM115
-        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "PYTHONUNBUFFERED": "1"}
-        argv = [sys.executable, "-m", "mmgraph_operator.cli", "operator"]
-        argv += [f"--webhook-port={self.webhook_port}", f"--webhook-cert-dir={self.cert_dir}"]
+        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "PYTHONUNBUFFERED": "1", "POD_NAME": self.name}
+        argv = [sys.executable, "-m", "mmgraph_operator.cli", "operator", f"--operator-namespace={OPERATOR_NS}"]
+        argv += [f"--leader-election-lease={WEBHOOK_CONFIG}", *LEASE_TIMING]
+        argv += [f"--webhook-port={self.webhook_port}", f"--webhook-secret={WEBHOOK_CONFIG}-webhook"]
+        argv += [f"--webhook-config={WEBHOOK_CONFIG}", "--webhook-san=127.0.0.1", "--webhook-cert-check=1"]
         argv += [f"--metrics-port={self.metrics_port}", f"--health-port={self.health_port}"]
         argv += [f"--namespace={ns}" for ns in self.namespaces]
         self.proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
-        wait_for(self._healthy, timeout=60, what="operator /healthz")
+        if wait:
+            wait_for(self._healthy, timeout=60, what="operator /healthz")
+
+    def leading(self) -> bool:
+        return self.metric("mmgraph_operator_leader ") == 1
 
     def _healthy(self) -> bool:
         assert self.proc is not None and self.proc.poll() is None, self.log()
@@ -409,6 +427,17 @@ class OperatorProcess:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=2) as r:
             text = r.read().decode()
         return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+
+
+def operator_writes(cluster: KubeCluster) -> list[dict]:
+    """Every write the operators' account made that the server accepted (a refused write wrote nothing)."""
+    return [
+        e
+        for e in cluster.audit_events()
+        if e.get("user", {}).get("username") == OPERATOR_USER
+        and e.get("verb") not in ("get", "list", "watch")
+        and e.get("responseStatus", {}).get("code", 200) < 300
+    ]
 
 
 def start_cluster(workdir: Path | None = None) -> KubeCluster:

@@ -10,12 +10,14 @@ import helm_python as helm
 import kubernetes_validate
 import pytest
 import yaml
+from conftest import ca_bundle, chart_values
 from kubecluster import CHART, OPERATOR_NS, RELEASE, wait_for
 from kubernetes import client, dynamic
 
 VALUE_SETS = {
     "defaults": {},
     "namespaced": {"watchNamespaces": ["team-a", "team-b"], "grafanaDashboard": {"enabled": True}},
+    "cert-manager": {"webhook": {"certManager": {"enabled": True}}, "replicas": 1},
     "no-webhook": {
         "webhook": {"enabled": False},
         "image": {"repository": "registry.example/mmgraph-operator", "tag": "1.2.3"},
@@ -23,11 +25,23 @@ VALUE_SETS = {
 }
 
 
+def render_text(values: dict) -> dict[str, str]:
+    return helm.Chart.load(str(CHART)).render(values, name=RELEASE, namespace=OPERATOR_NS, is_install=True)
+
+
 def rendered(values: dict) -> list[dict]:
-    manifests = helm.Chart.load(str(CHART)).render(values, name=RELEASE, namespace=OPERATOR_NS, is_install=True)
     return [
-        doc for path, text in manifests.items() if path.endswith(".yaml") for doc in yaml.safe_load_all(text) if doc
+        doc
+        for path, text in render_text(values).items()
+        if path.endswith(".yaml")
+        for doc in yaml.safe_load_all(text)
+        if doc
     ]
+
+
+def one(docs: list[dict], kind: str, name_suffix: str = "") -> dict:
+    (doc,) = [d for d in docs if d["kind"] == kind and d["metadata"]["name"].endswith(name_suffix)]
+    return doc
 
 
 @pytest.mark.parametrize("values", VALUE_SETS.values(), ids=VALUE_SETS.keys())
@@ -42,11 +56,14 @@ def test_every_rendered_manifest_validates_strictly(values):
     docs = rendered(values)
     assert docs
     for doc in docs:
+        if doc["apiVersion"].startswith("cert-manager.io/"):  # not Kubernetes' own: no schema to check here
+            continue
         kubernetes_validate.validate(doc, "1.29.0", strict=True)
 
 
 def test_rbac_is_least_privilege():
-    rules = [r for d in rendered({}) if d["kind"] == "ClusterRole" for r in d["rules"]]
+    # rules by kind (rules limited to named objects: test_the_operator_may_touch_only_its_own_...)
+    rules = [r for d in rendered({}) if d["kind"] == "ClusterRole" for r in d["rules"] if not r.get("resourceNames")]
     verbs = {(g, res): set(r["verbs"]) for r in rules for g in r["apiGroups"] for res in r["resources"]}
     assert verbs[("mmgraph.io", "multimodalgraphs")] == {"get", "list", "watch"}  # never writes a spec
     assert verbs[("mmgraph.io", "multimodalgraphs/status")] == {"get", "patch"}
@@ -59,7 +76,11 @@ def test_rbac_is_least_privilege():
 
 def test_namespaced_install_uses_roles_in_each_namespace():
     docs = rendered(VALUE_SETS["namespaced"])
-    roles = {(d["kind"], d["metadata"]["namespace"]) for d in docs if d["kind"] in ("Role", "RoleBinding")}
+    roles = {
+        (d["kind"], d["metadata"]["namespace"])
+        for d in docs
+        if d["kind"] in ("Role", "RoleBinding") and d["metadata"]["name"] == "mmgraph-operator"
+    }
     assert roles == {(k, ns) for k in ("Role", "RoleBinding") for ns in ("team-a", "team-b")}
     operator = next(d for d in docs if d["kind"] == "Deployment")
     args = operator["spec"]["template"]["spec"]["containers"][0]["args"]
@@ -75,12 +96,87 @@ def test_operator_pod_is_non_root_and_read_only():
 
 def test_values_schema_refuses_bad_values():
     with pytest.raises(helm.HelmError, match="replicas"):
-        helm.Chart.load(str(CHART)).render({"replicas": 3}, name=RELEASE, namespace=OPERATOR_NS)
+        helm.Chart.load(str(CHART)).render({"replicas": -1}, name=RELEASE, namespace=OPERATOR_NS)
+    with pytest.raises(helm.HelmError, match="url"):
+        helm.Chart.load(str(CHART)).render({"webhook": {"url": "http://x/"}}, name=RELEASE, namespace=OPERATOR_NS)
+
+
+@pytest.mark.parametrize("values", VALUE_SETS.values(), ids=VALUE_SETS.keys())
+def test_two_renders_are_byte_identical_and_carry_no_certificate(values):
+    """What Argo CD (helm template) renders never changes by itself: no generated CA, no lookup; the operator or
+    cert-manager makes the certificate and sets the caBundle, which the render leaves out."""
+    assert render_text(values) == render_text(values)
+    docs = rendered(values)
+    assert not [d for d in docs if d["kind"] == "Secret"]
+    for config in [d for d in docs if d["kind"] == "ValidatingWebhookConfiguration"]:
+        assert all("caBundle" not in hook["clientConfig"] for hook in config["webhooks"])
+
+
+def test_two_replicas_by_default_on_two_nodes_one_leading():
+    docs = rendered({})
+    operator = one(docs, "Deployment")
+    spec, pod = operator["spec"], operator["spec"]["template"]["spec"]
+    assert spec["replicas"] == 2
+    assert spec["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}
+    (term,) = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    assert term["podAffinityTerm"]["labelSelector"]["matchLabels"] == spec["selector"]["matchLabels"]
+    pdb = one(docs, "PodDisruptionBudget")
+    assert pdb["spec"] == {"minAvailable": 1, "selector": spec["selector"]}
+    container = pod["containers"][0]
+    assert "--leader-election-lease=mmgraph-operator" in container["args"]
+    assert "--webhook-secret=mmgraph-operator-webhook" in container["args"]
+    assert "--webhook-config=mmgraph-operator" in container["args"]
+    env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in container["env"]}
+    assert env == {"POD_NAME": "metadata.name", "POD_NAMESPACE": "metadata.namespace"}
+    assert not [d for d in rendered({"replicas": 1}) if d["kind"] == "PodDisruptionBudget"]
+
+
+def test_the_operator_may_touch_only_its_own_lease_secret_and_webhook():
+    """Cluster-wide it may not read a Secret; in its own namespace it reads and patches the one it keeps."""
+    docs = rendered({})
+    self_role = one(docs, "Role", "-self")
+    assert self_role["metadata"]["namespace"] == OPERATOR_NS
+    rules = {(r["resources"][0], tuple(r.get("resourceNames", ()))): set(r["verbs"]) for r in self_role["rules"]}
+    assert rules == {
+        ("leases", ()): {"create"},
+        ("leases", ("mmgraph-operator",)): {"get", "update"},
+        ("secrets", ()): {"create"},
+        ("secrets", ("mmgraph-operator-webhook",)): {"get", "patch"},
+    }
+    (rule,) = one(docs, "ClusterRole", "-webhook")["rules"]
+    assert rule == {
+        "apiGroups": ["admissionregistration.k8s.io"],
+        "resources": ["validatingwebhookconfigurations"],
+        "resourceNames": ["mmgraph-operator"],
+        "verbs": ["get", "update"],
+    }
+
+
+def test_cert_manager_instead_makes_the_certificate_and_injects_the_ca():
+    docs = rendered(VALUE_SETS["cert-manager"])
+    certificate = one(docs, "Certificate")
+    assert certificate["spec"]["secretName"] == "mmgraph-operator-webhook"
+    assert certificate["spec"]["issuerRef"] == {"name": "mmgraph-operator-selfsigned", "kind": "Issuer"}
+    config = one(docs, "ValidatingWebhookConfiguration")
+    assert config["metadata"]["annotations"] == {
+        "cert-manager.io/inject-ca-from": f"{OPERATOR_NS}/mmgraph-operator-webhook"
+    }
+    args = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--webhook-cert-dir=/etc/mmgraph/webhook" in args and not any("--webhook-secret" in a for a in args)
+    assert not [d for d in docs if d["kind"] == "ClusterRole" and d["metadata"]["name"].endswith("-webhook")]
+    assert {r["resources"][0] for r in one(docs, "Role", "-self")["rules"]} == {"leases"}
+    named = rendered(
+        {"webhook": {"certManager": {"enabled": True, "issuerRef": {"name": "ca", "kind": "ClusterIssuer"}}}}
+    )
+    assert one(named, "Certificate")["spec"]["issuerRef"] == {"name": "ca", "kind": "ClusterIssuer"}
+    assert not [d for d in named if d["kind"] == "Issuer"]
 
 
 @pytest.mark.cluster
-def test_crd_upgrade_path(api, cluster, helm_install, operator):
-    """Helm never upgrades crds/: the README says to server-side apply the new CRD first, then `helm upgrade`."""
+def test_crd_upgrade_path(api, cluster, helm_install, operator, webhook_port):
+    """Helm never upgrades crds/: the README says to server-side apply the new CRD first, then `helm upgrade`.
+    The upgrade keeps the caBundle the operator set (the chart renders none), so the webhook keeps admitting."""
     dyn = dynamic.DynamicClient(api)
     crds = dyn.resources.get(api_version="apiextensions.k8s.io/v1", kind="CustomResourceDefinition")
     new = yaml.safe_load((CHART / "crds" / "multimodalgraph.yaml").read_text())
@@ -97,8 +193,10 @@ def test_crd_upgrade_path(api, cluster, helm_install, operator):
     crds.server_side_apply(body=new, name=new["metadata"]["name"], field_manager="kubectl", force_conflicts=True)
     assert field()
     cfg = helm.Config(kubeconfig_path=str(cluster.kubeconfig), namespace=OPERATOR_NS)
-    release = cfg.upgrade(str(CHART), RELEASE, {"webhook": {"enabled": False}}, namespace=OPERATOR_NS, timeout=60)
+    trusted = ca_bundle(api)
+    release = cfg.upgrade(str(CHART), RELEASE, chart_values(webhook_port), namespace=OPERATOR_NS, timeout=60)
     assert (release["revision"], release["status"]) == (2, "deployed")
+    assert ca_bundle(api) == trusted
     # The upgraded CRD serves the new field: a graph using it is stored with it.
     ns = "crd-upgrade"
     client.CoreV1Api(api).create_namespace({"metadata": {"name": ns}})

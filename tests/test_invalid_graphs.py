@@ -139,7 +139,7 @@ def test_webhook_refuses_invalid_update_and_keeps_the_stored_graph(api, operator
 def test_without_webhook_invalid_graphs_are_degraded_with_event_and_nothing_applied(api, cluster, operator, namespace):
     """Every webhook case, forced in with the webhook absent: Degraded=True + Warning Event; no child created."""
     cases = WEBHOOK_CASES
-    with webhook_absent(api, cluster, operator.webhook_port):
+    with webhook_absent(api):
         for i, (_, changes, _) in enumerate(cases):
             _create(api, _webhook_body(namespace, changes, name=f"bad{i}"))
         _create(api, _webhook_body(namespace, {}, name=LONG_NAME))
@@ -175,7 +175,7 @@ def test_without_webhook_invalid_graphs_are_degraded_with_event_and_nothing_appl
 
 
 def test_fixing_a_degraded_graph_applies_it(api, cluster, operator, namespace):
-    with webhook_absent(api, cluster, operator.webhook_port):
+    with webhook_absent(api):
         _create(api, _webhook_body(namespace, {"topology": "e-pd"}, name="g"))
     custom = client.CustomObjectsApi(api)
     get = lambda: custom.get_namespaced_custom_object("mmgraph.io", "v1alpha1", namespace, "multimodalgraphs", "g")  # noqa: E731

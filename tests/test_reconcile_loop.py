@@ -21,6 +21,7 @@ class Recorder(Reconciler):
     def __init__(self, api, concurrency: int, failures: int = 0, seconds: float = 0.2):
         super().__init__(api, "1.20", concurrency)
         self.primed.set()
+        self.lead()
         self.passes: list[tuple[GraphKey, float]] = []
         self.active = self.peak = 0
         self.failures, self.seconds = failures, seconds
@@ -102,3 +103,29 @@ def test_a_deleted_graph_leaves_nothing_behind_in_the_loop(api):
 
     loop = asyncio.run(run())
     assert (loop.graphs, dict(loop.children), loop.applied, loop.state) == ({}, {}, {}, {})
+
+
+def test_a_standby_reconciles_nothing_until_it_leads_and_stops_when_it_loses_the_lease(api):
+    """Only the leader reconciles: a standby's pokes wait; leading runs them; losing the lease cancels the passes
+    in flight (another replica may be writing) and they run again once this replica leads again."""
+
+    async def run() -> None:
+        loop = Recorder(api, concurrency=4, seconds=1.0)
+        loop.follow()
+        for i in range(3):
+            loop.graph_event(None, graph(f"g{i}"))
+        await asyncio.sleep(0.3)
+        assert loop.passes == []  # a standby: nothing
+        loop.lead()
+        await asyncio.sleep(0.3)
+        assert len(loop.passes) == 3 and loop.active == 3
+        loop.follow()  # lost the lease mid-pass
+        await asyncio.sleep(0.1)
+        assert loop.active == 0  # cancelled, not finished
+        await asyncio.sleep(0.5)
+        assert len(loop.passes) == 3  # and none started meanwhile
+        loop.lead()
+        await loop.settle()
+        assert Counter(key for key, _ in loop.passes) == {("ns", f"g{i}"): 2 for i in range(3)}
+
+    asyncio.run(run())

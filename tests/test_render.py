@@ -243,3 +243,52 @@ def test_every_stage_that_fetches_media_gets_the_graphs_media_policy(topology, f
         argv = worker_command(spec, stage, model="/m", host="0.0.0.0", advertise_host="10.0.0.1", peers={})
         has_policy = {"--allowed-schemes=https,http", "--max-pixels=1234"} <= set(argv)
         assert has_policy == (stage.value in fetching or stage == StageName.FRONTEND), (stage, argv)
+
+
+def _autoscaled(**autoscaling) -> dict:
+    body = load("qwen2.5-vl-e-p-d.yaml")
+    body["spec"]["stages"]["pd"]["autoscaling"] = {"maxReplicas": 4, **autoscaling}
+    return body
+
+
+@pytest.mark.parametrize(("kube", "api_version"), [("1.20", "autoscaling/v2beta2"), ("1.29", "autoscaling/v2")])
+def test_an_autoscaled_stage_gets_an_hpa_on_its_own_series_and_no_replicas(kube, api_version):
+    """The Deployment leaves replicas to the HPA; the PodDisruptionBudget follows the spec's maxReplicas (never the
+    live count); the HPA steers a Pods metric the stage exports, in the version the server has."""
+    out = {(m["kind"], m["metadata"]["name"]): m for m in render(parse(_autoscaled(metric="running")), kube)}
+    assert "replicas" not in out[("Deployment", "qwen-vl-pd")]["spec"]
+    assert ("PodDisruptionBudget", "qwen-vl-pd") in out
+    hpa = out[("HorizontalPodAutoscaler", "qwen-vl-pd")]
+    assert hpa["apiVersion"] == api_version
+    assert hpa["spec"] == {
+        "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "qwen-vl-pd"},
+        "minReplicas": 1,
+        "maxReplicas": 4,
+        "metrics": [
+            {
+                "type": "Pods",
+                "pods": {
+                    "metric": {"name": "vllm_num_requests_running"},
+                    "target": {"type": "AverageValue", "averageValue": "4"},
+                },
+            }
+        ],
+    }
+    if kube == "1.29":  # kubernetes-validate has no 1.20 schemas; the real 1.20 API server takes v2beta2 (test_hpa)
+        for manifest in out.values():
+            kubernetes_validate.validate(manifest, "1.29.0", strict=True)
+    one = {(m["kind"], m["metadata"]["name"]) for m in render(parse(_autoscaled(maxReplicas=1)), kube)}
+    assert ("PodDisruptionBudget", "qwen-vl-pd") not in one  # at most one pod: nothing to keep up during a drain
+
+
+def test_autoscaling_that_cannot_work_is_refused_with_what_to_change():
+    body = _autoscaled(minReplicas=5)
+    body["spec"]["stages"]["encoder"]["autoscaling"] = {"maxReplicas": 3, "metric": "running"}
+    found = problems(parse(body))
+    assert "spec.stages.pd.autoscaling: minReplicas 5 is above maxReplicas 4" in found
+    assert "spec.stages.encoder.autoscaling.metric: the encoder stage exports no 'running' series; use waiting" in found
+    agg = load("llava-agg.yaml")
+    agg["spec"]["stages"].setdefault("frontend", {})["autoscaling"] = {"maxReplicas": 3, "metric": "running"}
+    assert problems(parse(agg)) == [
+        "spec.stages.frontend.autoscaling: in agg the API runs in pd's pods; autoscale pd instead"
+    ]

@@ -128,11 +128,43 @@ class Probes(Spec):
     """Liveness probe; the kubelet restarts the container when this fails."""
 
 
+QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|M|G)?$"
+
+
+class Autoscaling(Spec):
+    """A HorizontalPodAutoscaler for the stage: it keeps between minReplicas and maxReplicas pods, adding pods
+    while the average per pod of `metric` is above `targetAverageValue`. The metric is a per-pod series the stage
+    exports, served to the HPA as a Pods metric by prometheus-adapter (docs/autoscaling.md has the rules). The
+    operator then leaves the Deployment's replicas to the HPA (`replicas` applies again when this is removed)."""
+
+    min_replicas: int = Field(default=1, ge=1, le=1000)
+    """Fewest pods."""
+    max_replicas: int = Field(ge=1, le=1000)
+    """Most pods."""
+    metric: Literal["waiting", "running"] = "waiting"
+    """waiting: work queued ahead of the stage (the encoder's media items waiting for its tower; an engine's
+    requests waiting for a slot); running: requests being served (pd and decode: in the engine; the frontend:
+    in flight). Stages export each as its own series (see `autoscaling_metric`)."""
+    target_average_value: str = Field(default="4", pattern=QUANTITY)
+    """Per-pod average of the metric the HPA steers to (a Kubernetes quantity, e.g. 4 or 500m)."""
+
+
+# The series behind each stage's metrics, by the names prometheus-adapter serves them (vllm:x becomes vllm_x).
+AUTOSCALING_METRICS: dict[str, dict[str, str]] = {
+    "frontend": {"running": "mmgraph_requests_in_flight"},
+    "encoder": {"waiting": "mmgraph_encoder_items_waiting"},
+    "pd": {"waiting": "vllm_num_requests_waiting", "running": "vllm_num_requests_running"},
+    "decode": {"waiting": "vllm_num_requests_waiting", "running": "vllm_num_requests_running"},
+}
+
+
 class StageSpec(Spec):
     """Settings every stage has: how many pods, where they run and with what."""
 
     replicas: int = Field(default=1, ge=0, le=1000)
-    """Number of pods of this stage."""
+    """Number of pods of this stage (while `autoscaling` is unset)."""
+    autoscaling: Autoscaling | None = None
+    """Scale the stage's pods on a metric it exports (a HorizontalPodAutoscaler) instead of `replicas`."""
     resources: Resources | None = None
     """CPU and memory requests and limits; GPUs come from `gpus`."""
     node_selector: dict[str, str] | None = None
@@ -458,6 +490,23 @@ def _stages_match_the_topology(graph: MultimodalGraph) -> list[str]:
     return out
 
 
+def _autoscaling_makes_sense(graph: MultimodalGraph) -> list[str]:
+    out = []
+    for stage in graph.spec.used_stages():
+        auto = (cfg := graph.spec.stages.get(stage)) and cfg.autoscaling
+        if not auto or (stage == StageName.FRONTEND and graph.spec.topology == Topology.AGG):
+            continue
+        where = f"spec.stages.{stage.value}.autoscaling"
+        if auto.min_replicas > auto.max_replicas:
+            out.append(f"{where}: minReplicas {auto.min_replicas} is above maxReplicas {auto.max_replicas}")
+        if auto.metric not in AUTOSCALING_METRICS[stage.value]:
+            known = " or ".join(AUTOSCALING_METRICS[stage.value])
+            out.append(f"{where}.metric: the {stage.value} stage exports no {auto.metric!r} series; use {known}")
+    if graph.spec.topology == Topology.AGG and graph.spec.stages.frontend.autoscaling:
+        out.append("spec.stages.frontend.autoscaling: in agg the API runs in pd's pods; autoscale pd instead")
+    return out
+
+
 def _engines(graph: MultimodalGraph) -> list[tuple[StageName, EngineSpec]]:
     return [(s, e) for s in (StageName.PD, StageName.DECODE) if isinstance(e := graph.spec.stages.get(s), EngineSpec)]
 
@@ -573,6 +622,7 @@ RULES: tuple[Callable[[MultimodalGraph], list[str]], ...] = (
     _transfers_end_within_the_kv_lease,
     _ports_do_not_clash,
     _video_frames_within_the_cap,
+    _autoscaling_makes_sense,
 )
 
 

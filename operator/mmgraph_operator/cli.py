@@ -45,15 +45,80 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 
 def cmd_operator(args: argparse.Namespace) -> int:
-    from mmgraph_operator.main import run
+    import os
+    import secrets
+    import socket
 
-    return run(
+    from mmgraph_operator.certs import service_sans
+    from mmgraph_operator.leader import Timing
+    from mmgraph_operator.main import Options, run
+
+    own = args.operator_namespace or os.environ.get("POD_NAMESPACE") or _serviceaccount_namespace() or "default"
+    sans = (service_sans(args.webhook_service, own) if args.webhook_service else ()) + tuple(args.webhook_san)
+    if args.webhook_secret and not sans:
+        print("mmgraph operator: --webhook-secret needs --webhook-service or --webhook-san", file=sys.stderr)
+        return 2
+    try:
+        timing = Timing(args.lease_duration, args.lease_renew_deadline, args.lease_retry)
+    except ValueError as err:
+        print(f"mmgraph operator: {err}", file=sys.stderr)
+        return 2
+    # two replicas share a ServiceAccount: the identity (Lease holder, user agent) tells them apart
+    identity = f"{os.environ.get('POD_NAME') or socket.gethostname()}_{secrets.token_hex(4)}"
+    opts = Options(
         namespaces=args.namespace,
+        own_namespace=own,
+        identity=identity,
         webhook_port=args.webhook_port,
         webhook_cert_dir=args.webhook_cert_dir,
-        metrics_port=args.metrics_port,
-        health_port=args.health_port,
+        webhook_secret=args.webhook_secret,
+        webhook_config=args.webhook_config,
+        webhook_sans=sans,
+        cert_interval=args.webhook_cert_check,
+        lease=args.leader_election_lease,
+        timing=timing,
     )
+    return run(opts, metrics_port=args.metrics_port, health_port=args.health_port)
+
+
+def _serviceaccount_namespace() -> str | None:
+    path = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+    return path.read_text().strip() if path.exists() else None
+
+
+def _operator_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--namespace", action="append", default=[], help="watch only this namespace (repeatable)")
+    p.add_argument("--operator-namespace", default="", help="the operator's own namespace (default: POD_NAMESPACE)")
+    p.add_argument("--metrics-port", type=int, default=8080, help="Prometheus metrics port (0: off)")
+    p.add_argument("--health-port", type=int, default=8081, help="liveness endpoint port (0: off)")
+    w = p.add_argument_group("validating webhook")
+    w.add_argument("--webhook-port", type=int, default=0, help="serve the validating webhook on this port")
+    w.add_argument(
+        "--webhook-secret",
+        default="",
+        help="keep the webhook's CA and certificate in this Secret "
+        "(in the operator's namespace): the leader makes and renews it, every replica serves it",
+    )
+    w.add_argument(
+        "--webhook-config", default="", help="the ValidatingWebhookConfiguration whose caBundle the leader keeps"
+    )
+    w.add_argument("--webhook-service", default="", help="the webhook's Service: the certificate names it")
+    w.add_argument("--webhook-san", action="append", default=[], help="another name or IP for the certificate")
+    w.add_argument("--webhook-cert-check", type=float, default=10.0, help="seconds between reads of the Secret")
+    w.add_argument(
+        "--webhook-cert-dir",
+        default=None,
+        help="without --webhook-secret: a directory with tls.crt and tls.key (e.g. cert-manager's Secret)",
+    )
+    e = p.add_argument_group("leader election (two replicas: one reconciles, both serve the webhook)")
+    e.add_argument(
+        "--leader-election-lease",
+        default="",
+        help="the Lease to hold (in the operator's namespace); empty: no election, this replica leads",
+    )
+    e.add_argument("--lease-duration", type=float, default=15.0, help="seconds before a standby takes over")
+    e.add_argument("--lease-renew-deadline", type=float, default=10.0, help="seconds a leader tries to renew")
+    e.add_argument("--lease-retry", type=float, default=2.0, help="seconds between tries")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -68,11 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--kube-version", default=DEFAULT_KUBE_VERSION, help="target Kubernetes version, e.g. 1.20")
     p.set_defaults(func=cmd_render)
     p = sub.add_parser("operator", help="run the operator (kopf) against the current kubeconfig or in-cluster")
-    p.add_argument("--namespace", action="append", default=[], help="watch only this namespace (repeatable)")
-    p.add_argument("--webhook-port", type=int, default=0, help="serve the validating webhook on this port")
-    p.add_argument("--webhook-cert-dir", default=None, help="directory with tls.crt and tls.key for the webhook")
-    p.add_argument("--metrics-port", type=int, default=8080, help="Prometheus metrics port (0: off)")
-    p.add_argument("--health-port", type=int, default=8081, help="liveness endpoint port (0: off)")
+    _operator_parser(p)
     p.set_defaults(func=cmd_operator)
     try:
         from mmgraph_workers.cli import add_subcommands

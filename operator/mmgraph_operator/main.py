@@ -1,6 +1,8 @@
 """Runs the operator: kopf watches (graphs and every kind of child), the webhook, metrics; no logic of its own.
 
-kopf is configured to write nothing by itself (standalone: no peering objects; no progress annotations or
+Two replicas may run: both watch and serve the webhook, only the leader (leader.py) reconciles and keeps the
+webhook's certificate (certs.py). kopf is configured to write nothing by itself (standalone: no peering objects;
+no progress annotations or
 finalizers, since only event handlers are used; Events are posted by the reconciler, deduplicated), so every
 write the operator makes is one the reconciler decided on.
 """
@@ -8,39 +10,60 @@ write the operator makes is one the reconciler decided on.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import kopf
-from kubernetes import client, config
+from kubernetes import client
 
 from mmgraph_operator.api import GROUP, PLURAL, VERSION
+from mmgraph_operator.certs import CertKeeper, CertSettings, ServingCert
+from mmgraph_operator.kubeapi import api_client
+from mmgraph_operator.leader import LeaseElector, Timing
 from mmgraph_operator.reconcile import Reconciler
-from mmgraph_operator.render import GRAPH_LABEL, MANAGED_BY, KubeVersion, pdb_api_version
+from mmgraph_operator.render import GRAPH_LABEL, MANAGED_BY, KubeVersion, hpa_api_version, pdb_api_version
 
 CHILD_LABELS = {GRAPH_LABEL: kopf.PRESENT, "app.kubernetes.io/managed-by": MANAGED_BY}
-CHILD_KINDS = [  # every kind render() can produce: (group, version, plural, kind); PDBs in the served version
-    ("", "v1", "services", "Service"),
-    ("apps", "v1", "deployments", "Deployment"),
-    ("policy", None, "poddisruptionbudgets", "PodDisruptionBudget"),
-    ("networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy"),
-]
 
 
-def _api_client() -> client.ApiClient:
-    try:
-        config.load_incluster_config()
-    except config.ConfigException:
-        config.load_kube_config()
-    configuration = client.Configuration.get_default_copy()
-    configuration.connection_pool_maxsize = 16
-    return client.ApiClient(configuration)
+def child_kinds(kube_version: str) -> list[tuple[str, str, str, str]]:
+    """Every kind render() can produce, as (group, version, plural, kind), in the version render picks for this
+    server: watched in exactly that version (a server's preferred one may differ: autoscaling/v1 on 1.20), so a
+    cached child compares like with like."""
+    version = KubeVersion.parse(kube_version)
+    return [
+        ("", "v1", "services", "Service"),
+        ("apps", "v1", "deployments", "Deployment"),
+        ("policy", pdb_api_version(version).split("/")[1], "poddisruptionbudgets", "PodDisruptionBudget"),
+        ("autoscaling", hpa_api_version(version).split("/")[1], "horizontalpodautoscalers", "HorizontalPodAutoscaler"),
+        ("networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy"),
+    ]
 
 
-def register(registry: kopf.OperatorRegistry, namespaces: list[str], webhook_port: int, cert_dir: str | None) -> None:
+@dataclass(frozen=True)
+class Options:
+    """What `mmgraph operator` was told (cli.py): namespaces, ports, the webhook's certificate, the election."""
+
+    namespaces: list[str] = field(default_factory=list)
+    own_namespace: str = "default"  # where the Lease and the certificate Secret live
+    identity: str = "mmgraph-operator"
+    webhook_port: int = 0
+    webhook_cert_dir: str | None = None  # tls.crt/tls.key files (bring your own, e.g. cert-manager's Secret)
+    webhook_secret: str = ""  # else: keep the certificate in this Secret (certs.py)
+    webhook_config: str = ""  # the ValidatingWebhookConfiguration whose caBundle the leader keeps
+    webhook_sans: tuple[str, ...] = ()
+    cert_interval: float = 10.0
+    lease: str = ""  # "" = no election: lead at once (one replica)
+    timing: Timing = field(default_factory=Timing)
+
+
+def register(registry: kopf.OperatorRegistry, opts: Options, kube_version: str) -> None:
     """All handlers, on an explicit registry (no import-time globals)."""
+    kinds = child_kinds(kube_version)
 
     @kopf.on.startup(registry=registry)
     async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: Any, **_: Any) -> None:
@@ -48,24 +71,26 @@ def register(registry: kopf.OperatorRegistry, namespaces: list[str], webhook_por
         settings.peering.standalone = True
         # Watching given namespaces: use exactly those, without listing the cluster's namespaces (which a
         # namespaced install's Roles do not allow; kopf would retry for minutes before falling back).
-        settings.scanning.disabled = bool(namespaces)
+        settings.scanning.disabled = bool(opts.namespaces)
         settings.watching.server_timeout = 300
         settings.watching.client_timeout = 330
-        if webhook_port:
-            cert = Path(cert_dir or ".")
-            settings.admission.server = kopf.WebhookServer(
-                addr="0.0.0.0", port=webhook_port, certfile=str(cert / "tls.crt"), pkeyfile=str(cert / "tls.key")
-            )
-            settings.admission.managed = None  # the chart (or the tests) own the webhook configuration
         asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(32, thread_name_prefix="kube-api"))
-        api = _api_client()
-        version = client.VersionApi(api).get_code()
-        kube_version = f"{version.major}.{version.minor}"
-        memo.reconciler = Reconciler(api, kube_version)
-        pdb = pdb_api_version(KubeVersion.parse(kube_version))
-        kinds = [(f"{g}/{v}" if g else v, kind) if v else (pdb, kind) for g, v, _, kind in CHILD_KINDS]
-        await memo.reconciler.prime(namespaces, kinds)
-        logger.info("mmgraph operator for Kubernetes %s", kube_version)
+        api = api_client(f"mmgraph-operator/{opts.identity}")
+        memo.reconciler = reconciler = Reconciler(api, kube_version)
+        memo.tasks = []
+        memo.elector = None
+        if opts.lease:
+            memo.elector = LeaseElector(
+                api, opts.own_namespace, opts.lease, opts.identity, opts.timing, reconciler.lead, reconciler.follow
+            )
+            memo.tasks.append(asyncio.create_task(memo.elector.run(), name="leader election"))
+        else:
+            reconciler.lead()
+        if opts.webhook_port:
+            settings.admission.server = await _webhook_server(api, opts, reconciler, memo.tasks)
+            settings.admission.managed = None  # the chart (or the tests) own the webhook configuration
+        await reconciler.prime(opts.namespaces, [(f"{g}/{v}" if g else v, kind) for g, v, _, kind in kinds])
+        logger.info("mmgraph operator %s for Kubernetes %s", opts.identity, kube_version)
 
     @kopf.on.login(registry=registry)
     def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
@@ -74,20 +99,51 @@ def register(registry: kopf.OperatorRegistry, namespaces: list[str], webhook_por
     @kopf.on.cleanup(registry=registry)
     async def cleanup(memo: kopf.Memo, **_: Any) -> None:
         await memo.reconciler.stop()
+        if memo.elector:
+            await memo.elector.release()  # the standby takes over now, not a lease duration later
+        for task in memo.tasks:
+            task.cancel()
 
     @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
     async def graph_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
         memo.reconciler.graph_event(type, _plain(body))
 
-    for group, version, plural, _ in CHILD_KINDS:
+    for group, version, plural, _ in kinds:
         kopf.on.event(group, version, plural, labels=CHILD_LABELS, registry=registry, id=f"child-{plural}")(
             _child_event
         )
 
-    if webhook_port:
+    if opts.webhook_port:
         from mmgraph_operator.webhook import validate_graph
 
-        kopf.on.validate(GROUP, VERSION, PLURAL, id="multimodalgraph", registry=registry)(validate_graph)
+        kopf.on.validate(GROUP, VERSION, PLURAL, id="multimodalgraph", registry=registry)(
+            functools.partial(validate_graph, namespaces=opts.namespaces)
+        )
+
+
+async def _webhook_server(
+    api: client.ApiClient, opts: Options, reconciler: Reconciler, tasks: list[asyncio.Task]
+) -> kopf.WebhookServer:
+    """Every replica serves the webhook, from a certificate reloaded in place when it changes: the one the leader
+    keeps in a Secret (the default), or files someone else renews (cert-manager's Secret, mounted). kopf starts
+    the server once startup returns, so this waits for the first certificate."""
+    serving = ServingCert()
+    if opts.webhook_secret:
+        settings = CertSettings(
+            opts.own_namespace, opts.webhook_secret, opts.webhook_config, opts.webhook_sans, opts.cert_interval
+        )
+        keep = CertKeeper(api, settings, serving).keep(reconciler.leading.is_set)
+    else:
+        keep = serving.watch_files(Path(opts.webhook_cert_dir or "."), opts.cert_interval)
+    tasks.append(asyncio.create_task(keep, name="webhook certificate"))
+    await serving.ready.wait()
+    return kopf.WebhookServer(
+        addr="0.0.0.0",
+        port=opts.webhook_port,
+        context=serving.context,
+        certfile=str(serving.certfile),  # what the context holds: else kopf would load a self-signed one into it
+        pkeyfile=str(serving.keyfile),
+    )
 
 
 async def _child_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
@@ -98,9 +154,7 @@ def _plain(body: kopf.Body) -> dict[str, Any]:
     return dict(body)
 
 
-def run(
-    namespaces: list[str], webhook_port: int, webhook_cert_dir: str | None, metrics_port: int, health_port: int
-) -> int:
+def run(opts: Options, metrics_port: int, health_port: int) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("kubernetes").setLevel(logging.WARNING)
     logging.getLogger("kopf.objects").setLevel(logging.WARNING)  # one line per watch event is noise
@@ -108,13 +162,14 @@ def run(
         from prometheus_client import start_http_server
 
         start_http_server(metrics_port)
+    version = client.VersionApi(api_client(f"mmgraph-operator/{opts.identity}")).get_code()
     registry = kopf.OperatorRegistry()
-    register(registry, namespaces, webhook_port, webhook_cert_dir)
+    register(registry, opts, f"{version.major}.{version.minor}")
     kopf.run(
         registry=registry,
         standalone=True,
-        clusterwide=not namespaces,
-        namespaces=namespaces,
+        clusterwide=not opts.namespaces,
+        namespaces=opts.namespaces,
         liveness_endpoint=f"http://0.0.0.0:{health_port}/healthz" if health_port else None,
     )
     return 0

@@ -40,6 +40,7 @@ from mmgraph_operator.api import (
     peer_credential_name,
 )
 from mmgraph_operator.commands import api_stage, process_stages
+from mmgraph_operator.kubeapi import call
 from mmgraph_operator.render import (
     GRAPH_LABEL,
     MANAGED_BY,
@@ -60,7 +61,7 @@ from mmgraph_operator.status import (
 )
 
 FIELD_MANAGER = "mmgraph-operator"
-API_TIMEOUT = 30.0  # seconds for one API call
+HANDOVER_MANAGER = "mmgraph-operator-handover"  # holds an autoscaled Deployment's replicas until the HPA writes them
 DEBOUNCE = 0.05  # seconds to gather a burst of events into one pass
 MAX_BACKOFF = 60.0
 
@@ -119,6 +120,16 @@ def _path(path: tuple[str | int, ...]) -> str:
     return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path) or "."
 
 
+def hands_over_replicas(manifest: dict[str, Any], live: dict[str, Any]) -> bool:
+    """The manifest leaves a Deployment's replicas out while the live object's replicas are still ours."""
+    if manifest["kind"] != "Deployment" or "replicas" in manifest["spec"]:
+        return False
+    return any(
+        entry.get("manager") == FIELD_MANAGER and "f:replicas" in (entry.get("fieldsV1") or {}).get("f:spec", {})
+        for entry in (live.get("metadata") or {}).get("managedFields") or []
+    )
+
+
 def digest(obj: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -146,6 +157,7 @@ class Reconciler:
         self.applied: dict[ChildKey, tuple[str, str]] = {}  # child -> (digest of what we applied, its rv)
         self.slots = asyncio.Semaphore(concurrency)
         self.primed = asyncio.Event()
+        self.leading = asyncio.Event()  # only the leader reconciles (leader.py); a standby keeps its caches warm
 
     async def prime(self, namespaces: list[str], kinds: list[tuple[str, str]]) -> None:
         """Fill the child cache with one LIST per kind (and namespace) before any reconcile pass runs."""
@@ -153,7 +165,7 @@ class Reconciler:
         for api_version, kind in kinds:
             resource = self.dyn.resources.get(api_version=api_version, kind=kind)
             for ns in namespaces or [None]:
-                listed = await self._call(resource.get, namespace=ns, label_selector=selector)
+                listed = await call(resource.get, namespace=ns, label_selector=selector)
                 for item in listed.to_dict()["items"]:
                     item.update(apiVersion=api_version, kind=kind)
                     self.child_event(None, item)
@@ -203,6 +215,7 @@ class Reconciler:
         while state.pending.is_set():
             await asyncio.sleep(DEBOUNCE)
             await self.primed.wait()
+            await self.leading.wait()
             state.pending.clear()
             try:
                 async with self.slots:
@@ -216,6 +229,20 @@ class Reconciler:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF)
                 state.pending.set()
+
+    def lead(self) -> None:
+        """Became the leader: the graphs waiting on it reconcile now, from caches the watches kept current."""
+        self.leading.set()
+
+    def follow(self) -> None:
+        """Lost the lease: stop at once (another replica may take over any moment) and wait to lead again."""
+        self.leading.clear()
+        for key, state in self.state.items():
+            if state.task and not state.task.done():
+                state.task.cancel()
+            state.task = None
+            if key in self.graphs:
+                self.poke(key)  # a task that waits for leadership
 
     async def stop(self) -> None:
         tasks = [s.task for s in self.state.values() if s.task and not s.task.done()]
@@ -281,7 +308,9 @@ class Reconciler:
             if not where or self.applied.get(ck) == (digest(manifest), _rv_text(fresh)):
                 return False  # in sync, or the server normalised what we applied last time
             log.info("%s %s/%s drifted at %s; applying", ck.kind, ck.namespace, ck.name, where)
-        result = await self._call(
+        if fresh is not None and hands_over_replicas(manifest, fresh):
+            await self._hand_over_replicas(ck, fresh)
+        result = await call(
             self._resource(ck).server_side_apply,
             body=manifest,
             name=ck.name,
@@ -295,12 +324,39 @@ class Reconciler:
         metrics.WRITES.labels(verb="apply", kind=ck.kind).inc()
         return True
 
+    async def _hand_over_replicas(self, ck: ChildKey, live: dict[str, Any]) -> None:
+        """Before an apply that leaves `replicas` out (the stage became autoscaled), a second field manager takes
+        the field at its live value. Otherwise the API server would drop a field its only owner stopped applying,
+        and the Deployment would run at the default of 1 replica until the HPA scaled it back."""
+        body = {
+            "apiVersion": ck.api_version,
+            "kind": ck.kind,
+            "metadata": {"name": ck.name, "namespace": ck.namespace},
+            "spec": {"replicas": live["spec"]["replicas"]},
+        }
+        await call(
+            self._resource(ck).server_side_apply,
+            body=body,
+            name=ck.name,
+            namespace=ck.namespace,
+            field_manager=HANDOVER_MANAGER,
+            force_conflicts=True,
+        )
+        metrics.WRITES.labels(verb="apply", kind=ck.kind).inc()
+        log.info(
+            "%s %s/%s: replicas (%d) handed over to the autoscaler",
+            ck.kind,
+            ck.namespace,
+            ck.name,
+            live["spec"]["replicas"],
+        )
+
     async def _create_credential(self, graph: MultimodalGraph) -> list[str]:
         """Create the graph's peer credential Secret with a random token, once: status records it (running_status),
         and a 409 means a lost status write. The operator never reads Secrets, so it never compares or rotates."""
         manifest = peer_credential(graph, secrets.token_urlsafe(32))
         try:
-            await self._call(client.CoreV1Api(self.api).create_namespaced_secret, graph.namespace, manifest)
+            await call(client.CoreV1Api(self.api).create_namespaced_secret, graph.namespace, manifest)
         except ApiException as err:
             if err.status != 409:
                 raise
@@ -337,7 +393,7 @@ class Reconciler:
         if fresh is None:
             return False
         try:
-            await self._call(self._resource(ck).delete, name=ck.name, namespace=ck.namespace)
+            await call(self._resource(ck).delete, name=ck.name, namespace=ck.namespace)
         except ApiException as err:
             if err.status != 404:
                 raise
@@ -347,7 +403,7 @@ class Reconciler:
 
     async def _get(self, ck: ChildKey) -> dict[str, Any] | None:
         try:
-            return (await self._call(self._resource(ck).get, name=ck.name, namespace=ck.namespace)).to_dict()
+            return (await call(self._resource(ck).get, name=ck.name, namespace=ck.namespace)).to_dict()
         except ApiException as err:
             if err.status == 404:
                 return None
@@ -370,7 +426,7 @@ class Reconciler:
         if patch is None:
             return
         meta = body["metadata"]
-        result = await self._call(
+        result = await call(
             client.CustomObjectsApi(self.api).patch_namespaced_custom_object_status,
             GROUP,
             VERSION,
@@ -407,17 +463,13 @@ class Reconciler:
             "count": 1,
         }
         try:
-            await self._call(client.CoreV1Api(self.api).create_namespaced_event, meta["namespace"], event)
+            await call(client.CoreV1Api(self.api).create_namespaced_event, meta["namespace"], event)
             metrics.WRITES.labels(verb="create", kind="Event").inc()
         except ApiException as err:  # an Event is a courtesy: never fail a reconcile over it
             log.warning("could not post Event %s for %s: %s", reason, meta["name"], err.reason)
 
     def _resource(self, ck: ChildKey) -> Any:
         return self.dyn.resources.get(api_version=ck.api_version, kind=ck.kind)
-
-    async def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        kwargs.setdefault("_request_timeout", API_TIMEOUT)
-        return await asyncio.wait_for(asyncio.to_thread(fn, *args, **kwargs), API_TIMEOUT + 5)
 
 
 def _rv(obj: dict[str, Any]) -> int:

@@ -13,10 +13,12 @@ from typing import Any
 
 from mmgraph_operator.api import (
     API_VERSION,
+    AUTOSCALING_METRICS,
     KIND,
     PEER_TOKEN_ENV,
     PEER_TOKEN_KEY,
     POD_GRACE_SECONDS,
+    Autoscaling,
     EngineSpec,
     GpuStageSpec,
     MultimodalGraph,
@@ -95,7 +97,9 @@ def render(
         out.append(_service(graph, stage, api_pods or api_stage(graph.spec)))
         if stage in running:
             out.append(_deployment(graph, stage, cfg))
-            if cfg.replicas > 1:
+            if cfg.autoscaling:
+                out.append(_hpa(graph, stage, cfg.autoscaling, version))
+            if (cfg.autoscaling.max_replicas if cfg.autoscaling else cfg.replicas) > 1:  # from the spec, never live
                 out.append(_pdb(graph, stage, version))
     return out
 
@@ -324,7 +328,7 @@ def _deployment(graph: MultimodalGraph, stage: StageName, cfg: StageSpec) -> dic
         "kind": "Deployment",
         "metadata": _metadata(graph, child_name(graph.name, stage), stage),
         "spec": {
-            "replicas": cfg.replicas,
+            **({} if cfg.autoscaling else {"replicas": cfg.replicas}),  # autoscaled: the HPA's (see reconcile.py)
             "revisionHistoryLimit": 3,
             "selector": {"matchLabels": _selector(graph, stage)},
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
@@ -332,6 +336,35 @@ def _deployment(graph: MultimodalGraph, stage: StageName, cfg: StageSpec) -> dic
                 "metadata": {"labels": _labels(graph, stage), "annotations": annotations},
                 "spec": _pod_spec(graph, stage, cfg),
             },
+        },
+    }
+
+
+def hpa_api_version(version: KubeVersion) -> str:
+    """HorizontalPodAutoscaler with Pods metrics: autoscaling/v2 from Kubernetes 1.23, v2beta2 before."""
+    return "autoscaling/v2" if version >= (1, 23) else "autoscaling/v2beta2"
+
+
+def _hpa(graph: MultimodalGraph, stage: StageName, auto: Autoscaling, version: KubeVersion) -> dict[str, Any]:
+    name = child_name(graph.name, stage)
+    metric = AUTOSCALING_METRICS[stage.value][auto.metric]
+    return {
+        "apiVersion": hpa_api_version(version),
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": _metadata(graph, name, stage),
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": name},
+            "minReplicas": auto.min_replicas,
+            "maxReplicas": auto.max_replicas,
+            "metrics": [
+                {
+                    "type": "Pods",
+                    "pods": {
+                        "metric": {"name": metric},
+                        "target": {"type": "AverageValue", "averageValue": auto.target_average_value},
+                    },
+                }
+            ],
         },
     }
 
