@@ -70,6 +70,7 @@ def test_rbac_is_least_privilege():
     assert verbs[("", "events")] == {"create"}
     assert verbs[("apiextensions.k8s.io", "customresourcedefinitions")] == {"list", "watch"}
     assert not any("*" in r["verbs"] or "*" in r["resources"] for r in rules)
+    assert verbs[("autoscaling", "horizontalpodautoscalers")] == {"get", "list", "watch", "create", "patch", "delete"}
     assert verbs[("", "secrets")] == {"create"}  # each graph's peer credential: made, never read (no get/list/watch)
     assert ("", "pods") not in verbs
 

@@ -601,6 +601,7 @@ def test_the_encoders_queue_is_bounded():
         await asyncio.to_thread(started.wait, 10)
         waiting = [asyncio.create_task(batcher.run([i, i])) for i in range(2)]  # 4 images wait
         await asyncio.sleep(0)
+        assert metric_value("mmgraph_encoder_items_waiting") == 4  # the series an encoder's HPA steers on
         with pytest.raises(Busy, match="4 items waiting"):
             await batcher.run([7, 7])  # 6 > 5
         release.set()

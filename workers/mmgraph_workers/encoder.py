@@ -59,6 +59,10 @@ AUDIO_SECONDS_DECODED = Counter("mmgraph_encoder_audio_seconds_decoded_total", "
 VIDEO_FRAMES_DECODED = Counter(
     "mmgraph_encoder_video_frames_decoded_total", "Video frames decoded to sample the frames requests asked for"
 )
+WAITING = Gauge(
+    "mmgraph_encoder_items_waiting",
+    "Media items queued for the tower behind the pass now running (what the encoder's autoscaler steers on)",
+)
 BATCH_ITEMS = Histogram(
     "mmgraph_encoder_batch_items", "Media items per pass of the tower", buckets=(1, 2, 4, 8, 16, 32, 64)
 )
@@ -79,6 +83,7 @@ class Batcher:
         self.max_waiting = max_waiting if max_waiting is not None else 4 * max_items
         self.queue: list[tuple[list[Any], asyncio.Future]] = []
         self.worker: asyncio.Task | None = None
+        WAITING.set_function(self.waiting)  # one Batcher per encoder process
 
     async def run(self, items: list[Any]) -> list[Any]:
         """`forward`'s results for `items`, in order; Busy when `max_waiting` items already wait (the queue is
@@ -90,9 +95,13 @@ class Batcher:
             self.worker = asyncio.create_task(self._drain())
         return await future
 
+    def waiting(self) -> int:
+        """Items queued behind the pass now running (a request whose client left no longer counts)."""
+        return sum(len(request) for request, future in self.queue if not future.done())
+
     def check(self, items: int) -> None:
         """Busy if `items` more would not fit in the queue (also asked before fetching, to fail fast)."""
-        waiting = sum(len(request) for request, future in self.queue if not future.done())
+        waiting = self.waiting()
         if waiting and waiting + items > self.max_waiting:
             raise Busy(f"the encoder has {waiting} items waiting for its tower; retry shortly")
 
