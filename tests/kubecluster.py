@@ -394,7 +394,11 @@ class OperatorProcess:
         argv += [f"--namespace={ns}" for ns in self.namespaces]
         self.proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
         if wait:
-            wait_for(self._healthy, timeout=60, what="operator /healthz")
+            try:
+                wait_for(self._healthy, timeout=60, what="operator /healthz")
+            except BaseException:
+                self.stop()  # never leave a process behind a failed start
+                raise
 
     def leading(self) -> bool:
         return self.metric("mmgraph_operator_leader ") == 1

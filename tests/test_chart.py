@@ -17,7 +17,11 @@ from kubernetes import client, dynamic
 VALUE_SETS = {
     "defaults": {},
     "namespaced": {"watchNamespaces": ["team-a", "team-b"], "grafanaDashboard": {"enabled": True}},
-    "cert-manager": {"webhook": {"certManager": {"enabled": True}}, "replicas": 1},
+    "cert-manager": {
+        "webhook": {"certManager": {"enabled": True}},
+        "replicas": 1,
+        "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "kps"}}},
+    },
     "no-webhook": {
         "webhook": {"enabled": False},
         "image": {"repository": "registry.example/mmgraph-operator", "tag": "1.2.3"},
@@ -56,7 +60,7 @@ def test_every_rendered_manifest_validates_strictly(values):
     docs = rendered(values)
     assert docs
     for doc in docs:
-        if doc["apiVersion"].startswith("cert-manager.io/"):  # not Kubernetes' own: no schema to check here
+        if doc["apiVersion"].split("/")[0] in ("cert-manager.io", "monitoring.coreos.com"):  # not Kubernetes' own
             continue
         kubernetes_validate.validate(doc, "1.29.0", strict=True)
 
@@ -223,3 +227,15 @@ def test_the_grafana_dashboard_ships_as_the_sidecar_loads_it():
     shipped = json.loads(config_map["data"]["mmgraph.json"])
     assert shipped == json.loads((CHART / "dashboards" / "mmgraph.json").read_text())
     assert shipped["uid"] == "mmgraph" and shipped["panels"]
+
+
+def test_a_service_monitor_scrapes_the_operators_metrics_when_asked():
+    assert not [d for d in rendered({}) if d["kind"] == "ServiceMonitor"]
+    docs = rendered(VALUE_SETS["cert-manager"])
+    monitor, service = one(docs, "ServiceMonitor"), one(docs, "Service")
+    assert monitor["metadata"]["labels"]["release"] == "kps"
+    assert monitor["spec"]["endpoints"] == [{"port": "metrics", "path": "/metrics", "interval": "30s"}]
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert "metrics" in {p["name"] for p in service["spec"]["ports"]}
+    no_webhook = one(rendered(VALUE_SETS["no-webhook"]), "Service")  # metrics are served without the webhook too
+    assert [p["name"] for p in no_webhook["spec"]["ports"]] == ["metrics"]

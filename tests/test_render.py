@@ -292,3 +292,20 @@ def test_autoscaling_that_cannot_work_is_refused_with_what_to_change():
     assert problems(parse(agg)) == [
         "spec.stages.frontend.autoscaling: in agg the API runs in pd's pods; autoscale pd instead"
     ]
+
+
+def test_a_pod_monitor_scrapes_every_stage_when_asked():
+    body = load("qwen2.5-vl-e-p-d.yaml")
+    assert not [m for m in render(parse(body)) if m["kind"] == "PodMonitor"]  # off by default
+    body["spec"]["monitoring"] = {"podMonitor": True, "labels": {"release": "kps"}, "interval": "15s"}
+    out = render(parse(body))
+    (monitor,) = [m for m in out if m["kind"] == "PodMonitor"]
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1" and monitor["metadata"]["labels"]["release"] == "kps"
+    assert monitor["spec"]["podMetricsEndpoints"] == [{"port": "http", "path": "/metrics", "interval": "15s"}]
+    selected = monitor["spec"]["selector"]["matchLabels"]
+    deployments = [m for m in out if m["kind"] == "Deployment"]
+    assert len(deployments) == 4
+    for deployment in deployments:  # every stage's pods, each with the port the monitor names
+        pod = deployment["spec"]["template"]
+        assert selected.items() <= pod["metadata"]["labels"].items()
+        assert "http" in {p["name"] for p in pod["spec"]["containers"][0]["ports"]}

@@ -348,6 +348,20 @@ class NetworkPolicySpec(Spec):
     namespaces; {} selects every namespace."""
 
 
+class MonitoringSpec(Spec):
+    """Prometheus Operator objects for the graph. (Every stage's pods also carry prometheus.io annotations, which a
+    plain Prometheus's kubernetes-pods job follows.)"""
+
+    pod_monitor: bool = False
+    """A PodMonitor (monitoring.coreos.com/v1) that scrapes every stage's /metrics. It needs the Prometheus
+    Operator's CRDs: on a cluster without them the graph runs and is reported Degraded until they are installed."""
+    labels: dict[str, str] | None = None
+    """Labels of the PodMonitor, for a Prometheus that picks monitors by label (kube-prometheus-stack:
+    `release: <its release name>`)."""
+    interval: str = Field(default="30s", pattern=r"^[0-9]+(ms|s|m|h)$")
+    """How often Prometheus scrapes each pod."""
+
+
 class MultimodalGraphSpec(Spec):
     """One served multimodal model and the stages it is split into."""
 
@@ -372,6 +386,8 @@ class MultimodalGraphSpec(Spec):
     """Encoder output cache."""
     network_policy: NetworkPolicySpec = section(NetworkPolicySpec)
     """Network fencing of the graph's pods."""
+    monitoring: MonitoringSpec = section(MonitoringSpec)
+    """Prometheus Operator scraping (off by default)."""
     service_account_name: str | None = Field(default=None, max_length=253)
     """ServiceAccount of the worker pods; the namespace's default when unset."""
 

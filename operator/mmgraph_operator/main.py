@@ -41,6 +41,7 @@ def child_kinds(kube_version: str) -> list[tuple[str, str, str, str]]:
         ("policy", pdb_api_version(version).split("/")[1], "poddisruptionbudgets", "PodDisruptionBudget"),
         ("autoscaling", hpa_api_version(version).split("/")[1], "horizontalpodautoscalers", "HorizontalPodAutoscaler"),
         ("networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy"),
+        ("monitoring.coreos.com", "v1", "podmonitors", "PodMonitor"),  # optional: the Prometheus Operator's
     ]
 
 
@@ -157,6 +158,7 @@ def _plain(body: kopf.Body) -> dict[str, Any]:
 def run(opts: Options, metrics_port: int, health_port: int) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("kubernetes").setLevel(logging.WARNING)
+    logging.getLogger("urllib3").setLevel(logging.ERROR)  # a retried request: our own line says what failed
     logging.getLogger("kopf.objects").setLevel(logging.WARNING)  # one line per watch event is noise
     if metrics_port:
         from prometheus_client import start_http_server

@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import secrets
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -44,6 +45,7 @@ from mmgraph_operator.kubeapi import call
 from mmgraph_operator.render import (
     GRAPH_LABEL,
     MANAGED_BY,
+    OPTIONAL_KINDS,
     STAGE_LABEL,
     InvalidGraph,
     child_name,
@@ -57,6 +59,7 @@ from mmgraph_operator.status import (
     running_status,
     stage_ready,
     status_patch,
+    with_degraded,
     with_transition_times,
 )
 
@@ -64,6 +67,7 @@ FIELD_MANAGER = "mmgraph-operator"
 HANDOVER_MANAGER = "mmgraph-operator-handover"  # holds an autoscaled Deployment's replicas until the HPA writes them
 DEBOUNCE = 0.05  # seconds to gather a burst of events into one pass
 MAX_BACKOFF = 60.0
+RECHECK = 5.0  # seconds before asking the server again whether it serves an optional kind it did not
 
 GraphKey = tuple[str, str]  # namespace, name
 
@@ -76,6 +80,10 @@ class ChildKey(NamedTuple):
 
 
 log = logging.getLogger("mmgraph.operator")
+
+
+class NotServed(RuntimeError):
+    """A kind the graph asks for is not served (yet): the loop retries with backoff."""
 
 
 def child_key(obj: dict[str, Any]) -> ChildKey:
@@ -157,12 +165,16 @@ class Reconciler:
         self.applied: dict[ChildKey, tuple[str, str]] = {}  # child -> (digest of what we applied, its rv)
         self.slots = asyncio.Semaphore(concurrency)
         self.primed = asyncio.Event()
+        self.served: dict[tuple[str, str], tuple[bool, float]] = {}  # optional kinds: served?, when we asked
         self.leading = asyncio.Event()  # only the leader reconciles (leader.py); a standby keeps its caches warm
 
     async def prime(self, namespaces: list[str], kinds: list[tuple[str, str]]) -> None:
         """Fill the child cache with one LIST per kind (and namespace) before any reconcile pass runs."""
         selector = f"{GRAPH_LABEL},app.kubernetes.io/managed-by={MANAGED_BY}"
         for api_version, kind in kinds:
+            if not await self._serves(api_version, kind):
+                log.info("%s (%s) is not served here: graphs that ask for one are reported Degraded", kind, api_version)
+                continue
             resource = self.dyn.resources.get(api_version=api_version, kind=kind)
             for ns in namespaces or [None]:
                 listed = await call(resource.get, namespace=ns, label_selector=selector)
@@ -266,7 +278,8 @@ class Reconciler:
                     key, body, "InvalidSpec", explain(err) if isinstance(err, ValidationError) else str(err)
                 )
                 return
-            desired = {child_key(m): m for m in manifests}
+            unserved = [m for m in manifests if not await self._serves(m["apiVersion"], m["kind"])]
+            desired = {child_key(m): m for m in manifests if m not in unserved}
             changed: list[str] = []
             try:
                 if (body.get("status") or {}).get("peerCredential") != peer_credential_name(graph):
@@ -293,8 +306,44 @@ class Reconciler:
                 )
                 for stage in process_stages(graph.spec)
             }
-            await self._write_status(body, running_status(graph, deployments, endpoint(graph)))
+            status = running_status(graph, deployments, endpoint(graph))
+            if unserved:
+                await self._not_served(body, status, unserved)
+            await self._write_status(body, status)
         metrics.RECONCILES.labels(result="applied").inc()
+
+    async def _serves(self, api_version: str, kind: str) -> bool:
+        """Whether the server serves `kind`: always for Kubernetes' own kinds; asked (again after RECHECK seconds
+        while absent) for optional kinds, another operator's CRDs that may be installed after ours."""
+        if (api_version, kind) not in OPTIONAL_KINDS:
+            return True
+        known = self.served.get((api_version, kind))
+        if known and (known[0] or time.monotonic() - known[1] < RECHECK):
+            return known[0]
+        try:
+            group, version = api_version.split("/")
+            found = await call(client.CustomObjectsApi(self.api).get_api_resources, group, version)
+            served = any(r.kind == kind for r in found.resources or [])
+        except ApiException as err:
+            if err.status != 404:
+                raise
+            served = False
+        self.served[(api_version, kind)] = (served, time.monotonic())
+        return served
+
+    async def _not_served(self, body: dict[str, Any], status: dict[str, Any], unserved: list[dict[str, Any]]) -> None:
+        """What was asked but cannot be made here: Degraded (with an Event once) while the rest runs, and retried
+        with backoff, since the CRDs may be installed later."""
+        kinds = ", ".join(sorted({f"{m['kind']} ({m['apiVersion']})" for m in unserved}))
+        msg = (
+            f"spec.monitoring asks for a {kinds}, which this cluster does not serve: install the Prometheus "
+            "Operator's CRDs, or set spec.monitoring.podMonitor to false; everything else is applied"
+        )
+        said = already_degraded(body.get("status"), "KindNotServed", msg)
+        await self._write_status(body, with_degraded(status, "KindNotServed", msg, body["metadata"].get("generation")))
+        if not said:
+            await self._event(body, "Warning", "KindNotServed", msg)
+        raise NotServed(msg)
 
     async def _ensure(self, key: GraphKey, ck: ChildKey, manifest: dict[str, Any]) -> bool:
         """Apply `manifest` if the child is missing or differs; True when a write was made."""

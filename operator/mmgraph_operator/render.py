@@ -61,6 +61,10 @@ class KubeVersion:
         return (self.major, self.minor) >= other
 
 
+POD_MONITOR = ("monitoring.coreos.com/v1", "PodMonitor")
+OPTIONAL_KINDS = {POD_MONITOR}  # another operator's CRDs: a cluster may not serve them (reconcile.py copes)
+
+
 def child_name(graph: str, stage: StageName) -> str:
     """The name of a stage's Deployment, Service and PodDisruptionBudget."""
     return f"{graph}-{stage.value}"
@@ -101,7 +105,25 @@ def render(
                 out.append(_hpa(graph, stage, cfg.autoscaling, version))
             if (cfg.autoscaling.max_replicas if cfg.autoscaling else cfg.replicas) > 1:  # from the spec, never live
                 out.append(_pdb(graph, stage, version))
+    if graph.spec.monitoring.pod_monitor:
+        out.append(_pod_monitor(graph))
     return out
+
+
+def _pod_monitor(graph: MultimodalGraph) -> dict[str, Any]:
+    """Every stage's pods, scraped on their HTTP port (named `http` in each): the NetworkPolicies admit it from
+    spec.networkPolicy.scrapeFrom."""
+    metadata = _metadata(graph, graph.name)
+    metadata["labels"] = {**(graph.spec.monitoring.labels or {}), **metadata["labels"]}
+    return {
+        "apiVersion": POD_MONITOR[0],
+        "kind": POD_MONITOR[1],
+        "metadata": metadata,
+        "spec": {
+            "selector": {"matchLabels": _selector(graph)},
+            "podMetricsEndpoints": [{"port": "http", "path": "/metrics", "interval": graph.spec.monitoring.interval}],
+        },
+    }
 
 
 # ---- metadata -----------------------------------------------------------------------------------------------

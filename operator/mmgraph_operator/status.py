@@ -103,6 +103,16 @@ def degraded_status(graph_body: dict[str, Any], reason: str, message: str) -> di
     return old
 
 
+def with_degraded(status: Status, reason: str, message: str, generation: int | None) -> Status:
+    """A running graph that lacks something it asked for: what could be applied runs, Degraded says what not."""
+    conditions = [c for c in status["conditions"] if c["type"] != "Degraded"]
+    return {
+        **status,
+        "phase": "Degraded",
+        "conditions": [*conditions, _condition("Degraded", True, reason, message, generation)],
+    }
+
+
 def already_degraded(status: Status | None, reason: str, message: str) -> bool:
     """The status already says Degraded for this reason and message (so its Event was posted)."""
     old = next((c for c in (status or {}).get("conditions") or [] if c.get("type") == "Degraded"), {})
