@@ -1020,3 +1020,48 @@ def test_the_router_sends_each_key_to_its_owner_and_counts_every_call_back():
     finally:
         for stand_in in stand_ins:
             stand_in.stop()
+
+
+def test_messages_go_to_the_previous_protocol_version_and_back():
+    """What a stage of the previous release reads (media as image URLs) and what this one makes of it again; what
+    the previous version cannot say is refused, not dropped."""
+    import json
+
+    from mmgraph_workers.protocol import (
+        PREVIOUS_VERSION,
+        CannotDowngrade,
+        EncodeRequest,
+        GenerateRequest,
+        MediaItem,
+        sampling,
+    )
+
+    images = [MediaItem(url="data:a"), MediaItem(url="data:b")]
+    for message in (
+        EncodeRequest(request_id="r", media=images, positions=[1, 0]),
+        GenerateRequest(request_id="r", prompt_token_ids=[1, 2], sampling=sampling(max_tokens=3), media=images),
+    ):
+        old = json.loads(message.dump_for(PREVIOUS_VERSION))
+        assert old["version"] == PREVIOUS_VERSION and "media" not in old
+        assert (old.get("urls") or old.get("image_urls")) == ["data:a", "data:b"]
+        again = type(message).model_validate({**type(message).from_previous(old), "version": message.version})
+        assert again == message
+        video = message.model_copy(update={"media": [MediaItem(url="data:v", modality="video")]})
+        with pytest.raises(CannotDowngrade, match="cannot take video"):
+            video.dump_for(PREVIOUS_VERSION)
+        with pytest.raises(CannotDowngrade):
+            message.dump_for(PREVIOUS_VERSION - 1)
+
+
+def test_a_refusal_names_the_versions_a_peer_speaks_in_either_releases_words():
+    import httpx
+    from mmgraph_workers.frontend.router import _versions_spoken
+
+    def refusal(body: object) -> httpx.Response:
+        return httpx.Response(400, json=body)
+
+    assert _versions_spoken(refusal({"error": "...", "speaks": [4, 5]})) == {4, 5}
+    previous = "protocol version 5 is not spoken here (4); upgrade the graph's stages together"
+    assert _versions_spoken(refusal({"error": previous, "status": 400})) == {4}
+    assert _versions_spoken(refusal({"error": "bad EncodeRequest: ..."})) == set()
+    assert _versions_spoken(refusal(["not", "an", "object"])) == set()

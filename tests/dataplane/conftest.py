@@ -199,14 +199,17 @@ def start_frontend(
     logdir: Path,
     encoder_port: int | None = None,
     example: str = QWEN_EXAMPLE,
+    pd_port: int | None = None,
     **media: Any,
 ) -> LocalGraph:
-    """Another frontend process for `topology`, routed to `graph`'s workers (or to another encoder)."""
+    """Another frontend process for `topology`, routed to `graph`'s workers (or to another encoder or pd)."""
     spec = parse(graph_spec(model, topology, example, **media))
     extra = LocalGraph(spec, logdir=logdir)
     peers = {s: f"http://127.0.0.1:{graph.stages[s].port}" for s in spec.spec.used_stages() if s != StageName.FRONTEND}
     if encoder_port is not None:
         peers[StageName.ENCODER] = f"http://127.0.0.1:{encoder_port}"
+    if pd_port is not None:
+        peers[StageName.PD] = f"http://127.0.0.1:{pd_port}"
     extra.spawn(StageName.FRONTEND, free_port(), peers)
     return extra
 

@@ -21,7 +21,7 @@ import pytest
 from mmgraph_operator.api import StageName, parse
 from mmgraph_workers.frontend.router import KV_ATTEMPTS
 from mmgraph_workers.ports import free_port
-from mmgraph_workers.protocol import PROTOCOL_VERSION, GenerateEvent, GenerateRequest, sampling
+from mmgraph_workers.protocol import PREVIOUS_VERSION, PROTOCOL_VERSION, GenerateEvent, GenerateRequest, sampling
 from mmgraph_workers.up import LocalGraph
 from PIL import Image
 
@@ -331,7 +331,9 @@ def test_a_message_of_another_protocol_version_is_refused_by_name(graph, stage):
     )
     response = httpx.post(f"http://127.0.0.1:{graph.stages[stage].port}{path}", json=body, headers=PEER, timeout=30)
     assert response.status_code == 400
-    assert f"protocol version 1 is not spoken here ({PROTOCOL_VERSION})" in response.json()["error"]
+    spoken = f"({PREVIOUS_VERSION} or {PROTOCOL_VERSION})"
+    assert f"protocol version 1 is not spoken here {spoken}" in response.json()["error"]
+    assert response.json()["speaks"] == [PREVIOUS_VERSION, PROTOCOL_VERSION]  # what a sender of another release reads
 
 
 def test_workers_still_serve_after_all_of_it(endpoints, reference):

@@ -7,6 +7,7 @@ frontend/openai_api.py; these are internal to a graph.
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
@@ -15,8 +16,40 @@ PROTOCOL_VERSION = 5  # 2: content keys; 3: a descriptor names its owner, not it
 # 5: media items name their modality (video; audio came later as one more value, which old messages never carry)
 
 
+PREVIOUS_VERSION = 4  # also spoken, both ways, so a rollout that mixes releases fails no request (server.py, router.py)
+
+
+class CannotDowngrade(ValueError):
+    """The message holds what the previous version cannot say (a video or audio item, for 4)."""
+
+
 class Message(BaseModel):
     version: int = PROTOCOL_VERSION
+
+    @classmethod
+    def from_previous(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """A PREVIOUS_VERSION body's fields as this version's (the same, unless the message changed shape)."""
+        return data
+
+    def to_previous(self) -> dict[str, Any]:
+        """This message as a PREVIOUS_VERSION reader reads it; CannotDowngrade if it cannot say it."""
+        return self.model_dump(mode="json")
+
+    def dump_for(self, version: int) -> str:
+        """The JSON body for a reader of `version` (this one, or the previous one)."""
+        if version == PROTOCOL_VERSION:
+            return self.model_dump_json()
+        if version != PREVIOUS_VERSION:
+            raise CannotDowngrade(f"protocol version {version} is neither {PROTOCOL_VERSION} nor {PREVIOUS_VERSION}")
+        return json.dumps({**self.to_previous(), "version": PREVIOUS_VERSION})
+
+
+def _image_urls(media: list[MediaItem]) -> list[str]:
+    """Version 4 named media by URL alone: images."""
+    others = sorted({m.modality for m in media} - {"image"})
+    if others:
+        raise CannotDowngrade(f"a stage of the previous release cannot take {' or '.join(others)}")
+    return [m.url for m in media]
 
 
 # What a reader accepts before it allocates anything for a descriptor: embeddings' dtypes, and a size bound (an
@@ -94,6 +127,14 @@ class EncodeRequest(Message):
     def position(self, i: int) -> int:
         return self.positions[i] if self.positions is not None else i
 
+    @classmethod
+    def from_previous(cls, data: dict[str, Any]) -> dict[str, Any]:
+        return {**data, "media": [{"url": url} for url in data.pop("urls", [])]}
+
+    def to_previous(self) -> dict[str, Any]:
+        data = self.model_dump(mode="json", exclude={"media"})
+        return {**data, "urls": _image_urls(self.media)}
+
 
 class EncodeResponse(Message):
     items: list[EncodedItem]
@@ -153,6 +194,17 @@ class GenerateRequest(Message):
     # decode: seconds (from when the frontend sent this) within which the first token must come, i.e. the KV must
     # have been pulled; after that pd's lease may have ended and the blocks may hold another request's KV.
     kv_deadline_seconds: float | None = None
+
+    @classmethod
+    def from_previous(cls, data: dict[str, Any]) -> dict[str, Any]:
+        return {**data, "media": [{"url": url} for url in data.pop("image_urls", [])]}
+
+    def to_previous(self) -> dict[str, Any]:
+        data = self.model_dump(mode="json", exclude={"media"})
+        for item in data["encoded"] + data["placeholders"]:
+            if item["modality"] != "image":
+                raise CannotDowngrade(f"a stage of the previous release cannot take {item['modality']}")
+        return {**data, "image_urls": _image_urls(self.media)}
 
 
 class GenerateEvent(BaseModel):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import json
 import logging
 import os
 from collections.abc import Awaitable, Callable
@@ -20,7 +21,7 @@ from mmgraph_operator.api import POD_GRACE_SECONDS, TransferSpec, default
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
-from mmgraph_workers.protocol import PROTOCOL_VERSION, Message
+from mmgraph_workers.protocol import PREVIOUS_VERSION, PROTOCOL_VERSION, Message
 
 log = logging.getLogger("mmgraph.worker")
 M = TypeVar("M", bound=Message)
@@ -28,17 +29,21 @@ T = TypeVar("T")
 
 
 async def read_message(request: Request, kind: type[M]) -> M | JSONResponse:
-    """The typed inter-stage message in the request body, or the 400 answer that says why it is not one."""
+    """The typed inter-stage message in the request body (in this protocol version or the previous one, which a
+    stage of the previous release sends mid-rollout), or the 400 answer that says why it is not one."""
     body = await request.body()
+    version = _version(body)
     try:
+        if version == PREVIOUS_VERSION:
+            data = kind.from_previous(json.loads(body))
+            return kind.model_validate({**data, "version": PROTOCOL_VERSION})
         message = kind.model_validate_json(body)
     except ValidationError as err:
-        version = _version(body)  # another version's fields do not validate: say that, not which field
-        if version is not None and version != PROTOCOL_VERSION:
-            return _other_version(version)
+        if version is not None and version not in SPOKEN:  # another version's fields do not validate: say that
+            return other_version(version)
         return JSONResponse({"error": f"bad {kind.__name__}: {err}", "status": 400}, status_code=400)
-    if message.version != PROTOCOL_VERSION:
-        return _other_version(message.version)
+    if message.version not in SPOKEN:
+        return other_version(message.version)
     return message
 
 
@@ -49,9 +54,16 @@ def _version(body: bytes) -> int | None:
         return None
 
 
-def _other_version(version: int) -> JSONResponse:
-    error = f"protocol version {version} is not spoken here ({PROTOCOL_VERSION}); upgrade the graph's stages together"
-    return JSONResponse({"error": error, "status": 400}, status_code=400)
+SPOKEN = (PREVIOUS_VERSION, PROTOCOL_VERSION)
+
+
+def other_version(version: int) -> JSONResponse:
+    """The refusal a sender of another release reads: `speaks` lists the versions to send instead (router.py)."""
+    error = (
+        f"protocol version {version} is not spoken here ({PREVIOUS_VERSION} or {PROTOCOL_VERSION}); "
+        "this stage is of a release more than one apart: upgrade the graph's stages together"
+    )
+    return JSONResponse({"error": error, "status": 400, "speaks": list(SPOKEN)}, status_code=400)
 
 
 class BodyTooLarge(Exception):

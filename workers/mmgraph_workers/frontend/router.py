@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
@@ -25,12 +26,16 @@ from pydantic import ValidationError
 from mmgraph_workers.frontend.openai_api import RequestError
 from mmgraph_workers.peers import REFRESH_SECONDS, NoReplica, Peer, read_hosts
 from mmgraph_workers.protocol import (
+    PREVIOUS_VERSION,
+    PROTOCOL_VERSION,
+    CannotDowngrade,
     EncodedItem,
     EncodeRequest,
     EncodeResponse,
     GenerateEvent,
     GenerateRequest,
     MediaItem,
+    Message,
     PlaceholderItem,
     WorkerInfo,
 )
@@ -105,6 +110,7 @@ class Router:
         limits = httpx.Limits(max_connections=256)
         headers = peer_headers(peer_token(args))
         self.http = httpx.AsyncClient(timeout=timeout, trust_env=False, limits=limits, headers=headers)
+        self.speaks: dict[str, int] = {}  # peer base URL -> the protocol version it reads, where not ours
         self.pd_info: WorkerInfo | None = None
         self.releasing: set[asyncio.Task] = set()  # releases of failed requests' embeddings, until they are sent
 
@@ -223,9 +229,11 @@ class Router:
     ) -> None:
         peer = self.peers["encoder"]
         base, refused = peer.url_of(address), False
-        body = EncodeRequest(request_id=request_id, media=[items[i] for i in group], positions=group).model_dump_json()
+        message = EncodeRequest(request_id=request_id, media=[items[i] for i in group], positions=group)
         try:
-            r = await self.http.post(f"{base}/encode", content=body)
+            r = await self._post(base, "/encode", message)
+        except CannotDowngrade as err:
+            raise StageFailure("encoder", f"{err} (mid-rollout: retry shortly)", 503, retry=True) from None
         except httpx.ConnectError:
             refused = True  # nothing was sent: place these items again, on the others
             REFUSED.labels("encoder").inc()
@@ -245,6 +253,32 @@ class Router:
             raise StageFailure("encoder", f"{len(encoded)} items answered for {len(group)} sent", 502)
         done.append((address, group, encoded))
 
+    def _body(self, base: str, message: Message) -> tuple[int, str]:
+        """The version `base` reads (ours, unless it said otherwise) and the message's body in it."""
+        version = self.speaks.get(base, PROTOCOL_VERSION)
+        return version, message.dump_for(version)
+
+    def _learn(self, base: str, r: httpx.Response, sent: int) -> bool:
+        """A peer refused the version we sent (it is of the previous release, mid-rollout) and said which it
+        speaks: remember it, and True to send again in that one (the refusal came before any work)."""
+        if r.status_code != 400:
+            return False
+        shared = sorted(_versions_spoken(r) & {PROTOCOL_VERSION, PREVIOUS_VERSION})
+        if not shared or shared[-1] == sent:
+            return False
+        if self.speaks.get(base, PROTOCOL_VERSION) != shared[-1]:
+            log.info("%s speaks protocol version %d: sending it that", base, shared[-1])
+            self.speaks[base] = shared[-1]
+        return True
+
+    async def _post(self, base: str, path: str, message: Message) -> httpx.Response:
+        for _ in range(2):  # the second time in the version a peer of another release named
+            sent, body = self._body(base, message)
+            r = await self.http.post(f"{base}{path}", content=body)
+            if not self._learn(base, r, sent):
+                break
+        return r
+
     async def _release(self, done: list[tuple[str, list[int], list[EncodedItem]]]) -> None:
         """Free what encoders published for a request that failed elsewhere (else it waits out its TTL)."""
         for address, _, items in done:
@@ -255,7 +289,7 @@ class Router:
     async def stream_stage(self, stage: str, request: GenerateRequest) -> AsyncIterator[GenerateEvent]:
         """The stage's events until the request finishes. A refused connection goes to the next replica, but only
         before any event came: a request is never sent twice once a stage has begun answering it."""
-        started, body, tried, sent = time.perf_counter(), None, set(), False
+        started, tried, sent = time.perf_counter(), set(), False
         while True:
             local = self._local(stage, tried)
             address, base = (local.address, "") if local else self._acquire(stage, tried | self._own(stage))
@@ -263,8 +297,7 @@ class Router:
                 if local:  # no HTTP, so no read timeout: the same deadline between events, kept here
                     events = _within(stage, local.events(request), self.args.request_timeout_seconds)
                 else:
-                    body = body or request.model_dump_json()
-                    events = self._stream(stage, base, body)
+                    events = self._stream(stage, base, request)
                 async with contextlib.aclosing(events):
                     async for event in events:
                         sent = True
@@ -297,14 +330,22 @@ class Router:
         others = set(self.peers["pd"].addresses) - tried - {local.address}
         return local if not (local.saturated() and others) else None
 
-    async def _stream(self, stage: str, base: str, body: str) -> AsyncIterator[GenerateEvent]:
-        async with self.http.stream("POST", f"{base}/generate", content=body) as r:
-            if r.status_code != 200:
-                await r.aread()
-                raise StageFailure(stage, _error_text(r), 502)
-            async for line in r.aiter_lines():
-                if line.strip():
-                    yield GenerateEvent.model_validate_json(line)
+    async def _stream(self, stage: str, base: str, request: GenerateRequest) -> AsyncIterator[GenerateEvent]:
+        for _ in range(2):  # the second time in the version a peer of the previous release named
+            try:
+                sent, body = self._body(base, request)
+            except CannotDowngrade as err:
+                raise StageFailure(stage, f"{err} (mid-rollout: retry shortly)", 503, retry=True) from None
+            async with self.http.stream("POST", f"{base}/generate", content=body) as r:
+                if r.status_code != 200:
+                    await r.aread()
+                    if self._learn(base, r, sent):
+                        continue
+                    raise StageFailure(stage, _error_text(r), 502)
+                async for line in r.aiter_lines():
+                    if line.strip():
+                        yield GenerateEvent.model_validate_json(line)
+                return
 
     # ---- the topologies ---------------------------------------------------------------------------------------
 
@@ -429,6 +470,20 @@ def _call_failed(stage: str, base: str, err: httpx.HTTPError) -> StageFailure:
     log.warning("%s call to %s failed: %s: %s", stage, base, type(err).__name__, err)
     status = 504 if isinstance(err, httpx.TimeoutException) else 502
     return StageFailure(stage, f"{type(err).__name__}: {str(err)[:200] or 'no detail'}", status)
+
+
+def _versions_spoken(response: httpx.Response) -> set[int]:
+    """The protocol versions a refusal names: `speaks` (this release on), or the previous release's wording."""
+    try:
+        body = response.json()
+    except ValueError:
+        return set()
+    if not isinstance(body, dict):
+        return set()
+    if isinstance(body.get("speaks"), list):
+        return {v for v in body["speaks"] if isinstance(v, int)}
+    found = re.search(r"protocol version \d+ is not spoken here \((\d+)\)", str(body.get("error", "")))
+    return {int(found.group(1))} if found else set()
 
 
 def _error_text(response: httpx.Response) -> str:
