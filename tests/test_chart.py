@@ -13,6 +13,7 @@ import yaml
 from conftest import ca_bundle, chart_values
 from kubecluster import CHART, OPERATOR_NS, RELEASE, wait_for
 from kubernetes import client, dynamic
+from mmgraph_operator.api import parse, problems
 
 VALUE_SETS = {
     "defaults": {},
@@ -132,6 +133,7 @@ def test_two_replicas_by_default_on_two_nodes_one_leading():
     assert "--leader-election-lease=mmgraph-operator" in container["args"]
     assert "--webhook-secret=mmgraph-operator-webhook" in container["args"]
     assert "--webhook-config=mmgraph-operator" in container["args"]
+    assert container["readinessProbe"]["tcpSocket"] == {"port": "webhook"}  # in the Service once it serves
     env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in container["env"]}
     assert env == {"POD_NAME": "metadata.name", "POD_NAMESPACE": "metadata.namespace"}
     assert not [d for d in rendered({"replicas": 1}) if d["kind"] == "PodDisruptionBudget"]
@@ -185,9 +187,18 @@ def test_crd_upgrade_path(api, cluster, helm_install, operator, webhook_port):
     dyn = dynamic.DynamicClient(api)
     crds = dyn.resources.get(api_version="apiextensions.k8s.io/v1", kind="CustomResourceDefinition")
     new = yaml.safe_load((CHART / "crds" / "multimodalgraph.yaml").read_text())
-    old = copy.deepcopy(new)  # an older release's CRD: it did not know spec.embeddingCache yet
-    del old["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["embeddingCache"]
+    old = copy.deepcopy(new)  # an older release's CRD: it knew neither the cache, nor monitoring, nor autoscaling
+    _drop_fields(
+        old["spec"]["versions"][0]["schema"]["openAPIV3Schema"], {"embeddingCache", "monitoring", "autoscaling"}
+    )
     crds.server_side_apply(body=old, name=old["metadata"]["name"], field_manager="kubectl", force_conflicts=True)
+    # a graph stored by the older release
+    ns = "crd-upgrade"
+    client.CoreV1Api(api).create_namespace({"metadata": {"name": ns}})
+    custom = client.CustomObjectsApi(api)
+    before = yaml.safe_load((CHART.parent.parent / "examples" / "tiny-e-p-d.yaml").read_text())
+    before["metadata"] = {"name": "stored-before", "namespace": ns}
+    custom.create_namespaced_custom_object("mmgraph.io", "v1alpha1", ns, "multimodalgraphs", before)
 
     def field() -> bool:
         stored = crds.get(name=new["metadata"]["name"]).to_dict()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
@@ -202,13 +213,24 @@ def test_crd_upgrade_path(api, cluster, helm_install, operator, webhook_port):
     release = cfg.upgrade(str(CHART), RELEASE, chart_values(webhook_port), namespace=OPERATOR_NS, timeout=60)
     assert (release["revision"], release["status"]) == (2, "deployed")
     assert ca_bundle(api) == trusted
+    # The graph the older CRD stored reads back with the new fields' defaults, valid, and is reconciled.
+    stored = custom.get_namespaced_custom_object("mmgraph.io", "v1alpha1", ns, "multimodalgraphs", "stored-before")
+    assert stored["spec"]["embeddingCache"] == {"capacityBytes": 1 << 30, "routing": "content"}
+    assert stored["spec"]["monitoring"] == {"podMonitor": False, "interval": "30s"}
+    assert problems(parse(stored)) == []
+    wait_for(
+        lambda: (
+            custom.get_namespaced_custom_object("mmgraph.io", "v1alpha1", ns, "multimodalgraphs", "stored-before")
+            .get("status", {})
+            .get("phase")
+            == "Progressing"
+        ),
+        what="the old graph reconciled under the new CRD",
+    )
     # The upgraded CRD serves the new field: a graph using it is stored with it.
-    ns = "crd-upgrade"
-    client.CoreV1Api(api).create_namespace({"metadata": {"name": ns}})
     body = yaml.safe_load((CHART.parent.parent / "examples" / "tiny-e-p-d.yaml").read_text())
     body["metadata"]["namespace"] = ns
     body["spec"]["embeddingCache"] = {"capacityBytes": 1024}
-    custom = client.CustomObjectsApi(api)
     custom.create_namespaced_custom_object("mmgraph.io", "v1alpha1", ns, "multimodalgraphs", body)
     stored = custom.get_namespaced_custom_object("mmgraph.io", "v1alpha1", ns, "multimodalgraphs", "tiny")
     # stored with it, and with the new CRD's defaults for what the graph left out
@@ -216,6 +238,14 @@ def test_crd_upgrade_path(api, cluster, helm_install, operator, webhook_port):
     wait_for(
         lambda: client.AppsV1Api(api).list_namespaced_deployment(ns).items, what="operator reconciles after upgrade"
     )
+
+
+def _drop_fields(schema: dict, names: set[str]) -> None:
+    """Remove properties named `names` anywhere in an OpenAPI schema (what an older CRD did not have)."""
+    for key in names & set(schema.get("properties", {})):
+        del schema["properties"][key]
+    for child in [*schema.get("properties", {}).values(), *([schema["items"]] if "items" in schema else [])]:
+        _drop_fields(child, names)
 
 
 def test_the_grafana_dashboard_ships_as_the_sidecar_loads_it():

@@ -11,7 +11,7 @@ from collections import Counter
 from typing import Any
 
 import pytest
-from conftest import graph_manifest
+from conftest import ca_bundle, graph_manifest
 from kubecluster import OPERATOR_NS, WEBHOOK_CONFIG, OperatorProcess, operator_writes, wait_for
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
@@ -141,3 +141,27 @@ def test_two_operators_one_leader_takeover_and_certificate_rotation(
         if operator.proc is None or operator.proc.poll() is not None:
             operator.start()
         wait_for(operator.leading, timeout=LEASE_DURATION + 5 * LEASE_RETRY, what="the session's operator leads")
+
+
+def test_a_deleted_certificate_secret_is_made_again_and_trusted(api, operator, namespace):
+    """Deleting the Secret is a full rotation: the leader makes a new CA and certificate, points the caBundle at
+    the new CA, and the replica serves the new certificate without a restart; graphs are admitted again."""
+    core = client.CoreV1Api(api)
+    old_ca = decode(core.read_namespaced_secret(SECRET, OPERATOR_NS))["ca.crt"]
+    pid = operator.proc.pid
+    core.delete_namespaced_secret(SECRET, OPERATOR_NS)
+
+    def remade() -> dict[str, bytes] | None:
+        data = decode(core.read_namespaced_secret(SECRET, OPERATOR_NS))
+        return data if data["ca.crt"] != old_ca else None
+
+    new = wait_for(remade, timeout=15, what="a new CA and certificate")
+    wait_for(lambda: base64.b64decode(ca_bundle(api)) == new["ca.crt"], timeout=15, what="the caBundle trusts it")
+    served = ssl.PEM_cert_to_DER_cert(new["tls.crt"].decode())
+    wait_for(
+        lambda: ssl.PEM_cert_to_DER_cert(served_certificate(operator.webhook_port)) == served,
+        timeout=15,
+        what="the new certificate served",
+    )
+    assert operator.proc.pid == pid
+    wait_for(lambda: create_graph(api, graph_manifest("g", namespace)), timeout=30, what="graphs admitted again")
