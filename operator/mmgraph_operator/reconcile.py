@@ -359,19 +359,23 @@ class Reconciler:
             log.info("%s %s/%s drifted at %s; applying", ck.kind, ck.namespace, ck.name, where)
         if fresh is not None and hands_over_replicas(manifest, fresh):
             await self._hand_over_replicas(ck, fresh)
-        result = await call(
-            self._resource(ck).server_side_apply,
-            body=manifest,
-            name=ck.name,
-            namespace=ck.namespace,
-            field_manager=FIELD_MANAGER,
-            force_conflicts=True,
-        )
-        live = result.to_dict()
+        live = await self._apply(ck, manifest, FIELD_MANAGER)
         self.children[key][ck] = live
         self.applied[ck] = (digest(manifest), _rv_text(live))
-        metrics.WRITES.labels(verb="apply", kind=ck.kind).inc()
         return True
+
+    async def _apply(self, ck: ChildKey, body: dict[str, Any], manager: str) -> dict[str, Any]:
+        """Server-side apply `body` as `manager` (taking its fields from anyone else); the object as written."""
+        result = await call(
+            self._resource(ck).server_side_apply,
+            body=body,
+            name=ck.name,
+            namespace=ck.namespace,
+            field_manager=manager,
+            force_conflicts=True,
+        )
+        metrics.WRITES.labels(verb="apply", kind=ck.kind).inc()
+        return result.to_dict()
 
     async def _hand_over_replicas(self, ck: ChildKey, live: dict[str, Any]) -> None:
         """Before an apply that leaves `replicas` out (the stage became autoscaled), a second field manager takes
@@ -383,15 +387,7 @@ class Reconciler:
             "metadata": {"name": ck.name, "namespace": ck.namespace},
             "spec": {"replicas": live["spec"]["replicas"]},
         }
-        await call(
-            self._resource(ck).server_side_apply,
-            body=body,
-            name=ck.name,
-            namespace=ck.namespace,
-            field_manager=HANDOVER_MANAGER,
-            force_conflicts=True,
-        )
-        metrics.WRITES.labels(verb="apply", kind=ck.kind).inc()
+        await self._apply(ck, body, HANDOVER_MANAGER)
         log.info(
             "%s %s/%s: replicas (%d) handed over to the autoscaler",
             ck.kind,
