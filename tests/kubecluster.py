@@ -360,7 +360,7 @@ def operator_kubeconfig_of(cluster: KubeCluster, api: Any) -> Path:
 
 
 WEBHOOK_CONFIG = f"{RELEASE}-operator"  # the chart's ValidatingWebhookConfiguration (and Lease, and Secret prefix)
-LEASE_TIMING = ["--lease-duration=6", "--lease-renew-deadline=4", "--lease-retry=1"]  # tests' short lease
+LEASE_TIMING = ["--lease-duration=7", "--lease-renew-deadline=4", "--lease-retry=1"]  # tests' short lease
 
 
 class OperatorProcess:

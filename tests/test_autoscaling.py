@@ -12,6 +12,7 @@ import pytest
 from conftest import graph_manifest
 from kubecluster import wait_for
 from kubernetes import client, dynamic, watch
+from mmgraph_operator.render import KubeVersion, hpa_api_version
 from test_operator_integration import _operator_writes, create_graph, get_graph, patch_graph
 
 pytestmark = pytest.mark.cluster
@@ -60,7 +61,9 @@ def test_autoscaling_on_and_off_never_drops_the_live_replicas(api, cluster, oper
     body["spec"]["stages"]["pd"]["replicas"] = 3
     create_graph(api, body)
     apps = client.AppsV1Api(api)
-    hpas = dynamic.DynamicClient(api).resources.get(api_version="autoscaling/v2beta2", kind="HorizontalPodAutoscaler")
+    server = client.VersionApi(api).get_code()
+    version = hpa_api_version(KubeVersion.parse(f"{server.major}.{server.minor}"))  # what the operator renders here
+    hpas = dynamic.DynamicClient(api).resources.get(api_version=version, kind="HorizontalPodAutoscaler")
     wait_for(lambda: apps.read_namespaced_deployment("g-pd", namespace).spec.replicas == 3, what="3 pd replicas")
     watcher = ReplicaWatch(api, namespace, "g-pd")
     try:

@@ -177,6 +177,12 @@ def test_cert_manager_instead_makes_the_certificate_and_injects_the_ca():
         {"webhook": {"certManager": {"enabled": True, "issuerRef": {"name": "ca", "kind": "ClusterIssuer"}}}}
     )
     assert one(named, "Certificate")["spec"]["issuerRef"] == {"name": "ca", "kind": "ClusterIssuer"}
+    for url, field, host in [
+        ("https://10.0.0.7:9443/multimodalgraph", "ipAddresses", "10.0.0.7"),
+        ("https://hooks.example:9443/multimodalgraph", "dnsNames", "hooks.example"),
+    ]:
+        values = {"webhook": {"url": url, "certManager": {"enabled": True}}}
+        assert host in one(rendered(values), "Certificate")["spec"][field]  # the certificate names webhook.url's host
     assert not [d for d in named if d["kind"] == "Issuer"]
 
 

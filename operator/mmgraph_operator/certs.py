@@ -37,6 +37,8 @@ log = logging.getLogger("mmgraph.certs")
 CA_VALIDITY = datetime.timedelta(days=3650)
 LEAF_VALIDITY = datetime.timedelta(days=365)
 RENEW_BEFORE = datetime.timedelta(days=30)
+BACKDATE = datetime.timedelta(minutes=5)  # certificates start this much before they were made
+CA_OVERLAP = datetime.timedelta(minutes=5)  # a new CA's first minutes: the bundle trusts the old one too
 KEYS = ("ca.crt", "ca.key", "tls.crt", "tls.key")
 
 
@@ -81,7 +83,7 @@ def _builder(
         .issuer_name(issuer or name)
         .public_key(public_key)
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))  # clocks a little behind ours
+        .not_valid_before(now - BACKDATE)  # clocks a little behind ours
         .not_valid_after(now + validity)
     )
 
@@ -130,31 +132,48 @@ def leaf_problem(data: dict[str, bytes], sans: tuple[str, ...], now: datetime.da
     return None
 
 
+def _other_cas(bundle: bytes, current: bytes) -> bytes:
+    """The unexpired CA certificates in `bundle` other than `current`, as PEM."""
+    now = datetime.datetime.now(datetime.UTC)
+    return b"".join(
+        cert.public_bytes(serialization.Encoding.PEM)
+        for cert in x509.load_pem_x509_certificates(bundle)
+        if cert.public_bytes(serialization.Encoding.PEM) not in current and cert.not_valid_after_utc > now
+    )
+
+
 def decode(secret: client.V1Secret) -> dict[str, bytes]:
     return {k: base64.b64decode(v) for k, v in (secret.data or {}).items()}
 
 
 class ServingCert:
     """The webhook server's TLS context, reloaded in place when the certificate changes: new handshakes get the
-    new one, open connections keep theirs, the server never restarts. (ssl loads chains from files only, so the
-    current pair is also written to a private directory, which kopf is pointed at too.)"""
+    new one, open connections keep theirs, the server never restarts. ssl loads chains from files only, so each
+    pair is written to a private directory first. kopf is given the first pair's paths (it needs some, or it would
+    load a self-signed certificate into the context); they never change, since kopf restarts its server (a moment
+    of refused connections) when the files it was given change."""
 
     def __init__(self) -> None:
         self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         self.dir = Path(tempfile.mkdtemp(prefix="mmgraph-webhook-"))
-        self.certfile, self.keyfile = self.dir / "tls.crt", self.dir / "tls.key"
+        self.certfile, self.keyfile = self.dir / "tls-0.crt", self.dir / "tls-0.key"
         self.loaded: bytes | None = None
+        self.loads = 0
         self.ready = asyncio.Event()  # set once the context has a certificate
 
     def load(self, crt: bytes, key: bytes, source: str) -> None:
         if crt == self.loaded:
             return
-        self.keyfile.touch(mode=0o600)
-        self.keyfile.write_bytes(key)
-        self.certfile.write_bytes(crt)
-        self.context.load_cert_chain(self.certfile, self.keyfile)
+        certfile, keyfile = self.dir / f"tls-{self.loads}.crt", self.dir / f"tls-{self.loads}.key"
+        keyfile.touch(mode=0o600)
+        keyfile.write_bytes(key)
+        certfile.write_bytes(crt)
+        self.context.load_cert_chain(certfile, keyfile)
+        if self.loads > 1:  # the seed pair stays (kopf's); the one before this is done with
+            (self.dir / f"tls-{self.loads - 1}.key").unlink(missing_ok=True)
+            (self.dir / f"tls-{self.loads - 1}.crt").unlink(missing_ok=True)
         log.info("serving the webhook certificate %s %s", "rotated in" if self.loaded else "from", source)
-        self.loaded = crt
+        self.loaded, self.loads = crt, self.loads + 1
         self.ready.set()
 
     async def watch_files(self, directory: Path, interval: float) -> None:
@@ -214,13 +233,20 @@ class CertKeeper:
             await self._trust(data["ca.crt"])
 
     async def _trust(self, ca: bytes) -> None:
+        """caBundle = ca.crt; for CA_OVERLAP after a new CA, also the CAs it trusted before, so a replica that has
+        not yet loaded the new leaf (it looks every few seconds) is still trusted."""
         try:
             config = await call(self.admission.read_validating_webhook_configuration, self.settings.webhook_config)
         except ApiException as err:
             if err.status == 404:  # not installed (yet): nothing to keep
                 return
             raise
-        wanted = base64.b64encode(ca).decode()
+        bundle = ca
+        issued = x509.load_pem_x509_certificate(ca).not_valid_before_utc + BACKDATE
+        if datetime.datetime.now(datetime.UTC) - issued < CA_OVERLAP:
+            before = {h.client_config.ca_bundle for h in config.webhooks or [] if h.client_config.ca_bundle}
+            bundle += b"".join(_other_cas(base64.b64decode(b), ca) for b in sorted(before))
+        wanted = base64.b64encode(bundle).decode()
         hooks = config.webhooks or []
         stale = [h for h in hooks if h.client_config.ca_bundle != wanted]
         if not stale:

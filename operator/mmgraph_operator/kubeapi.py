@@ -19,6 +19,7 @@ def api_client(user_agent: str) -> client.ApiClient:
         config.load_kube_config()
     configuration = client.Configuration.get_default_copy()
     configuration.connection_pool_maxsize = 16
+    configuration.retries = 0  # every caller retries on its own terms (urllib3's would outlive a lost lease)
     api = client.ApiClient(configuration)
     api.user_agent = user_agent
     return api

@@ -33,9 +33,11 @@ class Timing:
     retry: float = 2.0  # how often the leader renews and a standby looks
 
     def __post_init__(self) -> None:
-        # a leader notices a missed deadline at most two retries late, and must step down before others take over
-        if not 0 < self.retry < self.renew_deadline <= self.duration - 2 * self.retry:
-            raise ValueError("leader election needs 0 < retry < renew deadline <= lease duration - 2 x retry")
+        # A leader counts its deadline from the start of its last successful attempt (the renewal was stored no
+        # earlier) and notices a missed one up to two retries late (an attempt, then a sleep); it must have stepped
+        # down before a standby, which waits a whole duration from a later moment, takes over.
+        if not (0 < self.retry < self.renew_deadline and self.renew_deadline + 2 * self.retry < self.duration):
+            raise ValueError("leader election needs 0 < retry < renew deadline < lease duration - 2 x retry")
 
 
 class LeaseElector:
@@ -61,13 +63,14 @@ class LeaseElector:
 
     async def run(self) -> None:
         while True:
+            started = time.monotonic()
             try:  # an attempt that outlives `retry` is a failed one (its write, if it lands, carries a stale rv)
                 held = await asyncio.wait_for(self._acquire_or_renew(), self.timing.retry)
             except Exception as err:  # an API hiccup is a missed renewal, never a crash
                 log.warning("lease %s/%s: %s", self.namespace, self.name, err)
                 held = False
             if held:
-                self._renewed = time.monotonic()
+                self._renewed = started  # the renewal was stored no earlier than this
                 if not self.leading:
                     self._set(True)
             elif self.leading and time.monotonic() - self._renewed > self.timing.renew_deadline:
@@ -113,7 +116,8 @@ class LeaseElector:
         if record != self._observed:
             self._observed, self._observed_at = record, time.monotonic()
         mine = spec.holder_identity == self.identity
-        if spec.holder_identity and not mine and time.monotonic() - self._observed_at < self.timing.duration:
+        duration = max(self.timing.duration, spec.lease_duration_seconds or 0)  # the holder's word, if longer
+        if spec.holder_identity and not mine and time.monotonic() - self._observed_at < duration:
             if self.leading:  # another took it (we were away too long): stop now, not at our deadline
                 log.error("lease %s/%s is held by %s: stepping down", self.namespace, self.name, spec.holder_identity)
                 self._set(False)
@@ -152,5 +156,5 @@ class LeaseElector:
                 await call(
                     self.leases.replace_namespaced_lease, self.name, self.namespace, lease, timeout=self.timing.retry
                 )
-        except ApiException as err:
-            log.warning("could not release lease %s/%s: %s", self.namespace, self.name, err.reason)
+        except Exception as err:  # the standby then takes over a lease duration later
+            log.warning("could not release lease %s/%s: %s", self.namespace, self.name, err)

@@ -77,6 +77,7 @@ def register(registry: kopf.OperatorRegistry, opts: Options, kube_version: str) 
         settings.watching.client_timeout = 330
         asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(32, thread_name_prefix="kube-api"))
         api = api_client(f"mmgraph-operator/{opts.identity}")
+        await _stop(getattr(memo, "tasks", []))  # kopf retries a failed startup: one election, one keeper
         memo.reconciler = reconciler = Reconciler(api, kube_version)
         memo.tasks = []
         memo.elector = None
@@ -99,11 +100,10 @@ def register(registry: kopf.OperatorRegistry, opts: Options, kube_version: str) 
 
     @kopf.on.cleanup(registry=registry)
     async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+        await _stop(memo.tasks)  # the election first: it must not renew what we are about to give up
         await memo.reconciler.stop()
         if memo.elector:
             await memo.elector.release()  # the standby takes over now, not a lease duration later
-        for task in memo.tasks:
-            task.cancel()
 
     @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
     async def graph_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
@@ -120,6 +120,12 @@ def register(registry: kopf.OperatorRegistry, opts: Options, kube_version: str) 
         kopf.on.validate(GROUP, VERSION, PLURAL, id="multimodalgraph", registry=registry)(
             functools.partial(validate_graph, namespaces=opts.namespaces)
         )
+
+
+async def _stop(tasks: list[asyncio.Task]) -> None:
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _webhook_server(

@@ -68,6 +68,7 @@ HANDOVER_MANAGER = "mmgraph-operator-handover"  # holds an autoscaled Deployment
 DEBOUNCE = 0.05  # seconds to gather a burst of events into one pass
 MAX_BACKOFF = 60.0
 RECHECK = 5.0  # seconds before asking the server again whether it serves an optional kind it did not
+SERVED_RECHECK = 60.0  # ... and one it did (its CRD may be deleted)
 
 GraphKey = tuple[str, str]  # namespace, name
 
@@ -82,8 +83,8 @@ class ChildKey(NamedTuple):
 log = logging.getLogger("mmgraph.operator")
 
 
-class NotServed(RuntimeError):
-    """A kind the graph asks for is not served (yet): the loop retries with backoff."""
+class NotLeading(RuntimeError):
+    """A write this replica may no longer make."""
 
 
 def child_key(obj: dict[str, Any]) -> ChildKey:
@@ -116,7 +117,8 @@ def drifted(desired: Any, live: Any, path: tuple[str | int, ...] = ()) -> str | 
         return None
     if desired == live:
         return None
-    if path[-2:-1] in (("requests",), ("limits",)):  # quantities: the server writes canonical forms
+    if path[-2:-1] in (("requests",), ("limits",)) or path[-1:] == ("averageValue",):  # quantities: the server
+        # writes canonical forms (an HPA's 1.5 comes back as 1500m)
         try:
             return None if parse_quantity(desired) == parse_quantity(live) else _path(path)
         except ValueError:
@@ -309,7 +311,8 @@ class Reconciler:
             status = running_status(graph, deployments, endpoint(graph))
             if unserved:
                 await self._not_served(body, status, unserved)
-            await self._write_status(body, status)
+            else:
+                await self._write_status(body, status)
         metrics.RECONCILES.labels(result="applied").inc()
 
     async def _serves(self, api_version: str, kind: str) -> bool:
@@ -318,7 +321,7 @@ class Reconciler:
         if (api_version, kind) not in OPTIONAL_KINDS:
             return True
         known = self.served.get((api_version, kind))
-        if known and (known[0] or time.monotonic() - known[1] < RECHECK):
+        if known and time.monotonic() - known[1] < (SERVED_RECHECK if known[0] else RECHECK):
             return known[0]
         try:
             group, version = api_version.split("/")
@@ -332,8 +335,8 @@ class Reconciler:
         return served
 
     async def _not_served(self, body: dict[str, Any], status: dict[str, Any], unserved: list[dict[str, Any]]) -> None:
-        """What was asked but cannot be made here: Degraded (with an Event once) while the rest runs, and retried
-        with backoff, since the CRDs may be installed later."""
+        """What was asked but cannot be made here: Degraded (with an Event once) while the rest runs, and looked at
+        again every RECHECK seconds, since the CRDs may be installed later."""
         kinds = ", ".join(sorted({f"{m['kind']} ({m['apiVersion']})" for m in unserved}))
         msg = (
             f"spec.monitoring asks for a {kinds}, which this cluster does not serve: install the Prometheus "
@@ -343,7 +346,8 @@ class Reconciler:
         await self._write_status(body, with_degraded(status, "KindNotServed", msg, body["metadata"].get("generation")))
         if not said:
             await self._event(body, "Warning", "KindNotServed", msg)
-        raise NotServed(msg)
+        key = (body["metadata"]["namespace"], body["metadata"]["name"])
+        asyncio.get_running_loop().call_later(RECHECK, lambda: key in self.graphs and self.poke(key))
 
     async def _ensure(self, key: GraphKey, ck: ChildKey, manifest: dict[str, Any]) -> bool:
         """Apply `manifest` if the child is missing or differs; True when a write was made."""
@@ -367,7 +371,7 @@ class Reconciler:
     async def _apply(self, ck: ChildKey, body: dict[str, Any], manager: str) -> dict[str, Any]:
         """Server-side apply `body` as `manager` (taking its fields from anyone else); the object as written."""
         result = await call(
-            self._resource(ck).server_side_apply,
+            self._writing(self._resource(ck).server_side_apply),
             body=body,
             name=ck.name,
             namespace=ck.namespace,
@@ -384,8 +388,9 @@ class Reconciler:
         body = {
             "apiVersion": ck.api_version,
             "kind": ck.kind,
-            "metadata": {"name": ck.name, "namespace": ck.namespace},
-            "spec": {"replicas": live["spec"]["replicas"]},
+            # the count we read, or a 409 (the HPA scaled since: the pass is retried with what it wrote)
+            "metadata": {"name": ck.name, "namespace": ck.namespace, "resourceVersion": _rv_text(live)},
+            "spec": {"replicas": max(1, live["spec"]["replicas"])},  # an HPA does not scale a stage at 0
         }
         await self._apply(ck, body, HANDOVER_MANAGER)
         log.info(
@@ -401,7 +406,7 @@ class Reconciler:
         and a 409 means a lost status write. The operator never reads Secrets, so it never compares or rotates."""
         manifest = peer_credential(graph, secrets.token_urlsafe(32))
         try:
-            await call(client.CoreV1Api(self.api).create_namespaced_secret, graph.namespace, manifest)
+            await call(self._writing(client.CoreV1Api(self.api).create_namespaced_secret), graph.namespace, manifest)
         except ApiException as err:
             if err.status != 409:
                 raise
@@ -438,7 +443,7 @@ class Reconciler:
         if fresh is None:
             return False
         try:
-            await call(self._resource(ck).delete, name=ck.name, namespace=ck.namespace)
+            await call(self._writing(self._resource(ck).delete), name=ck.name, namespace=ck.namespace)
         except ApiException as err:
             if err.status != 404:
                 raise
@@ -472,7 +477,7 @@ class Reconciler:
             return
         meta = body["metadata"]
         result = await call(
-            client.CustomObjectsApi(self.api).patch_namespaced_custom_object_status,
+            self._writing(client.CustomObjectsApi(self.api).patch_namespaced_custom_object_status),
             GROUP,
             VERSION,
             meta["namespace"],
@@ -508,10 +513,21 @@ class Reconciler:
             "count": 1,
         }
         try:
-            await call(client.CoreV1Api(self.api).create_namespaced_event, meta["namespace"], event)
+            await call(self._writing(client.CoreV1Api(self.api).create_namespaced_event), meta["namespace"], event)
             metrics.WRITES.labels(verb="create", kind="Event").inc()
         except ApiException as err:  # an Event is a courtesy: never fail a reconcile over it
             log.warning("could not post Event %s for %s: %s", reason, meta["name"], err.reason)
+
+    def _writing(self, fn: Any) -> Any:
+        """`fn`, refused in its thread at the last moment if this replica no longer leads: a write queued before
+        the lease was lost must not land while another replica reconciles."""
+
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            if not self.leading.is_set():
+                raise NotLeading("this replica lost the lease")
+            return fn(*args, **kwargs)
+
+        return guarded
 
     def _resource(self, ck: ChildKey) -> Any:
         return self.dyn.resources.get(api_version=ck.api_version, kind=ck.kind)

@@ -38,6 +38,8 @@ async def read_message(request: Request, kind: type[M]) -> M | JSONResponse:
             data = kind.from_previous(json.loads(body))
             return kind.model_validate({**data, "version": PROTOCOL_VERSION})
         message = kind.model_validate_json(body)
+    except (TypeError, AttributeError) as err:  # a previous-version body of the wrong shape (e.g. urls: null)
+        return JSONResponse({"error": f"bad {kind.__name__}: {err}", "status": 400}, status_code=400)
     except ValidationError as err:
         if version is not None and version not in SPOKEN:  # another version's fields do not validate: say that
             return other_version(version)

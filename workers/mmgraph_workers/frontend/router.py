@@ -42,6 +42,7 @@ from mmgraph_workers.protocol import (
 from mmgraph_workers.server import peer_headers, peer_token
 
 log = logging.getLogger("mmgraph.frontend")
+SPEAKS_TTL = 60.0  # seconds a peer's older protocol version is remembered (its address may serve a new release next)
 STAGE_SECONDS = Histogram("mmgraph_stage_seconds", "Time spent in each stage call", ["stage"])
 CACHE_HITS = Counter("mmgraph_embedding_cache_hits_total", "Media items the encoder served from its cache")
 RETRIES = Counter(
@@ -110,7 +111,8 @@ class Router:
         limits = httpx.Limits(max_connections=256)
         headers = peer_headers(peer_token(args))
         self.http = httpx.AsyncClient(timeout=timeout, trust_env=False, limits=limits, headers=headers)
-        self.speaks: dict[str, int] = {}  # peer base URL -> the protocol version it reads, where not ours
+        # peer base URL -> the protocol version it reads, where not ours, and when it said so (a replica mid-rollout)
+        self.speaks: dict[str, tuple[int, float]] = {}
         self.pd_info: WorkerInfo | None = None
         self.releasing: set[asyncio.Task] = set()  # releases of failed requests' embeddings, until they are sent
 
@@ -254,8 +256,11 @@ class Router:
         done.append((address, group, encoded))
 
     def _body(self, base: str, message: Message) -> tuple[int, str]:
-        """The version `base` reads (ours, unless it said otherwise) and the message's body in it."""
-        version = self.speaks.get(base, PROTOCOL_VERSION)
+        """The version `base` reads (ours, unless it said otherwise lately) and the message's body in it."""
+        version, learned = self.speaks.get(base, (PROTOCOL_VERSION, 0.0))
+        if version != PROTOCOL_VERSION and time.monotonic() - learned > SPEAKS_TTL:  # rolled since? ask again
+            del self.speaks[base]
+            version = PROTOCOL_VERSION
         return version, message.dump_for(version)
 
     def _learn(self, base: str, r: httpx.Response, sent: int) -> bool:
@@ -266,9 +271,9 @@ class Router:
         shared = sorted(_versions_spoken(r) & {PROTOCOL_VERSION, PREVIOUS_VERSION})
         if not shared or shared[-1] == sent:
             return False
-        if self.speaks.get(base, PROTOCOL_VERSION) != shared[-1]:
+        if self.speaks.get(base, (PROTOCOL_VERSION,))[0] != shared[-1]:
             log.info("%s speaks protocol version %d: sending it that", base, shared[-1])
-            self.speaks[base] = shared[-1]
+        self.speaks[base] = (shared[-1], time.monotonic())
         return True
 
     async def _post(self, base: str, path: str, message: Message) -> httpx.Response:
@@ -482,7 +487,7 @@ def _versions_spoken(response: httpx.Response) -> set[int]:
         return set()
     if isinstance(body.get("speaks"), list):
         return {v for v in body["speaks"] if isinstance(v, int)}
-    found = re.search(r"protocol version \d+ is not spoken here \((\d+)\)", str(body.get("error", "")))
+    found = re.match(r"protocol version \d+ is not spoken here \((\d+)\)", str(body.get("error", "")))
     return {int(found.group(1))} if found else set()
 
 
