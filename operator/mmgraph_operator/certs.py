@@ -203,8 +203,9 @@ class CertKeeper:
                 return None
             raise
 
-    async def ensure(self) -> None:
-        """Leader only: the Secret holds a CA and a valid leaf for our names, and the webhook trusts that CA."""
+    async def ensure(self) -> dict[str, bytes]:
+        """Leader only: the Secret holds a CA and a valid leaf for our names, and the webhook trusts that CA;
+        returns what the Secret now holds."""
         s = self.settings
         data = await self.read()
         if data is None:
@@ -231,6 +232,7 @@ class CertKeeper:
             log.info("reissued the webhook certificate (%s)", reason)
         if s.webhook_config:
             await self._trust(data["ca.crt"])
+        return data
 
     async def _trust(self, ca: bytes) -> None:
         """caBundle = ca.crt; for CA_OVERLAP after a new CA, also the CAs it trusted before, so a replica that has
@@ -261,9 +263,7 @@ class CertKeeper:
         holds now. A failed pass (the API server away) serves what was loaded and tries again."""
         while True:
             try:
-                if leading():
-                    await self.ensure()
-                data = await self.read()
+                data = await self.ensure() if leading() else await self.read()
                 if data and data.get("tls.crt") and data.get("tls.key"):
                     self.serving.load(data["tls.crt"], data["tls.key"], f"Secret {self.settings.secret}")
                 elif not self.serving.ready.is_set():

@@ -62,7 +62,7 @@ class Options:
     timing: Timing = field(default_factory=Timing)
 
 
-def register(registry: kopf.OperatorRegistry, opts: Options, kube_version: str) -> None:
+def register(registry: kopf.OperatorRegistry, opts: Options, api: client.ApiClient, kube_version: str) -> None:
     """All handlers, on an explicit registry (no import-time globals)."""
     kinds = child_kinds(kube_version)
 
@@ -76,7 +76,6 @@ def register(registry: kopf.OperatorRegistry, opts: Options, kube_version: str) 
         settings.watching.server_timeout = 300
         settings.watching.client_timeout = 330
         asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(32, thread_name_prefix="kube-api"))
-        api = api_client(f"mmgraph-operator/{opts.identity}")
         await _stop(getattr(memo, "tasks", []))  # kopf retries a failed startup: one election, one keeper
         memo.reconciler = reconciler = Reconciler(api, kube_version)
         memo.tasks = []
@@ -170,9 +169,10 @@ def run(opts: Options, metrics_port: int, health_port: int) -> int:
         from prometheus_client import start_http_server
 
         start_http_server(metrics_port)
-    version = client.VersionApi(api_client(f"mmgraph-operator/{opts.identity}")).get_code()
+    api = api_client(f"mmgraph-operator/{opts.identity}")
+    version = client.VersionApi(api).get_code()  # which versions of the child kinds to watch, before kopf starts
     registry = kopf.OperatorRegistry()
-    register(registry, opts, f"{version.major}.{version.minor}")
+    register(registry, opts, api, f"{version.major}.{version.minor}")
     kopf.run(
         registry=registry,
         standalone=True,

@@ -32,21 +32,22 @@ async def read_message(request: Request, kind: type[M]) -> M | JSONResponse:
     """The typed inter-stage message in the request body (in this protocol version or the previous one, which a
     stage of the previous release sends mid-rollout), or the 400 answer that says why it is not one."""
     body = await request.body()
-    version = _version(body)
     try:
-        if version == PREVIOUS_VERSION:
+        message = kind.model_validate_json(body)  # the current version: parsed once
+        if message.version == PROTOCOL_VERSION:
+            return message
+        version, problem = message.version, None
+    except ValidationError as err:
+        version, problem = _version(body), err
+    if version == PREVIOUS_VERSION:
+        try:
             data = kind.from_previous(json.loads(body))
             return kind.model_validate({**data, "version": PROTOCOL_VERSION})
-        message = kind.model_validate_json(body)
-    except (TypeError, AttributeError) as err:  # a previous-version body of the wrong shape (e.g. urls: null)
-        return JSONResponse({"error": f"bad {kind.__name__}: {err}", "status": 400}, status_code=400)
-    except ValidationError as err:
-        if version is not None and version not in SPOKEN:  # another version's fields do not validate: say that
-            return other_version(version)
-        return JSONResponse({"error": f"bad {kind.__name__}: {err}", "status": 400}, status_code=400)
-    if message.version not in SPOKEN:
-        return other_version(message.version)
-    return message
+        except (ValidationError, TypeError, AttributeError) as err:  # e.g. urls: null
+            problem = err
+    elif version is not None and version != PROTOCOL_VERSION:  # another version's fields: say that, not which
+        return other_version(version)
+    return JSONResponse({"error": f"bad {kind.__name__}: {problem}", "status": 400}, status_code=400)
 
 
 def _version(body: bytes) -> int | None:
