@@ -290,6 +290,30 @@ def test_a_client_that_hangs_up_stops_the_work_it_started(endpoints, media_serve
     assert not media_server.slow_sent.wait(10), "the image was fetched in full for a client that had gone"
 
 
+def test_embeddings_of_a_client_that_left_are_released_not_kept_for_their_time_to_live(graph, endpoints):
+    """The client leaves after the encoder published its image's embeddings and before pd pulled them (pd is held
+    still with SIGSTOP meanwhile): the frontend releases them at the encoder at once, instead of the buffer being
+    held for its time-to-live (a minute) for nobody."""
+    encoder = f"http://127.0.0.1:{graph.stages[StageName.ENCODER].port}"
+    pd = graph.stages[StageName.PD].proc
+
+    def published() -> float:
+        return metric(encoder, "mmgraph_encoder_published_buffers")
+
+    before = published()
+    os.kill(pd.pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(
+                f"{endpoints['e-pd']}/v1/chat/completions",
+                json={"model": MODEL_NAME, "messages": user(data_url(png(90, 60, 4242)), "what"), "max_tokens": 2},
+                timeout=3,
+            )
+        wait(lambda: published() <= before, timeout=5)  # the gauge is refreshed every second
+    finally:
+        os.kill(pd.pid, signal.SIGCONT)
+
+
 def test_a_compressed_body_never_inflates_in_the_encoder(graph, endpoints, media_server):
     """The encoder's own memory, sampled while it refuses a body of 2 KB that would inflate to 256 MiB: it asks
     for identity, refuses what comes compressed anyway, and inflates nothing (the status alone would not show

@@ -213,11 +213,11 @@ def test_an_encoder_told_to_stop_stays_until_its_embeddings_are_read(graph, tiny
         leaving.proc.send_signal(signal.SIGTERM)
         time.sleep(2)
         assert leaving.proc.poll() is None, "the encoder left with embeddings still to be read"
-        got = reader.fetch(item.embeddings, 10, agent)
+        got = reader.fetch(item.embeddings, time.monotonic() + 10, agent)
         assert leaving.proc.wait(15) == -signal.SIGTERM  # uvicorn re-raises the signal once it has shut down
         assert "every published embedding was read (1 waited for)" in leaving.log.read_text()
         live = graph.stages[StageName.ENCODER].port
-        expected = reader.fetch(encode(live).items[0].embeddings, 10, metadata(live))
+        expected = reader.fetch(encode(live).items[0].embeddings, time.monotonic() + 10, metadata(live))
         assert torch.equal(got, expected)
     finally:
         local.stop()

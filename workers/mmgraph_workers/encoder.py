@@ -18,7 +18,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import torch
 from fastapi import Request
@@ -137,6 +137,48 @@ class Batcher:
             start += len(request)
 
 
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class SingleFlight(Generic[K, V]):
+    """One computation per key at a time: a request needing a key another request is computing waits for its
+    result instead of computing it again. Correct by construction:
+    - a request never waits while it holds keys (it waits first, then claims every key still missing in one step
+      with no await in between), so two requests never wait on each other;
+    - the futures waited on are taken in that same step, so a key finished (and forgotten) meanwhile is no error;
+    - a key is forgotten only by its holder (`finish`), and `finish` resolves its future whatever happened: a
+      waiter sees the value, or None when the holder failed or was cancelled, and then tries for the key itself.
+    """
+
+    def __init__(self) -> None:
+        self.running: dict[K, asyncio.Future[V | None]] = {}
+
+    async def claim(self, keys: list[K], lookup: Callable[[K], V | None]) -> tuple[dict[K, V], list[K]]:
+        """(the keys' values that are known, from `lookup` or from the request that computed them; the keys this
+        caller now holds and must compute, then `finish`)."""
+        found: dict[K, V] = {}
+        while True:
+            for key in keys:
+                if key not in found and (value := lookup(key)) is not None:
+                    found[key] = value
+            waits = {key: self.running[key] for key in dict.fromkeys(keys) if key not in found and key in self.running}
+            if not waits:
+                mine = [key for key in dict.fromkeys(keys) if key not in found]
+                for key in mine:
+                    self.running[key] = asyncio.get_running_loop().create_future()
+                return found, mine
+            for key, future in waits.items():
+                if (value := await asyncio.shield(future)) is not None:
+                    found[key] = value
+
+    def finish(self, key: K, value: V | None) -> None:
+        """The holder's result for `key` (None: it failed), to every request that waited for it."""
+        future = self.running.pop(key)
+        if not future.done():
+            future.set_result(value)
+
+
 @dataclass(frozen=True)
 class Embedding:
     """One item's encoder output: what pd consumes, the family's metadata, and its content key."""
@@ -207,7 +249,7 @@ class Encoder:
         self.audio_format = self.adapter.audio_format(self.processor)
         self.transfer = make_pool(self.pool_bytes())
         self.cache = EmbeddingCache(args.cache_bytes)
-        self.pending: dict[str, asyncio.Future[Embedding | None]] = {}  # bytes' hash -> its encoding in progress
+        self.in_flight: SingleFlight[str, Embedding] = SingleFlight()  # bytes' hash -> its encoding in progress
         self.client = media_client()
         self.batcher = Batcher(self._forward, args.max_batch_size)  # one pass at a time: the tower uses every core
 
@@ -244,20 +286,16 @@ class Encoder:
         hashes = await asyncio.to_thread(
             lambda: [f"{m.modality}:{hashlib.sha256(b).hexdigest()}" for m, b in zip(media, blobs, strict=True)]
         )
-        found = {h: self.cache.by_bytes(h) for h in hashes}
-        for h in [h for h in found if found[h] is None and h in self.pending]:  # another request encodes it now
-            found[h] = await asyncio.shield(self.pending[h])  # None: that request failed, this one does the work
+        known, mine = await self.in_flight.claim(hashes, self.cache.by_bytes)  # others' encodings waited for
+        found: dict[str, Embedding | None] = {h: known.get(h) for h in hashes}
         was_cached = {h: item is not None for h, item in found.items()}
-        missing = list({h: i for i, h in enumerate(hashes) if found[h] is None}.values())
-        mine = {hashes[i]: asyncio.get_running_loop().create_future() for i in missing}
-        self.pending.update(mine)
+        missing = list({h: i for i, h in enumerate(hashes) if h in mine}.values())
         try:
             if missing:
                 await self._encode_missing(request, blobs, hashes, missing, found, was_cached)
         finally:  # what this request encoded, for the requests that waited for it (None if it failed)
-            for h, waiter in mine.items():
-                waiter.set_result(found[h])
-                del self.pending[h]
+            for h in mine:
+                self.in_flight.finish(h, found[h])
         items: list[EncodedItem] = []
         ttl = self.args.transfer_timeout_seconds * 3 + 30
         for m, h in zip(media, hashes, strict=True):

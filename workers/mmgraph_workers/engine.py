@@ -42,7 +42,14 @@ from mmgraph_workers.media.video import DECODE_SECONDS
 from mmgraph_workers.models import ItemShape, ModelAdapter, UnsupportedModel, adapter_for
 from mmgraph_workers.peers import Peer
 from mmgraph_workers.ports import bindable
-from mmgraph_workers.protocol import GenerateEvent, GenerateRequest, TensorRef, WorkerInfo, sampling_params
+from mmgraph_workers.protocol import (
+    EncodedItem,
+    GenerateEvent,
+    GenerateRequest,
+    TensorRef,
+    WorkerInfo,
+    sampling_params,
+)
 from mmgraph_workers.server import (
     add_common_arguments,
     add_kv_lease_argument,
@@ -147,6 +154,18 @@ def engine_args(args: argparse.Namespace, stage: str) -> Any:
     return AsyncEngineArgs.from_cli_args(parser.parse_args(argv))
 
 
+EXPIRY_MARGIN_SECONDS = 2.0  # of a descriptor's time-to-live, for the time it spent on its way here
+
+
+def pull_deadline(items: list[EncodedItem], received: float, timeout_seconds: float) -> float:
+    """When pd must have pulled all of a request's embeddings (`time.monotonic()`'s clock): within the transfer
+    timeout for all items together, and a margin before the first of them expires at its owner (counted from
+    `received`: the owner's seconds, never its clock). A read after that could meet a freed buffer; the frame
+    check would refuse it, but pd need not try."""
+    expiries = [i.embeddings.expires_in_seconds for i in items if i.embeddings.expires_in_seconds is not None]
+    return received + min([timeout_seconds, *(left - EXPIRY_MARGIN_SECONDS for left in expiries)])
+
+
 class Engine:
     """The engine-facing core: turns a GenerateRequest into vLLM inputs and vLLM outputs into GenerateEvents."""
 
@@ -177,6 +196,7 @@ class Engine:
         self.encoders = Peer("encoder", args.encoder_url) if args.encoder_url else None
         self.pds = Peer("pd", args.pd_url) if args.pd_url else None
         self.in_flight = 0  # requests in this engine, from every caller
+        self.releasing: set[asyncio.Task] = set()  # releases of a cancelled request's embeddings, until sent
         self.max_num_seqs = 1
 
     def info(self) -> WorkerInfo | None:
@@ -229,16 +249,7 @@ class Engine:
             if self.transfer is None or self.adapter is None:
                 raise MediaError("this stage does not accept embeddings")
             started = time.perf_counter()
-            timeout = self.args.transfer_timeout_seconds
-            try:
-                embeds = []
-                for item in req.encoded:
-                    metadata = await self._agent_metadata(item.embeddings)
-                    embeds.append(await asyncio.to_thread(self.transfer.fetch, item.embeddings, timeout, metadata))
-            except TransferError as err:
-                await self._release_unpulled(req)
-                log.warning("request %s: %s", req.request_id, err)  # names the encoder's agent (its address)
-                raise StageError("pulling embeddings from the encoder failed", 502, retry=True) from err
+            embeds = await self._pull(req)
             PULL_SECONDS.observe(time.perf_counter() - started)
             shapes = [ItemShape(item.num_tokens, item.metadata, item.modality) for item in req.encoded]
             return self.adapter.embeddings_data(embeds, shapes), _uuids(req.encoded)
@@ -278,8 +289,32 @@ class Engine:
             raise TransferError(f"{ref.agent} is gone (its address now runs {agent.get('agent')})")
         return agent["metadata"]
 
-    async def _release_unpulled(self, req: GenerateRequest) -> None:
-        for item in req.encoded:
+    async def _pull(self, req: GenerateRequest) -> list[Any]:
+        """The request's embeddings from their encoders, all by one deadline (`pull_deadline`). What was not
+        pulled is released at its owner: at once when a pull failed, in the background when the request was
+        cancelled (its client left), so nothing waits out its time-to-live for nobody."""
+        deadline = pull_deadline(req.encoded, time.monotonic(), self.args.transfer_timeout_seconds)
+        embeds: list[Any] = []
+        unread = 0  # the items from here on were never asked for (a read in a thread finishes on its own)
+        try:
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                for item in req.encoded:
+                    metadata = await self._agent_metadata(item.embeddings)
+                    unread += 1
+                    embeds.append(await asyncio.to_thread(self.transfer.fetch, item.embeddings, deadline, metadata))
+        except (TransferError, TimeoutError) as err:
+            await self._release(req.encoded)
+            log.warning("request %s: %s", req.request_id, err or "the embeddings' pull deadline passed")
+            raise StageError("pulling embeddings from the encoder failed", 502, retry=True) from err
+        except asyncio.CancelledError:
+            task = asyncio.create_task(self._release(req.encoded[unread:]))
+            self.releasing.add(task)
+            task.add_done_callback(self.releasing.discard)
+            raise
+        return embeds
+
+    async def _release(self, items: list[EncodedItem]) -> None:
+        for item in items:
             try:
                 await self.http.post(f"{await self._owner(item.embeddings)}/release/{item.embeddings.handle}")
             except (httpx.HTTPError, StageError):

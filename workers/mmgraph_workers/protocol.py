@@ -72,6 +72,12 @@ class TensorRef(BaseModel):
     shape: list[Annotated[int, Field(gt=0)]] = Field(min_length=1, max_length=4)
     mem_type: Literal["DRAM", "VRAM"] = "DRAM"
     device_id: int = Field(default=0, ge=0)
+    # Both new in this release, and optional, so the previous release's descriptors still read (unchecked) and its
+    # readers ignore them. `generation`: the frame around the bytes (transfer.py) a reader checks, so a buffer the
+    # owner freed and reused is never read as this one. `expires_in_seconds`: how long the owner keeps the buffer
+    # from when it answered; seconds, not a time, since pods share no clock.
+    generation: int | None = Field(default=None, ge=1, lt=1 << 63)
+    expires_in_seconds: float | None = Field(default=None, gt=0)
 
     @model_validator(mode="after")
     def _adds_up(self) -> TensorRef:

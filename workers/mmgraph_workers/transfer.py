@@ -10,6 +10,12 @@ The map (the same three primitives whatever the implementation):
       completion notice arrives, or when       could not pull (the owner must never free early:
       the buffer's time-to-live passes          a read of a released buffer returns wrong bytes)
 
+A buffer may still be read after its owner gave up on it (the reader was late: its time-to-live passed and the
+slot now holds another publish's bytes; NIXL reads a reused buffer without an error). So every published region is
+framed by its generation, a header before the bytes and a trailer after them; the owner zeroes both when it frees
+the region, and the reader checks both against the descriptor's generation after reading the whole frame: a read
+of a freed or reused region, or one torn by a reuse in the middle of it, is refused (`StaleRead`), never returned.
+
 Implementations sit side by side and are chosen by name (`make_transfer`), never by `if backend ==` in callers.
 NIXL (UCX underneath) is the one we ship. Agents, peer connections and memory registrations are made once and
 reused: the owner registers one pool up front (its regions must be in the metadata peers connected with) and
@@ -24,6 +30,7 @@ from __future__ import annotations
 import base64
 import ctypes
 import logging
+import math
 import os
 import threading
 import time
@@ -47,6 +54,10 @@ class ReadFailed(TransferError):
     """NIXL reported the read failed (not a missed deadline): its owner is gone or broken."""
 
 
+class StaleRead(TransferError):
+    """The bytes read were no longer the descriptor's: the owner freed (and maybe reused) the buffer first."""
+
+
 class PoolFull(TransferError):
     """Nothing was published: the owner's pool has no room until readers pull (retry shortly)."""
 
@@ -65,9 +76,11 @@ class Transfer(ABC):
         """Whether this reader holds a connection to `agent` (else `fetch` needs the agent's metadata)."""
 
     @abstractmethod
-    def fetch(self, ref: TensorRef, timeout_seconds: float, metadata: str | None = None) -> torch.Tensor:
-        """Pull the tensor `ref` describes; its completion tells the owner it may release it. `metadata`: the
-        owning agent's, as its owner served it (never a message's), needed unless `connected(ref.agent)`."""
+    def fetch(self, ref: TensorRef, deadline: float, metadata: str | None = None) -> torch.Tensor:
+        """Pull the tensor `ref` describes by `deadline` (`time.monotonic()`'s clock: the caller's deadline, time
+        spent waiting for a thread included); its completion tells the owner it may release it. StaleRead if the
+        owner had freed the buffer. `metadata`: the owning agent's, as its owner served it (never a message's),
+        needed unless `connected(ref.agent)`."""
 
     @abstractmethod
     def poll(self) -> None:
@@ -84,11 +97,33 @@ class Transfer(ABC):
         """Stop any background work (a poller thread); called at worker shutdown."""
 
 
+FRAME = 8  # bytes of the generation before and after a published tensor's bytes
+
+
 @dataclass
 class _Published:
-    offset: int
-    size: int
+    offset: int  # of the frame (header, bytes, trailer)
+    size: int  # the frame's
     expires: float
+
+
+@dataclass
+class _Landing:
+    """Where a read lands: a slot of the receive pool, or a buffer of its own registered for the read."""
+
+    tensor: torch.Tensor
+    offset: int | None = None
+    registration: object = None
+    xfer: object = None  # a read NIXL could not cancel: the landing stays taken until the read ends
+
+
+def _generation_bytes(generation: int, device: torch.device) -> torch.Tensor:
+    return torch.frombuffer(bytearray(generation.to_bytes(FRAME, "little")), dtype=torch.uint8).to(device)
+
+
+def _generation_of(frame: torch.Tensor) -> int:
+    """The generation a header or trailer holds (the trailer follows the bytes: it may be unaligned)."""
+    return int.from_bytes(frame.cpu().numpy().tobytes(), "little")
 
 
 def copy_bytes(dst: torch.Tensor, src: torch.Tensor) -> None:
@@ -167,6 +202,10 @@ class NixlTransfer(Transfer):
                 self.agent.register_memory(buffer)
         self.metadata = base64.b64encode(self.agent.get_agent_metadata()).decode()
         self._published: dict[str, _Published] = {}
+        self._generation = (
+            int.from_bytes(os.urandom(6), "little") << 8
+        )  # a restarted owner's do not repeat its predecessor's
+        self._unfinished: list[_Landing] = []  # reads NIXL could not cancel, holding their landing until they end
         self._peers: OrderedDict[str, str] = OrderedDict()  # agent name -> metadata we connected with, LRU
         self._lock = threading.Lock()  # the agent is shared by request threads and the poller
         self._stop, self._work = threading.Event(), threading.Event()
@@ -179,12 +218,16 @@ class NixlTransfer(Transfer):
         nbytes = tensor.numel() * tensor.element_size()
         handle = uuid.uuid4().hex
         with self._lock:
-            offset = self.pool.alloc(nbytes)
+            offset = self.pool.alloc(nbytes + 2 * FRAME)
             if offset is None:
                 raise PoolFull(f"the transfer pool ({self.pool.size} B) is full: readers are not pulling fast enough")
-            region = self.buffer[offset : offset + nbytes]
+            self._generation += 1
+            stamp = _generation_bytes(self._generation, self.buffer.device)
+            region = self.buffer[offset + FRAME : offset + FRAME + nbytes]
             copy_bytes(region, tensor.contiguous().view(-1).view(torch.uint8))
-            self._published[handle] = _Published(offset, nbytes, time.monotonic() + ttl_seconds)
+            copy_bytes(self.buffer[offset : offset + FRAME], stamp)
+            copy_bytes(self.buffer[offset + FRAME + nbytes : offset + 2 * FRAME + nbytes], stamp)
+            self._published[handle] = _Published(offset, nbytes + 2 * FRAME, time.monotonic() + ttl_seconds)
         self._work.set()
         return TensorRef(
             handle=handle,
@@ -196,6 +239,8 @@ class NixlTransfer(Transfer):
             shape=list(tensor.shape),
             mem_type=_mem(self.buffer),
             device_id=self.buffer.device.index or 0,
+            generation=self._generation,
+            expires_in_seconds=ttl_seconds,
         )
 
     def _poller(self) -> None:
@@ -232,9 +277,13 @@ class NixlTransfer(Transfer):
         self._drop(handle)
 
     def _drop(self, handle: str) -> None:
+        """Free a published frame, its header and trailer zeroed first: a reader still to come (or reading now)
+        sees that it is gone, whatever is published there next."""
         with self._lock:
             entry = self._published.pop(handle, None)
             if entry is not None:
+                self.buffer[entry.offset : entry.offset + FRAME].zero_()
+                self.buffer[entry.offset + entry.size - FRAME : entry.offset + entry.size].zero_()
                 self.pool.release(entry.offset, entry.size)
 
     def published(self) -> int:
@@ -270,55 +319,99 @@ class NixlTransfer(Transfer):
         """How many owners this reader is connected to (for tests and metrics)."""
         return len(self._peers)
 
-    def fetch(self, ref: TensorRef, timeout_seconds: float, metadata: str | None = None) -> torch.Tensor:
+    def fetch(self, ref: TensorRef, deadline: float, metadata: str | None = None) -> torch.Tensor:
         dtype = getattr(torch, ref.dtype)
-        out = torch.empty(ref.shape, dtype=dtype)
-        if out.numel() * out.element_size() != ref.nbytes:
+        itemsize = torch.empty(0, dtype=dtype).element_size()
+        if itemsize * math.prod(ref.shape) != ref.nbytes:
             raise TransferError(f"descriptor of {ref.agent} is inconsistent: {ref.shape} {ref.dtype} != {ref.nbytes} B")
-        deadline = time.monotonic() + timeout_seconds
+        if time.monotonic() >= deadline:  # e.g. its time-to-live was over before the read could begin
+            raise TransferError(f"the read from {ref.agent} is past its deadline before it began")
+        framed = ref.generation is not None  # a descriptor of the previous release has no frame: its bytes alone
+        span = ref.nbytes + 2 * FRAME if framed else ref.nbytes
+        asked = time.monotonic()
         with self._lock:
+            self._reap()
             try:
                 self._connect(ref.agent, metadata)
             except TransferError:
                 raise
             except Exception as err:  # nixl._bindings errors share no base class; the owner may be gone
                 raise TransferError(f"cannot reach {ref.agent}: {type(err).__name__}: {err}") from err
-            offset = self.recv_pool.alloc(ref.nbytes) if ref.nbytes <= self.COPY_MAX else None
-            if offset is None:  # large, or the pool is full: read straight into the destination
-                target, registration = out.view(-1).view(torch.uint8), self.agent.register_memory(out)
+            offset = self.recv_pool.alloc(span) if span <= self.COPY_MAX else None
+            if offset is None:  # large, or the pool is full: read into a buffer of its own, registered for it
+                buffer = torch.empty(span, dtype=torch.uint8)
+                landing = _Landing(buffer, registration=self.agent.register_memory(buffer))
             else:
-                target, registration = self.recv_buffer[offset : offset + ref.nbytes], None
-        if (waited := time.monotonic() - deadline + timeout_seconds) > 0.5:
+                landing = _Landing(self.recv_buffer[offset : offset + span], offset=offset)
+        if (waited := time.monotonic() - asked) > 0.5:
             log.warning("NIXL read from %s waited %.2f s for the agent", ref.agent, waited)
         try:
             started = time.monotonic()
             try:
-                self._read(ref, target, deadline, timeout_seconds)
+                self._read(ref, landing, deadline, framed)
             except ReadFailed:  # the owner is gone or broken (a deadline alone says nothing of the others)
                 with self._lock:
                     self._forget(ref.agent)
                 raise
             if (took := time.monotonic() - started) > 0.5:
                 log.warning("NIXL read of %d B from %s took %.2f s", ref.nbytes, ref.agent, took)
-            if registration is None:
-                copy_bytes(out.view(-1).view(torch.uint8), target)
+            if framed:
+                head, tail = _generation_of(landing.tensor[:FRAME]), _generation_of(landing.tensor[-FRAME:])
+                if head != ref.generation or tail != ref.generation:
+                    raise StaleRead(
+                        f"the embeddings {ref.agent} published were freed before they were read (read late, past "
+                        "their time-to-live); they must be encoded again"
+                    )
+            data = landing.tensor[FRAME : FRAME + ref.nbytes] if framed else landing.tensor
+            if landing.registration is None:  # a pool slot: copy out
+                out = torch.empty(ref.shape, dtype=dtype)
+                copy_bytes(out.view(-1).view(torch.uint8), data)
+                return out
+            return data.view(dtype).view(ref.shape)  # its own buffer: the tensor is a view of it
         finally:
             with self._lock:
-                if registration is not None:
-                    self.agent.deregister_memory(registration)
+                if landing.xfer is None:
+                    self._free(landing)
                 else:
-                    self.recv_pool.release(offset, ref.nbytes)
-        return out
+                    self._unfinished.append(landing)
 
-    def _read(self, ref: TensorRef, target: torch.Tensor, deadline: float, timeout_seconds: float) -> None:
-        """One READ with its release notice. The agent lock is held per NIXL call, not across the wait: reads of
-        several requests overlap, and one slow read does not hold up the others."""
+    def _free(self, landing: _Landing) -> None:
+        """Give a landing back (lock held): its pool slot, or its registration."""
+        if landing.registration is not None:
+            self.agent.deregister_memory(landing.registration)
+        elif landing.offset is not None:
+            self.recv_pool.release(landing.offset, landing.tensor.numel())
+
+    def _reap(self) -> None:
+        """Free the landings of reads that NIXL could not cancel once they have ended (lock held)."""
+        for landing in list(self._unfinished):
+            try:
+                if self.agent.check_xfer_state(landing.xfer) == "PROC":
+                    continue
+                self.agent.release_xfer_handle(landing.xfer)
+            except Exception as err:  # nixl._bindings errors share no base class
+                log.debug("an abandoned NIXL read: %s", err)
+                continue
+            self._unfinished.remove(landing)
+            self._free(landing)
+
+    def unfinished(self) -> int:
+        """Reads given up on whose landing is still taken until NIXL says they ended (for tests and metrics)."""
+        return len(self._unfinished)
+
+    def _read(self, ref: TensorRef, landing: _Landing, deadline: float, framed: bool) -> None:
+        """One READ of the descriptor's frame (or its bytes alone, unframed) with its release notice. The agent
+        lock is held per NIXL call, not across the wait: reads of several requests overlap, and one slow read does
+        not hold up the others. A read given up on that NIXL cannot cancel leaves its handle in `landing.xfer`:
+        the caller must not reuse the landing until it ends."""
+        target = landing.tensor
+        address = ref.address - FRAME if framed else ref.address
         try:
             with self._lock:
                 local = self.agent.get_xfer_descs(
-                    [(target.data_ptr(), ref.nbytes, target.device.index or 0)], _mem(target)
+                    [(target.data_ptr(), target.numel(), target.device.index or 0)], _mem(target)
                 )
-                remote = self.agent.get_xfer_descs([(ref.address, ref.nbytes, ref.device_id)], ref.mem_type)
+                remote = self.agent.get_xfer_descs([(address, target.numel(), ref.device_id)], ref.mem_type)
                 notice = self.RELEASE + ref.handle.encode()  # NIXL delivers it to the owner after the data
                 handle = self.agent.initialize_xfer("READ", local, remote, ref.agent, notice)
         except Exception as err:  # nixl._bindings errors share no base class
@@ -332,7 +425,7 @@ class NixlTransfer(Transfer):
                     raise ReadFailed(f"NIXL read from {ref.agent} failed")
                 now = time.monotonic()
                 if now > deadline:
-                    raise TransferError(f"NIXL read from {ref.agent} missed its {timeout_seconds:g} s deadline")
+                    raise TransferError(f"NIXL read from {ref.agent} missed its deadline")
                 if now > spin_until:
                     time.sleep(0)  # let the other readers' threads have the GIL between checks
                 with self._lock:
@@ -343,7 +436,13 @@ class NixlTransfer(Transfer):
             raise ReadFailed(f"NIXL read from {ref.agent}: {type(err).__name__}: {err}") from err
         finally:
             with self._lock:
-                self.agent.release_xfer_handle(handle)
+                try:
+                    self.agent.release_xfer_handle(handle)
+                except Exception as err:  # a read in flight NIXL cannot cancel: it may still write the landing
+                    log.warning(
+                        "NIXL read from %s could not be cancelled (%s): its landing waits for it", ref.agent, err
+                    )
+                    landing.xfer = handle
 
 
 TRANSFERS: dict[str, type[Transfer]] = {"nixl": NixlTransfer}

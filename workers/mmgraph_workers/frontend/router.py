@@ -157,10 +157,8 @@ class Router:
         try:
             await self._encode_each(request_id, media.items, range(len(media.items)), last, frozenset(), done)
         except BaseException:  # what the other replicas published for this request is nobody's now
-            if done:  # in a task of its own: a cancelled request (the client left) cancels every await of its own
-                task = asyncio.create_task(self._release(done))
-                self.releasing.add(task)
-                task.add_done_callback(self.releasing.discard)
+            if done:
+                self._release_later(done)
             raise
         STAGE_SECONDS.labels("encoder").observe(time.perf_counter() - started)
         placed = {
@@ -284,6 +282,12 @@ class Router:
                 break
         return r
 
+    def _release_later(self, done: list[tuple[str, list[int], list[EncodedItem]]]) -> None:
+        """`_release` in a task of its own: a cancelled request (the client left) cancels every await of its own."""
+        task = asyncio.create_task(self._release(done))
+        self.releasing.add(task)
+        task.add_done_callback(self.releasing.discard)
+
     async def _release(self, done: list[tuple[str, list[int], list[EncodedItem]]]) -> None:
         """Free what encoders published for a request that failed elsewhere (else it waits out its TTL)."""
         for address, _, items in done:
@@ -371,15 +375,21 @@ class Router:
             "sampling": sampling,
             "return_prompt_token_ids": prompt,
         }
-        if topology == "agg" or (topology == "e-pd" and not media):
-            stream = self.stream_stage("pd", GenerateRequest(**base, media=media))
-        elif topology == "e-pd":
-            await self.encode(request_id, encoded := Media(media))
-            stream = self.prefill(base, encoded)
-        else:
-            stream = self.prefill_then_decode(base, Media(media))
-        async for event in stream:
-            yield event
+        encoded = Media(media)
+        try:
+            if topology == "agg" or (topology == "e-pd" and not media):
+                stream = self.stream_stage("pd", GenerateRequest(**base, media=media))
+            elif topology == "e-pd":
+                await self.encode(request_id, encoded)
+                stream = self.prefill(base, encoded)
+            else:
+                stream = self.prefill_then_decode(base, encoded)
+            async for event in stream:
+                yield event
+        except asyncio.CancelledError:  # the client left: what encoders published for it is nobody's now
+            if encoded.encoded:  # (pd releases what it had not pulled; releasing twice frees nothing twice)
+                self._release_later([(a, [], [i]) for a, i in zip(encoded.encoders, encoded.encoded, strict=True)])
+            raise
 
     async def prefill(
         self, base: dict[str, Any], media: Media, prefill_only: bool = False
