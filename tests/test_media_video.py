@@ -3,8 +3,15 @@ decoding; caps refused before decoding; bad files a 4xx that says why."""
 
 from __future__ import annotations
 
+import io
+import json
+import subprocess
+import sys
 import tracemalloc
+from fractions import Fraction
+from pathlib import Path
 
+import av
 import numpy as np
 import pytest
 from mmgraph_workers.media import MediaError
@@ -112,3 +119,77 @@ def test_decoding_is_bounded_in_time():
     with pytest.raises(MediaError, match="took too long") as info:
         decode_video(clip(seconds=1), MediaPolicy(), 8, timeout=0)
     assert info.value.status == 413
+
+
+def mjpeg_avi(*sides: int) -> bytes:
+    """An MJPEG AVI of square frames of these sides, muxed as they are: its header says the first one's size."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="avi") as out:
+        stream = out.add_stream("mjpeg", rate=10)
+        stream.width, stream.height, stream.pix_fmt = sides[0], sides[0], "yuvj420p"
+        for number, side in enumerate(sides):
+            jpeg = io.BytesIO()
+            Image.new("RGB", (side, side), (90, 120, 200)).save(jpeg, format="JPEG", quality=50)
+            packet = av.Packet(jpeg.getvalue())
+            packet.stream, packet.pts, packet.dts, packet.time_base = stream, number, number, Fraction(1, 10)
+            out.mux(packet)
+    return buf.getvalue()
+
+
+# Decodes the AVI at argv[1] under the default policy, after a warm-up decode of argv[2] (the libraries' own first-use
+# memory is not the video's), and prints the growth of its peak RSS and the outcome. The peak is VmHWM, the
+# process's own since exec: ru_maxrss keeps the parent's across exec, and pytest's is the larger.
+MEASURE = r"""
+import json, re, sys
+from pathlib import Path
+from mmgraph_workers.media import MediaError
+from mmgraph_workers.media.policy import MediaPolicy
+from mmgraph_workers.media.video import decode_video
+
+def peak():
+    return int(re.search(r"VmHWM:\s*(\d+) kB", Path("/proc/self/status").read_text())[1]) << 10
+
+data, policy = Path(sys.argv[1]).read_bytes(), MediaPolicy()
+decode_video(Path(sys.argv[2]).read_bytes(), policy, 8)
+before = peak()
+try:
+    outcome = {"frames": len(decode_video(data, policy, 8).frames)}
+except MediaError as err:
+    outcome = {"status": err.status, "message": str(err)}
+print(json.dumps({**outcome, "growth": peak() - before}))
+"""
+
+
+def peak_growth(tmp_path: Path, data: bytes) -> dict:
+    """decode_video on `data` in a fresh process: the growth of its peak RSS in bytes (FFmpeg's allocations are
+    C memory, which tracemalloc does not see) and what it answered."""
+    video, warm = tmp_path / "video.avi", tmp_path / "warm.avi"
+    video.write_bytes(data)
+    warm.write_bytes(mjpeg_avi(64))
+    args = [sys.executable, "-c", MEASURE, str(video), str(warm)]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def test_a_frame_larger_than_the_header_says_is_refused_before_it_is_decoded(tmp_path):
+    """The header and the first frame say 64x64, the next frame is 8000x8000 (96 MB as YUV 4:2:0, past the
+    default 16.7 M pixel cap): FFmpeg's decoder refuses it (max_pixels) before allocating it, where checking the
+    decoded frame's size cost those 96 MB first."""
+    outcome = peak_growth(tmp_path, mjpeg_avi(64, 8000, 64))
+    assert outcome.get("status") == 413 and "spec.media.maxPixels" in outcome["message"], outcome
+    assert outcome["growth"] < 16 << 20, f"{outcome['growth'] >> 20} MiB to refuse the frame"
+    control = peak_growth(tmp_path, mjpeg_avi(4000))  # decoded: 72 MB with its RGB
+    assert control.get("frames") == 1 and control["growth"] > 48 << 20, f"control: the measurement sees {control}"
+
+
+@pytest.mark.parametrize(
+    "options", [{}, {"codec": "libvpx-vp9", "container": "webm"}, {"codec": "mpeg4", "container": "avi"}]
+)
+def test_a_video_exactly_at_the_pixel_cap_decodes(options):
+    """The decoder's own cap leaves room for what decoders check besides the frame (a padded width, MPEG-4's
+    scratch buffers): a frame within the graph's cap is never refused by it."""
+    video = decode_video(clip(seconds=0.3, size=(66, 38), **options), MediaPolicy(max_pixels=66 * 38), 8)
+    assert video.frames.shape == (8, 38, 66, 3)

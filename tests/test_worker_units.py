@@ -23,7 +23,7 @@ import pytest
 from dataplane.conftest import gzip_bomb, send_gzip_bomb
 from media_samples import SAMPLES
 from mmgraph_workers.media import MediaError
-from mmgraph_workers.media.fetch import fetch_bytes
+from mmgraph_workers.media.fetch import _refusal, fetch_bytes
 from mmgraph_workers.media.image import decode_image
 from mmgraph_workers.media.policy import MediaPolicy
 from mmgraph_workers.peers import NoReplica, Peer
@@ -297,6 +297,74 @@ def test_metadata_and_ipv4_inside_ipv6_are_judged_as_what_they_reach(
     with pytest.raises(MediaError, match=why) as info:
         fetch("http://inside.test/a", **policy)
     assert info.value.status == 403 and address not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "fec0::1",  # deprecated site-local, which ipaddress's is_global calls global
+        "5f00::1",  # SRv6 segment identifiers, outside global unicast space
+        "::ffff:10.0.0.1",  # IPv4-mapped 10.0.0.1
+        "::ffff:0:a00:1",  # IPv4-translated (SIIT) 10.0.0.1
+        "::10.0.0.1",  # IPv4-compatible 10.0.0.1
+        "2002:a00:1::1",  # 6to4 of 10.0.0.1
+        "2001:0:4136:e378:8000:63bf:3fff:fdd2",  # Teredo
+        "100.64.0.1",  # carrier-grade NAT
+    ],
+)
+def test_an_address_short_of_global_is_refused_unless_private_networks_are_allowed(names, loopback_only, address):
+    names["inside.test"] = [address]
+    with pytest.raises(MediaError, match="private or loopback") as info:
+        fetch("http://inside.test/a", allowed_schemes=frozenset({"http"}))
+    assert info.value.status == 403 and address not in str(info.value)
+    assert _refusal(address, MediaPolicy(allow_private_networks=True)) is None, "allowed where the graph says so"
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "2001:0:4136:e378:8000:63bf:5601:5601",  # Teredo to client 169.254.169.254 (stored inverted)
+        "2002:a9fe:a9fe::1",  # 6to4 of 169.254.169.254
+        "::ffff:0:a9fe:a9fe",  # IPv4-translated 169.254.169.254
+        "::ffff:0:6464:64c8",  # IPv4-translated 100.100.100.200 (metadata)
+    ],
+)
+def test_link_local_and_metadata_inside_a_tunnel_are_refused_even_with_private_networks(names, loopback_only, address):
+    names["inside.test"] = [address]
+    with pytest.raises(MediaError, match="link-local") as info:
+        fetch("http://inside.test/a", **LOCAL)
+    assert info.value.status == 403
+
+
+def test_a_slow_domain_takes_one_resolver_thread_not_all(names, server, loopback_only):
+    """The DNS server behind one name answers slowly (faked where the resolver threads call it, socket.getaddrinfo:
+    a remote DNS server is what is slow): 20 fetches of that name wait on one lookup, and a fetch of another host
+    finds a resolver thread at once (with a lookup per fetch, the 20 took all 16)."""
+    answer = threading.Event()
+
+    def slow() -> list:
+        answer.wait(10)
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    names["slow.test"] = slow
+
+    async def go() -> tuple[bytes, float, list]:
+        async with httpx.AsyncClient(trust_env=False) as client:
+            policy = MediaPolicy(**LOCAL, fetch_timeout_seconds=5)
+            stuck = [asyncio.create_task(fetch_bytes("http://slow.test/a", policy, client)) for _ in range(20)]
+            await asyncio.sleep(0.2)
+            started = time.monotonic()
+            other = await fetch_bytes(f"{server}/a", policy, client)
+            took = time.monotonic() - started
+            answer.set()
+            return other, took, await asyncio.gather(*stuck, return_exceptions=True)
+
+    try:
+        other, took, stuck = asyncio.run(go())
+    finally:
+        answer.set()
+    assert other == b"hello" and took < 1.0, f"another host waited {took:.1f} s for a resolver thread"
+    assert all(isinstance(r, MediaError) and "cannot resolve media host 'slow.test'" in str(r) for r in stuck), stuck
 
 
 @pytest.mark.parametrize(
@@ -1065,3 +1133,22 @@ def test_a_refusal_names_the_versions_a_peer_speaks_in_either_releases_words():
     assert _versions_spoken(refusal({"error": previous, "status": 400})) == {4}
     assert _versions_spoken(refusal({"error": "bad EncodeRequest: ..."})) == set()
     assert _versions_spoken(refusal(["not", "an", "object"])) == set()
+
+
+def test_pd_pulls_a_requests_embeddings_by_one_deadline_before_any_of_them_expires():
+    """All of a request's items share one deadline (a per-item timeout let 8 items take 80 s, past the encoder's
+    time-to-live), and it falls a margin before the first item's owner frees it, counted from when pd got the
+    message: owners' seconds, never their clocks. A descriptor of the previous release has no expiry."""
+    from mmgraph_workers.engine import EXPIRY_MARGIN_SECONDS, pull_deadline
+    from mmgraph_workers.protocol import EncodedItem, TensorRef
+
+    def item(expires: float | None) -> EncodedItem:
+        ref = TensorRef(
+            handle="h", agent="a", owner="http://127.0.0.1:1", address=8, nbytes=4, dtype="float32", shape=[1],
+            generation=1 if expires else None, expires_in_seconds=expires,
+        )  # fmt: skip
+        return EncodedItem(key="k", embeddings=ref, num_tokens=1)
+
+    assert pull_deadline([item(60), item(None)], 100.0, 10.0) == 110.0  # the timeout, for all items together
+    assert pull_deadline([item(60), item(5)], 100.0, 10.0) == 105.0 - EXPIRY_MARGIN_SECONDS
+    assert pull_deadline([item(1)], 100.0, 10.0) <= 100.0  # expired on arrival: not even begun

@@ -210,6 +210,7 @@ def test_a_full_transfer_pool_is_a_retryable_503_that_pins_nothing(graph, tiny_m
     Retry-After, releasing the two it had published (all or nothing), so a request of two succeeds right after
     instead of waiting for their time-to-live."""
     from mmgraph_workers.protocol import EncodeRequest, EncodeResponse, image_items
+    from mmgraph_workers.transfer import Pool, framed
 
     def encode(port: int, urls: list[str]) -> httpx.Response:
         body = EncodeRequest(request_id=f"pool-{time.monotonic_ns()}", media=image_items(urls)).model_dump_json()
@@ -218,7 +219,7 @@ def test_a_full_transfer_pool_is_a_retryable_503_that_pins_nothing(graph, tiny_m
     seed = time.monotonic_ns() % 1_000_000
     images = [data_url(png(96, 64, seed + i)) for i in range(3)]
     probe = EncodeResponse.model_validate_json(encode(graph.stages[StageName.ENCODER].port, images[:1]).content)
-    one = -(-probe.items[0].embeddings.nbytes // 256) * 256  # as the pool aligns it
+    one = Pool.footprint(framed(probe.items[0].embeddings.nbytes))  # what one image takes of the pool
     local = LocalGraph(parse(graph_spec(tiny_model)), logdir=tmp_path_factory.mktemp("small-pool"))
     port = free_port()
     local.spawn(StageName.ENCODER, port, {}, args=[f"--transfer-pool-bytes={2 * one}"])

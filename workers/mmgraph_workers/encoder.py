@@ -43,7 +43,7 @@ from mmgraph_workers.server import (
     serve,
     unless_disconnected,
 )
-from mmgraph_workers.transfer import PoolFull, Transfer, make_transfer
+from mmgraph_workers.transfer import PoolFull, Transfer, framed, make_transfer
 
 log = logging.getLogger("mmgraph.encoder")
 POOL_REQUESTS = 2  # the automatic transfer pool holds this many largest requests' embeddings at once
@@ -262,7 +262,7 @@ class Encoder:
         rows = self.adapter.max_tokens(self.processor, self.policy)
         width = self.adapter.config.get_text_config().hidden_size
         element = next(self.module.parameters()).element_size()
-        item = rows * width * element
+        item = framed(rows * width * element)
         size = max(MIN_POOL_BYTES, POOL_REQUESTS * max(1, self.policy.max_items) * item)
         log.info(
             "transfer pool %d MiB (%d requests of %d items of up to %d rows)",

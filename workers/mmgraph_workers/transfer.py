@@ -100,6 +100,11 @@ class Transfer(ABC):
 FRAME = 8  # bytes of the generation before and after a published tensor's bytes
 
 
+def framed(nbytes: int) -> int:
+    """The size of a published tensor of `nbytes` in its owner's pool: its bytes in their frame."""
+    return nbytes + 2 * FRAME
+
+
 @dataclass
 class _Published:
     offset: int  # of the frame (header, bytes, trailer)
@@ -150,8 +155,13 @@ class Pool:
         self.size = size
         self.free: list[tuple[int, int]] = [(0, size)]  # (offset, length), sorted, coalesced
 
+    @classmethod
+    def footprint(cls, nbytes: int) -> int:
+        """What an allocation of `nbytes` takes of the pool."""
+        return -(-max(nbytes, 1) // cls.ALIGN) * cls.ALIGN
+
     def alloc(self, nbytes: int) -> int | None:
-        need = -(-max(nbytes, 1) // self.ALIGN) * self.ALIGN
+        need = self.footprint(nbytes)
         for i, (offset, length) in enumerate(self.free):
             if length >= need:
                 self.free[i : i + 1] = [(offset + need, length - need)] if length > need else []
@@ -159,7 +169,7 @@ class Pool:
         return None
 
     def release(self, offset: int, nbytes: int) -> None:
-        size = -(-max(nbytes, 1) // self.ALIGN) * self.ALIGN
+        size = self.footprint(nbytes)
         self.free.append((offset, size))
         self.free.sort()
         merged: list[tuple[int, int]] = []
@@ -218,7 +228,7 @@ class NixlTransfer(Transfer):
         nbytes = tensor.numel() * tensor.element_size()
         handle = uuid.uuid4().hex
         with self._lock:
-            offset = self.pool.alloc(nbytes + 2 * FRAME)
+            offset = self.pool.alloc(framed(nbytes))
             if offset is None:
                 raise PoolFull(f"the transfer pool ({self.pool.size} B) is full: readers are not pulling fast enough")
             self._generation += 1
@@ -227,7 +237,7 @@ class NixlTransfer(Transfer):
             copy_bytes(region, tensor.contiguous().view(-1).view(torch.uint8))
             copy_bytes(self.buffer[offset : offset + FRAME], stamp)
             copy_bytes(self.buffer[offset + FRAME + nbytes : offset + 2 * FRAME + nbytes], stamp)
-            self._published[handle] = _Published(offset, nbytes + 2 * FRAME, time.monotonic() + ttl_seconds)
+            self._published[handle] = _Published(offset, framed(nbytes), time.monotonic() + ttl_seconds)
         self._work.set()
         return TensorRef(
             handle=handle,
@@ -326,8 +336,8 @@ class NixlTransfer(Transfer):
             raise TransferError(f"descriptor of {ref.agent} is inconsistent: {ref.shape} {ref.dtype} != {ref.nbytes} B")
         if time.monotonic() >= deadline:  # e.g. its time-to-live was over before the read could begin
             raise TransferError(f"the read from {ref.agent} is past its deadline before it began")
-        framed = ref.generation is not None  # a descriptor of the previous release has no frame: its bytes alone
-        span = ref.nbytes + 2 * FRAME if framed else ref.nbytes
+        is_framed = ref.generation is not None  # a descriptor of the previous release has no frame: its bytes alone
+        span = framed(ref.nbytes) if is_framed else ref.nbytes
         asked = time.monotonic()
         with self._lock:
             self._reap()
@@ -348,21 +358,21 @@ class NixlTransfer(Transfer):
         try:
             started = time.monotonic()
             try:
-                self._read(ref, landing, deadline, framed)
+                self._read(ref, landing, deadline, is_framed)
             except ReadFailed:  # the owner is gone or broken (a deadline alone says nothing of the others)
                 with self._lock:
                     self._forget(ref.agent)
                 raise
             if (took := time.monotonic() - started) > 0.5:
                 log.warning("NIXL read of %d B from %s took %.2f s", ref.nbytes, ref.agent, took)
-            if framed:
+            if is_framed:
                 head, tail = _generation_of(landing.tensor[:FRAME]), _generation_of(landing.tensor[-FRAME:])
                 if head != ref.generation or tail != ref.generation:
                     raise StaleRead(
                         f"the embeddings {ref.agent} published were freed before they were read (read late, past "
                         "their time-to-live); they must be encoded again"
                     )
-            data = landing.tensor[FRAME : FRAME + ref.nbytes] if framed else landing.tensor
+            data = landing.tensor[FRAME : FRAME + ref.nbytes] if is_framed else landing.tensor
             if landing.registration is None:  # a pool slot: copy out
                 out = torch.empty(ref.shape, dtype=dtype)
                 copy_bytes(out.view(-1).view(torch.uint8), data)
@@ -399,13 +409,13 @@ class NixlTransfer(Transfer):
         """Reads given up on whose landing is still taken until NIXL says they ended (for tests and metrics)."""
         return len(self._unfinished)
 
-    def _read(self, ref: TensorRef, landing: _Landing, deadline: float, framed: bool) -> None:
+    def _read(self, ref: TensorRef, landing: _Landing, deadline: float, is_framed: bool) -> None:
         """One READ of the descriptor's frame (or its bytes alone, unframed) with its release notice. The agent
         lock is held per NIXL call, not across the wait: reads of several requests overlap, and one slow read does
         not hold up the others. A read given up on that NIXL cannot cancel leaves its handle in `landing.xfer`:
         the caller must not reuse the landing until it ends."""
         target = landing.tensor
-        address = ref.address - FRAME if framed else ref.address
+        address = ref.address - FRAME if is_framed else ref.address
         try:
             with self._lock:
                 local = self.agent.get_xfer_descs(

@@ -1,6 +1,7 @@
 """`mmgraph up FILE`: the stages of a MultimodalGraph as local processes on this machine.
 
-The same `mmgraph worker <stage>` command lines a Deployment runs (commands.py), with peers on 127.0.0.1. Shows
+The same `mmgraph worker <stage>` command lines a Deployment runs (commands.py), with peers on 127.0.0.1, and as
+many of each as the stage's `replicas` (extra ones on 127.0.0.2 and up, found by name as pods are). Shows
 progress until every stage answers /health, prints the endpoint, and stops every process it started on Ctrl-C
 or as soon as one stage dies (saying which, and the end of its log). With --demo it sends one chat request with
 an image, prints the reply and its timings, and stops. A `path` model that does not exist yet is built as a tiny
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import io
+import ipaddress
 import json
 import math
 import os
@@ -22,6 +24,8 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,14 +42,45 @@ TINY_FAMILY_ANNOTATION = "mmgraph.io/tiny-model-family"
 START_TIMEOUT = 600.0  # seconds for every stage to become healthy (engines take ~30 s each on 2 CPU cores)
 
 
+def replica_counts(spec: MultimodalGraphSpec) -> dict[StageName, int]:
+    """How many processes `up` starts per stage: as many as its pods (`replicas`; an autoscaled stage's
+    minReplicas, as no autoscaler runs here). agg's frontend runs inside pd, whose replicas are the API's."""
+    counts: dict[StageName, int] = {}
+    for stage in process_stages(spec):
+        cfg = spec.stages.get(stage)
+        counts[stage] = cfg.autoscaling.min_replicas if cfg and cfg.autoscaling else (cfg.replicas if cfg else 1)
+    return counts
+
+
+def local_problems(spec: MultimodalGraphSpec, host: str) -> list[str]:
+    """What a valid graph asks that local processes cannot give: a stage without processes serves nothing, and
+    extra replicas listen on other loopback addresses at their stage's port, which a wildcard --host holds."""
+    out = []
+    for stage, count in replica_counts(spec).items():
+        field = f"spec.stages.{stage.value}.replicas"
+        if count == 0:
+            out.append(f"{field} is 0: `mmgraph up` runs at least one process of every stage")
+        elif count > 1 and _is_wildcard(host):
+            out.append(f"{field} is {count}: extra replicas listen on 127.0.0.x, which --host={host} holds too")
+    return out
+
+
+def _is_wildcard(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_unspecified
+    except ValueError:  # a name
+        return False
+
+
 def cpu_share(spec: MultimodalGraphSpec, stage: StageName) -> dict[str, str]:
-    """OpenMP threads for a CPU engine of this graph: the machine's cores but one split between its engines
-    (cpu.py)."""
-    engines = [s for s in spec.used_stages() if s in (StageName.PD, StageName.DECODE)]
+    """OpenMP threads for a CPU engine of this graph: the machine's cores but one split between its engines, every
+    replica counted (cpu.py)."""
+    counts = replica_counts(spec)
+    engines = sum(counts.get(s, 0) for s in (StageName.PD, StageName.DECODE))
     cfg = spec.stages.get(stage)
-    if stage not in engines or cfg is None:
+    if stage not in (StageName.PD, StageName.DECODE) or stage not in counts or cfg is None:
         return {}
-    return cpu.omp_threads(len(engines), cfg.gpus)
+    return cpu.omp_threads(engines, cfg.gpus)
 
 
 @dataclass
@@ -69,7 +104,7 @@ class LocalGraph:
         self.logdir = logdir or Path(tempfile.mkdtemp(prefix=f"mmgraph-{graph.name}-"))
         self.logdir.mkdir(parents=True, exist_ok=True)
         self.stages: dict[StageName, Stage] = {}  # the first replica of each stage
-        self.replicas: list[Stage] = []  # the others (add_replica)
+        self.replicas: list[Stage] = []  # the others (the graph's replicas, add_replica)
         self.hosts_file = self.logdir / "peers.hosts"  # the frontend's stand-in for a headless Service's DNS
         self.peers: dict[StageName, str] = {}  # each worker stage's URL (start)
         self.hosts_written = -math.inf
@@ -86,15 +121,23 @@ class LocalGraph:
         return f"{stage.value}.{self.graph.name}.mmgraph.local"
 
     def start(self) -> None:
-        used = process_stages(self.graph.spec)  # agg: no frontend process, pd serves the API
-        ports = {s: free_port() for s in used}
-        peers = {s: f"http://{self.peer_name(s)}:{ports[s]}" for s in used if s != StageName.FRONTEND}
-        self.peers = peers
-        for stage in (s for s in used if s != StageName.FRONTEND):  # workers first, the frontend last
-            self.spawn(stage, ports[stage], peers, args=self.hosts_args(stage))
+        """Every stage's replicas: the first on `host`, the others each on a loopback address of its own at the
+        same port, as add_replica starts them (peers find them in the hosts file once they are healthy)."""
+        counts = replica_counts(self.graph.spec)  # agg: no frontend process, pd serves the API
+        ports = {s: free_port() for s in counts}
+        self.peers = {s: f"http://{self.peer_name(s)}:{ports[s]}" for s in counts if s != StageName.FRONTEND}
+        for stage in (s for s in counts if s != StageName.FRONTEND):  # workers first, the frontend last
+            self.spawn_replicas(stage, counts[stage], ports[stage])
         self.write_hosts()
-        if StageName.FRONTEND in used:
-            self.spawn(StageName.FRONTEND, ports[StageName.FRONTEND], peers, args=self.hosts_args(StageName.FRONTEND))
+        if StageName.FRONTEND in counts:
+            self.spawn_replicas(StageName.FRONTEND, counts[StageName.FRONTEND], ports[StageName.FRONTEND])
+
+    def spawn_replicas(self, stage: StageName, count: int, port: int) -> None:
+        """`count` processes of a stage, none waited for (engines start in parallel)."""
+        args = self.hosts_args(stage)
+        self.spawn(stage, port, self.peers, args=args)
+        for _ in range(count - 1):
+            self.replicas.append(self.spawn(stage, port, self.peers, host=self.free_host(), args=args))
 
     def hosts_args(self, stage: StageName) -> list[str]:
         """The stages that resolve others' names (the frontend its peers, pd its encoders, decode its pds) read
@@ -118,9 +161,7 @@ class LocalGraph:
         """Start one more replica of a worker stage on the next loopback address (same port, as pods of a
         Deployment), and list it for the frontend once it is healthy (as a Service lists a ready pod)."""
         first = self.stages[stage]
-        taken = {s.host for s in [*self.stages.values(), *self.replicas]}
-        host = next(f"127.0.0.{i}" for i in range(2, 255) if f"127.0.0.{i}" not in taken)
-        replica = self.spawn(stage, first.port, self.peers, host=host, args=self.hosts_args(stage))
+        replica = self.spawn(stage, first.port, self.peers, host=self.free_host(), args=self.hosts_args(stage))
         self.replicas.append(replica)
         deadline = time.monotonic() + timeout
         while not self.healthy(replica):
@@ -130,6 +171,11 @@ class LocalGraph:
         replica.listed = True
         self.write_hosts()
         return replica
+
+    def free_host(self) -> str:
+        """The next loopback address no process of the graph listens on."""
+        taken = {s.host for s in [*self.stages.values(), *self.replicas]}
+        return next(f"127.0.0.{i}" for i in range(2, 255) if f"127.0.0.{i}" not in taken)
 
     def remove_replica(self, replica: Stage, drain_seconds: float = 3.0) -> None:
         """Unlist a replica, give the frontend time to notice (it re-resolves every 2 s), then stop it: it
@@ -202,17 +248,17 @@ class LocalGraph:
             dead = self.dead()
             if dead:
                 raise StageDied(dead)
-            healthy = [s for s in self.stages.values() if self.healthy(s)]
+            everyone = [*self.stages.values(), *self.replicas]
+            healthy = [s for s in everyone if self.healthy(s)]
             if any(not s.listed for s in healthy):
                 for s in healthy:
                     s.listed = True
                 self.write_hosts()
-            ready = [s.name.value for s in healthy]
-            line = f"  {time.monotonic() - started:5.0f}s  ready: {', '.join(ready) or '-'}"
+            line = f"  {time.monotonic() - started:5.0f}s  ready: {counted(s.name for s in healthy) or '-'}"
             if line.split("ready")[1] != (shown or "").split("ready")[-1]:
                 progress(line)
                 shown = line
-            if len(ready) == len(self.stages):  # and every reader has re-read the last listing, as DNS would
+            if len(healthy) == len(everyone):  # and every reader has re-read the last listing, as DNS would
                 time.sleep(max(0.0, self.hosts_written + REFRESH_SECONDS + 0.5 - time.monotonic()))
                 return
             time.sleep(0.5)
@@ -233,6 +279,11 @@ class LocalGraph:
             except subprocess.TimeoutExpired:
                 os.killpg(stage.proc.pid, signal.SIGKILL)
                 stage.proc.wait(5)
+
+
+def counted(stages: Iterable[StageName]) -> str:
+    """Stage names in order, a repeated one once with its count: "encoder x2, pd"."""
+    return ", ".join(name.value + (f" x{n}" if n > 1 else "") for name, n in Counter(stages).items())
 
 
 class StageDied(RuntimeError):
@@ -303,10 +354,11 @@ def send_demo_request(endpoint: str, model: str, modalities: list[str]) -> None:
 def up(file: str, host: str = "127.0.0.1", demo: bool = False) -> int:
     docs = [d for d in yaml.safe_load_all(Path(file).read_text()) if d]
     graph = parse(docs[0])
-    found = problems(graph)
-    if found:
-        print("mmgraph up: the graph is invalid:\n  " + "\n  ".join(found), file=sys.stderr)
-        return 2
+    checks = {"the graph is invalid": problems(graph), "cannot run the graph here": local_problems(graph.spec, host)}
+    for what, found in checks.items():
+        if found:
+            print(f"mmgraph up: {what}:\n  " + "\n  ".join(found), file=sys.stderr)
+            return 2
     if graph.spec.model.path and not Path(graph.spec.model.path, "config.json").exists():
         from mmgraph_workers.tiny_model import ensure
 
@@ -314,7 +366,7 @@ def up(file: str, host: str = "127.0.0.1", demo: bool = False) -> int:
         print(f"building the tiny {family} model at {graph.spec.model.path} (no download) ...", flush=True)
         ensure(graph.spec.model.path, family)
     local = LocalGraph(graph, host)
-    stages = ", ".join(s.value for s in process_stages(graph.spec))
+    stages = counted(s for s, n in replica_counts(graph.spec).items() for _ in range(n))
     print(f"starting {graph.name} ({graph.spec.topology.value}: {stages}); logs in {local.logdir}", flush=True)
     interrupted = False
 

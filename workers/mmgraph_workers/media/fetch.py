@@ -2,9 +2,10 @@
 
 The checks live here, where the connection is made: the scheme must be allowed; the host is resolved once, within
 the fetch's deadline and on a small executor of its own (a hung resolver must not take the threads that decode
-images and run the tower), and every address it resolves to must be public (unless the graph allows private
+images and run the tower), one lookup per name in flight, shared by the fetches that name it (a slow domain must
+not take every resolver thread), and every address it resolves to must be global (unless the graph allows private
 networks; link-local and cloud metadata addresses are refused always, and an IPv4 address carried inside IPv6 is
-judged as IPv4); the connection goes to the address that was checked (TLS still sends and verifies the host name)
+judged too); the connection goes to the address that was checked (TLS still sends and verifies the host name)
 and is never reused (a pooled connection verified for one name must not carry another's request); each redirect
 is checked the same way; only uncompressed bodies are accepted (a 2 KB gzip body can decode to gigabytes before
 any size check), cut off past max_bytes; the whole fetch, redirects included, has one deadline. data: URLs are
@@ -17,11 +18,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import functools
 import ipaddress
 import socket
+import threading
 import urllib.parse
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import NamedTuple
 
 import httpx
@@ -31,10 +32,15 @@ from mmgraph_workers.media.policy import MediaPolicy
 
 MAX_REDIRECTS = 5
 RESOLVERS = ThreadPoolExecutor(16, thread_name_prefix="media-dns")  # at most 16 lookups hung at once
+LOOKUPS: dict[str, Future[list]] = {}  # each host name's lookup in flight (_lookup)
+LOOKUPS_LOCK = threading.Lock()  # fetches run on any thread's event loop
 # Cloud metadata services outside link-local space (AWS's IPv6 one, Alibaba's): refused like 169.254.169.254.
 METADATA = {ipaddress.ip_address(a) for a in ("fd00:ec2::254", "fd20:ce::254", "100.100.100.200")}
 NAT64 = ipaddress.ip_network("64:ff9b::/96")
 NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")  # local-use translation (RFC 8215): IPv4 in the last 32 bits
+TRANSLATED = ipaddress.ip_network("::ffff:0:0:0/96")  # IPv4-translated (SIIT, RFC 2765): IPv4 in the last 32 bits
+GLOBAL_UNICAST = ipaddress.ip_network("2000::/3")  # where IANA allocates global IPv6 unicast from (RFC 4291 2.4)
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 def media_client() -> httpx.AsyncClient:
@@ -71,39 +77,64 @@ def decode_data_url(url: str, policy: MediaPolicy) -> bytes:
         raise MediaError("data: URL payload is not valid base64") from None
 
 
-def _as_ipv4(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    """An IPv4 address carried inside IPv6 (mapped, NAT64, 6to4, IPv4-compatible) is judged as that IPv4 address."""
-    if isinstance(ip, ipaddress.IPv4Address):
-        return ip
-    if ip.ipv4_mapped:
-        return ip.ipv4_mapped
-    if ip in NAT64 or ip in NAT64_LOCAL:
-        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
-    if ip.sixtofour:
-        return ip.sixtofour
-    if int(ip) >> 32 == 0 and int(ip) > 1:  # ::a.b.c.d (deprecated IPv4-compatible); not :: or ::1
-        return ipaddress.IPv4Address(int(ip))
-    return ip
+def _reached(raw: IPAddress) -> list[IPAddress]:
+    """The addresses to judge for `raw`: the IPv4 address of a prefix the network translates to IPv4 (mapped,
+    NAT64, SIIT, IPv4-compatible) instead of it; an address that carries an IPv4 address a tunnel delivers to (6to4,
+    Teredo's server and client) together with it."""
+    if isinstance(raw, ipaddress.IPv4Address):
+        return [raw]
+    if raw.ipv4_mapped:
+        return [raw.ipv4_mapped]
+    if any(raw in net for net in (NAT64, NAT64_LOCAL, TRANSLATED)) or 1 < int(raw) < 1 << 32:  # ::a.b.c.d, not ::1
+        return [ipaddress.IPv4Address(int(raw) & 0xFFFFFFFF)]
+    return [raw, *([raw.sixtofour] if raw.sixtofour else raw.teredo or ())]
+
+
+def _is_global(ip: IPAddress) -> bool:
+    """ipaddress's is_global, and for IPv6 within global unicast space: is_global misses deprecated ranges outside
+    it (fec0::/10, deprecated site-local; 5f00::/16, SRv6 segment identifiers)."""
+    return ip.is_global and (ip.version == 4 or ip in GLOBAL_UNICAST)
 
 
 def _refusal(address: str, policy: MediaPolicy) -> str | None:
     """Why `address` may not be fetched from, or None. Link-local addresses (cloud metadata services live there)
-    and the known metadata addresses are refused even where the graph allows private networks."""
-    raw = ipaddress.ip_address(address.split("%", 1)[0])
-    ip = _as_ipv4(raw)
-    if ip.is_link_local or ip.is_multicast or ip.is_unspecified or raw in METADATA or ip in METADATA:
+    and the known metadata addresses are refused even where the graph allows private networks; any address short
+    of global is refused unless it does."""
+    reached = _reached(ipaddress.ip_address(address.split("%", 1)[0]))
+    if any(ip.is_link_local or ip.is_multicast or ip.is_unspecified or ip in METADATA for ip in reached):
         return "link-local, metadata, multicast or unspecified"
-    if not ip.is_global and not policy.allow_private_networks:
+    if not policy.allow_private_networks and not all(map(_is_global, reached)):
         return "private or loopback"
     return None
 
 
-async def _resolve(host: str, port: int, policy: MediaPolicy) -> str:
-    """One resolution (on RESOLVERS; the caller's deadline bounds it); every address must pass, and the first is
-    the one we connect to."""
-    lookup = functools.partial(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM)
+def _lookup(host: str) -> Future[list]:
+    """The lookup of `host` in flight, started if there is none: fetches of one name share it, so a slow domain
+    takes one resolver thread however many fetches name it, and lookups of other names still find threads. It is
+    marked running before it is queued: a fetch that gives up cancels its own wait, never the others' lookup."""
+    with LOOKUPS_LOCK:
+        if host in LOOKUPS:
+            return LOOKUPS[host]
+        lookup: Future[list] = Future()
+        lookup.set_running_or_notify_cancel()
+        LOOKUPS[host] = lookup
+    lookup.add_done_callback(lambda _: LOOKUPS.pop(host, None))
+    RESOLVERS.submit(_settle, lookup, host)
+    return lookup
+
+
+def _settle(lookup: Future[list], host: str) -> None:
     try:
-        infos = await asyncio.get_running_loop().run_in_executor(RESOLVERS, lookup)
+        lookup.set_result(socket.getaddrinfo(host, None, type=socket.SOCK_STREAM))
+    except Exception as err:  # the waiting fetches judge it
+        lookup.set_exception(err)
+
+
+async def _resolve(host: str, policy: MediaPolicy) -> str:
+    """One resolution (shared with concurrent fetches of the name; the caller's deadline bounds the wait); every
+    address must pass, and the first is the one we connect to."""
+    try:
+        infos = await asyncio.wrap_future(_lookup(host))
     except (socket.gaierror, UnicodeError) as err:
         raise MediaError(f"cannot resolve media host {host!r}: {getattr(err, 'strerror', None) or err}") from None
     addresses = list(dict.fromkeys(info[4][0] for info in infos))
@@ -180,7 +211,7 @@ async def _fetch(url: str, policy: MediaPolicy, client: httpx.AsyncClient) -> by
     for _ in range(MAX_REDIRECTS + 1):
         target = _target(url)
         host = target.host
-        pinned = target.at(await _resolve(host, target.port, policy))
+        pinned = target.at(await _resolve(host, policy))
         headers = {
             "Host": target.host_header,
             "Accept": "image/*,video/*,audio/*,*/*;q=0.5",

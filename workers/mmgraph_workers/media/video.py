@@ -13,7 +13,8 @@ ever goes forward to a wanted frame, so it is never slower than decoding the who
 every 2 s it decodes a fraction of a long clip.
 
 Caps are checked from the headers and the packet index before any frame is decoded: bytes (by the fetch),
-pixels per frame, duration, frames; decoding itself is bounded in time.
+pixels per frame, duration, frames; decoding itself is bounded in time. A frame larger than the header said is
+refused by the decoder before it is allocated (FFmpeg's max_pixels), and one of another size once decoded.
 """
 
 from __future__ import annotations
@@ -41,6 +42,10 @@ CODECS = frozenset({"h264", "hevc", "vp8", "vp9", "av1", "mpeg4", "mjpeg"})
 MAX_FPS = 240
 DECODE_SECONDS = 30.0  # for all of a request's videos
 DECODE_THREADS = min(4, os.cpu_count() or 1)  # FFmpeg's default takes every core of the node
+# FFmpeg's decoders refuse a frame over their max_pixels before allocating it: the graph's cap plus this much, as
+# they check the width padded to their SIMD stride (64) and some their scratch buffers (MPEG-4's, ~50k for a small
+# frame), and a frame within the cap must pass.
+DECODER_HEADROOM = 1 << 20
 log = logging.getLogger("mmgraph.media")
 
 
@@ -84,7 +89,9 @@ def decode_video(data: bytes, policy: MediaPolicy, frames: int, timeout: float =
             wanted = sample_indices(len(index.pts), frames)
             stream.thread_type = "AUTO"  # frame and slice threads: decoding is most of the cost
             stream.codec_context.thread_count = DECODE_THREADS
-            numbers, pixels, cost = _decode(container, stream, index, wanted, (height, width), deadline)
+            # a frame larger than the header said is refused by the decoder, not decoded and then refused
+            stream.codec_context.options = {"max_pixels": str(policy.max_pixels + DECODER_HEADROOM)}
+            numbers, pixels, cost = _decode(container, stream, index, wanted, (height, width), policy, deadline)
             fps = float(stream.average_rate or 0) or _fps(index, stream)
     except MediaError:
         raise
@@ -141,11 +148,11 @@ def _check_header(container: Any, stream: Any, policy: MediaPolicy) -> tuple[int
 
 def _check_pixels(width: int, height: int, policy: MediaPolicy) -> None:
     if width * height > policy.max_pixels:
-        raise MediaError(
-            f"video is {width}x{height} = {width * height} pixels a frame, more than the {policy.max_pixels} pixel "
-            "limit (spec.media.maxPixels)",
-            status=413,
-        )
+        raise MediaError(f"video is {width}x{height} = {width * height} pixels a frame, {_over(policy)}", status=413)
+
+
+def _over(policy: MediaPolicy) -> str:
+    return f"more than the {policy.max_pixels} pixel limit (spec.media.maxPixels)"
 
 
 def _too_long(seconds: float, policy: MediaPolicy) -> str:
@@ -192,7 +199,13 @@ def _fps(index: _Index, stream: Any) -> float:
 
 
 def _decode(
-    container: Any, stream: Any, index: _Index, wanted: list[int], size: tuple[int, int], deadline: float
+    container: Any,
+    stream: Any,
+    index: _Index,
+    wanted: list[int],
+    size: tuple[int, int],
+    policy: MediaPolicy,
+    deadline: float,
 ) -> tuple[list[int], np.ndarray, int]:
     """The wanted frames' numbers and RGB pixels (turned as the stream's rotation says, as OpenCV's loader does),
     and how many frames were decoded. Decoding goes forward from where it is, or from the last keyframe before a
@@ -212,7 +225,7 @@ def _decode(
                 [index.pts[keyframe], index.dts.get(keyframe, index.pts[keyframe]), None] if keyframe else [None]
             )
             fallbacks = list(dict.fromkeys(seek_points))
-            frames, position, ended = _frames_from(container, stream, fallbacks.pop(0), deadline), -1, False
+            frames, position, ended = _frames_from(container, stream, fallbacks.pop(0), policy, deadline), -1, False
         elif ended:
             break  # the stream ended before this frame: every later one is missing too
         while (frame := next(frames, None)) is not None:
@@ -221,7 +234,7 @@ def _decode(
             if number < 0:
                 continue  # a frame before the seek point's keyframe, or one the index does not know
             if position < 0 and number > target and fallbacks:  # the seek landed past the frame
-                frames = _frames_from(container, stream, fallbacks.pop(0), deadline)
+                frames = _frames_from(container, stream, fallbacks.pop(0), policy, deadline)
                 continue
             position = number
             if number == target:
@@ -251,13 +264,21 @@ def _pixels(frame: Any, size: tuple[int, int]) -> np.ndarray:
     return pixels
 
 
-def _frames_from(container: Any, stream: Any, timestamp: int | None, deadline: float) -> Iterator[Any]:
+def _frames_from(
+    container: Any, stream: Any, timestamp: int | None, policy: MediaPolicy, deadline: float
+) -> Iterator[Any]:
     """Decoded frames from the keyframe at or before `timestamp` (None: the stream's start), checking the
-    deadline at every packet, including those that give no frame."""
+    deadline at every packet, including those that give no frame. EINVAL from the decoder is its max_pixels
+    refusing a frame's size (H.264's decoder reports it as invalid data: the generic refusal, still before any
+    allocation)."""
     if timestamp is None:
         container.seek(0)
     else:
         container.seek(timestamp, stream=stream, backward=True, any_frame=False)
     for packet in container.demux(stream):
         _in_time(deadline)
-        yield from packet.decode()
+        try:
+            frames = packet.decode()
+        except av.ArgumentError:
+            raise MediaError(f"a frame of the video is larger than its header says, {_over(policy)}", 413) from None
+        yield from frames
