@@ -43,7 +43,7 @@ from mmgraph_workers.server import (
     serve,
     unless_disconnected,
 )
-from mmgraph_workers.transfer import PoolFull, Transfer, framed, make_transfer
+from mmgraph_workers.transfer import Pool, PoolFull, Transfer, framed, make_transfer
 
 log = logging.getLogger("mmgraph.encoder")
 POOL_REQUESTS = 2  # the automatic transfer pool holds this many largest requests' embeddings at once
@@ -262,7 +262,7 @@ class Encoder:
         rows = self.adapter.max_tokens(self.processor, self.policy)
         width = self.adapter.config.get_text_config().hidden_size
         element = next(self.module.parameters()).element_size()
-        item = framed(rows * width * element)
+        item = Pool.footprint(framed(rows * width * element))
         size = max(MIN_POOL_BYTES, POOL_REQUESTS * max(1, self.policy.max_items) * item)
         log.info(
             "transfer pool %d MiB (%d requests of %d items of up to %d rows)",
@@ -305,7 +305,7 @@ class Encoder:
                 ref = self.transfer.publish(item.tensor, ttl_seconds=ttl, owner=self.url)
             except PoolFull as err:  # all or nothing: what this request published so far is released
                 for done in items:
-                    self.transfer.release(done.embeddings.handle)
+                    self.transfer.release(done.embeddings.handle, handed_out=False)
                 raise Busy(f"{err}; retry shortly") from None
             cached = was_cached[h]
             items.append(
@@ -408,7 +408,10 @@ def main(args: argparse.Namespace) -> None:
     async def load() -> None:
         nonlocal encoder
         name = f"encoder-{args.advertise_host}-{args.port}-{uuid.uuid4().hex[:8]}"  # a restart is a new agent
-        encoder = await asyncio.to_thread(Encoder, args, lambda size: make_transfer(args.transfer_backend, name, size))
+        hold = args.transfer_timeout_seconds + 1  # a read begun before a free ends by its deadline
+        encoder = await asyncio.to_thread(
+            Encoder, args, lambda size: make_transfer(args.transfer_backend, name, size, hold_seconds=hold)
+        )
         app.state.metrics = asyncio.create_task(encoder.report_published())
         log.info("encoder ready: %s", args.model)
 

@@ -54,6 +54,7 @@ from mmgraph_workers.server import (
     add_common_arguments,
     add_kv_lease_argument,
     add_transfer_arguments,
+    internal_error,
     make_app,
     peer_headers,
     peer_token,
@@ -304,7 +305,7 @@ class Engine:
                     embeds.append(await asyncio.to_thread(self.transfer.fetch, item.embeddings, deadline, metadata))
         except (TransferError, TimeoutError) as err:
             await self._release(req.encoded)
-            log.warning("request %s: %s", req.request_id, err or "the embeddings' pull deadline passed")
+            log.warning("request %s: %s", req.request_id, str(err) or "the embeddings' pull deadline passed")
             raise StageError("pulling embeddings from the encoder failed", 502, retry=True) from err
         except asyncio.CancelledError:
             task = asyncio.create_task(self._release(req.encoded[unread:]))
@@ -410,9 +411,9 @@ class Engine:
                 outcome = "bad_request"
                 yield GenerateEvent(error=refusal, status=400)
                 return
-            outcome = "error"
+            outcome = "error"  # a bug of ours: its text stays in our log, the caller gets the request id
             log.exception("%s failed on request %s", stage, req.request_id)
-            yield GenerateEvent(error=f"{stage} failed: {err}", status=500)
+            yield GenerateEvent(error=internal_error(stage, req.request_id), status=500)
         finally:
             IN_FLIGHT.labels(stage).dec()
             self.in_flight -= 1

@@ -11,7 +11,9 @@ import hmac
 import json
 import logging
 import os
+import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import uvicorn
@@ -20,6 +22,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from mmgraph_operator.api import POD_GRACE_SECONDS, TransferSpec, default
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
+from starlette.requests import ClientDisconnect
 
 from mmgraph_workers.protocol import PREVIOUS_VERSION, PROTOCOL_VERSION, Message
 
@@ -77,31 +80,88 @@ class BodyTooLarge(Exception):
         self.limit = limit
 
 
-class BodyLimit:
-    """ASGI middleware: a body over its path's limit (`limit_of`) is a 413, from its Content-Length before
-    anything is read, or as soon as a streamed body passes the limit (so no more of it is held)."""
+class OverBudget(Exception):
+    """A body's bytes, as they arrived, would take the stage past its --max-buffered-bytes."""
 
-    def __init__(self, app: Any, limit_of: Callable[[str], int]):
-        self.app, self.limit_of = app, limit_of
+
+class BodyTimeout(Exception):
+    """A body was not all read within --body-timeout-seconds of its request's start."""
+
+
+# uvicorn reads up to its high-water mark (64 KiB) of a body per connection before the app asks for any, so bodies
+# up to this size are bounded by the connection limit already, and the budget leaves them out: a small request is
+# answered while large ones hold the budget.
+SMALL_BODY = 1 << 16
+BUDGET_BODIES = 4  # --max-buffered-bytes' default, in largest bodies
+BODY_SECONDS = 60.0  # --body-timeout-seconds' default: a full-size body over a link of ~30 Mbit/s
+MAX_CONNECTIONS = 1024  # --max-connections' default: 1024 x SMALL_BODY is 64 MiB of small bodies at most
+
+
+@dataclass
+class Bounds:
+    """What one stage holds at once, beyond each request's own limit: `budget` bytes of the bodies larger than
+    SMALL_BODY received so far, across every request in flight (None: no budget), each body read within
+    `body_seconds`. One per app, shared by its requests; the event loop is its only user, so it needs no lock."""
+
+    budget: int | None
+    body_seconds: float = BODY_SECONDS
+    held: int = 0
+
+    def room(self, size: int) -> bool:
+        return self.budget is None or self.held + size <= self.budget
+
+
+class BodyLimit:
+    """ASGI middleware bounding request bodies. A body over its path's limit (`limit_of`; None: none) is a 413,
+    from its Content-Length before anything is read, or as soon as a streamed body passes the limit (so no more of
+    it is held). A body not all read within `bounds.body_seconds` of its request's start is a 408 that closes the
+    connection: a slow upload holds its bytes, budget and connection for no longer. Across requests, the bytes of
+    bodies past SMALL_BODY count against `bounds`' budget as they arrive (bytes held, not bytes promised: a
+    Content-Length alone, sent by a client that then sends nothing, holds nothing) until their request ends; a body
+    that would take it past the budget is a 503 with Retry-After, from its Content-Length before anything is read,
+    or when the chunk that would is received, which is dropped, as is the rest (uvicorn reads and discards it)."""
+
+    def __init__(self, app: Any, limit_of: Callable[[str], int | None], bounds: Bounds):
+        self.app, self.limit_of, self.bounds = app, limit_of, bounds
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        limit = self.limit_of(scope["path"])
+        limit, bounds = self.limit_of(scope["path"]), self.bounds
         declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
+        size = int(declared) if declared is not None and declared.isdigit() else 0
+        if limit is not None and size > limit:
             return await too_large(limit)(scope, receive, send)
-        received = 0
+        if size > SMALL_BODY and not bounds.room(size):
+            return await over_budget()(scope, receive, send)
+        deadline = asyncio.get_running_loop().time() + bounds.body_seconds
+        received = held = 0
+        done = False
 
         async def counted() -> dict:
-            nonlocal received
-            message = await receive()
+            nonlocal received, held, done
+            if done:  # the body is in; what is left to receive is the disconnect, which has no deadline
+                return await receive()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                raise BodyTimeout from None
+            done = not message.get("more_body", False)
             received += len(message.get("body", b""))
-            if received > limit:
+            if limit is not None and received > limit:
                 raise BodyTooLarge(limit)
+            if received > SMALL_BODY:
+                if not bounds.room(received - held):
+                    raise OverBudget
+                bounds.held += received - held
+                held = received
             return message
 
-        await self.app(scope, counted, send)
+        try:
+            await self.app(scope, counted, send)
+        finally:
+            bounds.held -= held
 
 
 class BearerAuth:
@@ -142,8 +202,24 @@ def peer_headers(token: str | None) -> dict[str, str]:
 
 
 def too_large(limit: int) -> JSONResponse:
-    message = f"the request body is larger than this graph's {limit} byte limit (spec.media sets it)"
-    return JSONResponse({"error": {"message": message, "type": "invalid_request_error", "code": 413}}, 413)
+    return refuse_body(f"the request body is larger than this graph's {limit} byte limit (spec.media sets it)", 413)
+
+
+def over_budget() -> JSONResponse:
+    message = "this stage holds as many request bytes as it may at once (--max-buffered-bytes): retry shortly"
+    return refuse_body(message, 503, {"retry-after": "1"})
+
+
+def body_timeout(seconds: float) -> JSONResponse:
+    """Closes the connection: the slow client's upload goes with it."""
+    message = f"the request body did not arrive within {seconds:g} s (--body-timeout-seconds)"
+    return refuse_body(message, 408, {"connection": "close"})
+
+
+def refuse_body(message: str, status: int, headers: dict[str, str] | None = None) -> JSONResponse:
+    """A refusal of a request's body, in the OpenAI error shape (a client's, or a peer's, reads it)."""
+    kind = "server_error" if status >= 500 else "invalid_request_error"
+    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status, headers=headers)
 
 
 class ClientGone(Exception):
@@ -182,15 +258,24 @@ def make_app(
 ) -> FastAPI:
     """`token`: the peer credential every call must carry (internal stages; the frontend faces clients), but
     probes, metrics and the `public` paths (the OpenAI API of a pd that serves it), whose bodies may have a limit
-    of their own (`public_body_bytes`: a client's, where peers' messages wrap what a client sent)."""
+    of their own (`public_body_bytes`: a client's, where peers' messages wrap what a client sent). The bodies
+    held at once are bounded by `app.state.bounds`: four of the largest by default (`serve` applies the flags)."""
     app = FastAPI(title=f"mmgraph {stage}", docs_url=None, redoc_url=None)
-    if max_body_bytes is not None:
-        peers, clients = max_body_bytes, public_body_bytes or max_body_bytes
-        app.add_middleware(BodyLimit, limit_of=lambda path: clients if public and public(path) else peers)
+    peers, clients = max_body_bytes, public_body_bytes or max_body_bytes
+    app.state.bounds = bounds = Bounds(budget=None if max_body_bytes is None else BUDGET_BODIES * max_body_bytes)
+    app.add_middleware(BodyLimit, limit_of=lambda path: clients if public and public(path) else peers, bounds=bounds)
 
-        @app.exception_handler(BodyTooLarge)
-        async def body_too_large(request: Request, err: BodyTooLarge) -> JSONResponse:
-            return too_large(err.limit)
+    @app.exception_handler(BodyTooLarge)
+    async def body_too_large(request: Request, err: BodyTooLarge) -> JSONResponse:
+        return too_large(err.limit)
+
+    @app.exception_handler(OverBudget)
+    async def budget_spent(request: Request, err: OverBudget) -> JSONResponse:
+        return over_budget()
+
+    @app.exception_handler(BodyTimeout)
+    async def body_late(request: Request, err: BodyTimeout) -> JSONResponse:
+        return body_timeout(bounds.body_seconds)
 
     if token is not None:
         refusal = {"error": "this is an internal stage: calls need the graph's peer credential", "status": 401}
@@ -202,7 +287,8 @@ def make_app(
         )
 
     @app.exception_handler(ClientGone)
-    async def client_gone(request: Request, err: ClientGone) -> JSONResponse:
+    @app.exception_handler(ClientDisconnect)  # mid-body: an upload abandoned, not a failure of ours to log
+    async def client_gone(request: Request, err: Exception) -> JSONResponse:
         return JSONResponse({"error": "the client disconnected", "status": 499}, status_code=499)  # nobody reads it
 
     @app.get("/health")
@@ -216,19 +302,44 @@ def make_app(
 
     @app.exception_handler(Exception)
     async def crash(request: Request, err: Exception) -> JSONResponse:
-        log.exception("%s failed on %s", stage, request.url.path)
-        return JSONResponse({"error": f"{stage} failed: {type(err).__name__}: {err}", "stage": stage}, status_code=500)
+        """A bug of ours: the log has the exception, the caller a request id to find it by (an exception's text
+        can carry paths, addresses or another request's data, so it is never sent)."""
+        request_id = new_request_id()
+        log.error("%s failed on %s; request id %s", stage, request.url.path, request_id, exc_info=err)
+        body = {"error": internal_error(stage, request_id), "stage": stage, "request_id": request_id}
+        return JSONResponse(body, status_code=500)
 
     return app
 
 
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def internal_error(stage: str, request_id: str) -> str:
+    """What a caller reads of a failure that is ours: where, and the id its log line carries."""
+    return f"internal error in {stage}; request id {request_id}"
+
+
 def serve(app: FastAPI, args) -> None:
     """Run until SIGINT/SIGTERM; then take no new requests and let those in flight finish (streams included)
-    for up to --drain-seconds, within the pod's grace period."""
+    for up to --drain-seconds, within the pod's grace period. Connections past --max-connections get uvicorn's 503
+    (it counts open connections and requests in flight)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # httpx logs every call at INFO: a log line for every stage call the frontend makes
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=args.drain_seconds)
+    bounds: Bounds = app.state.bounds
+    if args.max_buffered_bytes is not None:
+        bounds.budget = args.max_buffered_bytes
+    bounds.body_seconds = args.body_timeout_seconds
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level="warning",
+        timeout_graceful_shutdown=args.drain_seconds,
+        limit_concurrency=args.max_connections,
+    )
 
 
 def add_common_arguments(parser) -> None:
@@ -245,6 +356,25 @@ def add_common_arguments(parser) -> None:
         type=int,
         default=None,
         help="refuse request bodies larger than this (413); the operator sets it from spec.media",
+    )
+    parser.add_argument(
+        "--max-buffered-bytes",
+        type=int,
+        default=None,
+        help=f"bytes of request bodies (those over {SMALL_BODY}) held at once across requests; past them, 503 "
+        f"(default: {BUDGET_BODIES} x --max-request-bytes, or no bound without it)",
+    )
+    parser.add_argument(
+        "--body-timeout-seconds",
+        type=float,
+        default=BODY_SECONDS,
+        help="a request body not all received this long after its request began is refused (408) and dropped",
+    )
+    parser.add_argument(
+        "--max-connections",
+        type=int,
+        default=MAX_CONNECTIONS,
+        help="open connections (or requests in flight) past which new requests get 503",
     )
     parser.add_argument(
         "--peer-token-env",

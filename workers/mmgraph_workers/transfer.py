@@ -28,6 +28,7 @@ nothing is; the reader drives its own reads. Every wait has a deadline.
 from __future__ import annotations
 
 import base64
+import contextlib
 import ctypes
 import logging
 import math
@@ -87,7 +88,9 @@ class Transfer(ABC):
         """Owner side: process completion notices and expiries (the poller thread calls it)."""
 
     @abstractmethod
-    def release(self, handle: str) -> None: ...
+    def release(self, handle: str, handed_out: bool = True) -> None:
+        """Free a published buffer before its reader's notice. `handed_out`: its descriptor left this process, so
+        a read may be under way (the owner's own undo of a publish nobody saw is not)."""
 
     @abstractmethod
     def published(self) -> int:
@@ -119,7 +122,9 @@ class _Landing:
     tensor: torch.Tensor
     offset: int | None = None
     registration: object = None
-    xfer: object = None  # a read NIXL could not cancel: the landing stays taken until the read ends
+    xfer: object = None  # a read given up on in flight: the landing stays taken until the read ends
+    given_up: float = 0.0  # when (time.monotonic())
+    agent: str = ""  # whose bytes it reads
 
 
 def _generation_bytes(generation: int, device: torch.device) -> torch.Tensor:
@@ -196,8 +201,17 @@ class NixlTransfer(Transfer):
     # cost ~90 us when the scheduler took the chance to run another process, so a reader checks back to back first.
     SPIN_SECONDS = 200e-6
     MAX_PEERS = 256  # owners a reader stays connected to (encoders and pds come and go with their pods)
+    LEAVE_SECONDS = 5.0  # a forgotten peer's connection is kept this long, for what is still pending on it
+    ABANDON_SECONDS = 60  # a read given up on that NIXL still calls in progress after this has its landing freed
 
-    def __init__(self, name: str | None = None, pool_bytes: int = 0, recv_pool_bytes: int = 0, device: str = "cpu"):
+    def __init__(
+        self,
+        name: str | None = None,
+        pool_bytes: int = 0,
+        recv_pool_bytes: int = 0,
+        hold_seconds: float = 0.0,
+        device: str = "cpu",
+    ):
         os.environ.setdefault("NIXL_LOG_LEVEL", "WARN")
         from nixl._api import nixl_agent, nixl_agent_config
 
@@ -212,10 +226,12 @@ class NixlTransfer(Transfer):
                 self.agent.register_memory(buffer)
         self.metadata = base64.b64encode(self.agent.get_agent_metadata()).decode()
         self._published: dict[str, _Published] = {}
-        self._generation = (
-            int.from_bytes(os.urandom(6), "little") << 8
-        )  # a restarted owner's do not repeat its predecessor's
-        self._unfinished: list[_Landing] = []  # reads NIXL could not cancel, holding their landing until they end
+        # a restarted owner's generations do not repeat its predecessor's
+        self._generation = int.from_bytes(os.urandom(6), "little") << 8
+        self.hold_seconds = hold_seconds
+        self._held: list[tuple[float, int, int]] = []  # (until, offset, size): freed without a reader's notice
+        self._unfinished: list[_Landing] = []  # reads given up on while in flight: their landings, until they end
+        self._leaving: dict[str, float] = {}  # peers forgotten, and when their connection goes (_forget)
         self._peers: OrderedDict[str, str] = OrderedDict()  # agent name -> metadata we connected with, LRU
         self._lock = threading.Lock()  # the agent is shared by request threads and the poller
         self._stop, self._work = threading.Event(), threading.Event()
@@ -232,7 +248,8 @@ class NixlTransfer(Transfer):
             if offset is None:
                 raise PoolFull(f"the transfer pool ({self.pool.size} B) is full: readers are not pulling fast enough")
             self._generation += 1
-            stamp = _generation_bytes(self._generation, self.buffer.device)
+            generation = self._generation
+            stamp = _generation_bytes(generation, self.buffer.device)
             region = self.buffer[offset + FRAME : offset + FRAME + nbytes]
             copy_bytes(region, tensor.contiguous().view(-1).view(torch.uint8))
             copy_bytes(self.buffer[offset : offset + FRAME], stamp)
@@ -249,7 +266,7 @@ class NixlTransfer(Transfer):
             shape=list(tensor.shape),
             mem_type=_mem(self.buffer),
             device_id=self.buffer.device.index or 0,
-            generation=self._generation,
+            generation=generation,
             expires_in_seconds=ttl_seconds,
         )
 
@@ -275,26 +292,35 @@ class NixlTransfer(Transfer):
             notices = self.agent.get_new_notifs()
         for messages in notices.values():
             for message in messages:
-                if message.startswith(self.RELEASE):
-                    self._drop(message[len(self.RELEASE) :].decode())
+                if message.startswith(self.RELEASE):  # NIXL sends it after the data: the read has ended
+                    self._drop(message[len(self.RELEASE) :].decode(), read=True)
         now = time.monotonic()
         with self._lock:  # publish() adds entries from other threads
             expired = [h for h, p in self._published.items() if p.expires < now]
+            while self._held and self._held[0][0] < now:
+                _, offset, size = self._held.pop(0)
+                self.pool.release(offset, size)
         for handle in expired:
-            self._drop(handle)
+            self._drop(handle, read=False)
 
-    def release(self, handle: str) -> None:
-        self._drop(handle)
+    def release(self, handle: str, handed_out: bool = True) -> None:
+        self._drop(handle, read=not handed_out)
 
-    def _drop(self, handle: str) -> None:
-        """Free a published frame, its header and trailer zeroed first: a reader still to come (or reading now)
-        sees that it is gone, whatever is published there next."""
+    def _drop(self, handle: str, read: bool) -> None:
+        """Free a published frame, its header and trailer zeroed first: a reader still to come sees that it is
+        gone, whatever is published there next. Freed without its reader's notice (its time-to-live passed, or a
+        release), a read may be under way: the frame stays out of the pool for `hold_seconds` (a read's deadline),
+        so the bytes such a read copies are never another publish's, whatever order a transport copies them in."""
         with self._lock:
             entry = self._published.pop(handle, None)
-            if entry is not None:
-                self.buffer[entry.offset : entry.offset + FRAME].zero_()
-                self.buffer[entry.offset + entry.size - FRAME : entry.offset + entry.size].zero_()
+            if entry is None:
+                return
+            self.buffer[entry.offset : entry.offset + FRAME].zero_()
+            self.buffer[entry.offset + entry.size - FRAME : entry.offset + entry.size].zero_()
+            if read or not self.hold_seconds:
                 self.pool.release(entry.offset, entry.size)
+            else:
+                self._held.append((time.monotonic() + self.hold_seconds, entry.offset, entry.size))
 
     def published(self) -> int:
         return len(self._published)
@@ -312,14 +338,24 @@ class NixlTransfer(Transfer):
             raise TransferError(f"not connected to {agent}, and no metadata to connect with")
         if agent in self._peers:  # the owner restarted under the same name
             self._forget(agent)
+        if self._leaving.pop(agent, None) is not None:  # forgotten a moment ago: disconnect it now, then connect
+            self._disconnect(agent)
         self.agent.add_remote_agent(base64.b64decode(metadata))
         self._peers[agent] = metadata
         while len(self._peers) > self.MAX_PEERS:  # owners come and go with their pods: keep the recent ones
             self._forget(next(iter(self._peers)))
 
     def _forget(self, agent: str) -> None:
-        """Drop a peer (gone, or least recently used); called with the lock held."""
+        """Drop a peer (gone, or least recently used), its reads given up on cancelled first; the connection goes
+        LEAVE_SECONDS later (`_reap`): UCX aborts the process if a connection is dropped while a request on it is
+        still pending (the release notice of a read that just ended, say). Called with the lock held."""
         self._peers.pop(agent, None)
+        for landing in self._unfinished:
+            if landing.agent == agent:
+                self._cancel(landing)
+        self._leaving.setdefault(agent, time.monotonic() + self.LEAVE_SECONDS)
+
+    def _disconnect(self, agent: str) -> None:
         try:
             self.agent.remove_remote_agent(agent)
         except Exception as err:  # nixl._bindings errors share no base class; it may never have connected
@@ -393,17 +429,46 @@ class NixlTransfer(Transfer):
             self.recv_pool.release(landing.offset, landing.tensor.numel())
 
     def _reap(self) -> None:
-        """Free the landings of reads that NIXL could not cancel once they have ended (lock held)."""
+        """Free the landings of reads given up on once NIXL says they ended, or ABANDON_SECONDS after (a read to
+        a peer that died mid-read may never end; nothing has written for that long) (lock held). A NIXL error
+        here fails no request."""
+        now = time.monotonic()
+        for agent in [agent for agent, at in self._leaving.items() if at < now]:
+            del self._leaving[agent]
+            self._disconnect(agent)
         for landing in list(self._unfinished):
-            try:
-                if self.agent.check_xfer_state(landing.xfer) == "PROC":
-                    continue
-                self.agent.release_xfer_handle(landing.xfer)
-            except Exception as err:  # nixl._bindings errors share no base class
-                log.debug("an abandoned NIXL read: %s", err)
+            if landing.xfer is not None and self._ended(landing.xfer):
+                landing.xfer = None
+            elif now - landing.given_up < self.ABANDON_SECONDS:
                 continue
+            else:
+                log.warning("freeing the landing of a NIXL read given up %d s ago", self.ABANDON_SECONDS)
+                self._cancel(landing)
             self._unfinished.remove(landing)
-            self._free(landing)
+            try:
+                self._free(landing)
+            except Exception as err:  # nixl._bindings errors share no base class
+                log.warning("freeing the landing of an abandoned NIXL read: %s", err)
+
+    def _ended(self, handle: object) -> bool:
+        """Whether a read has ended (done, or failed: a state NIXL cannot report is an error), its handle then
+        released."""
+        try:
+            if self.agent.check_xfer_state(handle) == "PROC":
+                return False
+        except Exception as err:  # nixl._bindings errors share no base class
+            log.debug("an abandoned NIXL read ended in error: %s", err)
+        with contextlib.suppress(Exception):  # it has ended: its handle is bookkeeping only
+            self.agent.release_xfer_handle(handle)
+        return True
+
+    def _cancel(self, landing: _Landing) -> None:
+        """Release a read still in progress (UCX cancels it; its transport may still write a while: the landing
+        stays taken until `_reap` frees it ABANDON_SECONDS after it was given up)."""
+        if landing.xfer is not None:
+            with contextlib.suppress(Exception):
+                self.agent.release_xfer_handle(landing.xfer)
+            landing.xfer = None
 
     def unfinished(self) -> int:
         """Reads given up on whose landing is still taken until NIXL says they ended (for tests and metrics)."""
@@ -412,8 +477,9 @@ class NixlTransfer(Transfer):
     def _read(self, ref: TensorRef, landing: _Landing, deadline: float, is_framed: bool) -> None:
         """One READ of the descriptor's frame (or its bytes alone, unframed) with its release notice. The agent
         lock is held per NIXL call, not across the wait: reads of several requests overlap, and one slow read does
-        not hold up the others. A read given up on that NIXL cannot cancel leaves its handle in `landing.xfer`:
-        the caller must not reuse the landing until it ends."""
+        not hold up the others. A read given up on while NIXL still has it in progress is not released (UCX's
+        cancel returns before the transport has stopped writing): its handle stays in `landing.xfer`, and the
+        caller must not reuse the landing until NIXL says the read ended."""
         target = landing.tensor
         address = ref.address - FRAME if is_framed else ref.address
         try:
@@ -426,6 +492,7 @@ class NixlTransfer(Transfer):
                 handle = self.agent.initialize_xfer("READ", local, remote, ref.agent, notice)
         except Exception as err:  # nixl._bindings errors share no base class
             raise ReadFailed(f"NIXL read from {ref.agent}: {type(err).__name__}: {err}") from err
+        state = "PROC"
         try:
             with self._lock:
                 state = self.agent.transfer(handle)
@@ -442,25 +509,28 @@ class NixlTransfer(Transfer):
                     state = self.agent.check_xfer_state(handle)
         except TransferError:
             raise
-        except Exception as err:
+        except Exception as err:  # NIXL reports a failed read by raising: it has ended
+            state = "ERR"
             raise ReadFailed(f"NIXL read from {ref.agent}: {type(err).__name__}: {err}") from err
         finally:
-            with self._lock:
-                try:
+            if state in ("DONE", "ERR"):
+                with self._lock, contextlib.suppress(Exception):  # it has ended: its handle is bookkeeping only
                     self.agent.release_xfer_handle(handle)
-                except Exception as err:  # a read in flight NIXL cannot cancel: it may still write the landing
-                    log.warning(
-                        "NIXL read from %s could not be cancelled (%s): its landing waits for it", ref.agent, err
-                    )
-                    landing.xfer = handle
+            else:
+                log.warning("NIXL read from %s given up in flight: its landing waits for it to end", ref.agent)
+                landing.xfer, landing.given_up, landing.agent = handle, time.monotonic(), ref.agent
 
 
 TRANSFERS: dict[str, type[Transfer]] = {"nixl": NixlTransfer}
 
 
-def make_transfer(backend: str, name: str | None = None, pool_bytes: int = 0, recv_pool_bytes: int = 0) -> Transfer:
-    """`pool_bytes`: what an owner can have published at once; `recv_pool_bytes`: a reader's landing area."""
+def make_transfer(
+    backend: str, name: str | None = None, pool_bytes: int = 0, recv_pool_bytes: int = 0, hold_seconds: float = 0.0
+) -> Transfer:
+    """`pool_bytes`: what an owner can have published at once; `recv_pool_bytes`: a reader's landing area;
+    `hold_seconds`: how long an owner keeps a frame freed without its reader's notice out of the pool (at least
+    the readers' transfer deadline)."""
     try:
-        return TRANSFERS[backend](name, pool_bytes, recv_pool_bytes)
+        return TRANSFERS[backend](name, pool_bytes, recv_pool_bytes, hold_seconds)
     except KeyError:
         raise ValueError(f"unknown transfer backend {backend!r}; known: {', '.join(TRANSFERS)}") from None

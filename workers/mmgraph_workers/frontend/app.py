@@ -9,12 +9,14 @@ import asyncio
 import json
 import logging
 import os
+import threading
 import time
 import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -47,13 +49,15 @@ from mmgraph_workers.server import (
     BearerAuth,
     add_common_arguments,
     add_kv_lease_argument,
+    internal_error,
     make_app,
+    new_request_id,
     serve,
     unless_disconnected,
 )
 
 log = logging.getLogger("mmgraph.frontend")
-PREPARE = ThreadPoolExecutor(1, thread_name_prefix="prepare")  # one: a tokenizer must not be used concurrently
+T = TypeVar("T")
 REQUESTS = Counter("mmgraph_requests_total", "Chat completion requests", ["status"])
 ERRORS = Counter("mmgraph_request_errors_total", "Requests that failed, by the stage that failed", ["stage"])
 TTFT = Histogram("mmgraph_time_to_first_token_seconds", "Time from request to first token")
@@ -105,11 +109,64 @@ def failure(err: Exception, request_id: str) -> tuple[int, dict]:
     elif isinstance(err, StageFailure):
         ERRORS.labels(err.stage).inc()
         status, body = err.status, error_body(str(err), err.status)
-    else:  # a bug of ours: still a well-formed error for the client, and a log line
+    else:  # a bug of ours: the log has the exception, the client the request id to find it by, never its text
         log.error("request %s failed", request_id, exc_info=err)
-        status, body = 500, error_body(f"frontend failed: {err}", 500)
+        status, body = 500, error_body(internal_error("frontend", request_id), 500)
     REQUESTS.labels(str(status)).inc()
     return status, body
+
+
+def failed(err: Exception, request_id: str) -> JSONResponse:
+    """`failure` as the answer; a 503 (busy or overloaded) says when to retry, since a retry may well succeed."""
+    status, body = failure(err, request_id)
+    return JSONResponse(body, status_code=status, headers={"Retry-After": "1"} if status == 503 else None)
+
+
+class Lane:
+    """One thread with a processor of its own (a tokenizer must not be used by two threads at once) that prepares
+    requests one at a time, off the event loop (a large body, base64 images, would hold every stream for as long as
+    it takes). It holds at most `capacity` requests, running or queued: past that, a 503 (RequestError) at once,
+    not a wait with no end; the work of a caller that is cancelled (its client left) before its turn never starts.
+    """
+
+    def __init__(self, name: str, processor: Processor, capacity: int):
+        self.name, self.processor = name, processor
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix=name)
+        self.slots = threading.Semaphore(capacity)  # given back as each item ends, or is cancelled before it ran
+
+    async def run(self, work: Callable[..., T], *args: Any) -> T:
+        """`work(processor, *args)` on the lane's thread."""
+        if not self.slots.acquire(blocking=False):
+            raise RequestError(f"the frontend holds as many requests as it may ({self.name}): retry shortly", None, 503)
+        future = self.executor.submit(work, self.processor, *args)
+        future.add_done_callback(lambda _: self.slots.release())  # also when cancelled before it ran
+        return await asyncio.wrap_future(future)  # cancelling this cancels `future` unless it has started
+
+
+# (name, capacity) of the two lanes. A small body (up to LARGE_BODY: ~16k tokens of text, tens of milliseconds of a
+# tokenizer's time) waits only for other small ones (256 of them: seconds at most); a large one's parse, media
+# hashing or tokenizer pass holds only the large lane (16 of them, each as large as the body limit allows).
+SMALL_LANE, LARGE_LANE = ("prepare", 256), ("prepare-large", 16)
+LARGE_BODY = 1 << 16
+
+
+@dataclass
+class Lanes:
+    """Two lanes, by body size, so small requests keep flowing while a large one is prepared. What a large one can
+    cost is bounded first by the context: text that cannot fit is refused from its size before it is tokenized
+    (Processor.check_fits), so a 20 MB prompt costs its JSON parse; text under that bound costs the large lane's
+    time (on a long-context model, seconds), never the small lane's."""
+
+    small: Lane
+    large: Lane
+
+    @classmethod
+    def start(cls, args: argparse.Namespace) -> Lanes:
+        """Each lane with a processor, and so a tokenizer, of its own."""
+        return cls(*(Lane(name, Processor(args), capacity) for name, capacity in (SMALL_LANE, LARGE_LANE)))
+
+    def of(self, body: bytes) -> Lane:
+        return self.large if len(body) > LARGE_BODY else self.small
 
 
 def build_app(args: argparse.Namespace) -> FastAPI:
@@ -133,7 +190,8 @@ def add_api(app: FastAPI, args: argparse.Namespace, local: Local | None = None) 
 
     @app.on_event("startup")
     async def load() -> None:
-        app.state.processor = await asyncio.to_thread(Processor, args)
+        app.state.lanes = await asyncio.to_thread(Lanes.start, args)
+        app.state.processor = app.state.lanes.small.processor  # decode, for logprobs: the event loop's, read only
         app.state.router = Router(args, local)
         app.state.watcher = asyncio.create_task(app.state.router.watch_peers())
 
@@ -165,15 +223,13 @@ def add_api(app: FastAPI, args: argparse.Namespace, local: Local | None = None) 
         return await _tokenizer_call(request, lambda processor, body: processor.detokenize(body))
 
     async def _tokenizer_call(request: Request, call: Callable[[Processor, dict], dict]) -> JSONResponse:
-        """vLLM's /tokenize and /detokenize: on PREPARE's thread, the tokenizer's only user."""
-        processor: Processor = app.state.processor
+        """vLLM's /tokenize and /detokenize: on a lane, as a completion's prompt is."""
+        lanes: Lanes = app.state.lanes
         try:
             body = await request.body()
-            loop = asyncio.get_running_loop()
-            answer = await loop.run_in_executor(PREPARE, lambda: call(processor, json.loads(body)))
+            answer = await unless_disconnected(request, lanes.of(body).run(_loaded, call, body))
         except (json.JSONDecodeError, UnicodeDecodeError, ValidationError, RequestError) as err:
-            status, error = failure(_request_error(err), "tokenize")
-            return JSONResponse(error, status_code=status)
+            return refused(err, f"tokenize-{new_request_id()}")
         return JSONResponse(answer)
 
     @app.post("/v1/chat/completions")
@@ -189,15 +245,13 @@ def add_api(app: FastAPI, args: argparse.Namespace, local: Local | None = None) 
         router: Router | None = app.state.router
         assert processor is not None and router is not None, "not ready"
         request_id = f"{shape.prefix}-{uuid.uuid4().hex}"
+        lanes: Lanes = app.state.lanes
         try:
             body = await request.body()
-            loop = asyncio.get_running_loop()
-            req, (token_ids, media, sampling) = await loop.run_in_executor(
-                PREPARE, _prepare, processor, shape, body, router.pd_info
-            )
+            prepared = lanes.of(body).run(_prepare, shape, body, router.pd_info)
+            req, (token_ids, media, sampling) = await unless_disconnected(request, prepared)
         except (json.JSONDecodeError, UnicodeDecodeError, ValidationError, RequestError) as err:
-            status, body = failure(_request_error(err), request_id)
-            return JSONResponse(body, status_code=status)
+            return refused(err, request_id)
         events = router.run(request_id, token_ids, media, sampling, prompt=req.return_token_ids)
         writer = Writer(shape, request_id, req, processor.decode)
         if req.stream:  # Starlette stops the stream (and so the stages' calls) when the client goes
@@ -208,15 +262,30 @@ def add_api(app: FastAPI, args: argparse.Namespace, local: Local | None = None) 
 def _prepare(
     processor: Processor, shape: Shape, body: bytes, pd: WorkerInfo | None
 ) -> tuple[ChatRequest | TextRequest, tuple]:
-    """Parse, check, template and tokenize one request: on PREPARE's thread, since a large body (base64 images)
-    would hold the event loop, and so every other request's stream, for as long as it takes."""
+    """Parse, check, template and tokenize one request, on a lane's thread; text that cannot fit the context is
+    refused before anything else looks at it."""
     data = json.loads(body)
     max_len, defaults = (pd.max_model_len, pd.default_sampling) if pd else (None, {})
+    processor.check_fits(data, max_len)
     if shape.chat:
         chat = ChatRequest.model_validate(data)
         return chat, processor.prepare(chat, data, max_len, defaults)
     text = TextRequest.model_validate(data)
     return text, processor.prepare_text(text, data, max_len, defaults)
+
+
+def _loaded(processor: Processor, call: Callable[[Processor, Any], dict], body: bytes) -> dict:
+    """`call` on the parsed body, on a lane's thread: a large body's parse holds no other request either."""
+    return call(processor, json.loads(body))
+
+
+def refused(err: Exception, request_id: str) -> JSONResponse:
+    """The 4xx (or busy 503) for what was wrong with a request before any stage saw it. The error's traceback is
+    dropped: its frames (the request's body and parsed JSON among their locals) and the futures that carried it to
+    this task form a reference cycle, which would keep a refused 20 MB body alive until a full garbage collection."""
+    answer = failed(_request_error(err), request_id)
+    err.__traceback__ = None
+    return answer
 
 
 def _request_error(err: Exception) -> RequestError:
@@ -300,9 +369,7 @@ class Writer:
                 choices[event.index].add(event)
                 last = event
         except Exception as err:
-            status, body = failure(err, self.request_id)
-            retry = {"Retry-After": "1"} if status == 503 else None  # busy or overloaded: a retry may well succeed
-            return JSONResponse(body, status_code=status, headers=retry)
+            return failed(err, self.request_id)
         finally:
             IN_FLIGHT.dec()
         REQUESTS.labels("200").inc()

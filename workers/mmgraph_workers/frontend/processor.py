@@ -1,6 +1,6 @@
 """What a chat request becomes before any stage works for it: checked (model name, content parts, media count
-and schemes, data: URL sizes, context length), rendered with the model's chat template (one placeholder per
-image, which the engine expands) and tokenized."""
+and schemes, data: URL sizes, context length: first from the text's size alone, then in tokens), rendered with the
+model's chat template (one placeholder per image, which the engine expands) and tokenized."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from vllm.entrypoints.serve.utils.api_utils import get_max_tokens
 from vllm.exceptions import VLLMClientError
 
 from mmgraph_workers.frontend.openai_api import (
+    PARTS,
     REFUSED,
     TEXT_REFUSED,
     TOKENIZE_REFUSED,
@@ -56,6 +57,26 @@ class Processor:
             self.family, self.family_modalities = family.family, family.modalities
         except UnsupportedModel:
             self.family, self.family_modalities = "unknown", ("image", "video", "audio")
+        self.longest_token = longest_token_bytes(self.tokenizer)
+
+    def check_fits(self, body: Any, max_model_len: int | None) -> None:
+        """RequestError (400) for a request whose prompt cannot fit the context, told from its size alone: no token
+        stands for more than `longest_token` bytes, so text longer than max_model_len of them (every message's and
+        tool's text, or the prompt's) cannot fit, nor can more prompt token ids than max_model_len. Called on the
+        parsed JSON before anything else: refusing a 20 MB prompt costs its parse, not a tokenizer pass of tens of
+        seconds and gigabytes. Text under the bound may still be too long; the count after tokenizing says so."""
+        if max_model_len is None or not isinstance(body, dict):
+            return
+        prompt = body.get("prompt")
+        if isinstance(prompt, list):
+            if len(prompt) > max_model_len:
+                raise RequestError(too_long(max_model_len, f"{len(prompt)} prompt tokens", "prompt"), "prompt")
+            return
+        size = text_bytes([body.get("messages"), body.get("tools"), prompt])
+        if size > max_model_len * self.longest_token:
+            field = "messages" if "messages" in body else "prompt"
+            held = f"{size} bytes of text, more than {max_model_len} tokens of at most {self.longest_token} bytes hold"
+            raise RequestError(too_long(max_model_len, held, field), field)
 
     def prepare(
         self, req: ChatRequest, body: dict[str, Any], max_model_len: int | None, defaults: dict[str, Any]
@@ -92,6 +113,7 @@ class Processor:
     def tokenize(self, body: dict[str, Any], max_model_len: int | None) -> dict[str, Any]:
         """vLLM's `/tokenize`: a prompt, or text-only messages through the chat template (an image's tokens are
         the engine's to count: vLLM's server expands each image there, the frontend cannot)."""
+        self.check_fits(body, max_model_len)
         kind = TokenizeChatRequest if isinstance(body, dict) and "messages" in body else TokenizeCompletionRequest
         req = checked(kind, body, TOKENIZE_REFUSED)
         if req.model is not None:
@@ -189,6 +211,51 @@ class Processor:
         except MediaError as err:
             raise RequestError(str(err), "messages", err.status) from None
         return f"{modality}:{blake3.blake3(data).hexdigest()}"
+
+
+def longest_token_bytes(tokenizer: Any) -> int:
+    """The most UTF-8 bytes of text one token of `tokenizer`'s vocabulary stands for (added and special tokens
+    included): the larger of its decoded text and its piece (a byte-level piece is one character per byte, and a
+    lone byte of a longer character decodes to U+FFFD's three), so an upper bound. Once per process."""
+    ids = list(range(len(tokenizer)))
+    if backend := getattr(tokenizer, "backend_tokenizer", None):  # a fast tokenizer's: all in one Rust call
+        texts = backend.decode_batch([[i] for i in ids], skip_special_tokens=False)
+    else:
+        texts = [tokenizer.decode([i]) for i in ids]
+    pieces = tokenizer.convert_ids_to_tokens(ids)
+    return max(utf8_len(text) for text in [*texts, *(p for p in pieces if isinstance(p, str))])
+
+
+MEDIA_PARTS = frozenset(PARTS) - {"text"}
+STRUCTURE = frozenset({"type", "role"})  # keys whose values say what a part or message is, not what it says
+
+
+def text_bytes(value: Any) -> int:
+    """UTF-8 bytes of the text in a request's JSON `value`: its strings, but a media part's (a URL or base64) and
+    the names of types and roles."""
+    size, stack = 0, [value]
+    while stack:  # not recursive: JSON can nest as deep as its parser let it
+        item = stack.pop()
+        if isinstance(item, str):
+            size += utf8_len(item)
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, dict) and item.get("type") not in MEDIA_PARTS:
+            stack.extend(v for k, v in item.items() if k not in STRUCTURE)
+    return size
+
+
+def utf8_len(text: str) -> int:
+    """len(text.encode()), without the copy for ASCII text (a flag CPython keeps on each string)."""
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+def too_long(max_model_len: int, what: str, field: str) -> str:
+    """A context-length refusal, worded as vLLM's server words its own."""
+    return (
+        f"This model's maximum context length is {max_model_len} tokens. However, your request has {what}. "
+        f"Please reduce the length of the {field}."
+    )
 
 
 def _templated(message: ChatMessage, parts: list[dict[str, Any]]) -> dict[str, Any]:

@@ -84,6 +84,18 @@ class Media:
     items: list[MediaItem]
     encoded: list[EncodedItem] = field(default_factory=list)
     encoders: list[str] = field(default_factory=list)  # each item's replica's address
+    asked: float = 0.0  # when the encoders were asked (time.monotonic()): their time-to-live began after that
+
+    def aged(self) -> list[EncodedItem]:
+        """The encoded items as pd is sent them: each descriptor's seconds to live less the time since the encoders
+        were asked (pods share no clock: each hop takes off the time it held them)."""
+        held, out = time.monotonic() - self.asked, []
+        for item in self.encoded:
+            if (left := item.embeddings.expires_in_seconds) is not None:  # None: an encoder of the previous release
+                ref = item.embeddings.model_copy(update={"expires_in_seconds": max(1e-3, left - held)})
+                item = item.model_copy(update={"embeddings": ref})
+            out.append(item)
+        return out
 
 
 @dataclass
@@ -153,6 +165,7 @@ class Router:
         --encoder-routing=least-busy: the least busy), one call per replica, the calls at once. `elsewhere`: pd
         could not pull the last embeddings, so each item goes to its key's next owner where there is one."""
         started, done = time.perf_counter(), list[tuple[str, list[int], list[EncodedItem]]]()
+        media.asked = time.monotonic()
         last = media.encoders if elsewhere and media.encoders else [""] * len(media.items)
         try:
             await self._encode_each(request_id, media.items, range(len(media.items)), last, frozenset(), done)
@@ -397,7 +410,7 @@ class Router:
         """pd's stream for the encoder's embeddings. If pd could not pull them (it did no work yet), encode again,
         on each item's next owner, and send pd the request once more."""
         for attempt in (1, 2):
-            request = GenerateRequest(**base, encoded=media.encoded, prefill_only=prefill_only)
+            request = GenerateRequest(**base, encoded=media.aged(), prefill_only=prefill_only)
             try:
                 async for event in self.stream_stage("pd", request):
                     yield event
@@ -505,5 +518,5 @@ def _error_text(response: httpx.Response) -> str:
     try:
         body = response.json()
         return str(body.get("error") or body)
-    except (json.JSONDecodeError, ValueError):
-        return f"HTTP {response.status_code}: {response.text[:300]}"
+    except (json.JSONDecodeError, ValueError):  # not a stage's answer (a proxy's page?): its status alone
+        return f"HTTP {response.status_code} from a stage"
