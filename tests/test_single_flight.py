@@ -18,7 +18,7 @@ import torch
 os.environ.setdefault("UCX_NET_DEVICES", "lo")
 
 from mmgraph_operator.api import MediaSpec
-from mmgraph_workers.encoder import Batcher, Embedding, EmbeddingCache, Encoder, SingleFlight
+from mmgraph_workers.encoder import Batcher, Busy, Embedding, EmbeddingCache, Encoder, SingleFlight
 from mmgraph_workers.media import MediaError
 from mmgraph_workers.media.fetch import media_client
 from mmgraph_workers.protocol import EncodeRequest, MediaItem
@@ -85,6 +85,7 @@ def encoder(owner, monkeypatch) -> tuple[Encoder, Tower]:
     encoder.in_flight = SingleFlight()
     encoder.client = media_client()
     encoder.batcher = Batcher(lambda items: items, 16)
+    encoder.preparing, encoder.max_preparing = 0, 16
     encoder.transfer = owner
     monkeypatch.setattr(encoder, "_encode_missing", tower.encode_missing)
     return encoder, tower
@@ -187,5 +188,32 @@ def test_two_requests_that_need_each_others_items_never_wait_on_each_other(encod
         answers = await asyncio.wait_for(asyncio.gather(a, b), 5)
         assert [i.key for i in answers[1].items] == ["key-Y", "key-X"]
         release_all(encoder, *answers)
+
+    asyncio.run(case())
+
+
+def test_the_media_being_prepared_at_once_are_bounded_and_a_busy_encoder_says_so_at_once(encoder):
+    """Every request's media are held in memory from their fetch until their pass of the tower: past
+    `max_preparing` items a request is refused at once (Busy: a 503 with Retry-After), before it fetches anything;
+    once the others are done, it passes. A request alone passes whatever its size."""
+    encoder, tower = encoder
+    encoder.max_preparing = 3
+
+    async def case():
+        held = [asyncio.create_task(encoder.encode(request(f"held-{i}"))) for i in range(3)]
+        for i in range(3):
+            await tower.started(f"held-{i}")
+        with pytest.raises(Busy, match="preparing 3 media items"):
+            await encoder.encode(request("one-more"))
+        assert "one-more" not in tower.passes, "a refused request was fetched and decoded"
+        for i in range(3):
+            await tower.finish(f"held-{i}")
+        answers = await asyncio.wait_for(asyncio.gather(*held), 5)
+        assert encoder.preparing == 0
+        for name in ("big-0", "big-1", "big-2", "big-3", "big-4"):
+            tower.permit(name).release()
+        alone = await asyncio.wait_for(encoder.encode(request("big-0", "big-1", "big-2", "big-3", "big-4")), 5)
+        assert len(alone.items) == 5
+        release_all(encoder, *answers, alone)
 
     asyncio.run(case())

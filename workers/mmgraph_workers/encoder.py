@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import logging
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -48,6 +49,7 @@ from mmgraph_workers.transfer import Pool, PoolFull, Transfer, framed, make_tran
 log = logging.getLogger("mmgraph.encoder")
 POOL_REQUESTS = 2  # the automatic transfer pool holds this many largest requests' embeddings at once
 MIN_POOL_BYTES = 64 << 20
+PREPARING_BATCHES = 2  # media items fetched, decoded and encoded at once: this many of the tower's passes
 DECODED_AS = 65536  # bytes' hashes the cache remembers the content of (~10 MiB of keys)
 ENCODED = Counter("mmgraph_encoder_items_total", "Media items encoded", ["cached"])
 CACHE_EVICTIONS = Counter("mmgraph_encoder_cache_evictions_total", "Embeddings dropped from the cache to make room")
@@ -252,6 +254,8 @@ class Encoder:
         self.in_flight: SingleFlight[str, Embedding] = SingleFlight()  # bytes' hash -> its encoding in progress
         self.client = media_client()
         self.batcher = Batcher(self._forward, args.max_batch_size)  # one pass at a time: the tower uses every core
+        self.preparing = 0  # media items of the requests being fetched, decoded or encoded now
+        self.max_preparing = PREPARING_BATCHES * max(args.max_batch_size, self.policy.max_items)
 
     def pool_bytes(self) -> int:
         """--transfer-pool-bytes, or room for POOL_REQUESTS requests of maxItems items, each as large as the caps
@@ -281,21 +285,8 @@ class Encoder:
             raise MediaError(f"this graph does not accept {', '.join(sorted(refused))} (spec.media.modalities)")
         self.batcher.check(len(media))  # before any fetch: a full queue answers at once
         started = time.perf_counter()
-        blobs = await fetch_all([m.url for m in media], self.policy, self.client)
-        # the same bytes as an image and as a video are two items; hashed off the loop
-        hashes = await asyncio.to_thread(
-            lambda: [f"{m.modality}:{hashlib.sha256(b).hexdigest()}" for m, b in zip(media, blobs, strict=True)]
-        )
-        known, mine = await self.in_flight.claim(hashes, self.cache.by_bytes)  # others' encodings waited for
-        found: dict[str, Embedding | None] = {h: known.get(h) for h in hashes}
-        was_cached = {h: item is not None for h, item in found.items()}
-        missing = list({h: i for i, h in enumerate(hashes) if h in mine}.values())
-        try:
-            if missing:
-                await self._encode_missing(request, blobs, hashes, missing, found, was_cached)
-        finally:  # what this request encoded, for the requests that waited for it (None if it failed)
-            for h in mine:
-                self.in_flight.finish(h, found[h])
+        with self._preparing(len(media)):
+            hashes, found, was_cached = await self._embeddings(request)
         items: list[EncodedItem] = []
         ttl = self.args.transfer_timeout_seconds * 3 + 30
         for m, h in zip(media, hashes, strict=True):
@@ -322,6 +313,42 @@ class Encoder:
         PUBLISHED.set(self.transfer.published())
         ENCODE_SECONDS.observe(time.perf_counter() - started)
         return EncodeResponse(items=items)
+
+    @contextlib.contextmanager
+    def _preparing(self, items: int) -> Iterator[None]:
+        """Admit `items` to fetching, decoding and the tower, or Busy: the media of every request in flight is held
+        in memory (bytes fetched, pixels decoded) before the batcher's queue could refuse it, so their number is
+        bounded here (`max_preparing`; a request alone always passes)."""
+        if self.preparing and self.preparing + items > self.max_preparing:
+            raise Busy(f"the encoder is preparing {self.preparing} media items already; retry shortly")
+        self.preparing += items
+        try:
+            yield
+        finally:
+            self.preparing -= items
+
+    async def _embeddings(
+        self, request: EncodeRequest
+    ) -> tuple[list[str], dict[str, Embedding | None], dict[str, bool]]:
+        """Each item's bytes' hash, its embedding (from the cache, from the request that encodes it now, or
+        encoded here) and whether it was cached."""
+        media = request.media
+        blobs = await fetch_all([m.url for m in media], self.policy, self.client)
+        # the same bytes as an image and as a video are two items; hashed off the loop
+        hashes = await asyncio.to_thread(
+            lambda: [f"{m.modality}:{hashlib.sha256(b).hexdigest()}" for m, b in zip(media, blobs, strict=True)]
+        )
+        known, mine = await self.in_flight.claim(hashes, self.cache.by_bytes)  # others' encodings waited for
+        found: dict[str, Embedding | None] = {h: known.get(h) for h in hashes}
+        was_cached = {h: item is not None for h, item in found.items()}
+        missing = list({h: i for i, h in enumerate(hashes) if h in mine}.values())
+        try:
+            if missing:
+                await self._encode_missing(request, blobs, hashes, missing, found, was_cached)
+        finally:  # what this request encoded, for the requests that waited for it (None if it failed)
+            for h in mine:
+                self.in_flight.finish(h, found[h])
+        return hashes, found, was_cached
 
     async def _encode_missing(
         self,
