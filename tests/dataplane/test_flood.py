@@ -8,6 +8,7 @@ MMGRAPH_FLOOD_MB sets the prompts' size (to see the unbounded behaviour under a 
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -31,13 +32,17 @@ def flooded(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
         yield local
 
 
+GUARD = 1 << 30  # growth at which the frontend is killed: a regression fails the test, not the shared machine
+
+
 class PeakRss(threading.Thread):
     """A process's peak resident memory while the block runs: its VmHWM, reset on entry (clear_refs), and VmRSS
-    sampled every 5 ms in case the reset is not allowed."""
+    sampled every 5 ms in case the reset is not allowed. Past `GUARD` of growth the process is killed (it is this
+    module's own graph): an unbounded frontend would take gigabytes of a shared machine per prompt."""
 
     def __init__(self, pid: int):
         super().__init__(daemon=True)
-        self.pid, self.stop = pid, threading.Event()
+        self.pid, self.stop, self.killed = pid, threading.Event(), False
         self.reset = self._reset()
         self.before = self.peak = self._status("VmRSS")
 
@@ -57,6 +62,10 @@ class PeakRss(threading.Thread):
     def run(self) -> None:
         while not self.stop.wait(0.005):
             self.peak = max(self.peak, self._status("VmRSS"))
+            if self.peak - self.before > GUARD:
+                os.kill(self.pid, signal.SIGKILL)
+                self.killed = True
+                return
 
     def __enter__(self) -> PeakRss:
         self.start()
@@ -101,6 +110,7 @@ def test_a_flood_of_huge_text_prompts_is_refused_cheaply_while_small_requests_fl
         flooding.wait(10)
         with httpx.Client(base_url=endpoint, timeout=120) as http:
             while flooder.is_alive() or len(waits) < 3:  # every small request is sent while the flood runs
+                assert not peak.killed, f"the frontend grew past {GUARD / MB:.0f} MiB during the flood (killed)"
                 started = time.monotonic()
                 r = http.post("/v1/chat/completions", json=small)
                 waits.append(time.monotonic() - started)
