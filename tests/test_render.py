@@ -309,3 +309,32 @@ def test_a_pod_monitor_scrapes_every_stage_when_asked():
         pod = deployment["spec"]["template"]
         assert selected.items() <= pod["metadata"]["labels"].items()
         assert "http" in {p["name"] for p in pod["spec"]["containers"][0]["ports"]}
+
+
+@pytest.mark.parametrize(
+    ("args", "refusal"),
+    [
+        ({"trust_remote-code": True}, "engineArgs.trust-remote-code runs code from the model repository"),
+        ({"tensor_parallel-size": 4}, "spec.stages.pd.gpus is 2 but its engineArgs ask for 4 GPUs"),
+        ({"Port": 1}, None),  # not a spelling: another key, left to vLLM
+        ({"served_model-name": "x"}, "engineArgs.served-model-name is set by the operator"),
+    ],
+    ids=["remote-code", "parallelism", "case-is-not-spelling", "reserved"],
+)
+def test_every_rule_reads_an_engine_argument_under_one_spelling(args, refusal):
+    """`trust_remote-code` renders `--trust-remote-code`: the rules must see it under that name, whatever mix of
+    dashes and underscores it was written with (it used to pass every rule and still render the flag)."""
+    body = load("tiny-e-p-d.yaml")
+    body["spec"]["stages"]["pd"].update(gpus=2, engineArgs=args)
+    found = problems(parse(body))
+    if refusal is None:
+        assert not [p for p in found if "engineArgs" in p], found
+    else:
+        assert any(refusal in p for p in found), found
+
+
+def test_two_spellings_of_one_engine_argument_are_refused():
+    body = load("tiny-e-p-d.yaml")
+    body["spec"]["stages"]["pd"]["engineArgs"] = {"max-model-len": 512, "max_model_len": 1024}
+    with pytest.raises(Exception, match="engineArgs names max-model-len twice"):
+        parse(body)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic.alias_generators import to_camel
 
 from mmgraph_operator.k8s_types import K8sType
@@ -213,6 +213,22 @@ class EngineSpec(GpuStageSpec):
     engine_args: dict[str, EngineArgValue] | None = None
     """vLLM engine arguments, e.g. {max-model-len: 8192, gpu-memory-utilization: 0.9}; passed as --key=value."""
 
+    @field_validator("engine_args", mode="before")
+    @classmethod
+    def _one_spelling(cls, args: Any) -> Any:
+        """Keys in vLLM's CLI spelling (dashes) before any rule reads them: `trust_remote-code` is the
+        `--trust-remote-code` it renders, so every rule sees it under that one name; two spellings of one key are
+        refused (which would vLLM take?)."""
+        if not isinstance(args, dict):
+            return args
+        out: dict[Any, Any] = {}
+        for key, value in args.items():
+            name = key.replace("_", "-") if isinstance(key, str) else key
+            if name in out:
+                raise ValueError(f"engineArgs names {name} twice (one of them as {key!r}): keep one")
+            out[name] = value
+        return out
+
     def tensor_parallel_size(self) -> int:
         """The engine's tensor parallelism: as given, else whatever spreads the engine over all its GPUs."""
         given = self.engine_arg("tensor-parallel-size")
@@ -226,8 +242,8 @@ class EngineSpec(GpuStageSpec):
         return int(self.engine_arg("pipeline-parallel-size") or 1) * int(self.engine_arg("data-parallel-size") or 1)
 
     def engine_arg(self, key: str) -> EngineArgValue | None:
-        args = self.engine_args or {}
-        return args.get(key, args.get(key.replace("-", "_")))
+        """An engine argument by its dashed name (the only spelling `engine_args` holds)."""
+        return (self.engine_args or {}).get(key)
 
 
 class Stages(Spec):
