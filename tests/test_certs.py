@@ -93,3 +93,71 @@ def test_the_webhook_admits_graphs_outside_the_namespaces_it_watches():
     validate_graph({**bad, "metadata": {"name": "g", "namespace": "elsewhere"}}, namespaces=["team-a"])
     with pytest.raises(kopf.AdmissionError):
         validate_graph({**bad, "metadata": {"name": "g", "namespace": "team-a"}}, namespaces=["team-a"])
+
+
+def _without_san(data: dict[str, bytes]) -> dict[str, bytes]:
+    """A leaf for our names, but with no subjectAltName extension (a hand-made one, say)."""
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from mmgraph_operator.certs import _builder, _pem_key
+
+    ca = x509.load_pem_x509_certificate(data["ca.crt"])
+    key = ec.generate_private_key(ec.SECP256R1())
+    signer = serialization.load_pem_private_key(data["ca.key"], None)
+    cert = _builder(SANS[0], ca.subject, key.public_key(), datetime.timedelta(days=365)).sign(signer, hashes.SHA256())
+    return {**data, "tls.crt": cert.public_bytes(serialization.Encoding.PEM), "tls.key": _pem_key(key)}
+
+
+BAD_PEM = b"-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n"
+MALFORMED = {
+    "unparseable-leaf": lambda d: {**d, "tls.crt": BAD_PEM},
+    "leaf-without-san": _without_san,
+    "leaf-key-of-another": lambda d: {**d, "tls.key": issue_leaf(d, SANS)["tls.key"]},
+    "unparseable-ca": lambda d: {**d, "ca.crt": b"garbage"},
+    "ca-key-of-another": lambda d: {**d, "ca.key": issue_ca()["ca.key"]},
+}
+
+
+@pytest.mark.parametrize("damage", MALFORMED.values(), ids=MALFORMED.keys())
+def test_a_malformed_secret_is_a_reason_to_reissue_not_an_exception(damage):
+    """A Secret edited by hand or cut short must not make every pass of the certificate keeper raise (the
+    webhook would never become ready on a fresh start): each defect is a reason, and what it leads to is valid."""
+    from mmgraph_operator.certs import ca_problem
+
+    data = issue_ca()
+    data = damage(data | issue_leaf(data, SANS))
+    reason = ca_problem(data) or leaf_problem(data, SANS)
+    assert reason is not None
+    if ca_problem(data):
+        data |= issue_ca()
+    data |= issue_leaf(data, SANS)
+    assert ca_problem(data) is None and leaf_problem(data, SANS) is None
+
+
+def test_a_leaf_never_outlives_its_ca(monkeypatch):
+    import mmgraph_operator.certs as certs
+
+    monkeypatch.setattr(certs, "CA_VALIDITY", datetime.timedelta(days=100))
+    data = issue_ca()
+    leaf = x509.load_pem_x509_certificate(issue_leaf(data, SANS)["tls.crt"])
+    ca = x509.load_pem_x509_certificate(data["ca.crt"])
+    assert leaf.not_valid_after_utc <= ca.not_valid_after_utc
+
+
+@pytest.mark.cluster
+def test_the_keeper_repairs_a_malformed_secret_on_the_api_server(api, namespace):
+    """On the real API server: a Secret whose leaf is unparseable and whose CA is garbage is repaired by one pass
+    of `ensure` (it used to raise on every pass), and what it now holds serves TLS for our names."""
+    import base64
+
+    from kubernetes import client
+    from mmgraph_operator.certs import CertKeeper, CertSettings, ca_problem, decode
+
+    broken = MALFORMED["unparseable-ca"](MALFORMED["unparseable-leaf"](issue_ca() | {"ca.key": b"x"}))
+    body = {k: base64.b64encode(v).decode() for k, v in broken.items() if v}
+    core = client.CoreV1Api(api)
+    core.create_namespaced_secret(namespace, {"metadata": {"name": "webhook"}, "data": body})
+    settings = CertSettings(namespace=namespace, secret="webhook", webhook_config="", sans=SANS)
+    asyncio.run(CertKeeper(api, settings, ServingCert()).ensure())
+    repaired = decode(core.read_namespaced_secret("webhook", namespace))
+    assert ca_problem(repaired) is None and leaf_problem(repaired, SANS) is None

@@ -73,8 +73,13 @@ def _san(name: str) -> x509.GeneralName:
 
 
 def _builder(
-    subject: str, issuer: x509.Name | None, public_key: Any, validity: datetime.timedelta
+    subject: str,
+    issuer: x509.Name | None,
+    public_key: Any,
+    validity: datetime.timedelta,
+    not_after: datetime.datetime | None = None,
 ) -> x509.CertificateBuilder:
+    """`not_after`: no later than this (a leaf never outlives its CA)."""
     now = datetime.datetime.now(datetime.UTC)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
     return (
@@ -84,7 +89,7 @@ def _builder(
         .public_key(public_key)
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - BACKDATE)  # clocks a little behind ours
-        .not_valid_after(now + validity)
+        .not_valid_after(min(now + validity, not_after or now + validity))
     )
 
 
@@ -105,7 +110,7 @@ def issue_leaf(ca: dict[str, bytes], sans: tuple[str, ...]) -> dict[str, bytes]:
     ca_key = serialization.load_pem_private_key(ca["ca.key"], None)
     key = _key()
     cert = (
-        _builder(sans[0], ca_cert.subject, key.public_key(), LEAF_VALIDITY)
+        _builder(sans[0], ca_cert.subject, key.public_key(), LEAF_VALIDITY, ca_cert.not_valid_after_utc)
         .add_extension(x509.SubjectAlternativeName([_san(s) for s in sans]), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
@@ -114,15 +119,51 @@ def issue_leaf(ca: dict[str, bytes], sans: tuple[str, ...]) -> dict[str, bytes]:
     return {"tls.crt": cert.public_bytes(serialization.Encoding.PEM), "tls.key": _pem_key(key)}
 
 
+def _pair(data: dict[str, bytes], crt: str, key: str) -> x509.Certificate:
+    """The certificate `crt` of `data`, checked to parse and to match its private key `key` (ValueError if not)."""
+    cert = x509.load_pem_x509_certificate(data[crt])
+    private = serialization.load_pem_private_key(data[key], None)
+    if private.public_key().public_bytes(*PUBLIC) != cert.public_key().public_bytes(*PUBLIC):
+        raise ValueError(f"{key} is not the key of {crt}")
+    return cert
+
+
+PUBLIC = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def ca_problem(data: dict[str, bytes], now: datetime.datetime | None = None) -> str | None:
+    """Why the CA in `data` must be replaced (missing, unparseable, not a CA, its key another's, expiring: a
+    Secret edited by hand or cut short must not stop the webhook for ever), else None."""
+    if not (data.get("ca.crt") and data.get("ca.key")):
+        return "missing"
+    try:
+        ca = _pair(data, "ca.crt", "ca.key")
+        if not ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
+            return "not a CA"
+    except (ValueError, TypeError, x509.ExtensionNotFound) as err:
+        return f"unusable: {err}"
+    if ca.not_valid_after_utc - (now or datetime.datetime.now(datetime.UTC)) < RENEW_BEFORE:
+        return f"expires {ca.not_valid_after_utc:%Y-%m-%d}"
+    return None
+
+
 def leaf_problem(data: dict[str, bytes], sans: tuple[str, ...], now: datetime.datetime | None = None) -> str | None:
-    """Why the leaf in `data` must be reissued (missing, expiring, other names, another CA's), else None."""
+    """Why the leaf in `data` must be reissued (missing, unparseable, expiring, outliving its CA, other names,
+    another CA's), else None."""
     if not all(data.get(k) for k in KEYS):
         return "incomplete"
-    leaf = x509.load_pem_x509_certificate(data["tls.crt"])
-    ca = x509.load_pem_x509_certificate(data["ca.crt"])
+    try:
+        leaf = _pair(data, "tls.crt", "tls.key")
+        ca = x509.load_pem_x509_certificate(data["ca.crt"])
+        named = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return "names no hosts (no subjectAltName)"
+    except (ValueError, TypeError) as err:
+        return f"unusable: {err}"
     if leaf.not_valid_after_utc - (now or datetime.datetime.now(datetime.UTC)) < RENEW_BEFORE:
         return f"expires {leaf.not_valid_after_utc:%Y-%m-%d}"
-    named = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    if leaf.not_valid_after_utc > ca.not_valid_after_utc:
+        return "outlives its CA"
     if set(named) != {_san(s) for s in sans}:
         return "names other hosts"
     try:  # by signature: two CAs of ours share a name
@@ -223,8 +264,9 @@ class CertKeeper:
                 if err.status != 409:
                     raise
                 data = await self.read() or {}  # another replica made it first: keep theirs
-        if not (data.get("ca.crt") and data.get("ca.key")):
-            data |= issue_ca()
+        if reason := ca_problem(data):
+            log.warning("issuing a new webhook CA: the one in Secret %s/%s is %s", s.namespace, s.secret, reason)
+            data |= issue_ca()  # its leaf is then another CA's: reissued below
         if reason := leaf_problem(data, s.sans):
             data |= issue_leaf(data, s.sans)
             patch = {"data": {k: base64.b64encode(v).decode() for k, v in data.items()}}
