@@ -129,3 +129,42 @@ def test_a_standby_reconciles_nothing_until_it_leads_and_stops_when_it_loses_the
         assert Counter(key for key, _ in loop.passes) == {("ns", f"g{i}"): 2 for i in range(3)}
 
     asyncio.run(run())
+
+
+def test_a_write_is_given_up_before_another_replica_could_take_the_lease(api):
+    """A write that passed the leadership check could take the client's whole 30 s timeout, past a 15 s
+    takeover: its timeout is cut to what is left of the lease (less a margin), and with nothing left it is not
+    sent at all."""
+    from mmgraph_operator.reconcile import WRITE_MARGIN, NotLeading
+
+    reconciler = Reconciler(api, "1.20")
+    reconciler.lead()
+    sent: list[float] = []
+    write = reconciler._writing(lambda **kwargs: sent.append(kwargs["_request_timeout"]))
+    reconciler.lease_ends = lambda: time.monotonic() + 4.0
+    write(_request_timeout=30.0)
+    assert 0 < sent[-1] <= 4.0 - WRITE_MARGIN
+    reconciler.lease_ends = lambda: time.monotonic() + WRITE_MARGIN / 2
+    with pytest.raises(NotLeading):
+        write(_request_timeout=30.0)
+    assert len(sent) == 1
+
+
+def test_a_prune_deletes_only_the_object_it_read(api, namespace):
+    """Between the prune's read and its delete, the child may be deleted and made again by someone else (same
+    name, another uid): the delete carries the uid it read as a precondition, so the new object stays."""
+    from kubernetes import client
+    from mmgraph_operator.reconcile import ChildKey
+
+    core = client.CoreV1Api(api)
+    core.create_namespaced_config_map(namespace, {"metadata": {"name": "child"}, "data": {"a": "1"}})
+    reconciler = Reconciler(api, "1.20")
+    reconciler.lead()
+    ck = ChildKey("v1", "ConfigMap", namespace, "child")
+
+    async def read_then_lose_the_race(_: ChildKey) -> dict:
+        return {"metadata": {"name": "child", "uid": "0a0a0a0a-0000-0000-0000-000000000000"}}  # the one it read
+
+    reconciler._get = read_then_lose_the_race
+    assert asyncio.run(reconciler._prune((namespace, "g"), ck)) is False
+    assert core.read_namespaced_config_map("child", namespace).data == {"a": "1"}, "another's object was deleted"

@@ -83,6 +83,11 @@ class LeaseElector:
                 self._set(False)
             await asyncio.sleep(self.timing.retry)
 
+    def held_until(self) -> float:
+        """The monotonic time before which no other replica can take the lease over: our last stored renewal plus
+        the duration another waits, unrenewed, before it takes over (a write of ours must have landed by then)."""
+        return self._renewed + self.timing.duration if self.leading else 0.0
+
     def _set(self, leading: bool) -> None:
         self.leading = leading
         metrics.LEADER.set(int(leading))

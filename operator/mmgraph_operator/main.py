@@ -84,6 +84,7 @@ def register(registry: kopf.OperatorRegistry, opts: Options, api: client.ApiClie
             memo.elector = LeaseElector(
                 api, opts.own_namespace, opts.lease, opts.identity, opts.timing, reconciler.lead, reconciler.follow
             )
+            reconciler.lease_ends = memo.elector.held_until
             memo.tasks.append(asyncio.create_task(memo.elector.run(), name="leader election"))
         else:
             reconciler.lead()

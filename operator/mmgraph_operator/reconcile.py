@@ -17,9 +17,11 @@ import datetime
 import hashlib
 import json
 import logging
+import math
 import secrets
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -69,6 +71,7 @@ DEBOUNCE = 0.05  # seconds to gather a burst of events into one pass
 MAX_BACKOFF = 60.0
 RECHECK = 5.0  # seconds before asking the server again whether it serves an optional kind it did not
 SERVED_RECHECK = 60.0  # ... and one it did (its CRD may be deleted)
+WRITE_MARGIN = 1.0  # seconds before the lease could be taken over by which a write has been given up
 
 GraphKey = tuple[str, str]  # namespace, name
 
@@ -169,6 +172,7 @@ class Reconciler:
         self.primed = asyncio.Event()
         self.served: dict[tuple[str, str], tuple[bool, float]] = {}  # optional kinds: served?, when we asked
         self.leading = asyncio.Event()  # only the leader reconciles (leader.py); a standby keeps its caches warm
+        self.lease_ends: Callable[[], float] = lambda: math.inf  # the elector's held_until, where there is one
 
     async def prime(self, namespaces: list[str], kinds: list[tuple[str, str]]) -> None:
         """Fill the child cache with one LIST per kind (and namespace) before any reconcile pass runs."""
@@ -442,10 +446,12 @@ class Reconciler:
         self.applied.pop(ck, None)
         if fresh is None:
             return False
+        uid = fresh["metadata"].get("uid")  # the object we read, not one of the same name made since
+        options = {"apiVersion": "v1", "kind": "DeleteOptions", "preconditions": {"uid": uid}}
         try:
-            await call(self._writing(self._resource(ck).delete), name=ck.name, namespace=ck.namespace)
+            await call(self._writing(self._resource(ck).delete), name=ck.name, namespace=ck.namespace, body=options)
         except ApiException as err:
-            if err.status != 404:
+            if err.status not in (404, 409):  # 409: its uid is another's now: not ours to delete
                 raise
             return False
         metrics.WRITES.labels(verb="delete", kind=ck.kind).inc()
@@ -519,12 +525,15 @@ class Reconciler:
             log.warning("could not post Event %s for %s: %s", reason, meta["name"], err.reason)
 
     def _writing(self, fn: Any) -> Any:
-        """`fn`, refused in its thread at the last moment if this replica no longer leads: a write queued before
-        the lease was lost must not land while another replica reconciles."""
+        """`fn`, refused in its thread at the last moment if this replica no longer leads, and given up (its
+        client timeout) before another replica could take the lease over (`lease_ends`): a write queued before
+        the lease was lost, or slow past it, must not land while another replica reconciles."""
 
         def guarded(*args: Any, **kwargs: Any) -> Any:
-            if not self.leading.is_set():
+            left = self.lease_ends() - time.monotonic() - WRITE_MARGIN
+            if not self.leading.is_set() or left <= 0:
                 raise NotLeading("this replica lost the lease")
+            kwargs["_request_timeout"] = min(kwargs.get("_request_timeout") or left, left)
             return fn(*args, **kwargs)
 
         return guarded
