@@ -51,6 +51,7 @@ from mmgraph_workers.protocol import (
     sampling_params,
 )
 from mmgraph_workers.server import (
+    Detached,
     add_common_arguments,
     add_kv_lease_argument,
     add_transfer_arguments,
@@ -197,7 +198,7 @@ class Engine:
         self.encoders = Peer("encoder", args.encoder_url) if args.encoder_url else None
         self.pds = Peer("pd", args.pd_url) if args.pd_url else None
         self.in_flight = 0  # requests in this engine, from every caller
-        self.releasing: set[asyncio.Task] = set()  # releases of a cancelled request's embeddings, until sent
+        self.releasing = Detached()  # releases of a cancelled request's embeddings
         self.max_num_seqs = 1
 
     def info(self) -> WorkerInfo | None:
@@ -308,9 +309,7 @@ class Engine:
             log.warning("request %s: %s", req.request_id, str(err) or "the embeddings' pull deadline passed")
             raise StageError("pulling embeddings from the encoder failed", 502, retry=True) from err
         except asyncio.CancelledError:
-            task = asyncio.create_task(self._release(req.encoded[unread:]))
-            self.releasing.add(task)
-            task.add_done_callback(self.releasing.discard)
+            self.releasing.start(self._release(req.encoded[unread:]))
             raise
         return embeds
 

@@ -72,6 +72,19 @@ def other_version(version: int) -> JSONResponse:
     return JSONResponse({"error": error, "status": 400, "speaks": list(SPOKEN)}, status_code=400)
 
 
+class Detached:
+    """Tasks that must finish even though the request that started them is cancelled (a client that leaves cancels
+    every await of its request): held here until done, since the event loop keeps only a weak reference."""
+
+    def __init__(self) -> None:
+        self.tasks: set[asyncio.Task] = set()
+
+    def start(self, work: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(work)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+
 class BodyTooLarge(Exception):
     """A request body went past the stage's --max-request-bytes while it was read."""
 

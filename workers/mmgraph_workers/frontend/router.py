@@ -39,7 +39,7 @@ from mmgraph_workers.protocol import (
     PlaceholderItem,
     WorkerInfo,
 )
-from mmgraph_workers.server import peer_headers, peer_token
+from mmgraph_workers.server import Detached, peer_headers, peer_token
 
 log = logging.getLogger("mmgraph.frontend")
 SPEAKS_TTL = 60.0  # seconds a peer's older protocol version is remembered (its address may serve a new release next)
@@ -126,7 +126,7 @@ class Router:
         # peer base URL -> the protocol version it reads, where not ours, and when it said so (a replica mid-rollout)
         self.speaks: dict[str, tuple[int, float]] = {}
         self.pd_info: WorkerInfo | None = None
-        self.releasing: set[asyncio.Task] = set()  # releases of failed requests' embeddings, until they are sent
+        self.releasing = Detached()  # releases of failed requests' embeddings
 
     async def watch_peers(self) -> None:
         """Re-resolve every stage's replicas (quickly until pd has answered once, then every 2 s)."""
@@ -297,9 +297,7 @@ class Router:
 
     def _release_later(self, done: list[tuple[str, list[int], list[EncodedItem]]]) -> None:
         """`_release` in a task of its own: a cancelled request (the client left) cancels every await of its own."""
-        task = asyncio.create_task(self._release(done))
-        self.releasing.add(task)
-        task.add_done_callback(self.releasing.discard)
+        self.releasing.start(self._release(done))
 
     async def _release(self, done: list[tuple[str, list[int], list[EncodedItem]]]) -> None:
         """Free what encoders published for a request that failed elsewhere (else it waits out its TTL)."""
