@@ -124,23 +124,26 @@ def operator(
 
 
 def ca_bundle(api: client.ApiClient) -> str | None:
-    (hook,) = client.AdmissionregistrationV1Api(api).read_validating_webhook_configuration(WEBHOOK_CONFIG).webhooks
-    return hook.client_config.ca_bundle
+    """The caBundle of the chart's webhooks (one for creates, one for updates), once the operator set them all."""
+    hooks = client.AdmissionregistrationV1Api(api).read_mutating_webhook_configuration(WEBHOOK_CONFIG).webhooks
+    bundles = {hook.client_config.ca_bundle for hook in hooks}
+    return bundles.pop() if len(bundles) == 1 else None
 
 
 @contextlib.contextmanager
 def webhook_absent(api: client.ApiClient) -> Iterator[None]:
-    """Unregister the webhook for the duration (as if it were never installed), then put it back as it was."""
+    """Unregister the webhook for the duration (as if it were never installed, or the operator were down and the
+    request were let through), then put it back as it was."""
     admission = client.AdmissionregistrationV1Api(api)
-    saved = api.sanitize_for_serialization(admission.read_validating_webhook_configuration(WEBHOOK_CONFIG))
-    admission.delete_validating_webhook_configuration(WEBHOOK_CONFIG)
+    saved = api.sanitize_for_serialization(admission.read_mutating_webhook_configuration(WEBHOOK_CONFIG))
+    admission.delete_mutating_webhook_configuration(WEBHOOK_CONFIG)
     time.sleep(1.5)  # the API server's webhook informer catches up
     try:
         yield
     finally:
         meta = saved["metadata"]
         saved["metadata"] = {k: meta[k] for k in ("name", "labels", "annotations") if k in meta}
-        admission.create_validating_webhook_configuration(saved)
+        admission.create_mutating_webhook_configuration(saved)
         time.sleep(1.5)
 
 

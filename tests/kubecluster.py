@@ -359,7 +359,7 @@ def operator_kubeconfig_of(cluster: KubeCluster, api: Any) -> Path:
     return cluster.kubeconfig_for_token("operator", token)
 
 
-WEBHOOK_CONFIG = f"{RELEASE}-operator"  # the chart's ValidatingWebhookConfiguration (and Lease, and Secret prefix)
+WEBHOOK_CONFIG = f"{RELEASE}-operator"  # the chart's MutatingWebhookConfiguration (and Lease, and Secret prefix)
 LEASE_TIMING = ["--lease-duration=7", "--lease-renew-deadline=4", "--lease-retry=1"]  # tests' short lease
 
 
@@ -390,6 +390,7 @@ class OperatorProcess:
         argv += [f"--leader-election-lease={WEBHOOK_CONFIG}", *LEASE_TIMING]
         argv += [f"--webhook-port={self.webhook_port}", f"--webhook-secret={WEBHOOK_CONFIG}-webhook"]
         argv += [f"--webhook-config={WEBHOOK_CONFIG}", "--webhook-san=127.0.0.1", "--webhook-cert-check=1"]
+        argv += [f"--admission-secret={WEBHOOK_CONFIG}-admission"]
         argv += [f"--metrics-port={self.metrics_port}", f"--health-port={self.health_port}"]
         argv += [f"--namespace={ns}" for ns in self.namespaces]
         self.proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)

@@ -13,7 +13,7 @@ import pytest
 from cryptography import x509
 from mmgraph_operator.certs import ServingCert, issue_ca, issue_leaf, leaf_problem, service_sans
 from mmgraph_operator.leader import Timing
-from mmgraph_operator.webhook import validate_graph
+from mmgraph_operator.webhook import admit_graph
 
 SANS = (*service_sans("mmgraph-operator", "mmgraph-system"), "127.0.0.1")
 
@@ -90,9 +90,17 @@ def test_the_webhook_admits_graphs_outside_the_namespaces_it_watches():
     """1.20 cannot select namespaces by name: the webhook is asked about every namespace, and leaves graphs that
     another operator (or none) watches alone."""
     bad = {"apiVersion": "mmgraph.io/v1alpha1", "kind": "MultimodalGraph", "metadata": {"name": "g"}, "spec": {}}
-    validate_graph({**bad, "metadata": {"name": "g", "namespace": "elsewhere"}}, namespaces=["team-a"])
+
+    def admit(namespace: str) -> None:
+        body = kopf.Body({**bad, "metadata": {"name": "g", "namespace": namespace}})
+        review = admit_graph(
+            body, None, "CREATE", {}, kopf.Patch(), [], namespaces=["team-a"], key=None, api=None, kube_version="1.20"
+        )
+        asyncio.run(review)
+
+    admit("elsewhere")
     with pytest.raises(kopf.AdmissionError):
-        validate_graph({**bad, "metadata": {"name": "g", "namespace": "team-a"}}, namespaces=["team-a"])
+        admit("team-a")
 
 
 def _without_san(data: dict[str, bytes]) -> dict[str, bytes]:

@@ -114,7 +114,7 @@ def test_two_renders_are_byte_identical_and_carry_no_certificate(values):
     assert render_text(values) == render_text(values)
     docs = rendered(values)
     assert not [d for d in docs if d["kind"] == "Secret"]
-    for config in [d for d in docs if d["kind"] == "ValidatingWebhookConfiguration"]:
+    for config in [d for d in docs if d["kind"] == "MutatingWebhookConfiguration"]:
         assert all("caBundle" not in hook["clientConfig"] for hook in config["webhooks"])
 
 
@@ -140,7 +140,8 @@ def test_two_replicas_by_default_on_two_nodes_one_leading():
 
 
 def test_the_operator_may_touch_only_its_own_lease_secret_and_webhook():
-    """Cluster-wide it may not read a Secret; in its own namespace it reads and patches the one it keeps."""
+    """Cluster-wide it may not read a Secret; in its own namespace it reads and patches the two it keeps (the
+    webhook's certificate, the key of its stamps). Cluster-wide it may ask whether a user may do a thing."""
     docs = rendered({})
     self_role = one(docs, "Role", "-self")
     assert self_role["metadata"]["namespace"] == OPERATOR_NS
@@ -149,12 +150,14 @@ def test_the_operator_may_touch_only_its_own_lease_secret_and_webhook():
         ("leases", ()): {"create"},
         ("leases", ("mmgraph-operator",)): {"get", "update"},
         ("secrets", ()): {"create"},
-        ("secrets", ("mmgraph-operator-webhook",)): {"get", "patch"},
+        ("secrets", ("mmgraph-operator-admission", "mmgraph-operator-webhook")): {"get", "patch"},
     }
+    (rule,) = one(docs, "ClusterRole", "-review")["rules"]
+    assert rule == {"apiGroups": ["authorization.k8s.io"], "resources": ["subjectaccessreviews"], "verbs": ["create"]}
     (rule,) = one(docs, "ClusterRole", "-webhook")["rules"]
     assert rule == {
         "apiGroups": ["admissionregistration.k8s.io"],
-        "resources": ["validatingwebhookconfigurations"],
+        "resources": ["mutatingwebhookconfigurations"],
         "resourceNames": ["mmgraph-operator"],
         "verbs": ["get", "update"],
     }
@@ -165,14 +168,15 @@ def test_cert_manager_instead_makes_the_certificate_and_injects_the_ca():
     certificate = one(docs, "Certificate")
     assert certificate["spec"]["secretName"] == "mmgraph-operator-webhook"
     assert certificate["spec"]["issuerRef"] == {"name": "mmgraph-operator-selfsigned", "kind": "Issuer"}
-    config = one(docs, "ValidatingWebhookConfiguration")
+    config = one(docs, "MutatingWebhookConfiguration")
     assert config["metadata"]["annotations"] == {
         "cert-manager.io/inject-ca-from": f"{OPERATOR_NS}/mmgraph-operator-webhook"
     }
     args = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--webhook-cert-dir=/etc/mmgraph/webhook" in args and not any("--webhook-secret" in a for a in args)
     assert not [d for d in docs if d["kind"] == "ClusterRole" and d["metadata"]["name"].endswith("-webhook")]
-    assert {r["resources"][0] for r in one(docs, "Role", "-self")["rules"]} == {"leases"}
+    secrets = [r for r in one(docs, "Role", "-self")["rules"] if r["resources"] == ["secrets"]]
+    assert [r.get("resourceNames") for r in secrets] == [None, ["mmgraph-operator-admission"]]  # not the certificate
     named = rendered(
         {"webhook": {"certManager": {"enabled": True, "issuerRef": {"name": "ca", "kind": "ClusterIssuer"}}}}
     )

@@ -48,6 +48,7 @@ def probe_standby(api: client.ApiClient, standby: OperatorProcess, namespace: st
         "admissionReviewVersions": ["v1"],
         "sideEffects": "None",
         "failurePolicy": "Fail",
+        "reinvocationPolicy": "IfNeeded",
         "clientConfig": {
             "url": f"https://127.0.0.1:{standby.webhook_port}/multimodalgraph",
             "caBundle": base64.b64encode(ca).decode(),
@@ -65,7 +66,7 @@ def probe_standby(api: client.ApiClient, standby: OperatorProcess, namespace: st
     label = {"metadata": {"labels": {"kubernetes.io/metadata.name": namespace}}}  # 1.20 does not set it
     client.CoreV1Api(api).patch_namespace(namespace, label)
     body = {"metadata": {"name": PROBE}, "webhooks": [hook]}
-    client.AdmissionregistrationV1Api(api).create_validating_webhook_configuration(body)
+    client.AdmissionregistrationV1Api(api).create_mutating_webhook_configuration(body)
     time.sleep(1.5)  # the API server's webhook informer catches up
 
 
@@ -146,7 +147,7 @@ def test_two_operators_one_leader_takeover_and_certificate_rotation(
         assert not [e for e in writes if e.get("userAgent", "").startswith("mmgraph-operator/") and e not in renewals]
     finally:
         with contextlib.suppress(ApiException):
-            client.AdmissionregistrationV1Api(api).delete_validating_webhook_configuration(PROBE)
+            client.AdmissionregistrationV1Api(api).delete_mutating_webhook_configuration(PROBE)
         standby.stop()  # a clean exit gives the lease up: the session's operator leads again at once
         if operator.proc is None or operator.proc.poll() is not None:
             operator.start()

@@ -151,8 +151,9 @@ def test_a_write_is_given_up_before_another_replica_could_take_the_lease(api):
 
 
 def test_a_prune_deletes_only_the_object_it_read(api, namespace):
-    """Between the prune's read and its delete, the child may be deleted and made again by someone else (same
-    name, another uid): the delete carries the uid it read as a precondition, so the new object stays."""
+    """An object the graph's uid does not own is never pruned, whatever its labels; and between the prune's read
+    and its delete, the child may be deleted and made again by someone else (same name, another uid): the delete
+    carries the uid it read as a precondition, so the new object stays."""
     from kubernetes import client
     from mmgraph_operator.reconcile import ChildKey
 
@@ -162,9 +163,16 @@ def test_a_prune_deletes_only_the_object_it_read(api, namespace):
     reconciler.lead()
     ck = ChildKey("v1", "ConfigMap", namespace, "child")
 
+    graph_uid = "9b9b9b9b-0000-0000-0000-000000000000"
+    assert asyncio.run(reconciler._prune((namespace, "g"), graph_uid, ck)) is False  # not the graph's: no delete
+    assert core.read_namespaced_config_map("child", namespace).data == {"a": "1"}, "an object not owned was deleted"
+
     async def read_then_lose_the_race(_: ChildKey) -> dict:
-        return {"metadata": {"name": "child", "uid": "0a0a0a0a-0000-0000-0000-000000000000"}}  # the one it read
+        owner = {"kind": "MultimodalGraph", "name": "g", "uid": graph_uid}
+        return {
+            "metadata": {"name": "child", "uid": "0a0a0a0a-0000-0000-0000-000000000000", "ownerReferences": [owner]}
+        }
 
     reconciler._get = read_then_lose_the_race
-    assert asyncio.run(reconciler._prune((namespace, "g"), ck)) is False
+    assert asyncio.run(reconciler._prune((namespace, "g"), graph_uid, ck)) is False
     assert core.read_namespaced_config_map("child", namespace).data == {"a": "1"}, "another's object was deleted"

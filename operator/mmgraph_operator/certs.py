@@ -2,7 +2,7 @@
 
 A CA (ten years) and a leaf (one year) live in one Secret in the operator's own namespace (ca.crt, ca.key,
 tls.crt, tls.key). The leader makes the Secret when it is missing, reissues the leaf from the same CA when it has
-less than 30 days left or names other hosts, and keeps the caBundle of its own ValidatingWebhookConfiguration equal
+less than 30 days left or names other hosts, and keeps the caBundle of its own MutatingWebhookConfiguration equal
 to ca.crt. Every replica (leader or standby) serves the webhook and reads the Secret every few seconds, loading a
 changed certificate into its live TLS context: no restart, and the API server's trust (the CA) never changes
 when only the leaf does. `helm template`, Argo CD and `helm upgrade` render no certificate at all.
@@ -46,7 +46,7 @@ KEYS = ("ca.crt", "ca.key", "tls.crt", "tls.key")
 class CertSettings:
     namespace: str  # the operator's own namespace, where the Secret lives
     secret: str
-    webhook_config: str  # the ValidatingWebhookConfiguration whose caBundle the leader keeps ("" = none)
+    webhook_config: str  # the MutatingWebhookConfiguration whose caBundle the leader keeps ("" = none)
     sans: tuple[str, ...]  # DNS names and IP addresses the leaf names
     interval: float = 10.0  # seconds between two reads of the Secret
 
@@ -280,7 +280,7 @@ class CertKeeper:
         """caBundle = ca.crt; for CA_OVERLAP after a new CA, also the CAs it trusted before, so a replica that has
         not yet loaded the new leaf (it looks every few seconds) is still trusted."""
         try:
-            config = await call(self.admission.read_validating_webhook_configuration, self.settings.webhook_config)
+            config = await call(self.admission.read_mutating_webhook_configuration, self.settings.webhook_config)
         except ApiException as err:
             if err.status == 404:  # not installed (yet): nothing to keep
                 return
@@ -297,7 +297,7 @@ class CertKeeper:
             return
         for hook in stale:
             hook.client_config.ca_bundle = wanted
-        await call(self.admission.replace_validating_webhook_configuration, self.settings.webhook_config, config)
+        await call(self.admission.replace_mutating_webhook_configuration, self.settings.webhook_config, config)
         log.info("set caBundle of %s (%d webhooks)", self.settings.webhook_config, len(stale))
 
     async def keep(self, leading: Callable[[], bool]) -> None:

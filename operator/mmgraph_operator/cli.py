@@ -73,6 +73,7 @@ def cmd_operator(args: argparse.Namespace) -> int:
         webhook_cert_dir=args.webhook_cert_dir,
         webhook_secret=args.webhook_secret,
         webhook_config=args.webhook_config,
+        admission_secret=args.admission_secret,
         webhook_sans=sans,
         cert_interval=args.webhook_cert_check,
         lease=args.leader_election_lease,
@@ -91,8 +92,13 @@ def _operator_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--operator-namespace", default="", help="the operator's own namespace (default: POD_NAMESPACE)")
     p.add_argument("--metrics-port", type=int, default=8080, help="Prometheus metrics port (0: off)")
     p.add_argument("--health-port", type=int, default=8081, help="liveness endpoint port (0: off)")
-    w = p.add_argument_group("validating webhook")
-    w.add_argument("--webhook-port", type=int, default=0, help="serve the validating webhook on this port")
+    w = p.add_argument_group("admission webhook")
+    w.add_argument(
+        "--webhook-port",
+        type=int,
+        default=0,
+        help="serve the admission webhook on this port; then only a spec it checked is applied",
+    )
     w.add_argument(
         "--webhook-secret",
         default="",
@@ -100,7 +106,12 @@ def _operator_parser(p: argparse.ArgumentParser) -> None:
         "(in the operator's namespace): the leader makes and renews it, every replica serves it",
     )
     w.add_argument(
-        "--webhook-config", default="", help="the ValidatingWebhookConfiguration whose caBundle the leader keeps"
+        "--webhook-config", default="", help="the MutatingWebhookConfiguration whose caBundle the leader keeps"
+    )
+    w.add_argument(
+        "--admission-secret",
+        default="mmgraph-operator-admission",
+        help="the Secret (in the operator's namespace) holding the key of the webhook's stamps: the leader makes it",
     )
     w.add_argument("--webhook-service", default="", help="the webhook's Service: the certificate names it")
     w.add_argument("--webhook-san", action="append", default=[], help="another name or IP for the certificate")

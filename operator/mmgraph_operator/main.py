@@ -20,6 +20,7 @@ from typing import Any
 import kopf
 from kubernetes import client
 
+from mmgraph_operator.admission import AdmissionKey
 from mmgraph_operator.api import GROUP, PLURAL, VERSION
 from mmgraph_operator.certs import CertKeeper, CertSettings, ServingCert
 from mmgraph_operator.kubeapi import api_client
@@ -55,7 +56,8 @@ class Options:
     webhook_port: int = 0
     webhook_cert_dir: str | None = None  # tls.crt/tls.key files (bring your own, e.g. cert-manager's Secret)
     webhook_secret: str = ""  # else: keep the certificate in this Secret (certs.py)
-    webhook_config: str = ""  # the ValidatingWebhookConfiguration whose caBundle the leader keeps
+    webhook_config: str = ""  # the MutatingWebhookConfiguration whose caBundle the leader keeps
+    admission_secret: str = "mmgraph-operator-admission"  # the key of the webhook's stamps (admission.py)
     webhook_sans: tuple[str, ...] = ()
     cert_interval: float = 10.0
     lease: str = ""  # "" = no election: lead at once (one replica)
@@ -65,6 +67,8 @@ class Options:
 def register(registry: kopf.OperatorRegistry, opts: Options, api: client.ApiClient, kube_version: str) -> None:
     """All handlers, on an explicit registry (no import-time globals)."""
     kinds = child_kinds(kube_version)
+    # With the webhook, a spec is applied only once the webhook has checked it; without one, nothing is checked.
+    key = AdmissionKey(api, opts.own_namespace, opts.admission_secret) if opts.webhook_port else None
 
     @kopf.on.startup(registry=registry)
     async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: Any, **_: Any) -> None:
@@ -77,7 +81,7 @@ def register(registry: kopf.OperatorRegistry, opts: Options, api: client.ApiClie
         settings.watching.client_timeout = 330
         asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(32, thread_name_prefix="kube-api"))
         await _stop(getattr(memo, "tasks", []))  # kopf retries a failed startup: one election, one keeper
-        memo.reconciler = reconciler = Reconciler(api, kube_version)
+        memo.reconciler = reconciler = Reconciler(api, kube_version, admission=key)
         memo.tasks = []
         memo.elector = None
         if opts.lease:
@@ -88,8 +92,12 @@ def register(registry: kopf.OperatorRegistry, opts: Options, api: client.ApiClie
             memo.tasks.append(asyncio.create_task(memo.elector.run(), name="leader election"))
         else:
             reconciler.lead()
-        if opts.webhook_port:
+        if key:
+            memo.tasks.append(
+                asyncio.create_task(key.keep(reconciler.leading.is_set, opts.cert_interval), name="admission key")
+            )
             settings.admission.server = await _webhook_server(api, opts, reconciler, memo.tasks)
+            await key.ready.wait()  # kopf serves once startup returns: every stamp needs the key
             settings.admission.managed = None  # the chart (or the tests) own the webhook configuration
         await reconciler.prime(opts.namespaces, [(f"{g}/{v}" if g else v, kind) for g, v, _, kind in kinds])
         logger.info("mmgraph operator %s for Kubernetes %s", opts.identity, kube_version)
@@ -114,11 +122,11 @@ def register(registry: kopf.OperatorRegistry, opts: Options, api: client.ApiClie
             _child_event
         )
 
-    if opts.webhook_port:
-        from mmgraph_operator.webhook import validate_graph
+    if key:
+        from mmgraph_operator.webhook import admit_graph
 
-        kopf.on.validate(GROUP, VERSION, PLURAL, id="multimodalgraph", registry=registry)(
-            functools.partial(validate_graph, namespaces=opts.namespaces)
+        kopf.on.mutate(GROUP, VERSION, PLURAL, id="multimodalgraph", registry=registry)(
+            functools.partial(admit_graph, namespaces=opts.namespaces, key=key, api=api, kube_version=kube_version)
         )
 
 

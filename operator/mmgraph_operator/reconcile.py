@@ -31,6 +31,7 @@ from kubernetes.utils.quantity import parse_quantity
 from pydantic import ValidationError
 
 from mmgraph_operator import metrics
+from mmgraph_operator.admission import AdmissionKey
 from mmgraph_operator.api import (
     GROUP,
     KIND,
@@ -93,6 +94,13 @@ class NotLeading(RuntimeError):
 def child_key(obj: dict[str, Any]) -> ChildKey:
     meta = obj["metadata"]
     return ChildKey(obj["apiVersion"], obj["kind"], meta.get("namespace", ""), meta["name"])
+
+
+def owned(obj: dict[str, Any], uid: str) -> bool:
+    """Whether the graph of this uid owns `obj`: its name and labels say nothing (anyone may set them)."""
+    return any(
+        ref.get("kind") == KIND and ref.get("uid") == uid for ref in obj["metadata"].get("ownerReferences") or []
+    )
 
 
 def owner_of(obj: dict[str, Any]) -> GraphKey | None:
@@ -160,7 +168,9 @@ class GraphState:
 class Reconciler:
     """Owns the caches and the per-graph tasks; kopf handlers only call graph_event/child_event."""
 
-    def __init__(self, api: client.ApiClient, kube_version: str, concurrency: int = 8):
+    def __init__(
+        self, api: client.ApiClient, kube_version: str, concurrency: int = 8, admission: AdmissionKey | None = None
+    ):
         self.api = api
         self.dyn = dynamic.DynamicClient(api)
         self.kube_version = kube_version
@@ -173,6 +183,7 @@ class Reconciler:
         self.served: dict[tuple[str, str], tuple[bool, float]] = {}  # optional kinds: served?, when we asked
         self.leading = asyncio.Event()  # only the leader reconciles (leader.py); a standby keeps its caches warm
         self.lease_ends: Callable[[], float] = lambda: math.inf  # the elector's held_until, where there is one
+        self.admission = admission  # with the webhook: apply only a spec it stamped (admission.py)
 
     async def prime(self, namespaces: list[str], kinds: list[tuple[str, str]]) -> None:
         """Fill the child cache with one LIST per kind (and namespace) before any reconcile pass runs."""
@@ -234,6 +245,8 @@ class Reconciler:
             await asyncio.sleep(DEBOUNCE)
             await self.primed.wait()
             await self.leading.wait()
+            if self.admission:
+                await self.admission.ready.wait()  # no key yet: no graph can be told admitted
             state.pending.clear()
             try:
                 async with self.slots:
@@ -284,18 +297,23 @@ class Reconciler:
                     key, body, "InvalidSpec", explain(err) if isinstance(err, ValidationError) else str(err)
                 )
                 return
+            if self.admission and not self.admission.admitted(graph):
+                await self._degraded(key, body, "NotAdmitted", not_admitted(graph))
+                return
             unserved = [m for m in manifests if not await self._serves(m["apiVersion"], m["kind"])]
             desired = {child_key(m): m for m in manifests if m not in unserved}
+            uid = body["metadata"].get("uid", "")
             changed: list[str] = []
+            foreign: list[str] = []
             try:
                 if (body.get("status") or {}).get("peerCredential") != peer_credential_name(graph):
                     changed += await self._create_credential(graph)
-                applied = await asyncio.gather(*(self._ensure(key, ck, m) for ck, m in desired.items()))
+                applied = await asyncio.gather(*(self._ensure(key, uid, ck, m, foreign) for ck, m in desired.items()))
                 changed += [f"{ck.kind} {ck.name}" for ck, wrote in zip(desired, applied, strict=True) if wrote]
                 # while agg's API moves into pd, nothing goes: the old frontend serves, through the stages it calls
                 moving_in = api_pods != api_stage(graph.spec) == StageName.PD
                 stale = [] if moving_in else [ck for ck in self.children[key] if ck not in desired]
-                pruned = await asyncio.gather(*(self._prune(key, ck) for ck in stale))
+                pruned = await asyncio.gather(*(self._prune(key, uid, ck) for ck in stale))
                 changed += [f"deleted {ck.kind} {ck.name}" for ck, gone in zip(stale, pruned, strict=True) if gone]
             except ApiException as err:
                 if _terminating(err):
@@ -313,8 +331,10 @@ class Reconciler:
                 for stage in process_stages(graph.spec)
             }
             status = running_status(graph, deployments, endpoint(graph))
-            if unserved:
-                await self._not_served(body, status, unserved)
+            if foreign:
+                await self._partly_applied(body, status, "NotOwned", not_owned(foreign))
+            elif unserved:
+                await self._partly_applied(body, status, "KindNotServed", not_served(unserved))
             else:
                 await self._write_status(body, status)
         metrics.RECONCILES.labels(result="applied").inc()
@@ -338,27 +358,31 @@ class Reconciler:
         self.served[(api_version, kind)] = (served, time.monotonic())
         return served
 
-    async def _not_served(self, body: dict[str, Any], status: dict[str, Any], unserved: list[dict[str, Any]]) -> None:
+    async def _partly_applied(self, body: dict[str, Any], status: dict[str, Any], reason: str, msg: str) -> None:
         """What was asked but cannot be made here: Degraded (with an Event once) while the rest runs, and looked at
-        again every RECHECK seconds, since the CRDs may be installed later."""
-        kinds = ", ".join(sorted({f"{m['kind']} ({m['apiVersion']})" for m in unserved}))
-        msg = (
-            f"spec.monitoring asks for a {kinds}, which this cluster does not serve: install the Prometheus "
-            "Operator's CRDs, or set spec.monitoring.podMonitor to false; everything else is applied"
-        )
-        said = already_degraded(body.get("status"), "KindNotServed", msg)
-        await self._write_status(body, with_degraded(status, "KindNotServed", msg, body["metadata"].get("generation")))
+        again every RECHECK seconds, since what is in the way (a missing CRD, an object not ours) may go."""
+        said = already_degraded(body.get("status"), reason, msg)
+        await self._write_status(body, with_degraded(status, reason, msg, body["metadata"].get("generation")))
         if not said:
-            await self._event(body, "Warning", "KindNotServed", msg)
+            await self._event(body, "Warning", reason, msg)
         key = (body["metadata"]["namespace"], body["metadata"]["name"])
         asyncio.get_running_loop().call_later(RECHECK, lambda: key in self.graphs and self.poke(key))
 
-    async def _ensure(self, key: GraphKey, ck: ChildKey, manifest: dict[str, Any]) -> bool:
-        """Apply `manifest` if the child is missing or differs; True when a write was made."""
+    async def _ensure(
+        self, key: GraphKey, uid: str, ck: ChildKey, manifest: dict[str, Any], foreign: list[str]
+    ) -> bool:
+        """Apply `manifest` if the child is missing or differs; True when a write was made. Read before writing
+        (the cache may lag, and it holds only what carries our labels): an object of the child's name that this
+        graph does not own is left alone and named in `foreign`, since applying would take it over, and deleting
+        the graph would then have the garbage collector delete it."""
         live = self.children[key].get(ck)
-        if live is not None and not drifted(manifest, live):
+        if live is not None and owned(live, uid) and not drifted(manifest, live):
             return False
-        fresh = await self._get(ck) if live is not None else None  # a lagging cache: read before writing
+        fresh = await self._get(ck)
+        if fresh is not None and not owned(fresh, uid):
+            self.children[key].pop(ck, None)
+            foreign.append(f"{ck.kind} {ck.name}{_owners(fresh)}")
+            return False
         if fresh is not None:
             self.children[key][ck] = fresh
             where = drifted(manifest, fresh)
@@ -440,11 +464,11 @@ class Reconciler:
         )
         return target if stage_ready(deployment) and serving else StageName(now)
 
-    async def _prune(self, key: GraphKey, ck: ChildKey) -> bool:
+    async def _prune(self, key: GraphKey, uid: str, ck: ChildKey) -> bool:
         fresh = await self._get(ck)
         self.children[key].pop(ck, None)
         self.applied.pop(ck, None)
-        if fresh is None:
+        if fresh is None or not owned(fresh, uid):  # labels anyone could set do not make it ours to delete
             return False
         uid = fresh["metadata"].get("uid")  # the object we read, not one of the same name made since
         options = {"apiVersion": "v1", "kind": "DeleteOptions", "preconditions": {"uid": uid}}
@@ -540,6 +564,36 @@ class Reconciler:
 
     def _resource(self, ck: ChildKey) -> Any:
         return self.dyn.resources.get(api_version=ck.api_version, kind=ck.kind)
+
+
+def not_admitted(graph: MultimodalGraph) -> str:
+    return (
+        f"generation {graph.metadata.get('generation')} of the spec was not checked by the admission webhook (it was "
+        "sent while the operator was down, or past the webhook), so it is not applied: what runs is the last spec "
+        "that was. To have it checked, touch it as someone allowed to use what it asks for, e.g. kubectl annotate "
+        f'multimodalgraph {graph.name} -n {graph.namespace} mmgraph.io/recheck="$(date +%s)" --overwrite'
+    )
+
+
+def not_owned(foreign: list[str]) -> str:
+    return (
+        f"{', '.join(foreign)} already exists and is not this graph's, so it is left as it is and the rest is applied: "
+        "delete or rename it, or give the graph another name"
+    )
+
+
+def not_served(unserved: list[dict[str, Any]]) -> str:
+    kinds = ", ".join(sorted({f"{m['kind']} ({m['apiVersion']})" for m in unserved}))
+    return (
+        f"spec.monitoring asks for a {kinds}, which this cluster does not serve: install the Prometheus "
+        "Operator's CRDs, or set spec.monitoring.podMonitor to false; everything else is applied"
+    )
+
+
+def _owners(obj: dict[str, Any]) -> str:
+    refs = obj["metadata"].get("ownerReferences") or []
+    owners = ", ".join(f"{ref.get('kind')} {ref.get('name')}" for ref in refs)
+    return f" (owned by {owners})" if refs else ""
 
 
 def _rv(obj: dict[str, Any]) -> int:
