@@ -8,6 +8,7 @@ alone and named.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import copy
@@ -22,8 +23,6 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from mmgraph_operator.admission import AdmissionKey
 from mmgraph_operator.api import MultimodalGraph, parse
-from mmgraph_operator.commands import api_stage
-from mmgraph_operator.render import render
 from mmgraph_operator.webhook import needs
 from test_operator_integration import E_P_D_CHILDREN, GRAPHS, children, condition, create_graph, get_graph, patch_graph
 
@@ -51,7 +50,7 @@ def test_the_webhook_asks_about_everything_the_pods_would_borrow_and_nothing_of_
     """Read from what render produced, so no field can add a reference the check misses; the graph's own peer
     credential (which the operator makes) is not the author's to read."""
     graph = full_graph()
-    wanted = {(n.verb, n.resource, n.name) for n in needs(graph, render(graph, "1.20", api_stage(graph.spec)))}
+    wanted = {(n.verb, n.resource, n.name) for n in needs(graph, "1.20")}
     assert wanted == {
         ("get", "secrets", "api-key"),
         ("get", "secrets", "db"),
@@ -61,7 +60,20 @@ def test_the_webhook_asks_about_everything_the_pods_would_borrow_and_nothing_of_
         ("impersonate", "serviceaccounts", "builder"),
     }
     plain = parse(graph_manifest("g", "team"))
-    assert needs(plain, render(plain, "1.20", api_stage(plain.spec))) == []
+    assert needs(plain, "1.20") == []
+
+
+def test_a_secret_named_like_the_peer_credential_is_asked_about():
+    """The exemption covers only the reference render adds: a spec that names the credential's name (as a create's
+    admission would compute it without a uid, or with a uid the client chose) is asked about like any Secret."""
+    body = graph_manifest("g", "team")
+    body["metadata"]["uid"] = "abcdefgh-0000-0000-0000-000000000000"  # a client may send one
+    body["spec"]["stages"]["pd"]["env"] = [
+        {"name": "A", "valueFrom": {"secretKeyRef": {"name": "g-peer-credential", "key": "token"}}},
+        {"name": "B", "valueFrom": {"secretKeyRef": {"name": "g-peer-credential-abcdefgh", "key": "token"}}},
+    ]
+    wanted = {n.name for n in needs(parse(body), "1.20")}
+    assert wanted == {"g-peer-credential", "g-peer-credential-abcdefgh"}
 
 
 def keyed(secret: bytes = b"k" * 32) -> AdmissionKey:
@@ -199,6 +211,8 @@ def test_a_spec_that_skipped_the_webhook_is_never_applied(api, operator, namespa
     assert children(api, namespace, "g") == {kind: set() for kind in E_P_D_CHILDREN}
     recheck(author, namespace, "g")  # a metadata edit: it passes, and the spec stays unapplied
     assert "mmgraph.io/admitted" not in (get_graph(api, namespace, "g")["metadata"].get("annotations") or {})
+    patch_graph(api, namespace, "g", {"metadata": {"labels": {"team": "vision"}}})  # routine: approves nothing
+    assert "mmgraph.io/admitted" not in (get_graph(api, namespace, "g")["metadata"].get("annotations") or {})
     recheck(api, namespace, "g")
     wait_for(lambda: children(api, namespace, "g") == E_P_D_CHILDREN, what="children once checked")
     assert api_key_env(api, namespace, "g")
@@ -292,3 +306,24 @@ def graph_exists(api: client.ApiClient, namespace: str, name: str) -> bool:
             return False
         raise
     return True
+
+
+@pytest.mark.cluster
+def test_any_replica_makes_a_missing_key_and_only_the_leader_replaces_a_bad_one(api, namespace):
+    """A new replica beside an older leader that knows nothing of the key must not wait for it forever; two
+    replicas racing to make it end with one key; an unusable key is the leader's to replace."""
+    first, second = (AdmissionKey(api, namespace, "admission") for _ in range(2))
+
+    async def both_standby() -> None:
+        await asyncio.gather(first._load(repair=False), second._load(repair=False))
+
+    asyncio.run(both_standby())
+    assert first.key and first.key == second.key
+    core = client.CoreV1Api(api)
+    core.patch_namespaced_secret("admission", namespace, {"data": {"hmac.key": base64.b64encode(b"short").decode()}})
+    standby = AdmissionKey(api, namespace, "admission")
+    asyncio.run(standby._load(repair=False))
+    assert standby.key is None and not standby.ready.is_set()
+    leader = AdmissionKey(api, namespace, "admission")
+    asyncio.run(leader._load(repair=True))
+    assert leader.key and len(leader.key) == 32 and leader.key != first.key

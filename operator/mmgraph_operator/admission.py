@@ -28,6 +28,7 @@ from mmgraph_operator.api import MultimodalGraph
 from mmgraph_operator.kubeapi import call
 
 STAMP = "mmgraph.io/admitted"
+RECHECK = "mmgraph.io/recheck"  # an edit that sets or changes it asks the webhook to check a spec not admitted
 STAMP_VERSION = "v1"
 KEY_FIELD = "hmac.key"
 MIN_KEY = 32  # bytes
@@ -48,8 +49,10 @@ def stamp_of(metadata: dict[str, Any]) -> str:
 
 
 class AdmissionKey:
-    """The HMAC key, kept in a Secret of the operator's namespace: the leader makes it when it is missing, every
-    replica reads it (again every `interval` seconds, so a re-made key reaches every replica)."""
+    """The HMAC key, kept in a Secret of the operator's namespace, read by every replica (again every `interval`
+    seconds, so a re-made key reaches every replica). Any replica makes it when it is missing (a create is atomic:
+    the loser of a race reads the winner's), so a new replica starting beside an older leader that knows nothing of
+    it does not wait forever; only the leader replaces an unusable one."""
 
     def __init__(self, api: client.ApiClient, namespace: str, secret: str):
         self.core = client.CoreV1Api(api)
@@ -69,14 +72,14 @@ class AdmissionKey:
     async def keep(self, leading: Callable[[], bool], interval: float) -> None:
         while True:
             try:
-                await self._load(create=leading())
+                await self._load(repair=leading())
             except Exception as err:  # the API server away: keep the key we have, look again
                 log.warning("admission key: %s", err)
             await asyncio.sleep(interval)
 
-    async def _load(self, create: bool) -> None:
+    async def _load(self, repair: bool) -> None:
         key, exists = await self._read()
-        if len(key) < MIN_KEY and create:
+        if len(key) < MIN_KEY and (repair or not exists):
             key = await self._make(exists)
         if len(key) < MIN_KEY:
             if not self.ready.is_set():
@@ -106,8 +109,8 @@ class AdmissionKey:
             return b"", True
 
     async def _make(self, exists: bool) -> bytes:
-        """Leader only. A Secret without a usable key gets a new one: the graphs stamped with the old key are then
-        not admitted until someone applies them again, which beats a webhook that never becomes ready."""
+        """A Secret without a usable key gets a new one (the leader only): the graphs stamped with the old key are
+        then not admitted until someone applies them again, which beats a webhook that never becomes ready."""
         key = secrets.token_bytes(MIN_KEY)
         data = {KEY_FIELD: base64.b64encode(key).decode()}
         if exists:

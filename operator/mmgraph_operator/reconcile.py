@@ -381,7 +381,7 @@ class Reconciler:
         fresh = await self._get(ck)
         if fresh is not None and not owned(fresh, uid):
             self.children[key].pop(ck, None)
-            foreign.append(f"{ck.kind} {ck.name}{_owners(fresh)}")
+            foreign.append(f"{ck.kind} {ck.name}{_owners(fresh, key[1])}")
             return False
         if fresh is not None:
             self.children[key][ck] = fresh
@@ -590,8 +590,10 @@ def not_served(unserved: list[dict[str, Any]]) -> str:
     )
 
 
-def _owners(obj: dict[str, Any]) -> str:
+def _owners(obj: dict[str, Any], graph: str) -> str:
     refs = obj["metadata"].get("ownerReferences") or []
+    if any(ref.get("kind") == KIND and ref.get("name") == graph for ref in refs):
+        return " (left by an earlier graph of this name, until the garbage collector deletes it)"
     owners = ", ".join(f"{ref.get('kind')} {ref.get('name')}" for ref in refs)
     return f" (owned by {owners})" if refs else ""
 

@@ -9,9 +9,9 @@ lent: a graph's pods get no credential or volume its author could not read. What
 itself grants (pods of the image, commands and placement the spec names, under the namespace's default
 ServiceAccount) is the cluster admin's to give: docs/architecture.md, "what a graph's author may ask for".
 
-A metadata-only update never waits on the check: the stamp of an admitted spec carries over, and an update of a
-spec not admitted yet (say, it was applied while the operator was down) is checked as whoever sends it, and passes
-either way, stamped only if they could use what it asks for.
+A metadata-only update never waits on the check: the stamp of an admitted spec carries over, and a spec not
+admitted yet (say, it was applied while the operator was down) is checked as whoever sets the `mmgraph.io/recheck`
+annotation; the edit passes either way, and the spec is stamped only if they could use what it asks for.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import kopf
 from kubernetes import client
 from pydantic import ValidationError
 
-from mmgraph_operator.admission import STAMP, AdmissionKey, spec_digest
+from mmgraph_operator.admission import RECHECK, STAMP, AdmissionKey, spec_digest
 from mmgraph_operator.api import MultimodalGraph, explain, parse, peer_credential_name, problems
 from mmgraph_operator.commands import api_stage
 from mmgraph_operator.kubeapi import call
@@ -46,12 +46,19 @@ class Need:
         return f"{self.what} ({self.verb} {target})"
 
 
-def needs(graph: MultimodalGraph, manifests: list[dict[str, Any]]) -> list[Need]:
-    """What creating `manifests` would let the graph's pods do, read from the pod templates render produced (so
-    no field of the spec can add a reference this misses). The graph's own peer credential is the operator's to
-    make, not the author's to read."""
+# Rendered in place of the graph's uid (which a create's admission does not see yet, and which a client could set):
+# the peer credential is then named `<graph>-peer-credential-________`, which no Secret can be named, so exempting
+# that name exempts only the reference render itself adds.
+PLACEHOLDER_UID = "_" * 8
+
+
+def needs(graph: MultimodalGraph, kube_version: str) -> list[Need]:
+    """What the graph's pods could do, read from the pod templates render produces (so no field of the spec can
+    add a reference this misses). The graph's own peer credential is the operator's to make, not the author's to
+    read."""
+    graph = graph.model_copy(update={"metadata": {**graph.metadata, "uid": PLACEHOLDER_UID}})
     found: set[Need] = set()
-    for manifest in manifests:
+    for manifest in render(graph, kube_version, api_stage(graph.spec)):
         if manifest["kind"] != "Deployment":
             continue
         pod = manifest["spec"]["template"]["spec"]
@@ -100,6 +107,10 @@ async def lacking(api: client.ApiClient, user: dict[str, Any], namespace: str, w
     return [need for need, ok in zip(wanted, verdicts, strict=True) if not ok]
 
 
+def unchecked(err: Exception) -> str:
+    return f"the API server could not be asked whether this user may use what the graph references ({err}): try again"
+
+
 def refusal(user: dict[str, Any], missing: list[Need]) -> str:
     return (
         f"{user.get('username') or 'this user'} may not {'; '.join(map(str, missing))} in this namespace, and a "
@@ -126,26 +137,41 @@ async def admit_graph(
     meta = body.get("metadata", {})
     if namespaces and meta.get("namespace") not in namespaces:
         return
-    if meta.get("deletionTimestamp"):
+    if _meta(old, "deletionTimestamp") or meta.get("deletionTimestamp"):
         return  # on its way out, never applied again: finalizers come off without any check
-    graph, manifests = _valid(body, kube_version)
+    graph = _valid(body, kube_version)
     before = _parsed(old) if operation == "UPDATE" else None
-    same_spec = before is not None and spec_digest(before) == spec_digest(graph)
-    if same_spec and key.admitted(before):
-        patch.meta.annotations[STAMP] = key.stamp(graph)  # metadata only: the stamp carries over
-        return
-    missing = await lacking(api, userinfo, graph.namespace, needs(graph, manifests))
-    if not missing:
+    if before is None or spec_digest(before) != spec_digest(graph):  # a new spec: checked, refused or stamped
+        try:
+            missing = await lacking(api, userinfo, graph.namespace, needs(graph, kube_version))
+        except Exception as err:
+            raise kopf.AdmissionError(unchecked(err), code=503) from None
+        if missing:
+            raise kopf.AdmissionError(refusal(userinfo, missing), code=403)
         patch.meta.annotations[STAMP] = key.stamp(graph)
         return
-    if not same_spec:
-        raise kopf.AdmissionError(refusal(userinfo, missing), code=403)
-    patch.meta.annotations[STAMP] = None  # a metadata edit passes, and the spec stays unapplied
-    warnings.append(f"the spec is not applied: {refusal(userinfo, missing)}")
+    # Metadata only: it always passes. The stamp of an admitted spec carries over; a spec not admitted (it came in
+    # while the operator was down) is checked only when the edit asks for it, so nobody's routine edit (a label,
+    # a controller's annotation) approves another's spec unawares.
+    if key.admitted(before):
+        patch.meta.annotations[STAMP] = key.stamp(graph)
+        return
+    patch.meta.annotations[STAMP] = None
+    if _meta(old, "annotations", RECHECK) == _meta(body, "annotations", RECHECK):
+        return
+    try:
+        missing = await lacking(api, userinfo, graph.namespace, needs(graph, kube_version))
+    except Exception as err:
+        warnings.append(f"the spec is not applied: {unchecked(err)}")
+        return
+    if missing:
+        warnings.append(f"the spec is not applied: {refusal(userinfo, missing)}")
+        return
+    patch.meta.annotations[STAMP] = key.stamp(graph)
 
 
-def _valid(body: kopf.Body, kube_version: str) -> tuple[MultimodalGraph, list[dict[str, Any]]]:
-    """The graph and what it renders to, or a 422 naming every field to change."""
+def _valid(body: kopf.Body, kube_version: str) -> MultimodalGraph:
+    """The graph, once it parses, passes the rules and renders; else a 422 naming every field to change."""
     try:
         graph = parse(dict(body))
     except ValidationError as err:
@@ -153,9 +179,17 @@ def _valid(body: kopf.Body, kube_version: str) -> tuple[MultimodalGraph, list[di
     if found := problems(graph):
         raise kopf.AdmissionError("; ".join(found), code=422)
     try:
-        return graph, render(graph, kube_version, api_stage(graph.spec))
+        render(graph, kube_version, api_stage(graph.spec))
     except InvalidGraph as err:
         raise kopf.AdmissionError(str(err), code=422) from None
+    return graph
+
+
+def _meta(body: kopf.Body | None, *path: str) -> Any:
+    found: Any = (body or {}).get("metadata") or {}
+    for step in path:
+        found = (found or {}).get(step)
+    return found
 
 
 def _parsed(body: kopf.Body | None) -> MultimodalGraph | None:
