@@ -1,15 +1,21 @@
 #!/usr/bin/env bash
-# Builds kube-apiserver and kube-controller-manager 1.20.2 from Debian's source package, offline, once.
-# Why: no reachable registry ships them, and the integration tests need a real API server (see docs/testing.md).
-# Idempotent: prints the cache directory and exits at once when the binaries are already there.
+# Builds Kubernetes 1.20.2 from Debian's source package, offline, once: kube-apiserver and kube-controller-manager
+# (the control plane of every integration test), and kubelet, kube-scheduler, kube-proxy and the pause container's
+# static binary (the real node, tests/kubenode.py).
+# Why: no reachable registry ships them (see docs/testing.md).
+# Idempotent: prints the cache directory and exits at once when the binaries are already there; builds only the
+# ones missing from the cache (a cache from before the node has the first two).
 set -euo pipefail
 CACHE="${MMGRAPH_CACHE:-$HOME/.cache/mmgraph}/kube-1.20.2"
-if [[ -x "$CACHE/kube-apiserver" && -x "$CACHE/kube-controller-manager" ]]; then
+BINARIES=(kube-apiserver kube-controller-manager kubelet kube-scheduler kube-proxy)
+missing=()
+for b in "${BINARIES[@]}"; do [[ -x "$CACHE/$b" ]] || missing+=("$b"); done
+if ((${#missing[@]} == 0)) && [[ -x "$CACHE/pause" ]]; then
   echo "$CACHE"; exit 0
 fi
 SUDO=""; [[ $(id -u) -eq 0 ]] || SUDO="sudo"
 need=()
-for p in golang-go rsync jq etcd-server golang-github-modern-go-reflect2-dev openssl dpkg-dev make; do
+for p in golang-go rsync jq etcd-server golang-github-modern-go-reflect2-dev openssl dpkg-dev make gcc libc6-dev; do
   dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
 done
 if ((${#need[@]})); then
@@ -30,7 +36,11 @@ apt-get "${opts[@]}" update -qq >&2
 rm -rf "$work/src/vendor/github.com/modern-go/reflect2"
 cp -r /usr/share/gocode/src/github.com/modern-go/reflect2 "$work/src/vendor/github.com/modern-go/reflect2"
 sed -i 's|^# github.com/modern-go/reflect2 v1.0.1|# github.com/modern-go/reflect2 v1.0.2|; s|github.com/modern-go/reflect2 v1.0.1|github.com/modern-go/reflect2 v1.0.2|' "$work/src/vendor/modules.txt" "$work/src/go.mod" || true
-(cd "$work/src" && GOFLAGS=-mod=vendor GOCACHE="$work/gocache" make WHAT="cmd/kube-apiserver cmd/kube-controller-manager" >&2)
 mkdir -p "$CACHE"
-cp "$work/src/_output/bin/kube-apiserver" "$work/src/_output/bin/kube-controller-manager" "$CACHE/"
+if ((${#missing[@]})); then
+  (cd "$work/src" && GOFLAGS=-mod=vendor GOCACHE="$work/gocache" make WHAT="${missing[*]/#/cmd/}" >&2)
+  for b in "${missing[@]}"; do cp "$work/src/_output/bin/$b" "$CACHE/"; done
+fi
+# The pod sandbox's process: the source's own pause.c, static (no registry holds the pause image; FACTS.md).
+gcc -Os -static -DVERSION=v3.4.1-mmgraph -o "$CACHE/pause" "$work/src/build/pause/linux/pause.c"
 echo "$CACHE"

@@ -147,6 +147,29 @@ def webhook_absent(api: client.ApiClient) -> Iterator[None]:
         time.sleep(1.5)
 
 
+@pytest.fixture(scope="session")
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A real node (kubelet, containerd, kube-proxy, cluster DNS) with a control plane of its own, for the tests
+    that run pods (tests/kubenode.py). Started once, and only by a session that asks for it."""
+    from kubenode import KubeNode
+
+    started = KubeNode(tmp_path_factory.mktemp("node")).start()
+    try:
+        yield started
+    finally:
+        started.stop()
+
+
+@pytest.fixture(scope="session")
+def operator_image(node: Any) -> str:
+    """The operator image, built here by `make base-image operator-image` and loaded into the node."""
+    from localimages import OPERATOR_IMAGE, make, save
+
+    make("base-image", "operator-image")
+    node.import_image_archive(save(OPERATOR_IMAGE))
+    return OPERATOR_IMAGE
+
+
 @pytest.fixture
 def namespace(api: client.ApiClient) -> Iterator[str]:
     name = f"t-{uuid.uuid4().hex[:8]}"

@@ -151,14 +151,23 @@ class Pki:
 
 @dataclass
 class KubeCluster:
+    """`address`: where the API server listens. 127.0.0.1 for the API-level tests (fast: no ServiceAccount
+    admission, no endpoints); a node's host-side address (tests/kubenode.py) serves pods as a cluster does: the
+    `kubernetes` Service's endpoints, ServiceAccount tokens mounted into pods, and the node controllers."""
+
     workdir: Path
     bin_dir: Path
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     port: int = 0
+    address: str = "127.0.0.1"
+
+    @property
+    def for_pods(self) -> bool:
+        return self.address != "127.0.0.1"
 
     @property
     def server(self) -> str:
-        return f"https://127.0.0.1:{self.port}"
+        return f"https://{self.address}:{self.port}"
 
     @property
     def kubeconfig(self) -> Path:
@@ -171,7 +180,9 @@ class KubeCluster:
     def start(self) -> KubeCluster:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.pki = Pki(self.workdir)
-        serving = self.pki.issue("apiserver", "kube-apiserver", sans=["127.0.0.1", "localhost", "10.0.0.1"])
+        sans = ["127.0.0.1", "localhost", "10.0.0.1", self.address]
+        sans += ["kubernetes", "kubernetes.default", "kubernetes.default.svc", "kubernetes.default.svc.cluster.local"]
+        serving = self.pki.issue("apiserver", "kube-apiserver", sans=sans)
         admin = self.pki.issue("admin", "admin", org="system:masters")
         sa_key = _key()
         self.pki.write("sa.key", _pem_key(sa_key))
@@ -201,11 +212,24 @@ class KubeCluster:
         )
         self.port = free_port()
         w = self.workdir
+        kubelet_client = self.pki.issue("apiserver-kubelet-client", "kube-apiserver", org="system:masters")
+        for_pods = (
+            # the `kubernetes` Service's endpoint, which pods reach; the kubelet by its address (no DNS for nodes),
+            # with a client certificate (logs, exec)
+            [
+                f"--advertise-address={self.address}",
+                "--kubelet-preferred-address-types=InternalIP",
+                f"--kubelet-client-certificate={kubelet_client[0]}",
+                f"--kubelet-client-key={kubelet_client[1]}",
+            ]
+            if self.for_pods
+            else ["--endpoint-reconciler-type=none", "--disable-admission-plugins=ServiceAccount"]
+        )
         self._spawn(
             "kube-apiserver",
             [
                 str(self.bin_dir / "kube-apiserver"),
-                "--bind-address=127.0.0.1",
+                f"--bind-address={self.address}",
                 f"--secure-port={self.port}",
                 "--insecure-port=0",
                 f"--etcd-servers=http://127.0.0.1:{etcd_port}",
@@ -218,9 +242,8 @@ class KubeCluster:
                 "--api-audiences=https://kubernetes.default.svc",
                 "--authorization-mode=Node,RBAC",
                 "--service-cluster-ip-range=10.0.0.0/16",
-                "--endpoint-reconciler-type=none",
+                *for_pods,
                 "--enable-priority-and-fairness=false",
-                "--disable-admission-plugins=ServiceAccount",
                 "--allow-privileged=true",
                 f"--audit-policy-file={w / 'audit-policy.yaml'}",
                 f"--audit-log-path={self.audit_log}",
@@ -245,7 +268,9 @@ class KubeCluster:
                 "--leader-elect=false",
                 "--port=0",
                 "--secure-port=0",
-                "--controllers=*,-nodeipam,-nodelifecycle,-route,-service,-cloud-node-lifecycle,-ttl,-bootstrapsigner,-tokencleaner",
+                # a node's controllers only where there is a node (nodelifecycle lifts its not-ready taint)
+                "--controllers=*,-nodeipam,-route,-service,-cloud-node-lifecycle,-bootstrapsigner,-tokencleaner"
+                + ("" if self.for_pods else ",-nodelifecycle,-ttl"),
                 f"--service-account-private-key-file={w / 'sa.key'}",
                 f"--root-ca-file={w / 'ca.crt'}",
                 "--use-service-account-credentials=false",
@@ -254,6 +279,20 @@ class KubeCluster:
                 "--concurrent-gc-syncs=20",
                 "--kube-api-qps=200",
                 "--kube-api-burst=400",
+                "--v=0",
+            ],
+        )
+
+    def start_scheduler(self) -> None:
+        self._spawn(
+            "kube-scheduler",
+            [
+                str(self.bin_dir / "kube-scheduler"),
+                f"--kubeconfig={self.kubeconfig}",
+                "--leader-elect=false",
+                "--port=0",
+                "--bind-address=127.0.0.1",
+                f"--secure-port={free_port()}",
                 "--v=0",
             ],
         )
@@ -309,7 +348,7 @@ class KubeCluster:
         return [json.loads(line) for line in self.audit_log.read_text().splitlines() if line.strip()]
 
     def stop(self) -> None:
-        for name in ("kube-controller-manager", "kube-apiserver", "etcd"):
+        for name in ("kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd"):
             proc = self.procs.pop(name, None)
             if proc is None:
                 continue

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-IMAGES = ["Dockerfile.operator", "Dockerfile.worker"]
+IMAGES = ["Dockerfile.operator", "Dockerfile.worker", "Dockerfile.worker-cpu"]
 
 
 def hadolint() -> str:
@@ -37,8 +37,14 @@ def test_image_runs_as_non_root_uid_1000(dockerfile: str):
 
 def test_images_install_extras_that_exist_and_carry_the_product():
     extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
-    installs = {f: re.findall(r'pip install "\.\[([a-z,]+)\]"', (REPO / f).read_text()) for f in IMAGES}
-    assert installs == {"Dockerfile.operator": ["operator"], "Dockerfile.worker": ["worker,cuda"]}
+    installs = {f: re.findall(r'pip install (?:--\S+ )*"\.\[([a-z,]+)\]"', (REPO / f).read_text()) for f in IMAGES}
+    assert installs == {
+        "Dockerfile.operator": ["operator"],
+        "Dockerfile.worker": ["worker,cuda"],
+        "Dockerfile.worker-cpu": ["worker"],  # and the engine as scripts/setup.sh installs it (one script)
+    }
+    assert "scripts/install-cpu-engine.sh" in (REPO / "Dockerfile.worker-cpu").read_text()
+    assert "scripts/install-cpu-engine.sh" in (REPO / "scripts/setup.sh").read_text()
     worker = {re.split(r"[<>=\[ ]", d)[0].lower() for e in ("worker", "cuda") for d in extras[e]}
     assert {"vllm", "nixl", "torch", "transformers", "pillow", "av", "librosa"} <= worker
 
@@ -81,4 +87,12 @@ def test_make_images_builds_the_names_the_chart_and_a_graph_default_to():
     assert [c[5] for c in planned("REGISTRY=reg.example.com/team", "TAG=9", "ENGINE=podman")] == [
         "reg.example.com/team/operator:9",
         "reg.example.com/team/worker:9",
+    ]
+    cpu = planned("ENGINE=podman", "WORKER=cpu", "BASE=localhost/mmgraph/base:bookworm", "BUILD_FLAGS=--network=host")
+    assert [c[:5] for c in cpu] == [
+        ["podman", "build", "--network=host", "--build-arg", "BASE=localhost/mmgraph/base:bookworm"]
+    ] * 2
+    assert [(c[6], c[8]) for c in cpu] == [
+        ("Dockerfile.operator", "localhost/mmgraph/operator:0.1.0"),
+        ("Dockerfile.worker-cpu", "localhost/mmgraph/worker-cpu:0.1.0"),
     ]
