@@ -170,6 +170,27 @@ def operator_image(node: Any) -> str:
     return OPERATOR_IMAGE
 
 
+@pytest.fixture(scope="session")
+def worker_image(node: Any) -> str:
+    """The CPU worker image, built here by `make base-image worker-image WORKER=cpu` and loaded into the node."""
+    from localimages import WORKER_IMAGE, make, save
+
+    make("base-image", "worker-image")
+    node.import_image_archive(save(WORKER_IMAGE))
+    return WORKER_IMAGE
+
+
+@pytest.fixture(scope="session")
+def chart_on_node(node: Any, operator_image: str) -> Any:
+    """`helm install` as the README says, with the chart's defaults: two operator replicas, leader election, the
+    operator's own webhook certificate; --wait returns once both replicas are Ready (serving the webhook)."""
+    from kubenode import tool
+
+    chart = str(REPO / "charts" / "mmgraph")
+    tool(node, "helm", "install", "mmgraph", chart, "-n", "mmgraph-system", "--create-namespace", "--wait")
+    return node
+
+
 @pytest.fixture
 def namespace(api: client.ApiClient) -> Iterator[str]:
     name = f"t-{uuid.uuid4().hex[:8]}"

@@ -29,9 +29,10 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
-from kubecluster import KubeCluster, kube_bin_dir, wait_for
+from kubecluster import KubeCluster, kube_bin_dir, terminate, wait_for
 
 HOST, NODE = "198.19.255.1", "198.19.255.2"  # the veth pair's two ends (TEST-NET-2 benchmark range: never routed)
 POD_CIDR, POD_GATEWAY = "198.18.0.0/24", "198.18.0.1"
@@ -373,9 +374,9 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         routes) and the host sysctls the kubelet set, in that order; safe to call on a half-started node."""
         self.dns_stop.set()
         for name in ("kubelet", "kube-proxy", "dnsmasq"):
-            _terminate(self.procs.pop(name, None))
+            terminate(self.procs.pop(name, None), grace=15)
         self._kill_pods()
-        _terminate(self.procs.pop("containerd", None))
+        terminate(self.procs.pop("containerd", None), grace=15)
         if getattr(self, "cluster", None):
             self.cluster.stop()
         _unmount_under(self.workdir)
@@ -405,17 +406,6 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
                         sub.rmdir()
             with contextlib.suppress(OSError):
                 top.rmdir()
-
-
-def _terminate(proc: subprocess.Popen | None) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(5)
 
 
 def _cgroup_pids(root: str) -> set[int]:
@@ -448,3 +438,26 @@ def tools_missing() -> list[str]:
     """What the node needs from the machine that is not there (scripts/node-packages installs them)."""
     need = ["containerd", "runc", "ctr", "dnsmasq", "iptables", "ip", "/usr/lib/cni/bridge"]
     return [t for t in need if not (shutil.which(t) or Path(t).exists())]
+
+
+def cli(name: str) -> str:
+    """helm or kubectl, the official binaries scripts/node-tools.sh keeps."""
+    repo = Path(__file__).resolve().parent.parent
+    out = subprocess.run(["bash", str(repo / "scripts" / "node-tools.sh")], capture_output=True, text=True, check=True)
+    return str(Path(out.stdout.strip().splitlines()[-1]) / name)
+
+
+def tool(
+    node: KubeNode, name: str, *args: str, stdin: str | None = None, check: bool = True
+) -> subprocess.CompletedProcess:
+    """`helm ...` or `kubectl ...` against the node's cluster, as a user types it."""
+    env = {**os.environ, "KUBECONFIG": str(node.cluster.kubeconfig), "HELM_CACHE_HOME": str(node.workdir / "helm")}
+    result = subprocess.run([cli(name), *args], input=stdin, capture_output=True, text=True, env=env, timeout=600)
+    assert not check or result.returncode == 0, (
+        f"{name} {' '.join(args)}: {result.stdout[-2000:]}{result.stderr[-2000:]}"
+    )
+    return result
+
+
+def kubectl_json(node: KubeNode, *args: str) -> Any:
+    return json.loads(tool(node, "kubectl", *args, "-o", "json").stdout)

@@ -6,37 +6,18 @@ where it would in a cluster (the webhook through its Service, the operator to th
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 from kubecluster import wait_for
+from kubenode import kubectl_json, tool
 
 pytestmark = pytest.mark.node
 
 REPO = Path(__file__).resolve().parent.parent
 CHART = REPO / "charts" / "mmgraph"
-
-
-def cli(name: str) -> str:
-    out = subprocess.run(["bash", str(REPO / "scripts" / "node-tools.sh")], capture_output=True, text=True, check=True)
-    return str(Path(out.stdout.strip().splitlines()[-1]) / name)
-
-
-def tool(node: Any, name: str, *args: str, stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "KUBECONFIG": str(node.cluster.kubeconfig), "HELM_CACHE_HOME": str(node.workdir / "helm")}
-    result = subprocess.run([cli(name), *args], input=stdin, capture_output=True, text=True, env=env, timeout=300)
-    assert not check or result.returncode == 0, (
-        f"{name} {' '.join(args)}: {result.stdout[-2000:]}{result.stderr[-2000:]}"
-    )
-    return result
-
-
-def kubectl_json(node: Any, *args: str) -> Any:
-    return json.loads(tool(node, "kubectl", *args, "-o", "json").stdout)
 
 
 def test_helm_lint_and_template_are_clean_and_stable(node):
@@ -46,27 +27,8 @@ def test_helm_lint_and_template_are_clean_and_stable(node):
     assert first == tool(node, "helm", "template", "mmgraph", str(CHART), "-n", "mmgraph-system").stdout
 
 
-@pytest.fixture(scope="module")
-def installed(node: Any, operator_image: str) -> Any:
-    """`helm install` as the README says, with the chart's defaults: two operator replicas, leader election, the
-    operator's own webhook certificate; --wait returns once both replicas are Ready (serving the webhook)."""
-    tool(
-        node,
-        "helm",
-        "install",
-        "mmgraph",
-        str(CHART),
-        "-n",
-        "mmgraph-system",
-        "--create-namespace",
-        "--wait",
-        "--timeout=180s",
-    )
-    return node
-
-
-def test_helm_install_runs_two_operator_replicas_one_leading(installed):
-    pods = kubectl_json(installed, "get", "pods", "-n", "mmgraph-system")["items"]
+def test_helm_install_runs_two_operator_replicas_one_leading(chart_on_node):
+    pods = kubectl_json(chart_on_node, "get", "pods", "-n", "mmgraph-system")["items"]
     assert len(pods) == 2 and all(_ready(p) for p in pods), [p["status"] for p in pods]
     for pod in pods:
         container = pod["spec"]["containers"][0]
@@ -75,35 +37,35 @@ def test_helm_install_runs_two_operator_replicas_one_leading(installed):
             pod["spec"]["securityContext"].get("runAsUser"),
             pod["spec"]["securityContext"].get("runAsNonRoot"),
         ) == (1000, True)
-    lease = kubectl_json(installed, "get", "lease", "mmgraph-operator", "-n", "mmgraph-system")
+    lease = kubectl_json(chart_on_node, "get", "lease", "mmgraph-operator", "-n", "mmgraph-system")
     assert lease["spec"]["holderIdentity"].split("_")[0] in {p["metadata"]["name"] for p in pods}
-    config = kubectl_json(installed, "get", "mutatingwebhookconfiguration", "mmgraph-operator")
+    config = kubectl_json(chart_on_node, "get", "mutatingwebhookconfiguration", "mmgraph-operator")
     assert all(hook["clientConfig"].get("caBundle") for hook in config["webhooks"])
 
 
-def test_kubectl_apply_is_checked_by_the_webhook_through_its_service_and_reconciled(installed):
+def test_kubectl_apply_is_checked_by_the_webhook_through_its_service_and_reconciled(chart_on_node):
     """The API server asks the webhook at its Service (kube-proxy to a pod): a bad graph is refused with the
     operator's message, a good one is stamped, and the leader makes its children."""
-    tool(installed, "kubectl", "create", "namespace", "demo")
+    tool(chart_on_node, "kubectl", "create", "namespace", "demo")
     graph = yaml.safe_load((REPO / "examples" / "tiny-e-p-d.yaml").read_text())
     bad = json.loads(json.dumps(graph))
     bad["spec"]["topology"] = "e-pd"  # decode is still set
-    refused = tool(installed, "kubectl", "apply", "-n", "demo", "-f", "-", stdin=yaml.safe_dump(bad), check=False)
+    refused = tool(chart_on_node, "kubectl", "apply", "-n", "demo", "-f", "-", stdin=yaml.safe_dump(bad), check=False)
     assert refused.returncode != 0 and "denied the request" in refused.stderr, refused.stderr
     assert "topology e-pd does not use it" in refused.stderr
-    tool(installed, "kubectl", "apply", "-n", "demo", "-f", "-", stdin=yaml.safe_dump(graph))
-    stored = kubectl_json(installed, "get", "multimodalgraph", "tiny", "-n", "demo")
+    tool(chart_on_node, "kubectl", "apply", "-n", "demo", "-f", "-", stdin=yaml.safe_dump(graph))
+    stored = kubectl_json(chart_on_node, "get", "multimodalgraph", "tiny", "-n", "demo")
     assert stored["metadata"]["annotations"]["mmgraph.io/admitted"].startswith("v1.")
     wanted = {f"tiny-{stage}" for stage in ("frontend", "encoder", "pd", "decode")}
     wait_for(
         lambda: (
-            {d["metadata"]["name"] for d in kubectl_json(installed, "get", "deployments", "-n", "demo")["items"]}
+            {d["metadata"]["name"] for d in kubectl_json(chart_on_node, "get", "deployments", "-n", "demo")["items"]}
             == wanted
         ),
         timeout=60,
         what="the graph's Deployments",
     )
-    columns = tool(installed, "kubectl", "get", "mmg", "-n", "demo").stdout.splitlines()
+    columns = tool(chart_on_node, "kubectl", "get", "mmg", "-n", "demo").stdout.splitlines()
     assert columns[0].split()[:2] == ["NAME", "TOPOLOGY"] and columns[1].split()[:2] == ["tiny", "e-p-d"], columns
 
 

@@ -256,7 +256,8 @@ def _resources(cfg: StageSpec) -> dict[str, Any]:
 
 def _env(graph: MultimodalGraph, stage: StageName, cfg: StageSpec, model_env: list[dict]) -> list[dict[str, Any]]:
     """The pod's identity (for NIXL's advertise address), cache locations, the model's token, the graph's peer
-    credential, UCX transports, the API key (frontend) and the user's own variables, last so they win."""
+    credential, CPU threads, UCX transports, the API key (frontend) and the user's own variables, last so they
+    win."""
     spec = graph.spec
     env = [
         {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
@@ -267,6 +268,10 @@ def _env(graph: MultimodalGraph, stage: StageName, cfg: StageSpec, model_env: li
     ]
     secret = {"name": peer_credential_name(graph), "key": PEER_TOKEN_KEY}
     env.append({"name": PEER_TOKEN_ENV, "valueFrom": {"secretKeyRef": secret}})
+    if stage != StageName.FRONTEND:  # torch's and vLLM's CPU threads: the container's CPU limit (rounded up; the
+        # node's CPUs where none is set), since os.cpu_count() counts the node's cores whatever the limit
+        cpus = {"resource": "limits.cpu", "divisor": "1"}
+        env.append({"name": "OMP_NUM_THREADS", "valueFrom": {"resourceFieldRef": cpus}})
     if stage != StageName.FRONTEND and spec.transfer.ucx_tls:
         env.append({"name": "UCX_TLS", "value": spec.transfer.ucx_tls})
     api_key = spec.stages.frontend.api_key_secret
