@@ -21,7 +21,6 @@ import hashlib
 import io
 import json
 import os
-import shutil
 import signal
 import subprocess
 import tarfile
@@ -432,12 +431,6 @@ def _unmount_under(root: Path) -> None:
     mounts = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()]
     for mount in sorted((m for m in mounts if m.startswith(prefix)), key=len, reverse=True):
         subprocess.run(["umount", "-l", mount], capture_output=True)
-
-
-def tools_missing() -> list[str]:
-    """What the node needs from the machine that is not there (scripts/node-packages installs them)."""
-    need = ["containerd", "runc", "ctr", "dnsmasq", "iptables", "ip", "/usr/lib/cni/bridge"]
-    return [t for t in need if not (shutil.which(t) or Path(t).exists())]
 
 
 def cli(name: str) -> str:
