@@ -160,6 +160,7 @@ class KubeCluster:
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     port: int = 0
     address: str = "127.0.0.1"
+    service_cidr: str = "10.0.0.0/16"
 
     @property
     def for_pods(self) -> bool:
@@ -178,9 +179,18 @@ class KubeCluster:
         return self.workdir / "audit.log"
 
     def start(self) -> KubeCluster:
+        """etcd and the API server, ready; on any failure, whatever was started is stopped again."""
+        try:
+            return self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> KubeCluster:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.pki = Pki(self.workdir)
-        sans = ["127.0.0.1", "localhost", "10.0.0.1", self.address]
+        first_service_ip = str(next(ipaddress.ip_network(self.service_cidr).hosts()))  # the `kubernetes` Service's
+        sans = ["127.0.0.1", "localhost", first_service_ip, self.address]
         sans += ["kubernetes", "kubernetes.default", "kubernetes.default.svc", "kubernetes.default.svc.cluster.local"]
         serving = self.pki.issue("apiserver", "kube-apiserver", sans=sans)
         admin = self.pki.issue("admin", "admin", org="system:masters")
@@ -241,7 +251,7 @@ class KubeCluster:
                 "--service-account-issuer=https://kubernetes.default.svc",
                 "--api-audiences=https://kubernetes.default.svc",
                 "--authorization-mode=Node,RBAC",
-                "--service-cluster-ip-range=10.0.0.0/16",
+                f"--service-cluster-ip-range={self.service_cidr}",
                 *for_pods,
                 "--enable-priority-and-fairness=false",
                 "--allow-privileged=true",

@@ -17,10 +17,12 @@ thread that rewrites its hosts file, as CoreDNS's kubernetes plugin would answer
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import tarfile
@@ -35,10 +37,15 @@ from kubecluster import KubeCluster, kube_bin_dir, terminate, wait_for
 
 HOST, NODE = "198.19.255.1", "198.19.255.2"  # the veth pair's two ends (TEST-NET-2 benchmark range: never routed)
 POD_CIDR, POD_GATEWAY = "198.18.0.0/24", "198.18.0.1"
-SERVICE_CIDR = "10.0.0.0/16"  # the API server's --service-cluster-ip-range
+SERVICE_CIDR = "198.18.128.0/17"  # the API server's --service-cluster-ip-range: a range no real traffic uses
 NODE_NAME = "mmgraph-node"
 PAUSE_IMAGE = "localhost/mmgraph/pause:3.4.1"
 KUBELET_SYSCTLS = ("vm/overcommit_memory", "kernel/panic", "kernel/panic_on_oops")  # it sets these host-wide
+# Fixed host paths the kubelet, containerd and CNI write beside the directories we give them (pod logs, device
+# plugin sockets, CNI results, shim sockets): removed at stop() where they did not exist before start().
+HOST_PATHS = tuple(
+    Path(p) for p in ("/var/log/pods", "/var/log/containers", "/var/lib/kubelet", "/var/lib/cni", "/run/containerd")
+)
 
 
 def run(*argv: str, netns: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
@@ -54,10 +61,12 @@ class KubeNode:
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     sysctls: dict[str, str] = field(default_factory=dict)
     dns_stop: threading.Event = field(default_factory=threading.Event)
+    dns_thread: threading.Thread | None = None
+    absent: list[Path] = field(default_factory=list)
 
     @property
     def veth(self) -> str:
-        return f"mmg{os.getpid() % 100000}"
+        return f"mmg{os.getpid()}"  # 10 characters at most (a pid is at most 7 digits): within IFNAMSIZ
 
     @property
     def sock(self) -> Path:
@@ -68,9 +77,13 @@ class KubeNode:
         DNS; returns once the node is Ready and schedulable."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.sysctls = {name: Path("/proc/sys", name).read_text().strip() for name in KUBELET_SYSCTLS}
+        self.absent = [path for path in HOST_PATHS if not path.exists()]
         try:
             self._network()
-            self.cluster = KubeCluster(self.workdir / "control-plane", kube_bin_dir(), address=HOST).start()
+            self.cluster = KubeCluster(
+                self.workdir / "control-plane", kube_bin_dir(), address=HOST, service_cidr=SERVICE_CIDR
+            )
+            self.cluster.start()
             self.cluster.start_controller_manager()
             self.cluster.start_scheduler()
             self._containerd()
@@ -172,7 +185,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
 
     def import_image_archive(self, archive: Path) -> None:
         """An OCI or docker archive into the node's image store, as `ctr images import` does (no registry)."""
-        self.ctr("images", "import", "--all-platforms", "--no-unpack", str(archive))
+        self.ctr("images", "import", "--all-platforms", str(archive))  # unpacked now, not in a pod's creation
 
     def _pause_archive(self) -> Path:
         """The sandbox image: the static pause binary that scripts/kube-binaries.sh built from the source's
@@ -310,7 +323,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             ],
             netns=True,
         )
-        threading.Thread(target=self._feed_dns, args=(hosts,), name="cluster DNS", daemon=True).start()
+        self.dns_thread = threading.Thread(target=self._feed_dns, args=(hosts,), name="cluster DNS", daemon=True)
+        self.dns_thread.start()
 
     def _feed_dns(self, hosts: Path) -> None:
         """Services and Endpoints as dnsmasq hosts lines, as CoreDNS answers them: a Service's name is its
@@ -370,20 +384,31 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
 
     def stop(self) -> None:
         """Every container and process the node started, its mounts, the namespace (with its iptables and
-        routes) and the host sysctls the kubelet set, in that order; safe to call on a half-started node."""
-        self.dns_stop.set()
-        for name in ("kubelet", "kube-proxy", "dnsmasq"):
-            terminate(self.procs.pop(name, None), grace=15)
-        self._kill_pods()
-        terminate(self.procs.pop("containerd", None), grace=15)
-        if getattr(self, "cluster", None):
-            self.cluster.stop()
-        _unmount_under(self.workdir)
-        run("ip", "link", "del", self.veth, check=False)  # the host's routes to the node go with it
-        run("ip", "netns", "del", self.netns, check=False)
-        for name, value in self.sysctls.items():
-            with contextlib.suppress(OSError):
-                Path("/proc/sys", name).write_text(value)
+        routes), the host paths it made and the host sysctls the kubelet set, in that order; every step runs even
+        if one before it failed, and it is safe on a half-started node."""
+        cluster = getattr(self, "cluster", None)
+        steps = [
+            self.dns_stop.set,
+            *(lambda n=name: terminate(self.procs.pop(n, None), grace=15) for name in ("kubelet", "kube-proxy")),
+            self._kill_pods,
+            lambda: terminate(self.procs.pop("dnsmasq", None), grace=5),
+            lambda: terminate(self.procs.pop("containerd", None), grace=15),
+            lambda: self.dns_thread and self.dns_thread.join(5),
+            cluster.stop if cluster else (lambda: None),
+            lambda: _unmount_under(self.workdir, *self.absent),
+            lambda: run("ip", "link", "del", self.veth, check=False),  # the host's routes to the node go with it
+            lambda: run("ip", "netns", "del", self.netns, check=False),
+            *(lambda p=path: shutil.rmtree(p, ignore_errors=True) for path in self.absent),
+            *(lambda n=name, v=value: Path("/proc/sys", n).write_text(v) for name, value in self.sysctls.items()),
+        ]
+        failed: BaseException | None = None
+        for step in steps:
+            try:
+                step()
+            except BaseException as err:  # go on: what is left must still be undone
+                failed = failed or err
+        if failed:
+            raise failed
 
     def _kill_pods(self) -> None:
         """Every process in the pods' cgroup tree (each controller's), then the (containerd) shims, by PID."""
@@ -425,16 +450,17 @@ def _pids_with_arg(arg: str) -> list[int]:
     return found
 
 
-def _unmount_under(root: Path) -> None:
-    """Mounts the kubelet and containerd made under `root` (volumes, overlay snapshots, pod namespaces)."""
-    prefix = str(root.resolve())
+def _unmount_under(*roots: Path) -> None:
+    """Mounts the kubelet and containerd made under `roots` (volumes, overlay snapshots, pod namespaces)."""
+    prefixes = tuple(str(root.resolve()) + "/" for root in roots)
     mounts = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()]
-    for mount in sorted((m for m in mounts if m.startswith(prefix)), key=len, reverse=True):
+    for mount in sorted((m for m in mounts if (m + "/").startswith(prefixes)), key=len, reverse=True):
         subprocess.run(["umount", "-l", mount], capture_output=True)
 
 
+@functools.cache
 def cli(name: str) -> str:
-    """helm or kubectl, the official binaries scripts/node-tools.sh keeps."""
+    """helm or kubectl, the official binaries scripts/node-tools.sh keeps (asked once)."""
     repo = Path(__file__).resolve().parent.parent
     out = subprocess.run(["bash", str(repo / "scripts" / "node-tools.sh")], capture_output=True, text=True, check=True)
     return str(Path(out.stdout.strip().splitlines()[-1]) / name)
@@ -444,7 +470,9 @@ def tool(
     node: KubeNode, name: str, *args: str, stdin: str | None = None, check: bool = True
 ) -> subprocess.CompletedProcess:
     """`helm ...` or `kubectl ...` against the node's cluster, as a user types it."""
-    env = {**os.environ, "KUBECONFIG": str(node.cluster.kubeconfig), "HELM_CACHE_HOME": str(node.workdir / "helm")}
+    home = node.workdir / "home"  # kubectl's and helm's caches and configuration: the test's, not the user's
+    home.mkdir(exist_ok=True)
+    env = {**os.environ, "KUBECONFIG": str(node.cluster.kubeconfig), "HOME": str(home)}
     result = subprocess.run([cli(name), *args], input=stdin, capture_output=True, text=True, env=env, timeout=600)
     assert not check or result.returncode == 0, (
         f"{name} {' '.join(args)}: {result.stdout[-2000:]}{result.stderr[-2000:]}"

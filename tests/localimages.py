@@ -29,8 +29,11 @@ WORKER_IMAGE = f"{REGISTRY}/worker-cpu:{TAG}"
 
 def engine() -> str:
     storage = CACHE / "storage"
+    (CACHE / "tmp").mkdir(parents=True, exist_ok=True)
     return shlex.join(
         [
+            "env",
+            f"TMPDIR={CACHE / 'tmp'}",  # podman's scratch space: ours, not /var/tmp
             "podman",
             f"--root={storage}",
             f"--runroot={CACHE / 'run'}",

@@ -14,7 +14,7 @@ import yaml
 from kubecluster import wait_for
 from kubenode import kubectl_json, tool
 
-pytestmark = pytest.mark.node
+pytestmark = [pytest.mark.node, pytest.mark.timeout(1800)]  # set-up builds the operator image, starts the node
 
 REPO = Path(__file__).resolve().parent.parent
 CHART = REPO / "charts" / "mmgraph"

@@ -5,9 +5,9 @@ engine's tokens. What the pods need (CPU threads, shared memory, UCX, ports) com
 
 from __future__ import annotations
 
-import os
 import shutil
 import stat
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,8 @@ from kubenode import kubectl_json, tool
 
 from .conftest import REPO, metric, tokens
 
-pytestmark = pytest.mark.node
+# the first test's set-up builds and loads the worker image and starts a graph of engines on two cores
+pytestmark = [pytest.mark.node, pytest.mark.timeout(2400)]
 
 NAMESPACE = "serving"
 
@@ -28,16 +29,16 @@ NAMESPACE = "serving"
 def model_claim(chart_on_node: Any, tiny_model: Path) -> Iterator[str]:
     """The tiny model on a hostPath PersistentVolume, bound to the PVC `tiny` (readable by the pods' UID 1000)."""
     node = chart_on_node
-    shared = Path(f"/tmp/mmgraph-node-models-{os.getpid()}")
-    shutil.copytree(tiny_model, shared / "tiny-qwen2-vl")
-    for path in [shared, *shared.rglob("*")]:
-        path.chmod(path.stat().st_mode | stat.S_IRGRP | stat.S_IROTH | (0o055 if path.is_dir() else 0))
-    # the README's file, on this test's copy of the model
-    volumes = (REPO / "examples" / "cluster" / "tiny-model-volume.yaml").read_text()
-    volumes = volumes.replace("/var/lib/mmgraph/models", str(shared))
-    tool(node, "kubectl", "create", "namespace", NAMESPACE)
-    tool(node, "kubectl", "apply", "-f", "-", stdin=volumes)
+    shared = Path(tempfile.mkdtemp(prefix="mmgraph-node-models-"))  # outside pytest's 0700 directories
     try:
+        shutil.copytree(tiny_model, shared / "tiny-qwen2-vl")
+        for path in [shared, *shared.rglob("*")]:
+            path.chmod(path.stat().st_mode | stat.S_IRGRP | stat.S_IROTH | (0o055 if path.is_dir() else 0))
+        # the README's file, on this test's copy of the model
+        volumes = (REPO / "examples" / "cluster" / "tiny-model-volume.yaml").read_text()
+        volumes = volumes.replace("/var/lib/mmgraph/models", str(shared))
+        tool(node, "kubectl", "create", "namespace", NAMESPACE)
+        tool(node, "kubectl", "apply", "-f", "-", stdin=volumes)
         yield "tiny"
     finally:
         shutil.rmtree(shared, ignore_errors=True)
@@ -54,7 +55,9 @@ def served(chart_on_node: Any, worker_image: str, model_claim: str) -> Iterator[
     wait_for(lambda: _phase(node) == "Ready", timeout=600, interval=2, what=f"the graph Ready: {_pods(node)}")
     service = kubectl_json(node, "get", "service", "tiny-frontend", "-n", NAMESPACE)
     yield f"http://{service['spec']['clusterIP']}:{service['spec']['ports'][0]['port']}"
-    tool(node, "kubectl", "delete", "multimodalgraph", "tiny", "-n", NAMESPACE, "--wait=true")  # its engines go
+    # its engines go before the model's folder does
+    tool(node, "kubectl", "delete", "multimodalgraph", "tiny", "-n", NAMESPACE, "--cascade=foreground", "--wait")
+    wait_for(lambda: not _pods(node), timeout=120, interval=1, what="the graph's pods gone")
 
 
 @pytest.mark.parametrize("case", ["one-image", "two-images", "one-video", "text-only"])
