@@ -17,6 +17,7 @@ thread that rewrites its hosts file, as CoreDNS's kubernetes plugin would answer
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import hashlib
 import io
@@ -62,6 +63,7 @@ class KubeNode:
     sysctls: dict[str, str] = field(default_factory=dict)
     dns_stop: threading.Event = field(default_factory=threading.Event)
     dns_thread: threading.Thread | None = None
+    lock: io.TextIOWrapper | None = None
     absent: list[Path] = field(default_factory=list)
 
     @property
@@ -76,6 +78,7 @@ class KubeNode:
         """The namespace, then a control plane listening on HOST, then containerd, the kubelet, kube-proxy and the
         DNS; returns once the node is Ready and schedulable."""
         self.workdir.mkdir(parents=True, exist_ok=True)
+        self.lock = _one_node_at_a_time()
         self.sysctls = {name: Path("/proc/sys", name).read_text().strip() for name in KUBELET_SYSCTLS}
         self.absent = [path for path in HOST_PATHS if not path.exists()]
         try:
@@ -400,6 +403,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             lambda: run("ip", "netns", "del", self.netns, check=False),
             *(lambda p=path: shutil.rmtree(p, ignore_errors=True) for path in self.absent),
             *(lambda n=name, v=value: Path("/proc/sys", n).write_text(v) for name, value in self.sysctls.items()),
+            lambda: self.lock and self.lock.close(),  # the next session's node may start
         ]
         failed: BaseException | None = None
         for step in steps:
@@ -430,6 +434,22 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
                         sub.rmdir()
             with contextlib.suppress(OSError):
                 top.rmdir()
+
+
+def _one_node_at_a_time(timeout: float = 3600) -> io.TextIOWrapper:
+    """The node's addresses are fixed, so two test sessions on one machine take turns: an exclusive lock, held
+    until stop() closes the file (or the process ends)."""
+    lock = open("/run/lock/mmgraph-test-node.lock", "a")  # noqa: SIM115 - held for the node's life
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return lock
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                lock.close()
+                raise TimeoutError("another test session's node held the lock for an hour") from None
+            time.sleep(2)
 
 
 def _cgroup_pids(root: str) -> set[int]:
