@@ -95,7 +95,7 @@ def webhook_port() -> int:
 
 @pytest.fixture(scope="session")
 def helm_install(cluster: KubeCluster, api: client.ApiClient, webhook_port: int) -> Any:
-    """`helm install mmgraph charts/mmgraph -n mmgraph-system` through helm-python-sdk (CRD included)."""
+    """`helm install mmgraph charts/mmgraph -n mmgraph-system` with the real helm CLI (CRD included)."""
     return install_chart(cluster, api, chart_values(webhook_port))
 
 

@@ -8,7 +8,9 @@ Binaries come from scripts/kube-binaries.sh (built once, cached). Every process 
 
 from __future__ import annotations
 
+import atexit
 import datetime
+import functools
 import ipaddress
 import json
 import os
@@ -374,17 +376,49 @@ def terminate(proc: subprocess.Popen | None, grace: float) -> None:
         proc.wait(5)
 
 
-def install_chart(cluster: KubeCluster, api: Any, values: dict | None = None) -> Any:
-    """`helm install mmgraph charts/mmgraph -n mmgraph-system` through helm-python-sdk (CRD included), then start
-    the controller-manager. There is no kubelet to run the chart's Deployment (nor kube-proxy for its Service):
-    the tests run the operator as a process, so a chart with the webhook on must name it by URL."""
-    import helm_python as helm
+@functools.cache
+def cli(name: str) -> str:
+    """helm or kubectl: the official binaries scripts/node-tools.sh keeps (asked once)."""
+    out = subprocess.run(["bash", str(REPO / "scripts" / "node-tools.sh")], capture_output=True, text=True, check=True)
+    return str(Path(out.stdout.strip().splitlines()[-1]) / name)
+
+
+@functools.cache
+def _helm_home() -> Path:
+    """helm's cache, configuration and data for this session: not the user's (gone at exit)."""
+    home = Path(tempfile.mkdtemp(prefix="mmgraph-helm-"))
+    atexit.register(shutil.rmtree, home, True)
+    return home
+
+
+def helm(
+    *args: str, values: dict | None = None, kubeconfig: Path | None = None, check: bool = True
+) -> subprocess.CompletedProcess:
+    """The real `helm` CLI, as a user runs it: `values` go in a values file (-f), `kubeconfig` names the cluster."""
+    home = _helm_home()
+    env = {**os.environ, **{f"HELM_{kind}_HOME": str(home / kind.lower()) for kind in ("CACHE", "CONFIG", "DATA")}}
+    argv = [cli("helm"), *args]
+    if kubeconfig:
+        argv += ["--kubeconfig", str(kubeconfig)]
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", dir=home) as file:
+        if values is not None:
+            yaml.safe_dump(values, file)
+            file.flush()
+            argv += ["-f", file.name]
+        result = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+    assert not check or result.returncode == 0, f"helm {' '.join(args)}: {result.stdout[-2000:]}{result.stderr[-2000:]}"
+    return result
+
+
+def install_chart(cluster: KubeCluster, api: Any, values: dict | None = None) -> dict[str, Any]:
+    """`helm install mmgraph charts/mmgraph -n mmgraph-system --create-namespace` (CRD included), then start the
+    controller-manager. There is no kubelet to run the chart's Deployment (nor kube-proxy for its Service): the
+    tests run the operator as a process, so a chart with the webhook on must name it by URL."""
     from kubernetes import client
 
-    client.CoreV1Api(api).create_namespace({"metadata": {"name": OPERATOR_NS}})
-    cfg = helm.Config(kubeconfig_path=str(cluster.kubeconfig), namespace=OPERATOR_NS)
     values = values or {"webhook": {"enabled": False}}
-    release = cfg.install(str(CHART), RELEASE, values, namespace=OPERATOR_NS, timeout=60)
+    argv = ["install", RELEASE, str(CHART), "-n", OPERATOR_NS, "--create-namespace", "--timeout=60s", "-o", "json"]
+    release = json.loads(helm(*argv, values=values, kubeconfig=cluster.kubeconfig).stdout)
     ext = client.ApiextensionsV1Api(api)
     wait_for(
         lambda: any(

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import functools
 import hashlib
 import io
 import json
@@ -34,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from kubecluster import KubeCluster, kube_bin_dir, terminate, wait_for
+from kubecluster import KubeCluster, cli, kube_bin_dir, terminate, wait_for
 
 HOST, NODE = "198.19.255.1", "198.19.255.2"  # the veth pair's two ends (TEST-NET-2 benchmark range: never routed)
 POD_CIDR, POD_GATEWAY = "198.18.0.0/24", "198.18.0.1"
@@ -476,14 +475,6 @@ def _unmount_under(*roots: Path) -> None:
     mounts = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()]
     for mount in sorted((m for m in mounts if (m + "/").startswith(prefixes)), key=len, reverse=True):
         subprocess.run(["umount", "-l", mount], capture_output=True)
-
-
-@functools.cache
-def cli(name: str) -> str:
-    """helm or kubectl, the official binaries scripts/node-tools.sh keeps (asked once)."""
-    repo = Path(__file__).resolve().parent.parent
-    out = subprocess.run(["bash", str(repo / "scripts" / "node-tools.sh")], capture_output=True, text=True, check=True)
-    return str(Path(out.stdout.strip().splitlines()[-1]) / name)
 
 
 def tool(

@@ -1,17 +1,17 @@
-"""The Helm chart through helm-python-sdk: strict lint, rendering, strict schema validation, install (conftest's
-session install is what every integration test's operator runs under) and the documented CRD upgrade path."""
+"""The Helm chart through the real `helm` CLI (the binary scripts/node-tools.sh keeps): strict lint, `helm
+template`, strict schema validation, install (conftest's session install is what every integration test's operator
+runs under) and the documented CRD upgrade path. tests/test_node.py installs it on a real node."""
 
 from __future__ import annotations
 
 import copy
 import json
 
-import helm_python as helm
 import kubernetes_validate
 import pytest
 import yaml
 from conftest import ca_bundle, chart_values
-from kubecluster import CHART, OPERATOR_NS, RELEASE, wait_for
+from kubecluster import CHART, OPERATOR_NS, RELEASE, helm, wait_for
 from kubernetes import client, dynamic
 from mmgraph_operator.api import parse, problems
 
@@ -30,18 +30,13 @@ VALUE_SETS = {
 }
 
 
-def render_text(values: dict) -> dict[str, str]:
-    return helm.Chart.load(str(CHART)).render(values, name=RELEASE, namespace=OPERATOR_NS, is_install=True)
+def render_text(values: dict) -> str:
+    """`helm template` (what Argo CD renders), with `values` in a values file."""
+    return helm("template", RELEASE, str(CHART), "-n", OPERATOR_NS, values=values).stdout
 
 
 def rendered(values: dict) -> list[dict]:
-    return [
-        doc
-        for path, text in render_text(values).items()
-        if path.endswith(".yaml")
-        for doc in yaml.safe_load_all(text)
-        if doc
-    ]
+    return [doc for doc in yaml.safe_load_all(render_text(values)) if doc]
 
 
 def one(docs: list[dict], kind: str, name_suffix: str = "") -> dict:
@@ -51,9 +46,8 @@ def one(docs: list[dict], kind: str, name_suffix: str = "") -> dict:
 
 @pytest.mark.parametrize("values", VALUE_SETS.values(), ids=VALUE_SETS.keys())
 def test_chart_lints_strictly(values):
-    report = helm.lint(str(CHART), values, strict=True, namespace=OPERATOR_NS)
-    assert report["errors"] == [], report
-    assert [m for m in report["messages"] if m["severity"] >= 2] == [], report["messages"]
+    """--strict fails on warnings too."""
+    helm("lint", "--strict", str(CHART), "-n", OPERATOR_NS, values=values)
 
 
 @pytest.mark.parametrize("values", VALUE_SETS.values(), ids=VALUE_SETS.keys())
@@ -100,11 +94,13 @@ def test_operator_pod_is_non_root_and_read_only():
     assert pod["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
 
 
-def test_values_schema_refuses_bad_values():
-    with pytest.raises(helm.HelmError, match="replicas"):
-        helm.Chart.load(str(CHART)).render({"replicas": -1}, name=RELEASE, namespace=OPERATOR_NS)
-    with pytest.raises(helm.HelmError, match="url"):
-        helm.Chart.load(str(CHART)).render({"webhook": {"url": "http://x/"}}, name=RELEASE, namespace=OPERATOR_NS)
+@pytest.mark.parametrize(
+    ("values", "names"), [({"replicas": -1}, "replicas"), ({"webhook": {"url": "http://x/"}}, "url")]
+)
+def test_values_schema_refuses_bad_values(values, names):
+    refused = helm("template", RELEASE, str(CHART), values=values, check=False)
+    assert refused.returncode != 0 and "values don't meet the specifications of the schema" in refused.stderr
+    assert names in refused.stderr, refused.stderr
 
 
 @pytest.mark.parametrize("values", VALUE_SETS.values(), ids=VALUE_SETS.keys())
@@ -218,10 +214,10 @@ def test_crd_upgrade_path(api, cluster, helm_install, operator, webhook_port):
     # The documented upgrade: kubectl apply --server-side --force-conflicts -f charts/mmgraph/crds/
     crds.server_side_apply(body=new, name=new["metadata"]["name"], field_manager="kubectl", force_conflicts=True)
     assert field()
-    cfg = helm.Config(kubeconfig_path=str(cluster.kubeconfig), namespace=OPERATOR_NS)
     trusted = ca_bundle(api)
-    release = cfg.upgrade(str(CHART), RELEASE, chart_values(webhook_port), namespace=OPERATOR_NS, timeout=60)
-    assert (release["revision"], release["status"]) == (2, "deployed")
+    argv = ["upgrade", RELEASE, str(CHART), "-n", OPERATOR_NS, "--timeout=60s", "-o", "json"]
+    release = json.loads(helm(*argv, values=chart_values(webhook_port), kubeconfig=cluster.kubeconfig).stdout)
+    assert (release["version"], release["info"]["status"]) == (2, "deployed")
     assert ca_bundle(api) == trusted
     # The graph the older CRD stored reads back with the new fields' defaults, valid, and is reconciled.
     stored = custom.get_namespaced_custom_object("mmgraph.io", "v1alpha1", ns, "multimodalgraphs", "stored-before")

@@ -16,21 +16,26 @@ from mmgraph_operator.render import InvalidGraph, KubeVersion, render
 
 REPO = Path(__file__).resolve().parent.parent
 GOLDEN = Path(__file__).parent / "golden"
-EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
+# every graph under examples/ (examples/cluster/ holds the cluster's graphs beside their PersistentVolume)
+EXAMPLES = [path for path in sorted((REPO / "examples").rglob("*.yaml")) if "kind: MultimodalGraph" in path.read_text()]
+
+
+def example_id(path: Path) -> str:
+    return "-".join(path.relative_to(REPO / "examples").with_suffix("").parts)
 
 
 def load(name: str) -> dict:
     return yaml.safe_load((REPO / "examples" / name).read_text())
 
 
-@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.stem)
+@pytest.mark.parametrize("example", EXAMPLES, ids=example_id)
 @pytest.mark.parametrize("kube", ["1.20", "1.29"])
 def test_render_matches_golden(example: Path, kube: str):
     """Pins the exact manifests; regenerate deliberately with MMGRAPH_UPDATE_GOLDEN=1 and review the diff."""
     body = yaml.safe_load(example.read_text())
     body["metadata"]["uid"] = "00000000-0000-0000-0000-000000000001"
     text = yaml.safe_dump_all(render(parse(body), kube), sort_keys=False, width=120)
-    golden = GOLDEN / f"{example.stem}-{kube}.yaml"
+    golden = GOLDEN / f"{example_id(example)}-{kube}.yaml"
     if os.environ.get("MMGRAPH_UPDATE_GOLDEN"):  # deliberate: print what changes, for review
         old = golden.read_text() if golden.exists() else ""
         diff = difflib.unified_diff(old.splitlines(), text.splitlines(), str(golden), "rendered", lineterm="")
@@ -39,7 +44,7 @@ def test_render_matches_golden(example: Path, kube: str):
     assert text == golden.read_text()
 
 
-@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.stem)
+@pytest.mark.parametrize("example", EXAMPLES, ids=example_id)
 def test_rendered_manifests_validate_strictly_against_kubernetes_schemas(example: Path):
     for manifest in render(parse(yaml.safe_load(example.read_text())), "1.29"):
         kubernetes_validate.validate(manifest, "1.29.0", strict=True)

@@ -92,6 +92,15 @@ def user(*parts: Any) -> list[dict[str, Any]]:
     return [{"role": "user", "content": content}]
 
 
+def input_audio(data: bytes, format: str = "wav") -> dict[str, Any]:
+    return {"type": "input_audio", "input_audio": {"data": base64.b64encode(data).decode(), "format": format}}
+
+
+def ask(*parts: dict[str, Any], text: str = "what is said") -> dict[str, Any]:
+    """An audio case: the clips, then the question."""
+    return {"messages": [{"role": "user", "content": [*parts, {"type": "text", "text": text}]}], "max_tokens": 12}
+
+
 IMG_A, IMG_B, IMG_C = data_url(png(96, 64, 1)), data_url(png(64, 96, 2)), data_url(png(112, 112, 3))
 CASES: dict[str, dict[str, Any]] = {
     "one-image": {"messages": user(IMG_A, "describe this image"), "max_tokens": 12},

@@ -7,7 +7,6 @@ Its graph (encoder, pd, decode and three frontends) and vLLM's server live for t
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Iterator
 
 import httpx
@@ -20,11 +19,13 @@ from mmgraph_workers.up import LocalGraph
 from .conftest import (
     AUDIO_EXAMPLE,
     FamilyGraph,
+    ask,
     assert_same_as_vllm_server,
     chat,
     data_url,
     family_graph,
     graph_spec,
+    input_audio,
     metric,
     png,
     start_frontend,
@@ -34,14 +35,6 @@ from .conftest import (
 NAME = "tiny-qwen2-audio"
 TOPOLOGIES = ["agg", "e-pd", "e-p-d"]
 CAPS = {"maxBytes": 2_000_000, "maxSeconds": 40}  # a 40 s 16 kHz WAV is 1.3 MB: bytes and seconds are each testable
-
-
-def input_audio(data: bytes, format: str = "wav") -> dict:
-    return {"type": "input_audio", "input_audio": {"data": base64.b64encode(data).decode(), "format": format}}
-
-
-def ask(*parts: dict, text: str = "what is said") -> dict:
-    return {"messages": [{"role": "user", "content": [*parts, {"type": "text", "text": text}]}], "max_tokens": 12}
 
 
 CLIP = tone(seconds=2.0)
