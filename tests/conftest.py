@@ -181,6 +181,16 @@ def worker_image(node: Any) -> str:
 
 
 @pytest.fixture(scope="session")
+def previous_worker_image(node: Any, worker_image: str) -> str:
+    """The previous release's CPU worker image (a thin layer over this tree's), loaded into the node."""
+    from localimages import build_previous, save
+
+    image = build_previous()
+    node.import_image_archive(save(image))
+    return image
+
+
+@pytest.fixture(scope="session")
 def chart_on_node(node: Any, operator_image: str) -> Any:
     """`helm install` as the README says, with the chart's defaults: two operator replicas, leader election, the
     operator's own webhook certificate; --wait returns once both replicas are Ready (serving the webhook)."""

@@ -25,6 +25,8 @@ BASE = f"{REGISTRY}/base:bookworm"
 TAG = re.search(r'^version = "(.+)"', (REPO / "pyproject.toml").read_text(), re.M).group(1)
 OPERATOR_IMAGE = f"{REGISTRY}/operator:{TAG}"
 WORKER_IMAGE = f"{REGISTRY}/worker-cpu:{TAG}"
+PREVIOUS_WORKER_IMAGE = f"{REGISTRY}/worker-cpu:previous"
+PREVIOUS_RELEASE = REPO / "tests" / "dataplane" / "previous_release"
 
 
 def engine() -> str:
@@ -81,14 +83,24 @@ def make(*targets: str) -> float:
     return time.monotonic() - started
 
 
+def build_previous() -> str:
+    """The previous release's worker image: its packages (tests/dataplane/previous_release/) as a thin layer over
+    this tree's CPU worker image, which must be built already."""
+    argv = [*shlex.split(engine()), "build", "--build-arg", f"BASE={WORKER_IMAGE}", "-t", PREVIOUS_WORKER_IMAGE]
+    result = subprocess.run([*argv, str(PREVIOUS_RELEASE)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return PREVIOUS_WORKER_IMAGE
+
+
 def save(image: str) -> Path:
     """The image as an OCI archive (what `ctr images import` reads), written once per image id."""
     image_id = subprocess.run(
         [*shlex.split(engine()), "image", "inspect", "--format={{.Id}}", image], capture_output=True, text=True
     ).stdout.strip()
-    archive = CACHE / f"{image.rsplit('/', 1)[-1].replace(':', '-')}-{image_id[:12]}.tar"
+    name = image.rsplit("/", 1)[-1].replace(":", "-")  # worker-cpu-0.1.0, worker-cpu-previous: one archive each
+    archive = CACHE / f"{name}-{image_id[:12]}.tar"
     if not archive.exists():
-        for old in CACHE.glob(f"{image.rsplit('/', 1)[-1].split(':')[0]}-*.tar"):
+        for old in CACHE.glob(f"{name}-*.tar"):
             old.unlink()
         partial = archive.with_suffix(".partial")
         subprocess.run(

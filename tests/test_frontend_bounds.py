@@ -9,6 +9,8 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -336,3 +338,33 @@ def test_connections_past_the_limit_get_503():
                 sock.close()
         time.sleep(0.3)
         assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200
+
+
+# ---- the pod going: the preStop hook's SIGWINCH, then the kubelet's SIGTERM ----
+
+
+def test_a_stage_told_its_pod_is_going_serves_on_but_closes_connections_and_fails_readiness():
+    """What render's preStop does (kill -WINCH 1): the stage still answers, on the same kept-alive connection,
+    but says `Connection: close` (the caller reconnects, through endpoints that no longer hold this pod), and its
+    readiness fails; a stage of a release without the handler ignores the signal (its default action)."""
+    with stage() as (port, pid), httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
+        before = client.post("/echo", content=b"x")
+        assert before.status_code == 200 and before.headers.get("connection") != "close"
+        os.kill(pid, signal.SIGWINCH)
+        deadline = time.monotonic() + 10
+        while (health := client.get("/health")).status_code == 200:
+            assert time.monotonic() < deadline, "readiness still passes"
+            time.sleep(0.05)
+        assert health.status_code == 503 and health.json()["draining"] is True
+        after = client.post("/echo", content=b"xyz")
+        assert after.status_code == 200 and after.json() == {"bytes": 3}
+        assert after.headers["connection"] == "close"
+    unaware = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        time.sleep(0.5)
+        unaware.send_signal(signal.SIGWINCH)
+        time.sleep(0.5)
+        assert unaware.poll() is None, "a process with no handler died of SIGWINCH"
+    finally:
+        unaware.kill()
+        unaware.wait(5)

@@ -893,20 +893,32 @@ def test_a_descriptor_that_does_not_add_up_is_refused_before_anything_is_allocat
 
 
 @pytest.mark.parametrize(
-    ("timeout", "drain", "waits"),
-    [(10.0, 50.0, 8.0), (3.0, 50.0, 3.0), (3600.0, 50.0, 8.0), (3600.0, 10.0, 48.0), (10.0, 59.0, 0.0)],
+    ("wanted", "drain", "waits"),
+    [(10.0, 35.0, 10.0), (3.0, 35.0, 3.0), (3600.0, 35.0, 13.0), (3600.0, 10.0, 38.0), (10.0, 49.0, 0.0)],
 )
-def test_a_stopping_encoder_waits_for_unread_embeddings_only_within_the_grace_period(timeout, drain, waits):
-    """After uvicorn's drain (up to --drain-seconds) the encoder waits for pd's pulls; the two together stay
-    inside the pod's grace period however long transfer.timeoutSeconds is, so the kubelet never kills a read."""
+def test_a_stopping_stage_waits_for_its_readers_only_within_the_grace_period(wanted, drain, waits):
+    """After the preStop delay and uvicorn's drain (up to --drain-seconds), the encoder waits for pd's pulls and
+    pd for decode's; the three together stay inside the pod's grace period however long the wait wanted is, so
+    the kubelet never kills a read. The default drain leaves a pull's deadline (10 s) whole."""
+    from mmgraph_operator.api import POD_GRACE_SECONDS, PRESTOP_SECONDS
+    from mmgraph_workers.server import readers_wait_seconds
+
+    assert readers_wait_seconds(wanted, drain) == waits
+    assert PRESTOP_SECONDS + drain + readers_wait_seconds(wanted, drain) < POD_GRACE_SECONDS
+
+
+def test_the_default_drain_leaves_room_for_the_prestop_delay_and_a_pulls_deadline():
     import argparse
 
-    from mmgraph_operator.api import POD_GRACE_SECONDS
-    from mmgraph_workers.encoder import unread_wait_seconds
+    from mmgraph_operator.api import POD_GRACE_SECONDS, PRESTOP_SECONDS, TransferSpec
+    from mmgraph_workers.server import add_common_arguments, readers_wait_seconds
 
-    args = argparse.Namespace(transfer_timeout_seconds=timeout, drain_seconds=drain)
-    assert unread_wait_seconds(args) == waits
-    assert drain + unread_wait_seconds(args) < POD_GRACE_SECONDS
+    parser = argparse.ArgumentParser()
+    add_common_arguments(parser)
+    args = parser.parse_args(["--model", "m", "--served-model-name", "m", "--port", "1"])
+    deadline = TransferSpec().timeout_seconds
+    assert readers_wait_seconds(deadline, args.drain_seconds) == deadline
+    assert PRESTOP_SECONDS + args.drain_seconds + deadline + 2 <= POD_GRACE_SECONDS
 
 
 def test_every_field_of_vllms_chat_request_is_honoured_ignored_or_refused():

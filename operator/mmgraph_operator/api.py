@@ -316,8 +316,14 @@ def peer_credential_name(graph: MultimodalGraph) -> str:
     return f"{graph.name}-peer-credential" + (f"-{uid[:8]}" if uid else "")
 
 
-# A worker pod's terminationGracePeriodSeconds; workers drain in-flight requests for up to 10 s less.
+# A worker pod's terminationGracePeriodSeconds. It holds, in order: the preStop delay, uvicorn's drain of the
+# requests in flight (--drain-seconds), a stage's wait for its readers (pd's KV, the encoder's embeddings) and the
+# exit itself.
 POD_GRACE_SECONDS = 60
+# The preStop delay: the pod is deleted, so it leaves its Services' endpoints, but kube-proxy's rules, the cluster
+# DNS (CoreDNS answers headless Services with a 5 s TTL) and the frontends' peer refresh (2 s) take a while to
+# follow, so the process keeps serving, telling callers to go elsewhere, before SIGTERM stops its listener.
+PRESTOP_SECONDS = 10
 
 
 class TransferSpec(Spec):

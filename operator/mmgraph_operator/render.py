@@ -18,6 +18,7 @@ from mmgraph_operator.api import (
     PEER_TOKEN_ENV,
     PEER_TOKEN_KEY,
     POD_GRACE_SECONDS,
+    PRESTOP_SECONDS,
     Autoscaling,
     EngineSpec,
     GpuStageSpec,
@@ -36,6 +37,11 @@ MANAGED_BY = "mmgraph-operator"
 WORKER_UID = 1000
 MODEL_DIR = "/models"
 CACHE_DIR = "/cache"
+
+# The preStop hook (Kubernetes 1.20 has no `sleep` action, so an exec): SIGWINCH tells the worker (PID 1: the
+# container's entrypoint) that the pod is going, so it answers `Connection: close` and fails readiness while it serves on,
+# until the endpoints, DNS and the frontends' peer lists have let it go; then the kubelet's SIGTERM starts the drain.
+PRESTOP = ["sh", "-c", f"kill -WINCH 1; sleep {PRESTOP_SECONDS}"]
 
 
 class InvalidGraph(ValueError):
@@ -300,6 +306,7 @@ def _container(graph: MultimodalGraph, stage: StageName, cfg: StageSpec) -> tupl
         "env": _env(graph, stage, cfg, model_env),
         "volumeMounts": mounts,
         **_probes(cfg),
+        "lifecycle": {"preStop": {"exec": {"command": PRESTOP}}},
         "securityContext": {
             "allowPrivilegeEscalation": False,
             "readOnlyRootFilesystem": True,

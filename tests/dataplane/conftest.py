@@ -19,8 +19,11 @@ import io
 import json
 import os
 import re
+import shutil
+import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import zlib
@@ -143,6 +146,33 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from mmgraph_workers.tiny_model import build
 
     return build(tmp_path_factory.mktemp("models") / "tiny")
+
+
+# The node's tests (test_on_a_node.py, test_day_two.py): their graphs' namespace and the README's files
+NAMESPACE = "serving"
+CLUSTER = REPO / "examples" / "cluster"
+
+
+@pytest.fixture(scope="session")
+def node_models(chart_on_node: Any, tiny_model: Path) -> Iterator[Path]:
+    """The tiny models on a hostPath PersistentVolume, bound to the claim `tiny-models` (readable by UID 1000)."""
+    from kubenode import tool
+    from mmgraph_workers.tiny_model import build
+
+    node = chart_on_node
+    shared = Path(tempfile.mkdtemp(prefix="mmgraph-node-models-"))  # outside pytest's 0700 directories
+    try:
+        shutil.copytree(tiny_model, shared / "tiny-qwen2-vl")
+        build(shared / "tiny-qwen2-audio", family="qwen2-audio")
+        for path in [shared, *shared.rglob("*")]:
+            path.chmod(path.stat().st_mode | stat.S_IRGRP | stat.S_IROTH | (0o055 if path.is_dir() else 0))
+        # the README's file, on this test's folder
+        volumes = (CLUSTER / "tiny-models.yaml").read_text().replace("/var/lib/mmgraph/models", str(shared))
+        tool(node, "kubectl", "create", "namespace", NAMESPACE)
+        tool(node, "kubectl", "apply", "-f", "-", stdin=volumes)
+        yield shared
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

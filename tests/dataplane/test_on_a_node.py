@@ -8,9 +8,6 @@ say which transport it chose."""
 from __future__ import annotations
 
 import json
-import shutil
-import stat
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,13 +19,11 @@ from kubecluster import wait_for
 from kubenode import kubectl_json, tool
 from mmgraph_workers.media.samples import tone
 
-from .conftest import REPO, ask, input_audio, metric, reference_tokens, tokens
+from .conftest import CLUSTER, NAMESPACE, ask, input_audio, metric, reference_tokens, tokens
 
 # the first test's set-up builds and loads the worker image and starts three graphs of engines on two cores
 pytestmark = [pytest.mark.node, pytest.mark.timeout(2400)]
 
-NAMESPACE = "serving"
-CLUSTER = REPO / "examples" / "cluster"
 GRAPHS = {"tiny": "tiny-e-p-d.yaml", "tiny-agg": "tiny-agg.yaml", "tiny-audio": "tiny-qwen2-audio.yaml"}
 AUDIO_CASES = {"one-clip": ask(input_audio(tone(seconds=2.0)))}
 # UCX prints each protocol it selects (transport and lanes) to the pod's log: how the test names what crossed pods
@@ -36,28 +31,7 @@ UCX_SAYS = [{"name": "UCX_PROTO_INFO", "value": "y"}]
 
 
 @pytest.fixture(scope="module")
-def models(chart_on_node: Any, tiny_model: Path) -> Iterator[Path]:
-    """The tiny models on a hostPath PersistentVolume, bound to the claim `tiny-models` (readable by UID 1000)."""
-    from mmgraph_workers.tiny_model import build
-
-    node = chart_on_node
-    shared = Path(tempfile.mkdtemp(prefix="mmgraph-node-models-"))  # outside pytest's 0700 directories
-    try:
-        shutil.copytree(tiny_model, shared / "tiny-qwen2-vl")
-        build(shared / "tiny-qwen2-audio", family="qwen2-audio")
-        for path in [shared, *shared.rglob("*")]:
-            path.chmod(path.stat().st_mode | stat.S_IRGRP | stat.S_IROTH | (0o055 if path.is_dir() else 0))
-        # the README's file, on this test's folder
-        volumes = (CLUSTER / "tiny-models.yaml").read_text().replace("/var/lib/mmgraph/models", str(shared))
-        tool(node, "kubectl", "create", "namespace", NAMESPACE)
-        tool(node, "kubectl", "apply", "-f", "-", stdin=volumes)
-        yield shared
-    finally:
-        shutil.rmtree(shared, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def graphs(chart_on_node: Any, worker_image: str, models: Path) -> Iterator[float]:
+def graphs(chart_on_node: Any, worker_image: str, node_models: Path) -> Iterator[float]:
     """The README's three graphs, applied at once so their engines load side by side; deleted (their pods before
     the models' folder) when the module ends. Yields when they were applied."""
     node = chart_on_node
@@ -76,8 +50,8 @@ def graphs(chart_on_node: Any, worker_image: str, models: Path) -> Iterator[floa
 
 
 @pytest.fixture(scope="module")
-def audio_reference(models: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[int]]:
-    return reference_tokens(models / "tiny-qwen2-audio", AUDIO_CASES, tmp_path_factory.mktemp("audio-reference"))
+def audio_reference(node_models: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[int]]:
+    return reference_tokens(node_models / "tiny-qwen2-audio", AUDIO_CASES, tmp_path_factory.mktemp("audio-reference"))
 
 
 def frontend(node: Any, graphs: float, name: str) -> str:

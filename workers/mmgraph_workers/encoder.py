@@ -24,7 +24,7 @@ from typing import Any, Generic, TypeVar
 import torch
 from fastapi import Request
 from fastapi.responses import JSONResponse
-from mmgraph_operator.api import POD_GRACE_SECONDS, EmbeddingCacheSpec, EncoderSpec, default
+from mmgraph_operator.api import EmbeddingCacheSpec, EncoderSpec, default
 from prometheus_client import Counter, Gauge, Histogram
 
 from mmgraph_workers.content_key import encoder_identity, item_key, media_digest
@@ -41,6 +41,7 @@ from mmgraph_workers.server import (
     make_app,
     peer_token,
     read_message,
+    readers_wait_seconds,
     serve,
     unless_disconnected,
 )
@@ -420,13 +421,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def unread_wait_seconds(args: argparse.Namespace) -> float:
-    """How long a stopping encoder waits for pd to pull what it published, after uvicorn's drain: a pull's
-    deadline, but never past the pod's grace period (the drain may have used all of --drain-seconds; 2 s spare for
-    the exit itself), so the kubelet never kills it mid-read."""
-    return max(0.0, min(args.transfer_timeout_seconds, POD_GRACE_SECONDS - args.drain_seconds - 2))
-
-
 def main(args: argparse.Namespace) -> None:
     encoder: Encoder | None = None
     app = make_app("encoder", lambda: encoder is not None, args.max_request_bytes, peer_token(args))
@@ -448,7 +442,8 @@ def main(args: argparse.Namespace) -> None:
         down has answered requests whose embeddings are still to be read from this process's memory."""
         if encoder is None:
             return
-        deadline, waiting = time.monotonic() + unread_wait_seconds(args), encoder.transfer.published()
+        wait = readers_wait_seconds(args.transfer_timeout_seconds, args.drain_seconds)  # a pull's deadline
+        deadline, waiting = time.monotonic() + wait, encoder.transfer.published()
         while encoder.transfer.published() and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         if left := encoder.transfer.published():

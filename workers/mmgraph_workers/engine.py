@@ -60,6 +60,7 @@ from mmgraph_workers.server import (
     peer_headers,
     peer_token,
     read_message,
+    readers_wait_seconds,
     serve,
 )
 from mmgraph_workers.transfer import TransferError, make_transfer
@@ -198,6 +199,7 @@ class Engine:
         self.encoders = Peer("encoder", args.encoder_url) if args.encoder_url else None
         self.pds = Peer("pd", args.pd_url) if args.pd_url else None
         self.in_flight = 0  # requests in this engine, from every caller
+        self.handed_off = -float("inf")  # when pd last answered a prefill whose KV decode is yet to pull
         self.releasing = Detached()  # releases of a cancelled request's embeddings
         self.max_num_seqs = 1
 
@@ -354,6 +356,15 @@ class Engine:
                         completion += len(piece.token_ids)
                         last = out.finished and k == len(out.outputs) - 1  # usage, once, for all choices
                         finished = last  # a caller that stops at the last event leaves nothing to abort
+                        if piece.finish_reason == "error":  # vLLM's retryable request failure (a KV load)
+                            raise StageError(
+                                f"{self.stage}'s engine failed the request (vLLM: e.g. the KV cache could not be "
+                                "loaded); nothing of it was kept",
+                                503,
+                                retry=True,
+                            )
+                        if last and req.prefill_only:
+                            self.handed_off = time.monotonic()
                         yield GenerateEvent(
                             index=piece.index,
                             final=last,
@@ -484,6 +495,12 @@ def main(args: argparse.Namespace, stage: str) -> None:
 
     @app.on_event("shutdown")
     async def stop() -> None:
+        """After the drain: pd stays until decode has had time to pull the KV of its last prefills (a pull's
+        deadline after the last one, within the grace period), then the engine and NIXL stop."""
+        wait = readers_wait_seconds(args.transfer_timeout_seconds, args.drain_seconds)
+        if (left := engine.handed_off + wait - time.monotonic()) > 0:
+            log.info("%s: waiting %.1f s for decode to pull the KV of its last prefills", stage, left)
+            await asyncio.sleep(left)
         if engine.llm is not None:
             engine.llm.shutdown()
         if engine.transfer is not None:

@@ -11,6 +11,7 @@ import hmac
 import json
 import logging
 import os
+import signal
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from typing import Any, TypeVar
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from mmgraph_operator.api import POD_GRACE_SECONDS, TransferSpec, default
+from mmgraph_operator.api import POD_GRACE_SECONDS, PRESTOP_SECONDS, TransferSpec, default
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 from starlette.requests import ClientDisconnect
@@ -194,6 +195,27 @@ class BearerAuth:
         await self.app(scope, receive, send)
 
 
+class Draining:
+    """ASGI middleware: once the pod is being deleted (`draining()`, set by the preStop hook's SIGWINCH), every
+    answer says `Connection: close`, so a caller's next request opens a new connection, which kube-proxy and the
+    frontends' peer lists send to a replica that stays, instead of reusing one that SIGTERM will close."""
+
+    def __init__(self, app: Any, draining: Callable[[], bool]):
+        self.app, self.draining = app, draining
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http" or not self.draining():
+            return await self.app(scope, receive, send)
+
+        async def closing(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), (b"connection", b"close")]
+            await send(message)
+
+        await self.app(scope, receive, closing)
+
+
+READERS_SECONDS = 10.0  # what the grace period keeps, after the drain, for the readers of a stage's memory
 PEER_OPEN = ("/health", "/metrics")  # probes and Prometheus: every other call of a stage is a peer's
 PEER_PATHS = ("/v1/info", "/v1/transfer/")  # the stages' own calls under /v1/, beside the OpenAI API's
 
@@ -274,6 +296,8 @@ def make_app(
     of their own (`public_body_bytes`: a client's, where peers' messages wrap what a client sent). The bodies
     held at once are bounded by `app.state.bounds`: four of the largest by default (`serve` applies the flags)."""
     app = FastAPI(title=f"mmgraph {stage}", docs_url=None, redoc_url=None)
+    app.state.draining = False
+    app.add_middleware(Draining, draining=lambda: app.state.draining)
     peers, clients = max_body_bytes, public_body_bytes or max_body_bytes
     app.state.bounds = bounds = Bounds(budget=None if max_body_bytes is None else BUDGET_BODIES * max_body_bytes)
     app.add_middleware(BodyLimit, limit_of=lambda path: clients if public and public(path) else peers, bounds=bounds)
@@ -306,8 +330,9 @@ def make_app(
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        ok = ready()
-        return JSONResponse({"stage": stage, "ready": ok}, status_code=200 if ok else 503)
+        ok = ready() and not app.state.draining
+        body = {"stage": stage, "ready": ok, **({"draining": True} if app.state.draining else {})}
+        return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
@@ -336,9 +361,18 @@ def internal_error(stage: str, request_id: str) -> str:
 
 def serve(app: FastAPI, args) -> None:
     """Run until SIGINT/SIGTERM; then take no new requests and let those in flight finish (streams included)
-    for up to --drain-seconds, within the pod's grace period. Connections past --max-connections get uvicorn's 503
-    (it counts open connections and requests in flight)."""
+    for up to --drain-seconds, within the pod's grace period. Before that, SIGWINCH (the preStop hook's: its default
+    action is to ignore it, so a release without this handler ignores it too, as Apache's graceful-stop does) says
+    the pod is going: keep serving, but answer `Connection: close` and fail readiness. Connections past
+    --max-connections get uvicorn's 503 (it counts open connections and requests in flight)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def going(signum: int, frame: Any) -> None:
+        if not app.state.draining:
+            log.info("the pod is being deleted: serving on, sending callers elsewhere, until SIGTERM")
+        app.state.draining = True
+
+    signal.signal(signal.SIGWINCH, going)
     # httpx logs every call at INFO: a log line for every stage call the frontend makes
     logging.getLogger("httpx").setLevel(logging.WARNING)
     bounds: Bounds = app.state.bounds
@@ -398,9 +432,17 @@ def add_common_arguments(parser) -> None:
     parser.add_argument(
         "--drain-seconds",
         type=float,
-        default=POD_GRACE_SECONDS - 10,
-        help="on SIGTERM, how long requests in flight may take to finish (the pod's grace period, less 10 s)",
+        default=POD_GRACE_SECONDS - PRESTOP_SECONDS - READERS_SECONDS - 5,
+        help="on SIGTERM, how long requests in flight may take to finish (what the pod's grace period leaves after "
+        f"the preStop delay, {READERS_SECONDS:.0f} s for readers of what this stage holds, and 5 s to exit)",
     )
+
+
+def readers_wait_seconds(wanted: float, drain_seconds: float) -> float:
+    """How long a stopping stage waits, after uvicorn's drain, for peers to read what it holds for them (the
+    encoder's embeddings, pd's KV cache): `wanted`, but never past the pod's grace period (the preStop delay and
+    the drain may have used all theirs; 2 s spare for the exit itself), so the kubelet never kills it mid-read."""
+    return max(0.0, min(wanted, POD_GRACE_SECONDS - PRESTOP_SECONDS - drain_seconds - 2))
 
 
 def add_transfer_arguments(parser) -> None:

@@ -50,9 +50,14 @@ RETRIES = Counter(
 )
 REFUSED = Counter(
     "mmgraph_stage_connect_refused_total",
-    "Calls a replica refused at connect (it left before the address list caught up), sent to another",
+    "Calls a replica refused at connect or dropped before answering (it left before the address list caught up, "
+    "or died), sent to another",
     ["stage"],
 )
+# A call that got no answer at all: the replica refused the connection, or closed it (a kept-alive one it was
+# closing as it stopped, or by dying) before a byte of the answer. Sent again to another replica: nothing of it
+# reached the client.
+UNANSWERED = (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
 SPILLS = Counter(
     "mmgraph_encoder_route_spills_total",
     "Media items sent to another encoder than their key's owner, which was busier than the bound allows",
@@ -247,8 +252,8 @@ class Router:
             r = await self._post(base, "/encode", message)
         except CannotDowngrade as err:
             raise StageFailure("encoder", f"{err} (mid-rollout: retry shortly)", 503, retry=True) from None
-        except httpx.ConnectError:
-            refused = True  # nothing was sent: place these items again, on the others
+        except UNANSWERED:
+            refused = True  # no answer (an encoding is idempotent): place these items again, on the others
             REFUSED.labels("encoder").inc()
         except httpx.HTTPError as err:
             raise _call_failed("encoder", base, err) from None
@@ -307,8 +312,8 @@ class Router:
                     await self.http.post(f"{self.peers['encoder'].url_of(address)}/release/{item.embeddings.handle}")
 
     async def stream_stage(self, stage: str, request: GenerateRequest) -> AsyncIterator[GenerateEvent]:
-        """The stage's events until the request finishes. A refused connection goes to the next replica, but only
-        before any event came: a request is never sent twice once a stage has begun answering it."""
+        """The stage's events until the request finishes. A call that got no answer goes to the next replica, but
+        only before any event came: a request is never sent twice once a stage has begun answering it."""
         started, tried, sent = time.perf_counter(), set(), False
         while True:
             local = self._local(stage, tried)
@@ -326,9 +331,9 @@ class Router:
                             STAGE_SECONDS.labels(stage).observe(time.perf_counter() - started)
                             return
                 raise StageFailure(stage, "the stream ended before the request finished (the stage died?)", 502)
-            except httpx.ConnectError:
+            except UNANSWERED:
                 if sent:
-                    raise StageFailure(stage, "the connection was refused after the stream had begun", 502) from None
+                    raise StageFailure(stage, "the connection broke after the stream had begun", 502) from None
                 tried.add(address)
                 REFUSED.labels(stage).inc()
             except httpx.HTTPError as err:
