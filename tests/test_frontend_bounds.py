@@ -343,13 +343,20 @@ def test_connections_past_the_limit_get_503():
 # ---- the pod going: the preStop hook's SIGWINCH, then the kubelet's SIGTERM ----
 
 
-def test_a_stage_told_its_pod_is_going_serves_on_but_closes_connections_and_fails_readiness():
+def test_a_stage_keeps_idle_connections_and_told_its_pod_is_going_serves_on_but_closes_them():
     """What render's preStop does (kill -WINCH 1): the stage still answers, on the same kept-alive connection,
     but says `Connection: close` (the caller reconnects, through endpoints that no longer hold this pod), and its
     readiness fails; a stage of a release without the handler ignores the signal (its default action)."""
     with stage() as (port, pid), httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
         before = client.post("/echo", content=b"x")
         assert before.status_code == 200 and before.headers.get("connection") != "close"
+        # first: an idle connection outlives the 5 s after which httpx (the OpenAI SDK's client) stops reusing
+        # one, so a caller never sends on a connection the stage is closing (uvicorn's default was 5 s too)
+        with socket.create_connection(("127.0.0.1", port)) as raw:
+            for idle in (6, 0):
+                raw.sendall(b"GET /health HTTP/1.1\r\nhost: stage\r\n\r\n")
+                assert raw.recv(65536).startswith(b"HTTP/1.1 200"), "the stage closed an idle connection within 6 s"
+                time.sleep(idle)
         os.kill(pid, signal.SIGWINCH)
         deadline = time.monotonic() + 10
         while (health := client.get("/health")).status_code == 200:

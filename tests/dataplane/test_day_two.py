@@ -3,16 +3,20 @@ through the frontend Service whose every answer is checked against the oracle's 
 
 - A rolling upgrade of the worker image from the previous release (tests/dataplane/previous_release/, a thin
   layer over this tree's image) to this tree's, by `kubectl apply` of a changed `spec.image`, for e-p-d and agg at
-  once: no request fails, none is answered wrongly. What makes it so is rendered by the operator: a preStop hook
-  (the pod tells callers to go elsewhere and keeps serving while endpoints, DNS and the frontends' peer lists let
-  it go), then the drain on SIGTERM, maxSurge 1 / maxUnavailable 0, and the frontend sending a call that got no
-  answer to another replica.
+  once: none is answered wrongly, and none fails but by the previous release's own keep-alive race; then from
+  this tree's release to the next (another tag): not one request fails. What makes it so is rendered by the
+  operator: a preStop hook (the pod tells callers to go elsewhere and keeps serving while endpoints, DNS and the
+  frontends' peer lists let it go), then the drain on SIGTERM, maxSurge 1 / maxUnavailable 0; and the workers:
+  the frontend sends a call that got no answer to another replica, and stages keep idle connections longer than
+  their callers do.
 
 Each case prints its counts (requests, failed, wrong, seconds)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 import threading
 import time
 from collections import Counter
@@ -97,6 +101,41 @@ class Load:
         )
 
 
+class Timeline(threading.Thread):
+    """The graphs' pods as they change (created, ready, going, gone, restarted), second by second: what a
+    failed request is read against."""
+
+    def __init__(self, node: Any, started: float):
+        super().__init__(daemon=True)
+        self.node, self.started, self.stopping, self.lines = node, started, threading.Event(), []
+
+    def run(self) -> None:
+        seen: dict[str, tuple] = {}
+        while not self.stopping.wait(1):
+            with contextlib.suppress(Exception):
+                now = {}
+                for pod in kubectl_json(self.node, "get", "pods", "-n", NAMESPACE)["items"]:
+                    ready = any(
+                        c["type"] == "Ready" and c["status"] == "True" for c in pod["status"].get("conditions") or []
+                    )
+                    restarts = sum(c.get("restartCount", 0) for c in pod["status"].get("containerStatuses") or [])
+                    image = pod["spec"]["containers"][0]["image"].rsplit(":", 1)[-1]
+                    going = "going" if pod["metadata"].get("deletionTimestamp") else ""
+                    now[pod["metadata"]["name"]] = (image, "ready" if ready else "not ready", going, restarts)
+                for name in sorted(now.keys() | seen.keys()):
+                    if now.get(name) != seen.get(name):
+                        self.lines.append(f"{time.monotonic() - self.started:6.1f} s {name} {now.get(name, 'gone')}")
+                seen = now
+
+    def __enter__(self) -> Timeline:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopping.set()
+        self.join()
+
+
 @pytest.fixture(scope="module")
 def on_previous_release(chart_on_node: Any, previous_worker_image: str, node_models: Path) -> Iterator[dict[str, str]]:
     """The README's e-p-d and agg graphs on the previous release's image, Ready; their frontend addresses."""
@@ -121,39 +160,82 @@ def frontend(node: Any, name: str) -> str:
     return f"http://{service['spec']['clusterIP']}:{service['spec']['ports'][0]['port']}"
 
 
-def test_a_rolling_upgrade_from_the_previous_release_loses_no_request(
-    chart_on_node, on_previous_release, worker_image, previous_worker_image, reference
-):
-    node = chart_on_node
-    loads = {name: Load(endpoint, reference) for name, endpoint in on_previous_release.items()}
-    for load in loads.values():
-        load.__enter__()
-    try:
-        time.sleep(10)  # the load before the rollout
+# How the previous release's frontend reports a call its peer closed before answering (a kept-alive connection the
+# peer was closing): it sent none of those to another replica, and its stages closed idle connections after 5 s,
+# the very age at which httpx stops reusing one. This tree's frontend never answers so: it sends such a call to
+# another replica, and its stages keep idle connections 20 s.
+PREVIOUS_RELEASES_RACE = re.compile(r'"message":"(encoder|pd|decode): (ReadError|RemoteProtocolError|WriteError)')
+
+
+def rollout(node: Any, loads: dict[str, Load], image: str) -> tuple[float, list[str]]:
+    """Apply the graphs with `image` under their loads (10 s of load before and after), wait until every
+    Deployment has rolled and no pod of another image is left; the seconds it took and the pods' timeline."""
+    with Timeline(node, time.monotonic()) as timeline, contextlib.ExitStack() as running:
+        for load in loads.values():
+            running.enter_context(load)
+        time.sleep(10)
         started = time.monotonic()
         for name in GRAPHS:
-            apply(node, name, worker_image)
-        listed = kubectl_json(node, "get", "deployments", "-n", NAMESPACE)["items"]
-        deployments = [d["metadata"]["name"] for d in listed]
-        for deployment in deployments:
-            tool(node, "kubectl", "rollout", "status", f"deployment/{deployment}", "-n", NAMESPACE, "--timeout=900s")
-        wait_for(
-            lambda: all(image == worker_image for _, _, image in pods(node)),
-            timeout=300,
-            interval=1,
-            what=f"the old pods gone: {pods(node)}",
-        )
+            apply(node, name, image)
+        rolled_to(node, image)
         rolled = time.monotonic() - started
-        time.sleep(10)  # and after it
-    finally:
-        for load in loads.values():
-            load.__exit__(None, None, None)
-    print(f"\nrolled {len(deployments)} Deployments from {previous_worker_image} to {worker_image} in {rolled:.0f} s")
+        time.sleep(10)
+    print("\n".join(["", f"rolled to {image} in {rolled:.0f} s; the pods (image, readiness, going, restarts):"]))
+    print("\n".join(timeline.lines))
     for name, load in loads.items():
         print(load.report(f"{name} through the rollout"))
         print("\n".join(load.failures[:20]))
+    return rolled, timeline.lines
+
+
+def rolled_to(node: Any, image: str) -> None:
+    """Every Deployment rolled (`kubectl rollout status`) and no pod of another image left."""
+    for deployment in kubectl_json(node, "get", "deployments", "-n", NAMESPACE)["items"]:
+        name = deployment["metadata"]["name"]
+        tool(node, "kubectl", "rollout", "status", f"deployment/{name}", "-n", NAMESPACE, "--timeout=900s")
+    wait_for(
+        lambda: all(pod_image == image for _, _, pod_image in pods(node)),
+        timeout=300,
+        interval=1,
+        what=f"the old pods gone: {pods(node)}",
+    )
+
+
+def test_a_rolling_upgrade_from_the_previous_release_answers_every_request_rightly(
+    chart_on_node, on_previous_release, worker_image, reference
+):
+    """From the previous release (e-p-d and agg at once): no answer is wrong, and no request fails but those the
+    previous release's own frontend fails by its keep-alive race, while it still serves (counted apart)."""
+    loads = {name: Load(endpoint, reference) for name, endpoint in on_previous_release.items()}
+    rollout(chart_on_node, loads, worker_image)
+    for name, load in loads.items():
+        theirs = [f for f in load.failures if PREVIOUS_RELEASES_RACE.search(f)]
+        print(f"{name}: {len(theirs)} failed in the previous release's frontend (its keep-alive race)")
+        assert load.outcomes["ok"] > 0 and load.outcomes["wrong"] == 0, load.failures[:20]
+        assert [f for f in load.failures if f not in theirs] == [], load.failures[:20]
+
+
+def test_a_rolling_upgrade_between_releases_of_this_tree_loses_no_request(
+    chart_on_node, on_previous_release, worker_image, next_worker_image, reference
+):
+    """The next upgrade, from a release with this tree's drain (its worker image under another tag, so every pod
+    is replaced): not one request fails, none is answered wrongly."""
+    node = chart_on_node
+    for name in GRAPHS:  # this tree's release first (a no-op after the test above)
+        apply(node, name, worker_image)
+    rolled_to(node, worker_image)
+    loads = {name: Load(frontend(node, name), reference) for name in GRAPHS}
+    rollout(node, loads, next_worker_image)
     for load in loads.values():
         assert load.outcomes["ok"] > 0 and not load.failures, load.failures[:20]
+
+
+@pytest.fixture(scope="module")
+def next_worker_image(node: Any, worker_image: str) -> str:
+    """This tree's worker image under another tag: a release that changes nothing but the image's name."""
+    image = worker_image.rsplit(":", 1)[0] + ":next"
+    node.ctr("images", "tag", "--force", worker_image, image)
+    return image
 
 
 def phase(node: Any, name: str) -> str | None:

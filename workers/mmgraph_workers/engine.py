@@ -40,7 +40,7 @@ from mmgraph_workers.media.fetch import fetch_all, media_client
 from mmgraph_workers.media.load import load, vllm_item
 from mmgraph_workers.media.video import DECODE_SECONDS
 from mmgraph_workers.models import ItemShape, ModelAdapter, UnsupportedModel, adapter_for
-from mmgraph_workers.peers import Peer
+from mmgraph_workers.peers import REFRESH_SECONDS, Peer
 from mmgraph_workers.ports import bindable
 from mmgraph_workers.protocol import (
     EncodedItem,
@@ -51,6 +51,7 @@ from mmgraph_workers.protocol import (
     sampling_params,
 )
 from mmgraph_workers.server import (
+    PEER_KEEPALIVE_SECONDS,
     Detached,
     add_common_arguments,
     add_kv_lease_argument,
@@ -192,7 +193,14 @@ class Engine:
         loads_audio = stage == "pd" and adapter is not None and "audio" in adapter.modalities
         self.audio_format = adapter.audio_format(adapter.load_processor()) if loads_audio else None
         self.token = peer_token(args)
-        self.http = httpx.AsyncClient(trust_env=False, timeout=5, headers=peer_headers(self.token))  # to peers
+        self.http = httpx.AsyncClient(  # to peers
+            trust_env=False,
+            timeout=5,
+            headers=peer_headers(self.token),
+            limits=httpx.Limits(
+                max_connections=100, max_keepalive_connections=20, keepalive_expiry=PEER_KEEPALIVE_SECONDS
+            ),
+        )
         self.media = media_client()  # agg: the request's URLs
         self.hidden_size: int | None = None
         self.max_model_len: int | None = None
@@ -323,10 +331,16 @@ class Engine:
                 pass  # its time-to-live frees it
 
     async def _check_kv_owner(self, params: dict[str, Any]) -> None:
-        """decode pulls the KV cache from the host the message names: it must be one of the graph's pd replicas."""
+        """decode pulls the KV cache from the host the message names: it must be one of the graph's pd replicas.
+        A replica that just became ready may be in the frontend's list a moment before it is in ours (each
+        resolves on its own clock): an unknown host is looked up again for a few seconds before it is refused."""
         host = str(params.get("remote_host", ""))
-        if self.pds is None or not await self.pds.knows(host, self.args.peer_hosts_file):
-            raise StageError("kv_transfer_params name a host that is not one of this graph's pd replicas", 403)
+        deadline = time.monotonic() + 2 * REFRESH_SECONDS
+        while self.pds is None or not await self.pds.knows(host, self.args.peer_hosts_file):
+            if self.pds is None or time.monotonic() >= deadline:
+                log.warning("kv_transfer_params name %s; pd's replicas: %s", host, self.pds and self.pds.addresses)
+                raise StageError("kv_transfer_params name a host that is not one of this graph's pd replicas", 403)
+            await asyncio.sleep(0.5)
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[GenerateEvent]:
         from vllm.sampling_params import RequestOutputKind

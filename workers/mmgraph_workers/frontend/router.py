@@ -39,7 +39,7 @@ from mmgraph_workers.protocol import (
     PlaceholderItem,
     WorkerInfo,
 )
-from mmgraph_workers.server import Detached, peer_headers, peer_token
+from mmgraph_workers.server import PEER_KEEPALIVE_SECONDS, Detached, peer_headers, peer_token
 
 log = logging.getLogger("mmgraph.frontend")
 SPEAKS_TTL = 60.0  # seconds a peer's older protocol version is remembered (its address may serve a new release next)
@@ -125,7 +125,7 @@ class Router:
             if url
         }
         timeout = httpx.Timeout(args.request_timeout_seconds, connect=30.0)
-        limits = httpx.Limits(max_connections=256)
+        limits = httpx.Limits(max_connections=256, keepalive_expiry=PEER_KEEPALIVE_SECONDS)
         headers = peer_headers(peer_token(args))
         self.http = httpx.AsyncClient(timeout=timeout, trust_env=False, limits=limits, headers=headers)
         # peer base URL -> the protocol version it reads, where not ours, and when it said so (a replica mid-rollout)
