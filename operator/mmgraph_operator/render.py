@@ -38,9 +38,9 @@ WORKER_UID = 1000
 MODEL_DIR = "/models"
 CACHE_DIR = "/cache"
 
-# The preStop hook (Kubernetes 1.20 has no `sleep` action, so an exec): SIGWINCH tells the worker (PID 1: the
-# container's entrypoint) that the pod is going, so it answers `Connection: close` and fails readiness while it serves on,
-# until the endpoints, DNS and the frontends' peer lists have let it go; then the kubelet's SIGTERM starts the drain.
+# The preStop hook (Kubernetes 1.20 has no `sleep` action, so an exec). SIGWINCH tells the worker (PID 1: the
+# container's entrypoint) that the pod is going: it answers `Connection: close` and fails readiness while it serves
+# on, until the endpoints, DNS and the frontends' peer lists have let it go; then the kubelet's SIGTERM drains it.
 PRESTOP = ["sh", "-c", f"kill -WINCH 1; sleep {PRESTOP_SECONDS}"]
 
 

@@ -40,7 +40,7 @@ from mmgraph_workers.media.fetch import fetch_all, media_client
 from mmgraph_workers.media.load import load, vllm_item
 from mmgraph_workers.media.video import DECODE_SECONDS
 from mmgraph_workers.models import ItemShape, ModelAdapter, UnsupportedModel, adapter_for
-from mmgraph_workers.peers import REFRESH_SECONDS, Peer
+from mmgraph_workers.peers import REFRESH_SECONDS, Peer, read_hosts
 from mmgraph_workers.ports import bindable
 from mmgraph_workers.protocol import (
     EncodedItem,
@@ -330,6 +330,17 @@ class Engine:
             except (httpx.HTTPError, StageError):
                 pass  # its time-to-live frees it
 
+    async def watch_peers(self) -> None:
+        """Resolve the replicas whose memory this stage reads (decode: pd's KV; pd: the encoders' embeddings) every
+        REFRESH_SECONDS, not only when asked: a replica that leaves its Service (rolled, scaled down) keeps serving
+        pulls for TRUST_SECONDS, so a stage that started meanwhile must have seen it to trust it."""
+        hosts_file = self.args.peer_hosts_file
+        while True:
+            for peer in (p for p in (self.pds, self.encoders) if p is not None):
+                with contextlib.suppress(Exception):  # a resolver hiccup: the next round
+                    await peer.refresh(read_hosts(hosts_file) if hosts_file else None)
+            await asyncio.sleep(REFRESH_SECONDS)
+
     async def _check_kv_owner(self, params: dict[str, Any]) -> None:
         """decode pulls the KV cache from the host the message names: it must be one of the graph's pd replicas.
         A replica that just became ready may be in the frontend's list a moment before it is in ours (each
@@ -503,6 +514,7 @@ def main(args: argparse.Namespace, stage: str) -> None:
 
     @app.on_event("startup")
     async def load() -> None:
+        app.state.peers = asyncio.create_task(engine.watch_peers())  # from the start: while the engine loads too
         await engine.start()
         app.state.watchdog = asyncio.create_task(watch(engine, stage))
         log.info("%s ready: %s (max_model_len %s)", stage, args.model, engine.max_model_len)
