@@ -523,6 +523,7 @@ def main(args: argparse.Namespace, stage: str) -> None:
     async def stop() -> None:
         """After the drain: pd stays until decode has had time to pull the KV of its last prefills (a pull's
         deadline after the last one, within the grace period), then the engine and NIXL stop."""
+        app.state.peers.cancel()
         wait = readers_wait_seconds(args.transfer_timeout_seconds, args.drain_seconds)
         if (left := engine.handed_off + wait - time.monotonic()) > 0:
             log.info("%s: waiting %.1f s for decode to pull the KV of its last prefills", stage, left)
