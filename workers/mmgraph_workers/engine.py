@@ -346,11 +346,14 @@ class Engine:
         A replica that just became ready may be in the frontend's list a moment before it is in ours (each
         resolves on its own clock): an unknown host is looked up again for a few seconds before it is refused."""
         host = str(params.get("remote_host", ""))
+        refusal = StageError("kv_transfer_params name a host that is not one of this graph's pd replicas", 403)
+        if self.pds is None:
+            raise refusal
         deadline = time.monotonic() + 2 * REFRESH_SECONDS
-        while self.pds is None or not await self.pds.knows(host, self.args.peer_hosts_file):
-            if self.pds is None or time.monotonic() >= deadline:
-                log.warning("kv_transfer_params name %s; pd's replicas: %s", host, self.pds and self.pds.addresses)
-                raise StageError("kv_transfer_params name a host that is not one of this graph's pd replicas", 403)
+        while not await self.pds.knows(host, self.args.peer_hosts_file):
+            if time.monotonic() >= deadline:
+                log.warning("kv_transfer_params name %s; pd's replicas: %s", host, self.pds.addresses)
+                raise refusal
             await asyncio.sleep(0.5)
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[GenerateEvent]:

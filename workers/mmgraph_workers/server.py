@@ -110,8 +110,8 @@ BUDGET_BODIES = 4  # --max-buffered-bytes' default, in largest bodies
 BODY_SECONDS = 60.0  # --body-timeout-seconds' default: a full-size body over a link of ~30 Mbit/s
 # An idle kept-alive connection: a caller drops it after PEER_KEEPALIVE_SECONDS (ours) or 5 s (httpx's default,
 # the OpenAI SDK's), well before a stage closes it (KEEP_ALIVE_SECONDS), so no caller sends a request on a
-# connection the stage is closing at that moment (uvicorn's default, 5 s, equals httpx's: that race failed ~1 in
-# 150 calls under a steady load on the node).
+# connection the stage is closing at that moment (uvicorn's default, 5 s, equals httpx's: that race failed about 1
+# request in 160 under a steady load on the node).
 KEEP_ALIVE_SECONDS = 20
 PEER_KEEPALIVE_SECONDS = 10.0
 MAX_CONNECTIONS = 1024  # --max-connections' default: 1024 x SMALL_BODY is 64 MiB of small bodies at most
