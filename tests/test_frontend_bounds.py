@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import http.client
 import logging
 import os
 import signal
@@ -352,11 +353,17 @@ def test_a_stage_keeps_idle_connections_and_told_its_pod_is_going_serves_on_but_
         assert before.status_code == 200 and before.headers.get("connection") != "close"
         # first: an idle connection outlives the 5 s after which httpx (the OpenAI SDK's client) stops reusing
         # one, so a caller never sends on a connection the stage is closing (uvicorn's default was 5 s too)
-        with socket.create_connection(("127.0.0.1", port)) as raw:
+        with contextlib.closing(http.client.HTTPConnection("127.0.0.1", port, timeout=5)) as kept:
             for idle in (6, 0):
-                raw.sendall(b"GET /health HTTP/1.1\r\nhost: stage\r\n\r\n")
-                assert raw.recv(65536).startswith(b"HTTP/1.1 200"), "the stage closed an idle connection within 6 s"
+                kept.request("GET", "/health")
+                response = kept.getresponse()
+                assert response.status == 200 and not response.will_close
+                response.read()
                 time.sleep(idle)
+                kept.sock.setblocking(False)  # a connection the stage closed reads b"" at once; an open one blocks
+                with pytest.raises(BlockingIOError):
+                    assert kept.sock.recv(1, socket.MSG_PEEK) != b"", f"the stage closed an idle connection in {idle} s"
+                kept.sock.setblocking(True)
         os.kill(pid, signal.SIGWINCH)
         deadline = time.monotonic() + 10
         while (health := client.get("/health")).status_code == 200:

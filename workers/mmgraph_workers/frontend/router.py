@@ -15,7 +15,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -252,9 +252,9 @@ class Router:
             r = await self._post(base, "/encode", message)
         except CannotDowngrade as err:
             raise StageFailure("encoder", f"{err} (mid-rollout: retry shortly)", 503, retry=True) from None
-        except UNANSWERED:
+        except UNANSWERED as err:
             refused = True  # no answer (an encoding is idempotent): place these items again, on the others
-            REFUSED.labels("encoder").inc()
+            self._unanswered("encoder", err, tried | {address})
         except httpx.HTTPError as err:
             raise _call_failed("encoder", base, err) from None
         finally:
@@ -331,16 +331,24 @@ class Router:
                             STAGE_SECONDS.labels(stage).observe(time.perf_counter() - started)
                             return
                 raise StageFailure(stage, "the stream ended before the request finished (the stage died?)", 502)
-            except UNANSWERED:
+            except UNANSWERED as err:
                 if sent:
                     raise StageFailure(stage, "the connection broke after the stream had begun", 502) from None
                 tried.add(address)
-                REFUSED.labels(stage).inc()
+                self._unanswered(stage, err, tried | self._own(stage))
             except httpx.HTTPError as err:
                 raise _call_failed(stage, base, err) from None
             finally:
                 if not local:
                     self.peers[stage].release(address)
+
+    def _unanswered(self, stage: str, err: httpx.HTTPError, tried: Collection[str]) -> None:
+        """Count a call that got no answer, to be sent to another replica. Where none is left and this one took
+        the request and then dropped it (it died mid-request), say so: 502, not the 503 of replicas that all
+        refused the connection."""
+        REFUSED.labels(stage).inc()
+        if not isinstance(err, httpx.ConnectError) and not set(self.peers[stage].addresses) - set(tried):
+            raise StageFailure(stage, "the replica closed the connection before answering (it died?)", 502) from None
 
     def _own(self, stage: str) -> set[str]:
         """This process's own replica of `stage`: reached in process, never over HTTP."""
