@@ -309,8 +309,23 @@ class KubeCluster:
             ],
         )
 
+    def restart_api_server(self) -> float:
+        """Stop the API server (SIGTERM, as a static pod's update or a control-plane node's reboot does) and start
+        it again with the same flags; its state is etcd's. On SIGTERM it stops listening at once but lingers while
+        the requests it holds (watches) run out: the new one starts as soon as the port is free, and the old one
+        is killed once the new one is ready. The seconds it was not serving."""
+        old = self.procs.pop("kube-apiserver")
+        stopped = time.monotonic()
+        old.terminate()
+        wait_for(lambda: not _listening(self.address, self.port), timeout=30, interval=0.1, what="the port free")
+        self._spawn("kube-apiserver", [str(arg) for arg in old.args])
+        self._wait_ready()
+        down = time.monotonic() - stopped
+        terminate(old, grace=0)
+        return down
+
     def _spawn(self, name: str, argv: list[str]) -> None:
-        log = open(self.workdir / f"{name}.log", "wb")  # noqa: SIM115 - lives as long as the process
+        log = open(self.workdir / f"{name}.log", "ab")  # noqa: SIM115 - lives as long as the process
         self.procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def _write_kubeconfig(self, path: Path, user: dict[str, str], namespace: str = "default") -> None:
@@ -362,6 +377,14 @@ class KubeCluster:
     def stop(self) -> None:
         for name in ("kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd"):
             terminate(self.procs.pop(name, None), grace=10)
+
+
+def _listening(host: str, port: int) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=1).close()
+    except OSError:
+        return False
+    return True
 
 
 def terminate(proc: subprocess.Popen | None, grace: float) -> None:

@@ -1,14 +1,25 @@
 """Day two on the node (issue 30): what an inference graph's users fear most, under a steady load of requests
 through the frontend Service whose every answer is checked against the oracle's tokens.
 
-- A rolling upgrade of the worker image from the previous release (tests/dataplane/previous_release/, a thin
-  layer over this tree's image) to this tree's, by `kubectl apply` of a changed `spec.image`, for e-p-d and agg at
-  once: none is answered wrongly, and none fails but by the previous release's own keep-alive race; then from
-  this tree's release to the next (another tag): not one request fails. What makes it so is rendered by the
-  operator: a preStop hook (the pod tells callers to go elsewhere and keeps serving while endpoints, DNS and the
-  frontends' peer lists let it go), then the drain on SIGTERM, maxSurge 1 / maxUnavailable 0; and the workers:
-  the frontend sends a call that got no answer to another replica, and stages keep idle connections longer than
-  their callers do.
+1. A rolling upgrade of the worker image from the previous release (tests/dataplane/previous_release/, a thin
+   layer over this tree's image) to this tree's, by `kubectl apply` of a changed `spec.image`, for e-p-d and agg at
+   once: none is answered wrongly, and none fails but by the previous release's own keep-alive race; then from
+   this tree's release to the next (another tag): not one request fails. What makes it so is rendered by the
+   operator: a preStop hook (the pod tells callers to go elsewhere and keeps serving while endpoints, DNS and the
+   frontends' peer lists let it go), then the drain on SIGTERM, maxSurge 1 / maxUnavailable 0; and the workers:
+   the frontend sends a call that got no answer to another replica, and stages keep idle connections longer than
+   their callers do.
+2. A pod lost in each stage of the e-p-d graph in turn, deleted and SIGKILLed: the requests it held fail with a
+   5xx naming a stage (or, for the frontend killed, the connection), none is answered wrongly, every request sent
+   once the stage is whole again succeeds, and the agg graph beside it never notices.
+3. The operator's leader lost (deleted: it gives the Lease up; SIGKILLed: the Lease expires): the standby leads
+   within the Lease's duration plus a retry, reconciles a graph changed meanwhile, and the webhook answers all the
+   while; serving never notices.
+4. The encoder stage scaled 1 -> 3 -> 1 under a load of repeated images: content routing keeps the embedding
+   cache's hit rate within 10 points of one encoder's, and no request fails.
+5. The API server restarted: serving never notices, and the operator reconciles a change after it.
+6. A real Prometheus finds the pods through the API server and scrapes them; every query of the chart's Grafana
+   dashboard returns data for the graphs of the cases above.
 
 Each case prints its counts (requests, failed, wrong, seconds)."""
 
@@ -17,158 +28,71 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-import threading
 import time
-from collections import Counter
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
-import yaml
 from kubecluster import wait_for
 from kubenode import kubectl_json, tool
+from prometheus import Prometheus
 
-from .conftest import CASES, CLUSTER, MODEL_NAME, NAMESPACE
+from .conftest import NAMESPACE
+from .day_two import (
+    GRAPHS,
+    EncoderCounters,
+    Load,
+    Timeline,
+    apply,
+    frontend,
+    leader,
+    lose,
+    operator_pods,
+    patch,
+    pods,
+    replaced,
+    rolled_to,
+    settled,
+    stage_pods,
+    webhook_refuses,
+)
 
 pytestmark = [pytest.mark.node, pytest.mark.timeout(2400)]
 
-GRAPHS = {"tiny": "tiny-e-p-d.yaml", "tiny-agg": "tiny-agg.yaml"}
-LOAD_CASES = ["one-image", "two-images", "text-only", "one-video"]
-
-
-@dataclass
-class Load:
-    """Requests at a fixed rate to a frontend (a client per request thread, kept alive, as an SDK keeps its
-    connections), cycling through LOAD_CASES; every answer is compared with the oracle's tokens."""
-
-    endpoint: str
-    reference: dict[str, list[int]]
-    rate: float = 2.0
-    outcomes: Counter = field(default_factory=Counter)
-    failures: list[str] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self.stopping = threading.Event()
-        self.pool = ThreadPoolExecutor(16)
-        self.client = httpx.Client(timeout=180, limits=httpx.Limits(max_connections=16))
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> Load:
-        self.started = time.monotonic()
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stopping.set()
-        self.thread.join()
-        self.pool.shutdown(wait=True)
-        self.client.close()
-
-    def _run(self) -> None:
-        n = 0
-        while not self.stopping.wait(max(0.0, self.started + n / self.rate - time.monotonic())):
-            self.pool.submit(self._one, LOAD_CASES[n % len(LOAD_CASES)])
-            n += 1
-
-    def _one(self, case: str) -> None:
-        """One request; sent again (up to twice) only where the connection failed before any answer came, as the
-        OpenAI SDK does (`max_retries`): a server closing an idle connection just as it is reused. Counted."""
-        body = {**CASES[case], "model": MODEL_NAME, "temperature": 0, "return_token_ids": True}
-        for attempt in range(3):
-            try:
-                r = self.client.post(f"{self.endpoint}/v1/chat/completions", json=body)
-                break
-            except httpx.TransportError as err:
-                if attempt == 2 or isinstance(err, httpx.TimeoutException):
-                    self._count("failed", f"{case}: {type(err).__name__}: {err}")
-                    return
-                self._count("resent", f"{case}: {type(err).__name__}: {err}")
-        if r.status_code != 200:
-            self._count("failed", f"{case}: {r.status_code} {r.text[:300]}")
-        elif r.json()["choices"][0]["token_ids"] != self.reference[case]:
-            self._count("wrong", f"{case}: {r.json()['choices'][0]}")
-        else:
-            self._count("ok")
-
-    def _count(self, outcome: str, detail: str = "") -> None:
-        self.outcomes[outcome] += 1
-        if detail:
-            self.failures.append(f"{time.monotonic() - self.started:6.1f} s {outcome}: {detail}")
-
-    @property
-    def failed(self) -> list[str]:
-        return [f for f in self.failures if " resent: " not in f]
-
-    def report(self, what: str) -> str:
-        total = sum(n for outcome, n in self.outcomes.items() if outcome != "resent")
-        return (
-            f"{what}: {total} requests in {time.monotonic() - self.started:.0f} s, "
-            f"{self.outcomes['failed']} failed, {self.outcomes['wrong']} wrong, "
-            f"{self.outcomes['resent']} sent again by the client (no answer on a kept-alive connection)"
-        )
-
-
-class Timeline(threading.Thread):
-    """The graphs' pods as they change (created, ready, going, gone, restarted), second by second: what a
-    failed request is read against."""
-
-    def __init__(self, node: Any, started: float):
-        super().__init__(daemon=True)
-        self.node, self.started, self.stopping, self.lines = node, started, threading.Event(), []
-
-    def run(self) -> None:
-        seen: dict[str, tuple] = {}
-        while not self.stopping.wait(1):
-            with contextlib.suppress(Exception):
-                now = {}
-                for pod in kubectl_json(self.node, "get", "pods", "-n", NAMESPACE)["items"]:
-                    ready = any(
-                        c["type"] == "Ready" and c["status"] == "True" for c in pod["status"].get("conditions") or []
-                    )
-                    restarts = sum(c.get("restartCount", 0) for c in pod["status"].get("containerStatuses") or [])
-                    image = pod["spec"]["containers"][0]["image"].rsplit(":", 1)[-1]
-                    going = "going" if pod["metadata"].get("deletionTimestamp") else ""
-                    now[pod["metadata"]["name"]] = (image, "ready" if ready else "not ready", going, restarts)
-                for name in sorted(now.keys() | seen.keys()):
-                    if now.get(name) != seen.get(name):
-                        self.lines.append(f"{time.monotonic() - self.started:6.1f} s {name} {now.get(name, 'gone')}")
-                seen = now
-
-    def __enter__(self) -> Timeline:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stopping.set()
-        self.join()
+DASHBOARD = Path(__file__).parents[2] / "charts" / "mmgraph" / "dashboards" / "mmgraph.json"
 
 
 @pytest.fixture(scope="module")
-def on_previous_release(chart_on_node: Any, previous_worker_image: str, node_models: Path) -> Iterator[dict[str, str]]:
-    """The README's e-p-d and agg graphs on the previous release's image, Ready; their frontend addresses."""
+def watched(chart_on_node: Any, node_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]:
+    """Prometheus watching the graphs' namespace for the whole module; at its end, the graphs deleted."""
     node = chart_on_node
+    prometheus = Prometheus(tmp_path_factory.mktemp("prometheus"), node.cluster.kubeconfig, [NAMESPACE]).start()
+    try:
+        yield prometheus
+    finally:
+        prometheus.stop()
+        tool(node, "kubectl", "delete", "multimodalgraphs", "--all", "-n", NAMESPACE, "--cascade=foreground", "--wait")
+        wait_for(lambda: not pods(node), timeout=120, interval=1, what="the graphs' pods gone")
+
+
+@pytest.fixture(scope="module")
+def on_previous_release(chart_on_node: Any, watched: Prometheus, previous_worker_image: str) -> dict[str, str]:
+    """The README's e-p-d and agg graphs on the previous release's image, Ready; their frontend addresses."""
     for name in GRAPHS:
-        apply(node, name, previous_worker_image)
-    endpoints = {name: frontend(node, name) for name in GRAPHS}
-    yield endpoints
-    tool(node, "kubectl", "delete", "multimodalgraphs", "--all", "-n", NAMESPACE, "--cascade=foreground", "--wait")
-    wait_for(lambda: not pods(node), timeout=120, interval=1, what="the graphs' pods gone")
+        apply(chart_on_node, name, previous_worker_image)
+    return {name: frontend(chart_on_node, name) for name in GRAPHS}
 
 
-def apply(node: Any, name: str, image: str) -> None:
-    graph = yaml.safe_load((CLUSTER / GRAPHS[name]).read_text())
-    graph["spec"]["image"] = image
-    tool(node, "kubectl", "apply", "-n", NAMESPACE, "-f", "-", stdin=json.dumps(graph))
-
-
-def frontend(node: Any, name: str) -> str:
-    wait_for(lambda: phase(node, name) == "Ready", timeout=900, interval=2, what=f"{name} Ready: {pods(node)}")
-    service = kubectl_json(node, "get", "service", f"{name}-frontend", "-n", NAMESPACE)
-    return f"http://{service['spec']['clusterIP']}:{service['spec']['ports'][0]['port']}"
+@pytest.fixture
+def serving(chart_on_node: Any, watched: Prometheus, worker_image: str) -> dict[str, str]:
+    """The graphs on this tree's release (as the rollouts left them, or applied now), Ready, with one replica
+    per stage; their frontend addresses."""
+    node = chart_on_node
+    present = {g["metadata"]["name"] for g in kubectl_json(node, "get", "multimodalgraphs", "-n", NAMESPACE)["items"]}
+    for name in set(GRAPHS) - present:
+        apply(node, name, worker_image)
+    return {name: frontend(node, name) for name in GRAPHS}
 
 
 # How the previous release's frontend reports a call its peer closed before answering (a kept-alive connection the
@@ -197,19 +121,6 @@ def rollout(node: Any, loads: dict[str, Load], image: str) -> tuple[float, list[
         print(load.report(f"{name} through the rollout"))
         print("\n".join(load.failures[:20]))
     return rolled, timeline.lines
-
-
-def rolled_to(node: Any, image: str) -> None:
-    """Every Deployment rolled (`kubectl rollout status`) and no pod of another image left."""
-    for deployment in kubectl_json(node, "get", "deployments", "-n", NAMESPACE)["items"]:
-        name = deployment["metadata"]["name"]
-        tool(node, "kubectl", "rollout", "status", f"deployment/{name}", "-n", NAMESPACE, "--timeout=900s")
-    wait_for(
-        lambda: all(pod_image == image for _, _, pod_image in pods(node)),
-        timeout=300,
-        interval=1,
-        what=f"the old pods gone: {pods(node)}",
-    )
 
 
 def test_a_rolling_upgrade_from_the_previous_release_answers_every_request_rightly(
@@ -251,13 +162,187 @@ def next_worker_image(node: Any, worker_image: str) -> str:
     return image
 
 
-def phase(node: Any, name: str) -> str | None:
-    return (kubectl_json(node, "get", "multimodalgraph", name, "-n", NAMESPACE).get("status") or {}).get("phase")
+# ---- 2. a pod lost ---------------------------------------------------------------------------------------------
+
+LOST_STAGES = ["frontend", "encoder", "pd", "decode"]
+# Once the stage is whole again: the frontends' peer lists (every 2 s), the DNS feed and the Endpoints catch up.
+SETTLE_SECONDS = 10
+# What a request the lost pod held may get: a 5xx from the frontend naming the stage that failed it.
+NAMED_FAILURE = re.compile(r'^[\w-]+: (502|503|504) \{"error":\{"message":"(frontend|encoder|pd|decode)[: ]')
 
 
-def pods(node: Any) -> list[tuple[str, str, str]]:
-    """Each pod's name, phase and image."""
-    return [
-        (p["metadata"]["name"], p["status"]["phase"], p["spec"]["containers"][0]["image"])
-        for p in kubectl_json(node, "get", "pods", "-n", NAMESPACE)["items"]
-    ]
+def test_a_pod_lost_in_each_stage_fails_only_what_it_held_and_the_stage_recovers(chart_on_node, serving, reference):
+    """Each stage of the e-p-d graph loses its pod in turn, by `kubectl delete pod` and by SIGKILL: its requests
+    fail with a 5xx naming a stage (a client's connection broken only where the frontend itself went), none is
+    answered wrongly, every request sent once the stage is whole again succeeds, and the agg graph never notices."""
+    node = chart_on_node
+    loads = {name: Load(endpoint, reference) for name, endpoint in serving.items()}
+    load, losses = loads["tiny"], list[tuple[str, str, float, float]]()
+    with Timeline(node, time.monotonic()) as timeline, loads["tiny"], loads["tiny-agg"]:
+        time.sleep(5)
+        for stage in LOST_STAGES:
+            for how in ("deleted", "killed"):
+                (pod,) = stage_pods(node, "tiny", stage)
+                lost = load.now()
+                lose(node, pod, how)
+                wait_for(
+                    lambda: replaced(pod, how, stage_pods(node, "tiny", stage)),  # noqa: B023 - called at once
+                    timeout=600,
+                    interval=1,
+                    what=f"the {stage} stage whole again after its pod was {how}",
+                )
+                losses.append((stage, how, lost, load.now()))
+                time.sleep(SETTLE_SECONDS + 5)
+    print("\n".join(["", "the pods (image, readiness, going, restarts):", *timeline.lines]))
+    ends = [lost for _, _, lost, _ in losses[1:]] + [load.now()]
+    unexplained, after = [], []
+    for (stage, how, lost, whole), end in zip(losses, ends, strict=True):
+        failed = [r for r in load.records if lost <= r.done < end and r.outcome == "failed"]
+        recovered = max((r.done for r in failed), default=lost) - lost
+        print(f"{stage} {how}: {len(failed)} failed, served again in {recovered:.0f} s, whole in {whole - lost:.0f} s")
+        unexplained += [r.detail for r in failed if not NAMED_FAILURE.match(r.detail) and stage != "frontend"]
+        after += [r.detail for r in load.between(whole + SETTLE_SECONDS, end) if r.done < end and r.outcome != "ok"]
+    print(load.report("e-p-d, its pods lost in turn"), loads["tiny-agg"].report("agg beside it"), sep="\n")
+    print("\n".join(load.failures[:40]))
+    assert load.outcomes["wrong"] == 0 and loads["tiny-agg"].outcomes["wrong"] == 0, load.failures
+    assert unexplained == [], unexplained
+    assert after == [], after
+    assert loads["tiny-agg"].failures == [], loads["tiny-agg"].failures
+
+
+# ---- 3. the leader lost ----------------------------------------------------------------------------------------
+
+LEASE_SECONDS, RETRY_SECONDS = 15, 2  # operator/mmgraph_operator/leader.py's Timing
+
+
+def test_the_leader_lost_the_standby_leads_and_the_webhook_answers_throughout(chart_on_node, serving, reference):
+    """The operator's leader deleted (it gives the Lease up) and SIGKILLed (the Lease must expire): the other
+    replica reconciles a graph changed just after, within the Lease's duration and a retry; the webhook refuses a
+    bad graph every time it is asked meanwhile; serving never notices."""
+    node = chart_on_node
+    loads = {name: Load(endpoint, reference) for name, endpoint in serving.items()}
+    unanswered, rows = [], []
+    with contextlib.ExitStack() as running:
+        for load in loads.values():
+            running.enter_context(load)
+        for how, frontends in (("deleted", 2), ("killed", 1)):
+            was = leader(node)
+            (pod,) = [p for p in operator_pods(node) if p["metadata"]["name"] == was]
+            lost = time.monotonic()
+            lose(node, pod, how)
+            patch(node, "tiny", {"spec": {"stages": {"frontend": {"replicas": frontends}}}})
+            took = None
+            while took is None or time.monotonic() - lost < 20:  # the webhook asked for 20 s at least
+                if took is None and frontend_replicas(node, "tiny") == frontends:
+                    took = time.monotonic() - lost
+                answered, said = webhook_refuses(node)
+                if not answered:
+                    unanswered.append(f"{how}, {time.monotonic() - lost:.1f} s after: {said.strip()}")
+                assert time.monotonic() - lost < 120, f"never reconciled after the leader was {how}"
+                time.sleep(0.5)
+            rows.append((how, took, leader(node)))
+            whole = lambda: replaced(pod, how, operator_pods(node))  # noqa: B023, E731 - called at once
+            wait_for(whole, timeout=300, interval=1, what="both operator replicas Ready")
+    for how, took, now in rows:
+        print(f"leader {how}: the change reconciled {took:.1f} s after, by {now}")
+    for name, load in loads.items():
+        print(load.report(f"{name} through it"))
+    print("\n".join(unanswered))
+    assert all(took <= LEASE_SECONDS + RETRY_SECONDS + 5 for _, took, _ in rows), rows
+    assert unanswered == []
+    for load in loads.values():
+        assert load.outcomes["wrong"] == 0 and load.failed == [], load.failures
+
+
+def frontend_replicas(node: Any, graph: str) -> int:
+    return kubectl_json(node, "get", "deployment", f"{graph}-frontend", "-n", NAMESPACE)["spec"]["replicas"]
+
+
+# ---- 4. scaling ------------------------------------------------------------------------------------------------
+
+GALLERY = [f"concurrent-{i}" for i in range(16)]  # 16 images, each with its own answer
+
+
+def test_encoders_scaled_1_3_1_keep_their_cache_and_every_request(chart_on_node, serving, reference):
+    """The encoder stage scaled 1 -> 3 -> 1 through the graph's spec under a load that repeats 16 images: only
+    the keys of the replicas that came or went move (their first request misses), so the hit rate stays within
+    10 points of one encoder's; no request fails."""
+    node = chart_on_node
+    load = Load(serving["tiny"], reference, cases=GALLERY)
+    with EncoderCounters(node, "tiny") as counters, load:
+        time.sleep(len(GALLERY) / load.rate + 10)  # each image encoded once: the cache is warm
+        hits0, items0 = counters.totals()
+        time.sleep(30)
+        hits1, items1 = counters.totals()
+        for replicas in (3, 1):
+            started = time.monotonic()
+            patch(node, "tiny", {"spec": {"stages": {"encoder": {"replicas": replicas}}}})
+            wait_for(lambda: settled(node, "tiny", "encoder", replicas), timeout=600, interval=1, what="encoders")  # noqa: B023
+            print(f"{replicas} encoders Ready in {time.monotonic() - started:.0f} s")
+            time.sleep(15)
+        hits2, items2 = counters.totals()
+    one, scaled = (hits1 - hits0) / (items1 - items0), (hits2 - hits1) / (items2 - items1)
+    print(f"hit rate: {one:.1%} of {items1 - items0:.0f} items with one encoder, {scaled:.1%} of {items2 - items1:.0f}")
+    print(load.report("e-p-d, scaled"), "\n".join(load.failures[:20]), sep="\n")
+    assert scaled >= one - 0.10
+    assert load.outcomes["wrong"] == 0 and load.failed == [], load.failures
+
+
+# ---- 5. the API server restarted -------------------------------------------------------------------------------
+
+
+def test_the_api_server_restarted_serving_never_notices_and_the_operator_reconciles(chart_on_node, serving, reference):
+    """The API server stopped and started again while the graphs serve: no request fails; the operator's watches
+    come back and it reconciles a change made after."""
+    node = chart_on_node
+    loads = {name: Load(endpoint, reference) for name, endpoint in serving.items()}
+    with contextlib.ExitStack() as running:
+        for load in loads.values():
+            running.enter_context(load)
+        time.sleep(5)
+        down = node.cluster.restart_api_server()
+        for frontends in (2, 1):
+            changed = time.monotonic()
+            patch(node, "tiny", {"spec": {"stages": {"frontend": {"replicas": frontends}}}})
+            wait_for(lambda: frontend_replicas(node, "tiny") == frontends, timeout=120, interval=0.5)  # noqa: B023
+            took = time.monotonic() - changed
+            print(f"the API server was down {down:.1f} s; {frontends} frontends reconciled {took:.1f} s after")
+        time.sleep(10)
+    for name, load in loads.items():
+        print(load.report(f"{name} through it"), "\n".join(load.failures[:20]), sep="\n")
+        assert load.outcomes["wrong"] == 0 and load.failed == [], load.failures
+
+
+# ---- 6. watching it --------------------------------------------------------------------------------------------
+
+
+def dashboard_queries(namespace: str) -> list[str]:
+    """Every PromQL expression of the chart's dashboard, its `$namespace` variable set to `namespace`."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    panels = [p for item in dashboard["panels"] for p in (item, *(item.get("panels") or []))]
+    return [t["expr"].replace("$namespace", namespace) for p in panels for t in p.get("targets") or []]
+
+
+def scrapes(prometheus: Prometheus) -> list[tuple[str, str, str]]:
+    """Each target's pod, health and last error."""
+    return [(t["labels"].get("pod", ""), t["health"], t["lastError"]) for t in prometheus.targets()]
+
+
+def test_prometheus_finds_the_pods_and_every_dashboard_query_returns_data(chart_on_node, serving, watched, reference):
+    """Debian's Prometheus, discovering pods through the API server by the annotations the operator renders,
+    scrapes every stage of both graphs; each query of the chart's dashboard returns data over the module's
+    cases (a few requests now, so that it also does when this test runs alone)."""
+    with Load(serving["tiny"], reference):
+        time.sleep(10)
+    pods = {
+        p["metadata"]["name"]
+        for graph, stages in (("tiny", ("frontend", "encoder", "pd", "decode")), ("tiny-agg", ("pd",)))
+        for stage in stages
+        for p in stage_pods(chart_on_node, graph, stage)
+    }
+    deadline = time.monotonic() + 30  # a pod listed since the last round is scraped within two intervals
+    while not pods <= {pod for pod, health, _ in scrapes(watched) if health == "up"}:
+        assert time.monotonic() < deadline, f"{sorted(pods)} not all scraped: {scrapes(watched)}"
+        time.sleep(1)
+    empty = [expr for expr in dashboard_queries(NAMESPACE) if not watched.query_range(expr, watched.began)]
+    assert empty == [], empty

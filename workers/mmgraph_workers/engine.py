@@ -215,6 +215,8 @@ class Engine:
         """What /v1/info answers (None until the engine has loaded)."""
         if self.llm is None:
             return None
+        from vllm import __version__ as vllm_version
+
         return WorkerInfo(
             stage=self.stage,
             model=self.args.model,
@@ -222,6 +224,7 @@ class Engine:
             max_model_len=self.max_model_len,
             hidden_size=self.hidden_size,
             default_sampling=self.llm.model_config.get_diff_sampling_param(),
+            vllm_version=vllm_version,
         )
 
     def saturated(self) -> bool:

@@ -77,6 +77,7 @@ class Peer:
         self.turns = itertools.count()
         self.refreshed = -math.inf
         self.seen: dict[str, float] = {}  # address -> when it was last resolved
+        self.versions: dict[str, str] = {}  # address -> its engine's vLLM version ("": it did not say)
         self.ring = ring_of(self.addresses)
 
     async def refresh(self, hosts: dict[str, list[str]] | None = None) -> None:
@@ -103,6 +104,21 @@ class Peer:
         now = time.monotonic()
         self.seen.update(dict.fromkeys(addresses, now))
         self.seen = {a: t for a, t in self.seen.items() if now - t < TRUST_SECONDS}
+        self.versions = {a: v for a, v in self.versions.items() if a in self.seen}
+
+    def known_versions(self) -> set[str] | None:
+        """The vLLM versions the replicas run; None while one is not known (just listed, or it did not say)."""
+        found = {self.versions.get(a, "") for a in self.addresses}
+        return found if found and "" not in found else None
+
+    def other_versions(self, versions: Collection[str] | None) -> set[str]:
+        """The replicas known to run a vLLM outside `versions` (None: any will do), to be avoided. Never all of
+        them: with no replica of a wanted version left, one of another is tried (its failure comes before any
+        token, and the request is prefilled again)."""
+        if not versions:
+            return set()
+        others = {a for a in self.addresses if self.versions.get(a, "") not in ("", *versions)}
+        return others if len(others) < len(self.addresses) else set()
 
     def acquire(self, avoid: Collection[str] = ()) -> tuple[str, str]:
         """(address, base URL) of the least busy replica not in `avoid`, counted busy until `release`; replicas

@@ -244,3 +244,7 @@ class WorkerInfo(BaseModel):
     # what vLLM's own server applies to a request that does not set them
     default_sampling: dict[str, Any] = Field(default_factory=dict)
     protocol_version: int = PROTOCOL_VERSION
+    # an engine's vLLM: NIXL moves KV only between engines of one vLLM version (its handshake compares them), so
+    # the frontend pairs pd and decode replicas by it while a rollout changes vLLM (None: an encoder, or a release
+    # that did not say)
+    vllm_version: str | None = None

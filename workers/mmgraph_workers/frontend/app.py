@@ -193,6 +193,8 @@ def add_api(app: FastAPI, args: argparse.Namespace, local: Local | None = None) 
         app.state.lanes = await asyncio.to_thread(Lanes.start, args)
         app.state.processor = app.state.lanes.small.processor  # decode, for logprobs: the event loop's, read only
         app.state.router = Router(args, local)
+        for stage in app.state.router.peers:  # 0 from the start: a dashboard shows no failures, not "no data"
+            ERRORS.labels(stage)
         app.state.watcher = asyncio.create_task(app.state.router.watch_peers())
 
     if api_key:  # the OpenAI routes; probes and metrics stay open

@@ -124,6 +124,8 @@ class Router:
             for stage, url in (("encoder", args.encoder_url), ("pd", args.pd_url), ("decode", args.decode_url))
             if url
         }
+        for stage in self.peers:  # each stage's series at 0 from the start (a dashboard's rate is 0, not absent)
+            RETRIES.labels(stage), REFUSED.labels(stage)
         timeout = httpx.Timeout(args.request_timeout_seconds, connect=30.0)
         limits = httpx.Limits(max_connections=256, keepalive_expiry=PEER_KEEPALIVE_SECONDS)
         headers = peer_headers(peer_token(args))
@@ -156,6 +158,17 @@ class Router:
                     self.peers["pd"].release(address)
                 if r.status_code == 200:
                     self.pd_info = WorkerInfo.model_validate(r.json())
+        if "decode" in self.peers:
+            await asyncio.gather(self._learn_versions("pd"), self._learn_versions("decode"))
+
+    async def _learn_versions(self, stage: str) -> None:
+        """Each newly listed replica's vLLM version, from its /v1/info, once: e-p-d pairs pd and decode by it."""
+        peer = self.peers[stage]
+        for address in [a for a in peer.addresses if a not in peer.versions]:
+            with contextlib.suppress(httpx.HTTPError, ValidationError):
+                r = await self.http.get(f"{peer.url_of(address)}/v1/info", timeout=2)
+                if r.status_code == 200:
+                    peer.versions[address] = WorkerInfo.model_validate(r.json()).vllm_version or ""
 
     # ---- one call to one stage ------------------------------------------------------------------------------
 
@@ -311,10 +324,13 @@ class Router:
                 with contextlib.suppress(httpx.HTTPError):
                     await self.http.post(f"{self.peers['encoder'].url_of(address)}/release/{item.embeddings.handle}")
 
-    async def stream_stage(self, stage: str, request: GenerateRequest) -> AsyncIterator[GenerateEvent]:
-        """The stage's events until the request finishes. A call that got no answer goes to the next replica, but
-        only before any event came: a request is never sent twice once a stage has begun answering it."""
-        started, tried, sent = time.perf_counter(), set(), False
+    async def stream_stage(
+        self, stage: str, request: GenerateRequest, avoid: Collection[str] = ()
+    ) -> AsyncIterator[GenerateEvent]:
+        """The stage's events until the request finishes, from a replica not in `avoid`. A call that got no
+        answer goes to the next replica, but only before any event came: a request is never sent twice once a
+        stage has begun answering it."""
+        started, tried, sent = time.perf_counter(), set(avoid), False
         while True:
             local = self._local(stage, tried)
             address, base = (local.address, "") if local else self._acquire(stage, tried | self._own(stage))
@@ -416,14 +432,14 @@ class Router:
             raise
 
     async def prefill(
-        self, base: dict[str, Any], media: Media, prefill_only: bool = False
+        self, base: dict[str, Any], media: Media, prefill_only: bool = False, avoid: Collection[str] = ()
     ) -> AsyncIterator[GenerateEvent]:
         """pd's stream for the encoder's embeddings. If pd could not pull them (it did no work yet), encode again,
         on each item's next owner, and send pd the request once more."""
         for attempt in (1, 2):
             request = GenerateRequest(**base, encoded=media.aged(), prefill_only=prefill_only)
             try:
-                async for event in self.stream_stage("pd", request):
+                async for event in self.stream_stage("pd", request, avoid):
                     yield event
                 return
             except StageFailure as err:
@@ -442,7 +458,8 @@ class Router:
             if media.items:
                 await self.encode(request_id, media)
             prefill, started = None, time.monotonic()
-            async for event in self.prefill(base, media, prefill_only=True):
+            pds = self.peers["pd"].other_versions(self.peers["decode"].known_versions())  # no decode reads their KV
+            async for event in self.prefill(base, media, prefill_only=True, avoid=pds):
                 prefill = event
             assert prefill is not None and prefill.kv_transfer_params is not None, "pd returned no KV parameters"
             # pd's lease began when its prefill ended, after `started`: counting from `started` is conservative.
@@ -465,9 +482,10 @@ class Router:
                     kv_transfer_params=prefill.kv_transfer_params,
                     kv_deadline_seconds=max(0.0, lease_ends - KV_DEADLINE_MARGIN_SECONDS - time.monotonic()),
                 )
-                sent = False
+                sent, pd = False, self.peers["pd"].versions.get(str(prefill.kv_transfer_params.get("remote_host")))
                 try:
-                    async for event in self.stream_stage("decode", decode):
+                    decodes = self.peers["decode"].other_versions({pd} if pd else None)  # not of pd's vLLM
+                    async for event in self.stream_stage("decode", decode, decodes):
                         sent = True
                         yield event
                     return
