@@ -316,13 +316,14 @@ class KubeCluster:
         is killed once the new one is ready. The seconds it was not serving."""
         old = self.procs.pop("kube-apiserver")
         stopped = time.monotonic()
-        old.terminate()
-        wait_for(lambda: not _listening(self.address, self.port), timeout=30, interval=0.1, what="the port free")
-        self._spawn("kube-apiserver", [str(arg) for arg in old.args])
-        self._wait_ready()
-        down = time.monotonic() - stopped
-        terminate(old, grace=0)
-        return down
+        try:
+            old.terminate()
+            wait_for(lambda: not _listening(self.address, self.port), timeout=30, interval=0.1, what="the port free")
+            self._spawn("kube-apiserver", [str(arg) for arg in old.args])
+            self._wait_ready()  # or stop() ends the new one
+            return time.monotonic() - stopped
+        finally:
+            terminate(old, grace=0)
 
     def _spawn(self, name: str, argv: list[str]) -> None:
         log = open(self.workdir / f"{name}.log", "ab")  # noqa: SIM115 - lives as long as the process

@@ -118,9 +118,13 @@ class Prometheus:
             f"--web.listen-address=127.0.0.1:{self.port}",
             "--log.level=warn",
         ]
-        log = open(self.workdir / "prometheus.log", "ab")  # noqa: SIM115 - lives as long as the process
-        self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        wait_for(self._ready, timeout=60, interval=0.5, what="Prometheus ready")
+        with open(self.workdir / "prometheus.log", "ab") as log:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            wait_for(self._ready, timeout=60, interval=0.5, what="Prometheus ready")
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def _ready(self) -> bool:
@@ -148,6 +152,8 @@ class Prometheus:
 
     def stop(self) -> None:
         self.stopping.set()
+        if discovery := getattr(self, "discovery", None):
+            discovery.join(10)
         terminate(self.proc, grace=10)
 
     def targets(self) -> list[dict[str, Any]]:

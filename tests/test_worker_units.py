@@ -476,21 +476,26 @@ def test_peer_picks_the_least_busy_replica():
 def test_pd_and_decode_are_paired_by_vllm_version_while_a_rollout_changes_it():
     """NIXL moves KV only between engines of one vLLM version: mid-rollout, a prefill goes to a pd whose version
     some decode runs, and its decode to one of that version; a replica whose version is not known yet (or that
-    does not say) is never avoided, and where no replica of the wanted version is left, any is tried."""
+    does not say) is never passed over, and where no replica of the wanted version is left (or none took the
+    connection), one of another is tried."""
     pd = Peer("pd", "http://pd:8002", addresses=["10.0.0.1", "10.0.0.2"])
     decode = Peer("decode", "http://decode:8003", addresses=["10.0.0.3", "10.0.0.4"])
     pd.versions = {"10.0.0.1": "0.32.0", "10.0.0.2": "0.33.0"}
     decode.versions = {"10.0.0.3": "0.32.0"}
     assert decode.known_versions() is None and pd.other_versions(decode.known_versions()) == set()  # .4 unknown
-    decode.versions["10.0.0.4"] = "0.32.0"  # the new decode is not Ready yet: the old one twice over, say
-    assert pd.other_versions(decode.known_versions()) == {"10.0.0.2"}  # no decode reads 0.33's KV
-    assert decode.other_versions({"0.32.0"}) == set()
+    decode.versions["10.0.0.4"] = "0.32.0"
+    unwanted = pd.other_versions(decode.known_versions())
+    assert unwanted == {"10.0.0.2"}  # no decode reads 0.33's KV
+    assert {pd.acquire(unwanted=unwanted)[0] for _ in range(4)} == {"10.0.0.1"}
+    assert pd.acquire(avoid={"10.0.0.1"}, unwanted=unwanted)[0] == "10.0.0.2"  # .1 refused: the other, at last
     decode.versions["10.0.0.4"] = "0.33.0"
     assert pd.other_versions(decode.known_versions()) == set()
     assert decode.other_versions({"0.33.0"}) == {"10.0.0.3"}
-    assert decode.other_versions({"0.34.0"}) == set()  # none of it: try one (its failure is prefilled again)
+    assert decode.acquire(unwanted={"10.0.0.3", "10.0.0.4"})[0] in {"10.0.0.3", "10.0.0.4"}  # none wanted: any
     pd.versions["10.0.0.2"] = ""  # a release that does not say
     assert pd.other_versions({"0.32.0"}) == set() and pd.other_versions({"0.31.0"}) == {"10.0.0.1"}
+    pd._resolved(["10.0.0.2", "10.0.0.5"])  # .1 left the Service: its version is forgotten (an address is reused)
+    assert set(pd.versions) == {"10.0.0.2"}
 
 
 def test_idle_replicas_take_turns():

@@ -34,8 +34,8 @@ class Outcome:
 
 @dataclass
 class Load:
-    """Requests at a fixed rate to a frontend (a client per request thread, kept alive, as an SDK keeps its
-    connections), cycling through `cases`; every answer is compared with the oracle's tokens."""
+    """Requests at a fixed rate to a frontend (one client, its connections kept alive as an SDK keeps them),
+    cycling through `cases`; every answer is compared with the oracle's tokens."""
 
     endpoint: str
     reference: dict[str, list[int]]
@@ -45,7 +45,7 @@ class Load:
     records: list[Outcome] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.stopping = threading.Event()
+        self.stopping, self.lock = threading.Event(), threading.Lock()
         self.pool = ThreadPoolExecutor(16)
         self.client = httpx.Client(timeout=180, limits=httpx.Limits(max_connections=16))
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -72,10 +72,16 @@ class Load:
             n += 1
 
     def _one(self, case: str) -> None:
+        sent = self.now()
+        try:
+            self._ask(case, sent)
+        except Exception as err:  # an answer of the wrong shape, say: a failure, never a request counted nowhere
+            self._count(sent, "failed", f"{case}: {type(err).__name__}: {err}")
+
+    def _ask(self, case: str, sent: float) -> None:
         """One request; sent again (up to twice) only where the connection failed before any answer came, as the
         OpenAI SDK does (`max_retries`): a server closing an idle connection just as it is reused. Counted."""
         body = {**CASES[case], "model": MODEL_NAME, "temperature": 0, "return_token_ids": True}
-        sent = self.now()
         for attempt in range(3):
             try:
                 r = self.client.post(f"{self.endpoint}/v1/chat/completions", json=body)
@@ -93,8 +99,9 @@ class Load:
             self._count(sent, "ok")
 
     def _count(self, sent: float, outcome: str, detail: str = "") -> None:
-        self.outcomes[outcome] += 1
-        self.records.append(Outcome(sent, self.now(), outcome, detail))
+        with self.lock:
+            self.outcomes[outcome] += 1
+            self.records.append(Outcome(sent, self.now(), outcome, detail))
 
     @property
     def failures(self) -> list[str]:
@@ -247,11 +254,10 @@ def operator_pods(node: Any) -> list[dict[str, Any]]:
     return kubectl_json(node, "get", "pods", "-n", OPERATOR_NAMESPACE, "-l", selector)["items"]
 
 
-def leader(node: Any) -> str | None:
-    """The pod that holds the operator's Lease (its identity is `<pod>_<random>`), if any."""
+def leader(node: Any) -> str:
+    """The identity holding the operator's Lease: `<pod>_<random>`, new with each process."""
     lease = kubectl_json(node, "get", "lease", "mmgraph-operator", "-n", OPERATOR_NAMESPACE)
-    holder = lease["spec"].get("holderIdentity") or ""
-    return holder.split("_")[0] or None
+    return lease["spec"].get("holderIdentity") or ""
 
 
 def webhook_refuses(node: Any) -> tuple[bool, str]:

@@ -84,15 +84,21 @@ def on_previous_release(chart_on_node: Any, watched: Prometheus, previous_worker
     return {name: frontend(chart_on_node, name) for name in GRAPHS}
 
 
+STAGES = {"tiny": ("frontend", "encoder", "pd", "decode"), "tiny-agg": ("pd",)}
+
+
 @pytest.fixture
 def serving(chart_on_node: Any, watched: Prometheus, worker_image: str) -> dict[str, str]:
-    """The graphs on this tree's release (as the rollouts left them, or applied now), Ready, with one replica
-    per stage; their frontend addresses."""
+    """The graphs on this tree's release (as the rollouts left them, or applied now), Ready, one pod per stage
+    (as the cases leave their specs) and none going; their frontend addresses."""
     node = chart_on_node
     present = {g["metadata"]["name"] for g in kubectl_json(node, "get", "multimodalgraphs", "-n", NAMESPACE)["items"]}
     for name in set(GRAPHS) - present:
         apply(node, name, worker_image)
-    return {name: frontend(node, name) for name in GRAPHS}
+    endpoints = {name: frontend(node, name) for name in GRAPHS}
+    one_each = lambda: all(settled(node, g, stage, 1) for g, stages in STAGES.items() for stage in stages)  # noqa: E731
+    wait_for(one_each, timeout=300, interval=1, what=f"one pod per stage: {pods(node)}")
+    return endpoints
 
 
 # How the previous release's frontend reports a call its peer closed before answering (a kept-alive connection the
@@ -216,9 +222,9 @@ LEASE_SECONDS, RETRY_SECONDS = 15, 2  # operator/mmgraph_operator/leader.py's Ti
 
 
 def test_the_leader_lost_the_standby_leads_and_the_webhook_answers_throughout(chart_on_node, serving, reference):
-    """The operator's leader deleted (it gives the Lease up) and SIGKILLed (the Lease must expire): the other
-    replica reconciles a graph changed just after, within the Lease's duration and a retry; the webhook refuses a
-    bad graph every time it is asked meanwhile; serving never notices."""
+    """The operator's leader deleted (it gives the Lease up) and SIGKILLed (the Lease must expire): another
+    process leads and reconciles a graph changed just after, within the Lease's duration and a retry; the webhook
+    refuses a bad graph every time it is asked meanwhile; serving never notices."""
     node = chart_on_node
     loads = {name: Load(endpoint, reference) for name, endpoint in serving.items()}
     unanswered, rows = [], []
@@ -227,7 +233,7 @@ def test_the_leader_lost_the_standby_leads_and_the_webhook_answers_throughout(ch
             running.enter_context(load)
         for how, frontends in (("deleted", 2), ("killed", 1)):
             was = leader(node)
-            (pod,) = [p for p in operator_pods(node) if p["metadata"]["name"] == was]
+            (pod,) = [p for p in operator_pods(node) if p["metadata"]["name"] == was.split("_")[0]]
             lost = time.monotonic()
             lose(node, pod, how)
             patch(node, "tiny", {"spec": {"stages": {"frontend": {"replicas": frontends}}}})
@@ -240,7 +246,9 @@ def test_the_leader_lost_the_standby_leads_and_the_webhook_answers_throughout(ch
                     unanswered.append(f"{how}, {time.monotonic() - lost:.1f} s after: {said.strip()}")
                 assert time.monotonic() - lost < 120, f"never reconciled after the leader was {how}"
                 time.sleep(0.5)
-            rows.append((how, took, leader(node)))
+            now = leader(node)
+            assert now not in ("", was), f"the Lease is still {was!r}"  # another process leads
+            rows.append((how, took, now))
             whole = lambda: replaced(pod, how, operator_pods(node))  # noqa: B023, E731 - called at once
             wait_for(whole, timeout=300, interval=1, what="both operator replicas Ready")
     for how, took, now in rows:
@@ -284,7 +292,7 @@ def test_encoders_scaled_1_3_1_keep_their_cache_and_every_request(chart_on_node,
     one, scaled = (hits1 - hits0) / (items1 - items0), (hits2 - hits1) / (items2 - items1)
     print(f"hit rate: {one:.1%} of {items1 - items0:.0f} items with one encoder, {scaled:.1%} of {items2 - items1:.0f}")
     print(load.report("e-p-d, scaled"), "\n".join(load.failures[:20]), sep="\n")
-    assert scaled >= one - 0.10
+    assert one > 0.9 and scaled >= one - 0.10  # warm, one encoder hits nearly every repeated image
     assert load.outcomes["wrong"] == 0 and load.failed == [], load.failures
 
 
@@ -334,12 +342,8 @@ def test_prometheus_finds_the_pods_and_every_dashboard_query_returns_data(chart_
     cases (a few requests now, so that it also does when this test runs alone)."""
     with Load(serving["tiny"], reference):
         time.sleep(10)
-    pods = {
-        p["metadata"]["name"]
-        for graph, stages in (("tiny", ("frontend", "encoder", "pd", "decode")), ("tiny-agg", ("pd",)))
-        for stage in stages
-        for p in stage_pods(chart_on_node, graph, stage)
-    }
+    node = chart_on_node
+    pods = {p["metadata"]["name"] for g, stages in STAGES.items() for s in stages for p in stage_pods(node, g, s)}
     deadline = time.monotonic() + 30  # a pod listed since the last round is scraped within two intervals
     while not pods <= {pod for pod, health, _ in scrapes(watched) if health == "up"}:
         assert time.monotonic() < deadline, f"{sorted(pods)} not all scraped: {scrapes(watched)}"

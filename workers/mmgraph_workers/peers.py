@@ -104,7 +104,7 @@ class Peer:
         now = time.monotonic()
         self.seen.update(dict.fromkeys(addresses, now))
         self.seen = {a: t for a, t in self.seen.items() if now - t < TRUST_SECONDS}
-        self.versions = {a: v for a, v in self.versions.items() if a in self.seen}
+        self.versions = {a: v for a, v in self.versions.items() if a in addresses}  # an address reused: ask again
 
     def known_versions(self) -> set[str] | None:
         """The vLLM versions the replicas run; None while one is not known (just listed, or it did not say)."""
@@ -112,18 +112,19 @@ class Peer:
         return found if found and "" not in found else None
 
     def other_versions(self, versions: Collection[str] | None) -> set[str]:
-        """The replicas known to run a vLLM outside `versions` (None: any will do), to be avoided. Never all of
-        them: with no replica of a wanted version left, one of another is tried (its failure comes before any
-        token, and the request is prefilled again)."""
+        """The replicas known to run a vLLM outside `versions` (None: any will do): `unwanted` in `acquire`, which
+        takes one of them only where no other is left (its failure comes before any token, and the request is
+        prefilled again)."""
         if not versions:
             return set()
-        others = {a for a in self.addresses if self.versions.get(a, "") not in ("", *versions)}
-        return others if len(others) < len(self.addresses) else set()
+        return {a for a in self.addresses if self.versions.get(a, "") not in ("", *versions)}
 
-    def acquire(self, avoid: Collection[str] = ()) -> tuple[str, str]:
-        """(address, base URL) of the least busy replica not in `avoid`, counted busy until `release`; replicas
-        equally busy take turns (an idle graph would otherwise send everything to the first address)."""
+    def acquire(self, avoid: Collection[str] = (), unwanted: Collection[str] = ()) -> tuple[str, str]:
+        """(address, base URL) of the least busy replica not in `avoid`, and not in `unwanted` unless no other is
+        left, counted busy until `release`; replicas equally busy take turns (an idle graph would otherwise send
+        everything to the first address)."""
         choices = self._choices(self.addresses, avoid)
+        choices = [a for a in choices if a not in unwanted] or choices
         least = min(self.outstanding.get(a, 0) for a in choices)
         tied = [a for a in choices if self.outstanding.get(a, 0) == least]
         address = tied[next(self.turns) % len(tied)]

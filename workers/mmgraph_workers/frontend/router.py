@@ -164,17 +164,20 @@ class Router:
     async def _learn_versions(self, stage: str) -> None:
         """Each newly listed replica's vLLM version, from its /v1/info, once: e-p-d pairs pd and decode by it."""
         peer = self.peers[stage]
-        for address in [a for a in peer.addresses if a not in peer.versions]:
-            with contextlib.suppress(httpx.HTTPError, ValidationError):
+
+        async def learn(address: str) -> None:
+            with contextlib.suppress(httpx.HTTPError, ValueError):  # pydantic's errors are ValueErrors too
                 r = await self.http.get(f"{peer.url_of(address)}/v1/info", timeout=2)
                 if r.status_code == 200:
-                    peer.versions[address] = WorkerInfo.model_validate(r.json()).vllm_version or ""
+                    peer.versions[address] = WorkerInfo.model_validate_json(r.content).vllm_version or ""
+
+        await asyncio.gather(*(learn(a) for a in peer.addresses if a not in peer.versions))
 
     # ---- one call to one stage ------------------------------------------------------------------------------
 
-    def _acquire(self, stage: str, tried: set[str]) -> tuple[str, str]:
+    def _acquire(self, stage: str, tried: set[str], unwanted: Collection[str] = ()) -> tuple[str, str]:
         try:
-            return self.peers[stage].acquire(tried)
+            return self.peers[stage].acquire(tried, unwanted)
         except NoReplica as err:
             raise StageFailure(stage, str(err).removeprefix(f"{stage}: "), 503) from None
 
@@ -325,15 +328,15 @@ class Router:
                     await self.http.post(f"{self.peers['encoder'].url_of(address)}/release/{item.embeddings.handle}")
 
     async def stream_stage(
-        self, stage: str, request: GenerateRequest, avoid: Collection[str] = ()
+        self, stage: str, request: GenerateRequest, unwanted: Collection[str] = ()
     ) -> AsyncIterator[GenerateEvent]:
-        """The stage's events until the request finishes, from a replica not in `avoid`. A call that got no
-        answer goes to the next replica, but only before any event came: a request is never sent twice once a
-        stage has begun answering it."""
-        started, tried, sent = time.perf_counter(), set(avoid), False
+        """The stage's events until the request finishes, from a replica not `unwanted` while another is left. A
+        call that got no answer goes to the next replica, but only before any event came: a request is never sent
+        twice once a stage has begun answering it."""
+        started, tried, sent = time.perf_counter(), set[str](), False
         while True:
             local = self._local(stage, tried)
-            address, base = (local.address, "") if local else self._acquire(stage, tried | self._own(stage))
+            address, base = (local.address, "") if local else self._acquire(stage, tried | self._own(stage), unwanted)
             try:
                 if local:  # no HTTP, so no read timeout: the same deadline between events, kept here
                     events = _within(stage, local.events(request), self.args.request_timeout_seconds)
@@ -432,14 +435,14 @@ class Router:
             raise
 
     async def prefill(
-        self, base: dict[str, Any], media: Media, prefill_only: bool = False, avoid: Collection[str] = ()
+        self, base: dict[str, Any], media: Media, prefill_only: bool = False, unwanted: Collection[str] = ()
     ) -> AsyncIterator[GenerateEvent]:
         """pd's stream for the encoder's embeddings. If pd could not pull them (it did no work yet), encode again,
         on each item's next owner, and send pd the request once more."""
         for attempt in (1, 2):
             request = GenerateRequest(**base, encoded=media.aged(), prefill_only=prefill_only)
             try:
-                async for event in self.stream_stage("pd", request, avoid):
+                async for event in self.stream_stage("pd", request, unwanted):
                     yield event
                 return
             except StageFailure as err:
@@ -459,7 +462,7 @@ class Router:
                 await self.encode(request_id, media)
             prefill, started = None, time.monotonic()
             pds = self.peers["pd"].other_versions(self.peers["decode"].known_versions())  # no decode reads their KV
-            async for event in self.prefill(base, media, prefill_only=True, avoid=pds):
+            async for event in self.prefill(base, media, prefill_only=True, unwanted=pds):
                 prefill = event
             assert prefill is not None and prefill.kv_transfer_params is not None, "pd returned no KV parameters"
             # pd's lease began when its prefill ended, after `started`: counting from `started` is conservative.
