@@ -174,8 +174,9 @@ def patch(node: Any, name: str, spec: dict[str, Any]) -> None:
     tool(node, "kubectl", "patch", "multimodalgraph", name, "-n", NAMESPACE, "--type=merge", "-p", json.dumps(spec))
 
 
-def frontend(node: Any, name: str) -> str:
-    wait_for(lambda: phase(node, name) == "Ready", timeout=900, interval=2, what=f"{name} Ready: {pods(node)}")
+def frontend(node: Any, name: str, timeout: float = 900) -> str:
+    """The graph's frontend Service address, once the graph is Ready."""
+    wait_for(lambda: phase(node, name) == "Ready", timeout=timeout, interval=2, what=f"{name} Ready: {pods(node)}")
     service = kubectl_json(node, "get", "service", f"{name}-frontend", "-n", NAMESPACE)
     return f"http://{service['spec']['clusterIP']}:{service['spec']['ports'][0]['port']}"
 
