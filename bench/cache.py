@@ -121,7 +121,8 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
 
-    from mmgraph_operator.api import StageName, parse
+    from mmgraph_contract.graph import parse
+    from mmgraph_contract.vocabulary import StageName
     from mmgraph_workers.ports import free_port
     from mmgraph_workers.tiny_model import build
     from mmgraph_workers.up import LocalGraph

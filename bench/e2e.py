@@ -121,15 +121,16 @@ async def run_http(endpoint: str, model: str, n: int, concurrency: int, media: s
 
 
 async def run_in_process(model_dir: Path, n: int, levels: dict[str, list[int]]) -> dict[str, dict[str, dict]]:
-    from mmgraph_workers import cpu
-    from mmgraph_workers.media.load import load, vllm_item
-    from mmgraph_workers.media.policy import MediaPolicy
-    from mmgraph_workers.models import adapter_for
     from transformers import AutoTokenizer
     from vllm import SamplingParams
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.sampling_params import RequestOutputKind
     from vllm.v1.engine.async_llm import AsyncLLM
+
+    from mmgraph_workers import cpu
+    from mmgraph_workers.media.load import load, vllm_item
+    from mmgraph_workers.media.policy import MediaPolicy
+    from mmgraph_workers.models import adapter_for
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     family = adapter_for(str(model_dir))
@@ -224,7 +225,8 @@ def main() -> None:
 def measure(example: str, family: str, levels: dict[str, list[int]], n: int, work: Path) -> dict[str, dict]:
     """The in-process baseline, then `example`'s graph (e-p-d, with an agg and an e-pd frontend routed to its
     workers), for each workload of `levels` at its concurrency levels."""
-    from mmgraph_operator.api import StageName, parse
+    from mmgraph_contract.graph import parse
+    from mmgraph_contract.vocabulary import StageName
     from mmgraph_workers.ports import free_port
     from mmgraph_workers.tiny_model import build
     from mmgraph_workers.up import LocalGraph

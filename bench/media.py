@@ -34,11 +34,12 @@ from pathlib import Path
 
 import av
 import numpy as np
+from PIL import Image
+
 from mmgraph_workers.media.image import decode_image
 from mmgraph_workers.media.policy import MediaPolicy
 from mmgraph_workers.media.samples import clip
 from mmgraph_workers.media.video import decode_video
-from PIL import Image
 
 OUT = Path(__file__).resolve().parent.parent / "bench" / "out"
 FRAMES = 8
@@ -98,8 +99,9 @@ def video_rows(seconds: float, repeat: int) -> list[dict]:
 
 
 def image_rows(repeat: int) -> list[dict]:
-    from mmgraph_workers.tiny_model import build
     from transformers import AutoProcessor
+
+    from mmgraph_workers.tiny_model import build
 
     with tempfile.TemporaryDirectory() as tmp:
         processor = AutoProcessor.from_pretrained(build(Path(tmp) / "tiny")).image_processor
@@ -127,8 +129,9 @@ def audio_loaders() -> dict[str, Callable[[bytes], np.ndarray]]:
     """Bytes to 16 kHz mono float32, each its own way."""
     import librosa
     import soundfile
-    from mmgraph_workers.media.audio import AudioFormat, decode_audio
     from vllm.multimodal.media.audio import load_audio_pyav
+
+    from mmgraph_workers.media.audio import AudioFormat, decode_audio
 
     model = AudioFormat(RATE, AUDIO_SECONDS)
 

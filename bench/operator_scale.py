@@ -33,7 +33,8 @@ from kubecluster import (  # noqa: E402
     operator_kubeconfig_of,
     start_cluster,
 )
-from mmgraph_operator.api import parse  # noqa: E402
+
+from mmgraph_contract.graph import parse  # noqa: E402
 from mmgraph_operator.render import render  # noqa: E402
 
 OUT = REPO / "bench" / "out"

@@ -65,7 +65,7 @@ def main() -> None:
     for name in OURS:  # both sides get their thread settings from here, never from the shell
         os.environ.pop(name, None)
 
-    from mmgraph_operator.commands import vllm_flags
+    from mmgraph_contract.settings import vllm_flags
     from mmgraph_workers.tiny_model import build
 
     work = Path(tempfile.mkdtemp(prefix="mmgraph-peers-"))
@@ -105,7 +105,7 @@ def measure(servers: dict[str, str], args: argparse.Namespace) -> dict[str, dict
 @contextlib.contextmanager
 def serve_set(body: dict, engine_args: list[str], work: Path) -> Iterator[dict[str, str]]:
     """vLLM's server in three configurations, and mmgraph's agg graph."""
-    from mmgraph_operator.api import parse
+    from mmgraph_contract.graph import parse
     from mmgraph_workers import cpu
     from mmgraph_workers.baseline import vllm_serve
     from mmgraph_workers.up import LocalGraph
@@ -142,7 +142,8 @@ def serve_set(body: dict, engine_args: list[str], work: Path) -> Iterator[dict[s
 def epd_set(body: dict, engine_args: list[str], work: Path) -> Iterator[dict[str, str]]:
     """vLLM's EPD, E+PD and E+P+D (one encoder instance serves both: they read the same store), and mmgraph's
     e-p-d graph with an e-pd frontend routed to its encoder and pd."""
-    from mmgraph_operator.api import StageName, parse
+    from mmgraph_contract.graph import parse
+    from mmgraph_contract.vocabulary import StageName
     from mmgraph_workers import cpu
     from mmgraph_workers.baseline import vllm_serve
     from mmgraph_workers.ports import free_port

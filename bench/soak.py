@@ -237,7 +237,9 @@ def main() -> None:
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
 
-    from mmgraph_operator.api import StageName, max_request_bytes, parse
+    from mmgraph_contract.graph import parse
+    from mmgraph_contract.settings import max_request_bytes
+    from mmgraph_contract.vocabulary import StageName
     from mmgraph_workers.tiny_model import build
     from mmgraph_workers.up import LocalGraph
 

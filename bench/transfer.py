@@ -73,6 +73,7 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
 
     import httpx
+
     from mmgraph_workers.protocol import TensorRef
     from mmgraph_workers.transfer import copy_bytes, make_transfer
 

@@ -6,6 +6,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 commit=$(git rev-parse --verify "${1:?usage: scripts/previous-release.sh COMMIT}^{commit}")
 out=tests/dataplane/previous_release
-git archive --format=tar "$commit" workers operator | gzip -9n > "$out/packages.tar.gz"
+packages=()  # the release's Python packages (contract/ from 0.2 on)
+for dir in contract operator workers; do
+  git cat-file -e "$commit:$dir" 2>/dev/null && packages+=("$dir")
+done
+git archive --format=tar "$commit" "${packages[@]}" | gzip -9n > "$out/packages.tar.gz"
 echo "$commit" > "$out/commit"
+# the module its `mmgraph` command runs: how its image's entrypoint and the rollout tests start it
+if [[ " ${packages[*]} " == *" contract "* ]]; then echo mmgraph_contract.cli; else echo mmgraph_operator.cli; fi > "$out/entry"
 echo "previous release: $commit ($(du -h "$out/packages.tar.gz" | cut -f1))"

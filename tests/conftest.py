@@ -33,6 +33,7 @@ from kubecluster import (
     start_cluster,
     wait_for,
 )
+
 from mmgraph_workers.ports import free_port
 
 REPO = Path(__file__).resolve().parent.parent

@@ -32,6 +32,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
+
 from mmgraph_workers.ports import free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -497,7 +498,7 @@ class OperatorProcess:
         self.starts += 1
         log = open(self.logdir / f"{self.name}-{self.starts}.log", "wb")  # noqa: SIM115
         env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "PYTHONUNBUFFERED": "1", "POD_NAME": self.name}
-        argv = [sys.executable, "-m", "mmgraph_operator.cli", "operator", f"--operator-namespace={OPERATOR_NS}"]
+        argv = [sys.executable, "-m", "mmgraph_contract.cli", "operator", f"--operator-namespace={OPERATOR_NS}"]
         argv += [f"--leader-election-lease={WEBHOOK_CONFIG}", *LEASE_TIMING]
         argv += [f"--webhook-port={self.webhook_port}", f"--webhook-secret={WEBHOOK_CONFIG}-webhook"]
         argv += [f"--webhook-config={WEBHOOK_CONFIG}", "--webhook-san=127.0.0.1", "--webhook-cert-check=1"]

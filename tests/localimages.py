@@ -86,7 +86,9 @@ def make(*targets: str) -> float:
 def build_previous() -> str:
     """The previous release's worker image: its packages (tests/dataplane/previous_release/) as a thin layer over
     this tree's CPU worker image, which must be built already."""
-    argv = [*shlex.split(engine()), "build", "--build-arg", f"BASE={WORKER_IMAGE}", "-t", PREVIOUS_WORKER_IMAGE]
+    entry = (PREVIOUS_RELEASE / "entry").read_text().strip()
+    argv = [*shlex.split(engine()), "build", "--build-arg", f"BASE={WORKER_IMAGE}", "--build-arg", f"ENTRY={entry}"]
+    argv += ["-t", PREVIOUS_WORKER_IMAGE]
     result = subprocess.run([*argv, str(PREVIOUS_RELEASE)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return PREVIOUS_WORKER_IMAGE

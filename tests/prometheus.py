@@ -23,6 +23,7 @@ from typing import Any
 import httpx
 import yaml
 from kubecluster import cli, terminate, wait_for
+
 from mmgraph_workers.ports import free_port
 
 SCRAPE_SECONDS = 2

@@ -21,10 +21,11 @@ from conftest import graph_manifest, webhook_absent
 from kubecluster import OperatorProcess, wait_for
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
-from mmgraph_operator.admission import AdmissionKey
-from mmgraph_operator.api import MultimodalGraph, parse
-from mmgraph_operator.webhook import needs
 from test_operator_integration import E_P_D_CHILDREN, GRAPHS, children, condition, create_graph, get_graph, patch_graph
+
+from mmgraph_contract.graph import MultimodalGraph, parse
+from mmgraph_operator.admission import AdmissionKey
+from mmgraph_operator.webhook import needs
 
 AUTHOR = "author"
 GRAPH_RIGHTS = [{"apiGroups": ["mmgraph.io"], "resources": ["multimodalgraphs"], "verbs": ["*"]}]

@@ -12,8 +12,9 @@ import pytest
 from conftest import graph_manifest
 from kubecluster import wait_for
 from kubernetes import client, dynamic, watch
-from mmgraph_operator.render import KubeVersion, hpa_api_version
 from test_operator_integration import _operator_writes, create_graph, get_graph, patch_graph
+
+from mmgraph_operator.render import KubeVersion, hpa_api_version
 
 pytestmark = pytest.mark.cluster
 

@@ -11,6 +11,7 @@ import ssl
 import kopf
 import pytest
 from cryptography import x509
+
 from mmgraph_operator.certs import ServingCert, issue_ca, issue_leaf, leaf_problem, service_sans
 from mmgraph_operator.leader import Timing
 from mmgraph_operator.webhook import admit_graph
@@ -107,6 +108,7 @@ def _without_san(data: dict[str, bytes]) -> dict[str, bytes]:
     """A leaf for our names, but with no subjectAltName extension (a hand-made one, say)."""
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
+
     from mmgraph_operator.certs import _builder, _pem_key
 
     ca = x509.load_pem_x509_certificate(data["ca.crt"])
@@ -159,6 +161,7 @@ def test_the_keeper_repairs_a_malformed_secret_on_the_api_server(api, namespace)
     import base64
 
     from kubernetes import client
+
     from mmgraph_operator.certs import CertKeeper, CertSettings, ca_problem, decode
 
     broken = MALFORMED["unparseable-ca"](MALFORMED["unparseable-leaf"](issue_ca() | {"ca.key": b"x"}))

@@ -13,7 +13,9 @@ import yaml
 from conftest import ca_bundle, chart_values
 from kubecluster import CHART, OPERATOR_NS, RELEASE, helm, wait_for
 from kubernetes import client, dynamic
-from mmgraph_operator.api import parse, problems
+
+from mmgraph_contract.graph import parse
+from mmgraph_contract.rules import problems
 
 VALUE_SETS = {
     "defaults": {},

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from mmgraph_operator.api import MultimodalGraph
+
+from mmgraph_contract.graph import MultimodalGraph
 from mmgraph_operator.crd import crd
 
 REPO = Path(__file__).resolve().parent.parent
@@ -27,7 +28,7 @@ def test_checked_in_crd_and_chart_copy_match_the_model():
 
 def test_vendored_kubernetes_type_schemas_are_current():
     result = subprocess.run(
-        [sys.executable, "-m", "mmgraph_operator.k8s_types", "--check"], capture_output=True, text=True
+        [sys.executable, "-m", "mmgraph_contract.k8s_types", "--check"], capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr
 

@@ -5,7 +5,6 @@ request id, never an exception's text."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import http.client
@@ -25,6 +24,9 @@ import httpx
 import psutil
 import pytest
 from fastapi.testclient import TestClient
+
+from mmgraph_contract.flags import from_argv
+from mmgraph_contract.settings import FrontendSettings
 from mmgraph_workers.frontend import app as frontend
 from mmgraph_workers.frontend.openai_api import RequestError
 from mmgraph_workers.frontend.processor import longest_token_bytes
@@ -64,11 +66,10 @@ class Watched:
 def api(tiny: Path) -> Iterator[tuple[TestClient, list[Watched]]]:
     """The frontend's app in process, its pd (never called) said to have a 1024-token context; its lanes'
     tokenizers watched."""
-    parser = argparse.ArgumentParser()
-    frontend.add_arguments(parser)
     dead = f"http://127.0.0.1:{free_port()}"
-    args = parser.parse_args(
-        [f"--model={tiny}", f"--served-model-name={MODEL}", "--port=0", "--topology=agg", f"--pd-url={dead}"]
+    args = from_argv(
+        FrontendSettings,
+        [f"--model={tiny}", f"--served-model-name={MODEL}", "--port=0", "--topology=agg", f"--pd-url={dead}"],
     )
     app = frontend.build_app(args)
     with TestClient(app) as client:
@@ -208,13 +209,13 @@ def test_the_frontends_failure_answers_a_request_id_and_logs_the_exception(caplo
 # ---- a stage's bounds on what it holds at once: make_app and serve, as every stage runs them ----
 
 STAGE = """
-import argparse
+import sys
 from fastapi import Request
-from mmgraph_workers.server import add_common_arguments, make_app, serve
+from mmgraph_contract.flags import from_argv
+from mmgraph_contract.settings import Server
+from mmgraph_workers.server import make_app, serve
 
-parser = argparse.ArgumentParser()
-add_common_arguments(parser)
-args = parser.parse_args()
+args = from_argv(Server, sys.argv[1:])
 app = make_app("probe", lambda: True, args.max_request_bytes)
 
 
@@ -231,7 +232,7 @@ serve(app, args)
 def stage(*flags: str) -> Iterator[tuple[int, int]]:
     """(port, pid) of a stage app with a 1 MiB body limit (so a 4 MiB budget by default) and `flags`."""
     port = free_port()
-    argv = ["--model=m", "--served-model-name=m", f"--port={port}", f"--max-request-bytes={MIB}", *flags]
+    argv = [f"--port={port}", f"--max-request-bytes={MIB}", *flags]
     proc = subprocess.Popen([sys.executable, "-c", STAGE, *argv])
     try:
         deadline = time.monotonic() + 60

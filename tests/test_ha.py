@@ -15,8 +15,9 @@ from conftest import ca_bundle, graph_manifest
 from kubecluster import OPERATOR_NS, WEBHOOK_CONFIG, OperatorProcess, wait_for
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
-from mmgraph_operator.certs import decode, issue_leaf
 from test_operator_integration import E_P_D_CHILDREN, children, create_graph
+
+from mmgraph_operator.certs import decode, issue_leaf
 
 pytestmark = pytest.mark.cluster
 

@@ -53,7 +53,8 @@ def test_make_images_builds_the_names_the_chart_and_a_graph_default_to():
     """`make images` (README, "Images") tags exactly what the chart's image.repository and appVersion and the
     CRD's spec.image default to, and REGISTRY / TAG / ENGINE move both images."""
     import yaml
-    from mmgraph_operator.api import MultimodalGraphSpec
+
+    from mmgraph_contract.graph import MultimodalGraphSpec
 
     def planned(*overrides: str) -> list[list[str]]:
         env = {

@@ -9,6 +9,7 @@ import tracemalloc
 
 import numpy as np
 import pytest
+
 from mmgraph_workers.media import MediaError
 from mmgraph_workers.media.audio import AudioFormat, decode_audio
 from mmgraph_workers.media.policy import MediaPolicy

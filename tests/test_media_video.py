@@ -14,8 +14,9 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+
+from mmgraph_contract.graph import MediaSpec
 from mmgraph_workers.media import MediaError
-from mmgraph_workers.media.policy import MediaPolicy
 from mmgraph_workers.media.samples import audio_only, clip
 from mmgraph_workers.media.video import decode_video, sample_indices
 
@@ -44,7 +45,7 @@ def test_the_frames_are_vllms_loaders_pixel_for_pixel(name, frames):
 
     data = clip(**CLIPS[name])
     theirs, metadata = VideoMediaIO(ImageMediaIO(), num_frames=frames, video_backend="opencv").load_bytes(data).media
-    ours = decode_video(data, MediaPolicy(), frames)
+    ours = decode_video(data, MediaSpec(), frames)
     assert ours.metadata["frames_indices"] == list(metadata["frames_indices"])
     assert ours.metadata["total_num_frames"] == metadata["total_num_frames"]
     assert ours.metadata["fps"] == pytest.approx(metadata["fps"], rel=1e-3)
@@ -67,7 +68,7 @@ def test_seeking_decodes_less_and_never_more_than_the_whole_stream(keyframe_inte
     """20 s at 30 fps: with a keyframe every 2 s, seeking skips most of the stream (each wanted frame costs about
     half a keyframe interval); with one keyframe, decoding goes forward once, to the last wanted frame."""
     data = clip(seconds=20, keyframe_interval=keyframe_interval, size=(64, 48))
-    video = decode_video(data, MediaPolicy(), 8)
+    video = decode_video(data, MediaSpec(), 8)
     assert video.metadata["frames_indices"][-1] == 599
     assert video.decoded <= most * 600, video.decoded
 
@@ -78,7 +79,7 @@ def test_decoding_holds_the_sampled_frames_not_the_clip():
     data = clip(seconds=10, size=(320, 240), keyframe_interval=300)
     tracemalloc.start()
     try:
-        decode_video(data, MediaPolicy(), 8)
+        decode_video(data, MediaSpec(), 8)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -100,7 +101,7 @@ def test_decoding_holds_the_sampled_frames_not_the_clip():
 )
 def test_a_bad_video_is_refused_saying_why(data, policy, status, message):
     with pytest.raises(MediaError, match=message) as info:
-        decode_video(data, MediaPolicy(**policy), 8)
+        decode_video(data, MediaSpec(**policy), 8)
     assert info.value.status == status
 
 
@@ -112,12 +113,12 @@ def test_only_common_containers_open():
     gif = io.BytesIO()
     Image.new("RGB", (8, 8)).save(gif, format="GIF")
     with pytest.raises(MediaError, match="container 'gif' is not accepted"):
-        decode_video(gif.getvalue(), MediaPolicy(), 8)
+        decode_video(gif.getvalue(), MediaSpec(), 8)
 
 
 def test_decoding_is_bounded_in_time():
     with pytest.raises(MediaError, match="took too long") as info:
-        decode_video(clip(seconds=1), MediaPolicy(), 8, timeout=0)
+        decode_video(clip(seconds=1), MediaSpec(), 8, timeout=0)
     assert info.value.status == 413
 
 
@@ -145,13 +146,13 @@ MEASURE = r"""
 import json, re, sys
 from pathlib import Path
 from mmgraph_workers.media import MediaError
-from mmgraph_workers.media.policy import MediaPolicy
+from mmgraph_contract.graph import MediaSpec
 from mmgraph_workers.media.video import decode_video
 
 def peak():
     return int(re.search(r"VmHWM:\s*(\d+) kB", Path("/proc/self/status").read_text())[1]) << 10
 
-data, policy = Path(sys.argv[1]).read_bytes(), MediaPolicy()
+data, policy = Path(sys.argv[1]).read_bytes(), MediaSpec()
 decode_video(Path(sys.argv[2]).read_bytes(), policy, 8)
 before = peak()
 try:
@@ -191,5 +192,5 @@ def test_a_frame_larger_than_the_header_says_is_refused_before_it_is_decoded(tmp
 def test_a_video_exactly_at_the_pixel_cap_decodes(options):
     """The decoder's own cap leaves room for what decoders check besides the frame (a padded width, MPEG-4's
     scratch buffers): a frame within the graph's cap is never refused by it."""
-    video = decode_video(clip(seconds=0.3, size=(66, 38), **options), MediaPolicy(max_pixels=66 * 38), 8)
+    video = decode_video(clip(seconds=0.3, size=(66, 38), **options), MediaSpec(max_pixels=66 * 38), 8)
     assert video.frames.shape == (8, 38, 66, 3)

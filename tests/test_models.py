@@ -12,9 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+
 from mmgraph_workers.models import Llava, Qwen2VL, UnsupportedModel, adapter_for
 from mmgraph_workers.tiny_model import build
-from PIL import Image
 
 
 @pytest.fixture(scope="module")
@@ -152,12 +153,12 @@ def test_max_item_tokens_bounds_what_an_image_becomes(tiny, family):
 def clips(adapter, processor, seconds=(2.0, 0.7, 30.0)) -> list:
     import time
 
+    from mmgraph_contract.graph import MediaSpec
     from mmgraph_workers.media.audio import decode_audio
-    from mmgraph_workers.media.policy import MediaPolicy
     from mmgraph_workers.media.samples import tone
 
     fmt = adapter.audio_format(processor)
-    return [decode_audio(tone(seconds=s), MediaPolicy(), fmt, time.monotonic() + 30) for s in seconds]
+    return [decode_audio(tone(seconds=s), MediaSpec(), fmt, time.monotonic() + 30) for s in seconds]
 
 
 def test_audio_encoder_output_equals_transformers_whole_model(tmp_path):

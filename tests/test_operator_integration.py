@@ -468,7 +468,7 @@ def test_changing_config_rolls_pods(api, operator, namespace):
 
 def test_dry_run_server_accepts_every_rendered_child(api, dyn: dynamic.DynamicClient, namespace):
     """The manifests `render` produces (for the test server's version) pass the API server's own validation."""
-    from mmgraph_operator.api import parse
+    from mmgraph_contract.graph import parse
     from mmgraph_operator.render import render
 
     for example in ("qwen2.5-vl-e-p-d.yaml", "llava-agg.yaml", "tiny-e-p-d.yaml"):

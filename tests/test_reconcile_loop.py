@@ -9,8 +9,10 @@ import time
 from collections import Counter
 
 import pytest
+
 from mmgraph_operator import reconcile
-from mmgraph_operator.reconcile import GraphKey, Reconciler
+from mmgraph_operator.drift import GraphKey
+from mmgraph_operator.reconcile import Reconciler
 
 pytestmark = pytest.mark.cluster  # the Reconciler discovers the API server's kinds when it is made
 
@@ -89,7 +91,7 @@ def test_a_failed_pass_is_retried_with_doubling_backoff(api):
 
 def test_a_deleted_graph_leaves_nothing_behind_in_the_loop(api):
     """The loop's memory of a graph (its children, what was applied, its task) goes with it."""
-    from mmgraph_operator.reconcile import ChildKey
+    from mmgraph_operator.drift import ChildKey
 
     async def run() -> Recorder:
         loop = Recorder(api, concurrency=8)
@@ -135,7 +137,7 @@ def test_a_write_is_given_up_before_another_replica_could_take_the_lease(api):
     """A write that passed the leadership check could take the client's whole 30 s timeout, past a 15 s
     takeover: its timeout is cut to what is left of the lease (less a margin), and with nothing left it is not
     sent at all."""
-    from mmgraph_operator.reconcile import WRITE_MARGIN, NotLeading
+    from mmgraph_operator.apply import WRITE_MARGIN, NotLeading
 
     reconciler = Reconciler(api, "1.20")
     reconciler.lead()
@@ -155,7 +157,8 @@ def test_a_prune_deletes_only_the_object_it_read(api, namespace):
     and its delete, the child may be deleted and made again by someone else (same name, another uid): the delete
     carries the uid it read as a precondition, so the new object stays."""
     from kubernetes import client
-    from mmgraph_operator.reconcile import ChildKey
+
+    from mmgraph_operator.drift import ChildKey
 
     core = client.CoreV1Api(api)
     core.create_namespaced_config_map(namespace, {"metadata": {"name": "child"}, "data": {"a": "1"}})

@@ -10,8 +10,11 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 import yaml
-from mmgraph_operator.api import StageName, parse, problems
-from mmgraph_operator.commands import worker_command
+
+from mmgraph_contract.graph import parse
+from mmgraph_contract.rules import problems
+from mmgraph_contract.settings import worker_command
+from mmgraph_contract.vocabulary import StageName
 from mmgraph_operator.render import InvalidGraph, KubeVersion, render
 
 REPO = Path(__file__).resolve().parent.parent

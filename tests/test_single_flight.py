@@ -6,7 +6,6 @@ each case needs."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import base64
 import os
@@ -17,8 +16,11 @@ import torch
 
 os.environ.setdefault("UCX_NET_DEVICES", "lo")
 
-from mmgraph_operator.api import MediaSpec
-from mmgraph_workers.encoder import Batcher, Busy, Embedding, EmbeddingCache, Encoder, SingleFlight
+from mmgraph_contract.graph import MediaSpec
+from mmgraph_contract.settings import EncoderSettings, Server, Transfer, Weights
+from mmgraph_workers.batching import Batcher, Busy, SingleFlight
+from mmgraph_workers.embedding_cache import Embedding, EmbeddingCache
+from mmgraph_workers.encoder import Encoder
 from mmgraph_workers.media import MediaError
 from mmgraph_workers.media.fetch import media_client
 from mmgraph_workers.protocol import EncodeRequest, MediaItem
@@ -78,7 +80,11 @@ def owner() -> Iterator:
 def encoder(owner, monkeypatch) -> tuple[Encoder, Tower]:
     encoder = Encoder.__new__(Encoder)  # no model: the tower is the test's
     tower = Tower()
-    encoder.args = argparse.Namespace(transfer_timeout_seconds=10)
+    encoder.settings = EncoderSettings(
+        weights=Weights(model="m", served_model_name="m"),
+        server=Server(port=1),
+        transfer=Transfer(transfer_timeout_seconds=10),
+    )
     encoder.url = "http://127.0.0.1:1"
     encoder.policy = MediaSpec(max_items=8)
     encoder.cache = EmbeddingCache(0)  # nothing stays cached: only the requests in flight share work

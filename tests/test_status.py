@@ -4,7 +4,8 @@ detection that accepts the API server's canonical quantities."""
 from __future__ import annotations
 
 from argocd import health
-from mmgraph_operator.reconcile import drifted
+
+from mmgraph_operator.drift import drifted
 from mmgraph_operator.status import already_degraded, degraded_status, with_transition_times
 
 

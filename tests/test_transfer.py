@@ -17,8 +17,9 @@ import torch
 
 os.environ.setdefault("UCX_NET_DEVICES", "lo")
 
+from mmgraph_workers.nixl_transfer import NixlTransfer
 from mmgraph_workers.protocol import TensorRef
-from mmgraph_workers.transfer import NixlTransfer, StaleRead, TransferError, make_transfer
+from mmgraph_workers.transfer import StaleRead, TransferError, make_transfer
 
 
 def tensor_for(shape: list[int], dtype: str, seed: int) -> torch.Tensor:

@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 import yaml
-from mmgraph_operator.api import parse
+
+from mmgraph_contract.graph import parse
 from mmgraph_workers.up import LocalGraph, up
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "tiny-e-p-d.yaml"

@@ -22,13 +22,16 @@ import numpy as np
 import pytest
 from dataplane.conftest import gzip_bomb, send_gzip_bomb
 from media_samples import SAMPLES
+from PIL import Image
+
+from mmgraph_contract.flags import from_argv
+from mmgraph_contract.graph import MediaSpec
+from mmgraph_contract.settings import EngineSettings, Routes, Server
 from mmgraph_workers.media import MediaError
 from mmgraph_workers.media.fetch import _refusal, fetch_bytes
 from mmgraph_workers.media.image import decode_image
-from mmgraph_workers.media.policy import MediaPolicy
 from mmgraph_workers.peers import NoReplica, Peer
 from mmgraph_workers.transfer import Pool
-from PIL import Image
 
 
 @pytest.fixture
@@ -100,7 +103,7 @@ def server():
 def fetch(url: str, verify: ssl.SSLContext | bool = True, **policy) -> bytes:
     async def go() -> bytes:
         async with httpx.AsyncClient(trust_env=False, verify=verify) as client:
-            return await fetch_bytes(url, MediaPolicy(**policy), client)
+            return await fetch_bytes(url, MediaSpec(**policy), client)
 
     return asyncio.run(go())
 
@@ -261,7 +264,7 @@ def test_dns_runs_within_the_fetch_deadline_on_threads_of_its_own(names, loopbac
     async def go() -> tuple[list, float]:
         loop = asyncio.get_running_loop()
         async with httpx.AsyncClient(trust_env=False) as client:
-            policy = MediaPolicy(**LOCAL, fetch_timeout_seconds=0.5)
+            policy = MediaSpec(**LOCAL, fetch_timeout_seconds=0.5)
             fetches = [asyncio.create_task(fetch_bytes("http://hang.test/a", policy, client)) for _ in range(6)]
             await asyncio.sleep(0.1)
             started = time.monotonic()
@@ -317,7 +320,7 @@ def test_an_address_short_of_global_is_refused_unless_private_networks_are_allow
     with pytest.raises(MediaError, match="private or loopback") as info:
         fetch("http://inside.test/a", allowed_schemes=frozenset({"http"}))
     assert info.value.status == 403 and address not in str(info.value)
-    assert _refusal(address, MediaPolicy(allow_private_networks=True)) is None, "allowed where the graph says so"
+    assert _refusal(address, MediaSpec(allow_private_networks=True)) is None, "allowed where the graph says so"
 
 
 @pytest.mark.parametrize(
@@ -350,7 +353,7 @@ def test_a_slow_domain_takes_one_resolver_thread_not_all(names, server, loopback
 
     async def go() -> tuple[bytes, float, list]:
         async with httpx.AsyncClient(trust_env=False) as client:
-            policy = MediaPolicy(**LOCAL, fetch_timeout_seconds=5)
+            policy = MediaSpec(**LOCAL, fetch_timeout_seconds=5)
             stuck = [asyncio.create_task(fetch_bytes("http://slow.test/a", policy, client)) for _ in range(20)]
             await asyncio.sleep(0.2)
             started = time.monotonic()
@@ -410,9 +413,9 @@ def test_pixel_cap_checked_before_any_pixel_is_decoded(monkeypatch):
     original = Image.Image.load
     monkeypatch.setattr(Image.Image, "load", lambda self: loads.append(self.size) or original(self))
     with pytest.raises(MediaError, match="300x200 = 60000 pixels"):
-        decode_image(buf.getvalue(), MediaPolicy(max_pixels=59_999))
+        decode_image(buf.getvalue(), MediaSpec(max_pixels=59_999))
     assert loads == [], "pixels were decoded before the cap refused the image"
-    decode_image(buf.getvalue(), MediaPolicy(max_pixels=60_000))
+    decode_image(buf.getvalue(), MediaSpec(max_pixels=60_000))
     assert loads, "control: an image within the cap is decoded"
 
 
@@ -420,8 +423,8 @@ def test_pixel_cap_checked_before_decoding():
     buf = io.BytesIO()
     Image.new("RGB", (300, 200)).save(buf, format="PNG")
     with pytest.raises(MediaError, match="300x200"):
-        decode_image(buf.getvalue(), MediaPolicy(max_pixels=50_000))
-    assert decode_image(buf.getvalue(), MediaPolicy()).size == (300, 200)
+        decode_image(buf.getvalue(), MediaSpec(max_pixels=50_000))
+    assert decode_image(buf.getvalue(), MediaSpec()).size == (300, 200)
 
 
 @pytest.mark.parametrize(("size", "refused"), [((4000, 16), True), ((16, 4000), True), ((3200, 16), False)])
@@ -432,10 +435,10 @@ def test_an_aspect_ratio_over_200_is_refused_before_decoding(size, refused):
     Image.new("RGB", size).save(buf, format="PNG")
     if refused:
         with pytest.raises(MediaError, match="aspect ratio over 200") as info:
-            decode_image(buf.getvalue(), MediaPolicy())
+            decode_image(buf.getvalue(), MediaSpec())
         assert info.value.status == 400
     else:
-        assert decode_image(buf.getvalue(), MediaPolicy()).size == size
+        assert decode_image(buf.getvalue(), MediaSpec()).size == size
 
 
 @pytest.mark.parametrize("sample", SAMPLES)
@@ -446,7 +449,7 @@ def test_an_image_decodes_to_the_pixels_vllms_loader_gives(sample):
 
     data = SAMPLES[sample]()
     theirs = np.asarray(ImageMediaIO().load_bytes(data).media)
-    assert np.array_equal(np.asarray(decode_image(data, MediaPolicy())), theirs)
+    assert np.array_equal(np.asarray(decode_image(data, MediaSpec())), theirs)
     naive = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
     assert naive.shape != theirs.shape or not np.array_equal(naive, theirs), "the sample shows nothing"
 
@@ -455,7 +458,7 @@ def test_only_safe_image_formats_open():
     buf = io.BytesIO()
     Image.new("RGB", (8, 8)).save(buf, format="TIFF")
     with pytest.raises(MediaError, match="not one of PNG"):
-        decode_image(buf.getvalue(), MediaPolicy())
+        decode_image(buf.getvalue(), MediaSpec())
 
 
 def test_peer_picks_the_least_busy_replica():
@@ -621,19 +624,18 @@ def test_pool_allocates_aligned_and_coalesces():
 def test_cpu_engines_keep_the_model_in_the_engine_core_unless_told_otherwise(monkeypatch, engine_arg, backend):
     """On CPU the pd/decode engines run vLLM's `uni` executor (the worker-process queue stalled under load), and
     say so to vLLM's CPU platform, which would turn `uni` back into `mp`; a user's parallelism settings win."""
-    import argparse
     import os
 
     import torch
-    from mmgraph_workers import cpu, engine
+
+    from mmgraph_workers import cpu
+    from mmgraph_workers import vllm_args as engine
 
     if torch.cuda.is_available():
         pytest.skip("CPU-only behaviour")
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
-    parser = argparse.ArgumentParser()
-    engine.add_arguments(parser)
     argv = ["--model=/models/tiny", "--served-model-name=tiny", "--port=1", "--kv-role=consumer"]
-    args = parser.parse_args(argv + ([f"--engine-arg={engine_arg}"] if engine_arg else []))
+    args = from_argv(EngineSettings, argv + ([f"--engine-arg={engine_arg}"] if engine_arg else []))
     built = engine.engine_args(args, "decode")
     assert built.distributed_executor_backend == backend
     assert built.kv_transfer_config.kv_connector == "NixlConnector"
@@ -645,7 +647,7 @@ def test_cpu_engines_keep_the_model_in_the_engine_core_unless_told_otherwise(mon
 def test_encoder_passes_together_what_arrived_during_a_pass_and_a_bad_request_fails_alone():
     """The first request starts a pass at once; those that arrive while it runs share the next pass (less one
     whose client left); that pass fails on one request's image, so each is retried alone and only that one fails."""
-    from mmgraph_workers.encoder import Batcher
+    from mmgraph_workers.batching import Batcher
 
     started, release, calls = threading.Event(), threading.Event(), []
 
@@ -679,7 +681,7 @@ def test_encoder_passes_together_what_arrived_during_a_pass_and_a_bad_request_fa
 def test_the_encoders_queue_is_bounded():
     """While a pass runs, requests wait up to `max_waiting` images; past that the encoder says it is busy at once
     (a 503 with Retry-After) instead of queueing without end; a lone request is never refused."""
-    from mmgraph_workers.encoder import Batcher, Busy
+    from mmgraph_workers.batching import Batcher, Busy
 
     started, release = threading.Event(), threading.Event()
 
@@ -706,7 +708,8 @@ def test_the_encoders_queue_is_bounded():
 
 def test_the_embedding_cache_keeps_the_most_recently_used_within_its_bytes():
     import torch
-    from mmgraph_workers.encoder import Embedding, EmbeddingCache
+
+    from mmgraph_workers.embedding_cache import Embedding, EmbeddingCache
 
     def item(n: int) -> Embedding:
         return Embedding(torch.zeros(n, 4), {}, f"k{n}")  # n * 16 bytes
@@ -729,7 +732,8 @@ def test_the_embedding_cache_is_keyed_by_decoded_content():
     """Other bytes of the same content (another PNG compression) find the entry once decoded; bytes seen before
     find it without decoding; bytes whose content was evicted miss."""
     import torch
-    from mmgraph_workers.encoder import Embedding, EmbeddingCache
+
+    from mmgraph_workers.embedding_cache import Embedding, EmbeddingCache
 
     cache = EmbeddingCache(capacity_bytes=64)
     entry = Embedding(torch.zeros(2, 4), {}, "key")
@@ -746,7 +750,8 @@ def test_the_embedding_cache_counts_each_entry_once_under_repeated_inserts():
     """One content inserted again (other bytes of it, or two misses of one image in one request) is counted
     once, so hits do not fade as the count drifts. (The encoder uses its cache on its event loop only.)"""
     import torch
-    from mmgraph_workers.encoder import Embedding, EmbeddingCache
+
+    from mmgraph_workers.embedding_cache import Embedding, EmbeddingCache
 
     cache = EmbeddingCache(capacity_bytes=1000)
     for i in range(400):
@@ -758,19 +763,11 @@ def test_the_embedding_cache_counts_each_entry_once_under_repeated_inserts():
 def test_the_frontends_peer_watcher_outlives_a_failing_round(monkeypatch):
     """One bad round of re-resolution (a resolver error, a pd answering garbage) must not end the watch: a
     frontend whose watcher died would route to stale addresses for ever."""
-    import argparse
 
-    from mmgraph_workers.frontend import router
+    from mmgraph_workers.frontend import router, stage_client
 
-    monkeypatch.setattr(router, "REFRESH_SECONDS", 0.01)
-    args = argparse.Namespace(
-        encoder_url=None,
-        pd_url="http://pd:1",
-        decode_url=None,
-        request_timeout_seconds=5,
-        peer_hosts_file=None,
-        peer_token_env=None,
-    )
+    monkeypatch.setattr(stage_client, "REFRESH_SECONDS", 0.01)
+    args = Routes(topology="agg", pd_url="http://pd:1", request_timeout_seconds=5)
     rounds = []
 
     async def flaky(self) -> None:
@@ -782,7 +779,7 @@ def test_the_frontends_peer_watcher_outlives_a_failing_round(monkeypatch):
     monkeypatch.setattr(router.Router, "_refresh_peers", flaky)
 
     async def run() -> None:
-        watcher = asyncio.create_task(router.Router(args).watch_peers())
+        watcher = asyncio.create_task(router.Router(args, None).watch_peers())
         await asyncio.sleep(1.5)
         assert not watcher.done(), watcher
         watcher.cancel()
@@ -797,6 +794,7 @@ def test_content_key_changes_with_whatever_changes_the_kv():
     import copy
 
     import torch
+
     from mmgraph_workers.content_key import encoder_identity, item_key, media_digest
 
     tower = torch.nn.Linear(4, 4)
@@ -832,13 +830,15 @@ def test_content_key_changes_with_whatever_changes_the_kv():
 
 def test_a_users_kv_transfer_config_is_accepted_and_merged_into_the_graphs():
     """One behaviour everywhere: the webhook's rules accept it, the engine merges it over what the graph implies."""
-    import argparse
     from pathlib import Path
 
     import yaml
-    from mmgraph_operator.api import StageName, parse, problems
-    from mmgraph_operator.commands import worker_command
-    from mmgraph_workers import engine
+
+    from mmgraph_contract.graph import parse
+    from mmgraph_contract.rules import problems
+    from mmgraph_contract.settings import worker_command
+    from mmgraph_contract.vocabulary import StageName
+    from mmgraph_workers import vllm_args as engine
 
     body = yaml.safe_load((Path(__file__).parents[1] / "examples" / "tiny-e-p-d.yaml").read_text())
     user = {"kv_connector_extra_config": {"enforce_handshake_compat": False}}
@@ -848,9 +848,7 @@ def test_a_users_kv_transfer_config_is_accepted_and_merged_into_the_graphs():
     argv = worker_command(
         graph.spec, StageName.DECODE, model="/m", host="127.0.0.1", advertise_host="127.0.0.1", peers={}
     )
-    parser = argparse.ArgumentParser()
-    engine.add_arguments(parser)
-    config = engine.engine_args(parser.parse_args(argv[2:]), "decode").kv_transfer_config
+    config = engine.engine_args(from_argv(EngineSettings, argv[2:]), "decode").kv_transfer_config
     assert config.kv_connector == "NixlConnector" and config.kv_role == "kv_consumer"
     assert config.kv_connector_extra_config == {"kv_lease_duration": 30, "enforce_handshake_compat": False}
 
@@ -869,7 +867,9 @@ def test_kv_transfer_config_cannot_change_what_the_graph_decides(topology, confi
     from pathlib import Path
 
     import yaml
-    from mmgraph_operator.api import parse, problems
+
+    from mmgraph_contract.graph import parse
+    from mmgraph_contract.rules import problems
 
     body = yaml.safe_load((Path(__file__).parents[1] / "examples" / "tiny-e-p-d.yaml").read_text())
     body["spec"]["topology"] = topology
@@ -908,8 +908,9 @@ def test_the_content_key_of_a_large_image_does_not_copy_it_whole():
 )
 def test_a_descriptor_that_does_not_add_up_is_refused_before_anything_is_allocated(change, why):
     """A TensorRef is a peer's claim: checked on arrival like a client's, before a reader allocates for it."""
-    from mmgraph_workers.protocol import TensorRef
     from pydantic import ValidationError
+
+    from mmgraph_workers.protocol import TensorRef
 
     good = {"handle": "h", "agent": "a", "owner": "http://e:1", "address": 0, "nbytes": 64, "dtype": "float32"}
     TensorRef.model_validate({**good, "shape": [4, 4]})
@@ -925,7 +926,7 @@ def test_a_stopping_stage_waits_for_its_readers_only_within_the_grace_period(wan
     """After the preStop delay and uvicorn's drain (up to --drain-seconds), the encoder waits for pd's pulls and
     pd for decode's; the three together stay inside the pod's grace period however long the wait wanted is, so
     the kubelet never kills a read. The default drain leaves a pull's deadline (10 s) whole."""
-    from mmgraph_operator.api import POD_GRACE_SECONDS, PRESTOP_SECONDS
+    from mmgraph_contract.wire import POD_GRACE_SECONDS, PRESTOP_SECONDS
     from mmgraph_workers.server import readers_wait_seconds
 
     assert readers_wait_seconds(wanted, drain) == waits
@@ -933,14 +934,12 @@ def test_a_stopping_stage_waits_for_its_readers_only_within_the_grace_period(wan
 
 
 def test_the_default_drain_leaves_room_for_the_prestop_delay_and_a_pulls_deadline():
-    import argparse
 
-    from mmgraph_operator.api import POD_GRACE_SECONDS, PRESTOP_SECONDS, TransferSpec
-    from mmgraph_workers.server import add_common_arguments, readers_wait_seconds
+    from mmgraph_contract.graph import TransferSpec
+    from mmgraph_contract.wire import POD_GRACE_SECONDS, PRESTOP_SECONDS
+    from mmgraph_workers.server import readers_wait_seconds
 
-    parser = argparse.ArgumentParser()
-    add_common_arguments(parser)
-    args = parser.parse_args(["--model", "m", "--served-model-name", "m", "--port", "1"])
+    args = Server(port=1)
     deadline = TransferSpec().timeout_seconds
     assert readers_wait_seconds(deadline, args.drain_seconds) == deadline
     assert PRESTOP_SECONDS + args.drain_seconds + deadline + 2 <= POD_GRACE_SECONDS
@@ -948,8 +947,9 @@ def test_the_default_drain_leaves_room_for_the_prestop_delay_and_a_pulls_deadlin
 
 def test_every_field_of_vllms_chat_request_is_honoured_ignored_or_refused():
     """A field vLLM's request model gains later must be decided on, not silently ignored."""
-    from mmgraph_workers.frontend.openai_api import HONOURED, IGNORED, REFUSED
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+
+    from mmgraph_workers.frontend.openai_api import HONOURED, IGNORED, REFUSED
 
     assert not (HONOURED & IGNORED or HONOURED & REFUSED or IGNORED & REFUSED)
     fields = set(ChatCompletionRequest.model_fields)
@@ -960,8 +960,9 @@ def test_every_field_of_vllms_chat_request_is_honoured_ignored_or_refused():
 def test_a_refused_field_at_its_default_is_accepted():
     """Clients send defaults explicitly (echo: false, priority: 0): only a value that asks for
     something mmgraph does not do is refused."""
-    from mmgraph_workers.frontend.openai_api import RequestError, refuse_unsupported
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+
+    from mmgraph_workers.frontend.openai_api import RequestError, refuse_unsupported
 
     base = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
     for defaults in ({"prompt_logprobs": None}, {"tool_choice": "none"}, {"priority": 0}, {"echo": False}, {"n": 1}):
@@ -979,8 +980,9 @@ def test_a_refused_field_at_its_default_is_accepted():
 
 
 def test_every_field_of_vllms_text_completion_request_is_decided():
-    from mmgraph_workers.frontend.openai_api import IGNORED, TEXT_HONOURED, TEXT_REFUSED
     from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+    from mmgraph_workers.frontend.openai_api import IGNORED, TEXT_HONOURED, TEXT_REFUSED
 
     assert not TEXT_HONOURED & TEXT_REFUSED
     assert set(CompletionRequest.model_fields) - (TEXT_HONOURED | IGNORED | TEXT_REFUSED) == set()
@@ -1062,7 +1064,6 @@ def test_the_router_sends_each_key_to_its_owner_and_counts_every_call_back():
     positions as in the request; a refused address's items go to the others; encoding again (pd could not pull)
     moves each item to another replica; a 4xx from one replica releases what the other published; and every
     call is counted back (no replica stays busy)."""
-    import argparse
 
     from mmgraph_workers.frontend.openai_api import RequestError
     from mmgraph_workers.frontend.router import Media, Router
@@ -1071,12 +1072,11 @@ def test_the_router_sends_each_key_to_its_owner_and_counts_every_call_back():
 
     port = free_port()
     stand_ins = [StandInEncoder(host, port) for host in ("127.0.0.1", "127.0.0.2")]
-    args = argparse.Namespace(
+    args = Routes(
+        topology="e-pd",
         encoder_url=f"http://encoder.test:{port}",
         pd_url="http://pd.test:1",
-        decode_url=None,
         request_timeout_seconds=10,
-        peer_token_env=None,
         encoder_routing="content",
         encoder_batch_size=1,
     )
@@ -1085,7 +1085,7 @@ def test_the_router_sends_each_key_to_its_owner_and_counts_every_call_back():
         return MediaItem(url=url, route=f"image:{url}")
 
     async def scenario() -> None:
-        router = Router(args)
+        router = Router(args, None)
         peer = router.peers["encoder"]
         peer._resolved(["127.0.0.1", "127.0.0.2"])
         try:
@@ -1160,7 +1160,8 @@ def test_messages_go_to_the_previous_protocol_version_and_back():
 
 def test_a_refusal_names_the_versions_a_peer_speaks_in_either_releases_words():
     import httpx
-    from mmgraph_workers.frontend.router import _versions_spoken
+
+    from mmgraph_workers.frontend.stage_client import _versions_spoken
 
     def refusal(body: object) -> httpx.Response:
         return httpx.Response(400, json=body)
@@ -1176,7 +1177,7 @@ def test_pd_pulls_a_requests_embeddings_by_one_deadline_before_any_of_them_expir
     """All of a request's items share one deadline (a per-item timeout let 8 items take 80 s, past the encoder's
     time-to-live), and it falls a margin before the first item's owner frees it, counted from when pd got the
     message: owners' seconds, never their clocks. A descriptor of the previous release has no expiry."""
-    from mmgraph_workers.engine import EXPIRY_MARGIN_SECONDS, pull_deadline
+    from mmgraph_workers.handoff import EXPIRY_MARGIN_SECONDS, pull_deadline
     from mmgraph_workers.protocol import EncodedItem, TensorRef
 
     def item(expires: float | None) -> EncodedItem:

@@ -24,7 +24,7 @@ from typing import Any
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from mmgraph_operator.api import MultimodalGraph
+from mmgraph_contract.graph import MultimodalGraph
 from mmgraph_operator.kubeapi import call
 
 STAMP = "mmgraph.io/admitted"

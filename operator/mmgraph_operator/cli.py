@@ -1,14 +1,13 @@
-"""The `mmgraph` command: one entry point for the control plane (crd, render, operator) and the data plane.
+"""The control plane's subcommands of `mmgraph`: crd, render, operator.
 
-Subcommands import what they need when they run, so `mmgraph render` works with only the base install and
-`mmgraph worker` does not pay for kopf.
+Each imports what it needs when it runs, so `mmgraph render` works with only the base install and `mmgraph worker`
+does not pay for kopf.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 
 import yaml
@@ -29,7 +28,7 @@ def cmd_crd(args: argparse.Namespace) -> int:
 def cmd_render(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from mmgraph_operator.api import parse
+    from mmgraph_contract.graph import parse
     from mmgraph_operator.render import InvalidGraph, render
 
     manifests = []
@@ -132,11 +131,10 @@ def _operator_parser(p: argparse.ArgumentParser) -> None:
     e.add_argument("--lease-retry", type=float, default=2.0, help="seconds between tries")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def add_subcommands(sub: argparse._SubParsersAction) -> None:
+    """The control plane's subcommands of `mmgraph` (mmgraph_contract/cli.py)."""
     from mmgraph_operator.render import DEFAULT_KUBE_VERSION
 
-    parser = argparse.ArgumentParser(prog="mmgraph", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("crd", help="print the MultimodalGraph CustomResourceDefinition")
     p.set_defaults(func=cmd_crd)
     p = sub.add_parser("render", help="print the manifests the operator would apply for a MultimodalGraph file")
@@ -146,15 +144,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("operator", help="run the operator (kopf) against the current kubeconfig or in-cluster")
     _operator_parser(p)
     p.set_defaults(func=cmd_operator)
-    try:
-        from mmgraph_workers.cli import add_subcommands
-    except ImportError:
-        add_subcommands = None
-    if add_subcommands is not None:
-        add_subcommands(sub)
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

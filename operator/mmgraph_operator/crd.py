@@ -9,15 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from mmgraph_operator.api import (
-    GROUP,
-    KIND,
-    PLURAL,
-    SHORT_NAME,
-    VERSION,
-    MultimodalGraphSpec,
-    MultimodalGraphStatus,
-)
+from mmgraph_contract.graph import MultimodalGraphSpec, MultimodalGraphStatus
+from mmgraph_contract.vocabulary import GROUP, KIND, PLURAL, SHORT_NAME, VERSION
 
 PRINTER_COLUMNS = [
     {"name": "Topology", "type": "string", "jsonPath": ".spec.topology", "description": "How the model is split"},

@@ -20,30 +20,16 @@ from typing import Any
 import kopf
 from kubernetes import client
 
+from mmgraph_contract.vocabulary import GROUP, PLURAL, VERSION
 from mmgraph_operator.admission import AdmissionKey
-from mmgraph_operator.api import GROUP, PLURAL, VERSION
 from mmgraph_operator.certs import CertKeeper, CertSettings, ServingCert
 from mmgraph_operator.kubeapi import api_client
 from mmgraph_operator.leader import LeaseElector, Timing
+from mmgraph_operator.names import GRAPH_LABEL, MANAGED_BY
 from mmgraph_operator.reconcile import Reconciler
-from mmgraph_operator.render import GRAPH_LABEL, MANAGED_BY, KubeVersion, hpa_api_version, pdb_api_version
+from mmgraph_operator.render import child_kinds
 
 CHILD_LABELS = {GRAPH_LABEL: kopf.PRESENT, "app.kubernetes.io/managed-by": MANAGED_BY}
-
-
-def child_kinds(kube_version: str) -> list[tuple[str, str, str, str]]:
-    """Every kind render() can produce, as (group, version, plural, kind), in the version render picks for this
-    server: watched in exactly that version (a server's preferred one may differ: autoscaling/v1 on 1.20), so a
-    cached child compares like with like."""
-    version = KubeVersion.parse(kube_version)
-    return [
-        ("", "v1", "services", "Service"),
-        ("apps", "v1", "deployments", "Deployment"),
-        ("policy", pdb_api_version(version).split("/")[1], "poddisruptionbudgets", "PodDisruptionBudget"),
-        ("autoscaling", hpa_api_version(version).split("/")[1], "horizontalpodautoscalers", "HorizontalPodAutoscaler"),
-        ("networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy"),
-        ("monitoring.coreos.com", "v1", "podmonitors", "PodMonitor"),  # optional: the Prometheus Operator's
-    ]
 
 
 @dataclass(frozen=True)

@@ -13,150 +13,36 @@ backoff; every API call runs in a thread with a deadline.
 from __future__ import annotations
 
 import asyncio
-import datetime
-import hashlib
 import json
 import logging
 import math
-import secrets
-import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 from kubernetes import client, dynamic
 from kubernetes.client.exceptions import ApiException
-from kubernetes.utils.quantity import parse_quantity
 from pydantic import ValidationError
 
+from mmgraph_contract.graph import MultimodalGraph, explain, parse, peer_credential_name
+from mmgraph_contract.settings import api_stage, process_stages
+from mmgraph_contract.vocabulary import StageName
 from mmgraph_operator import metrics
 from mmgraph_operator.admission import AdmissionKey
-from mmgraph_operator.api import (
-    GROUP,
-    KIND,
-    PLURAL,
-    VERSION,
-    MultimodalGraph,
-    StageName,
-    explain,
-    parse,
-    peer_credential_name,
-)
-from mmgraph_operator.commands import api_stage, process_stages
+from mmgraph_operator.apply import ChildWriter
+from mmgraph_operator.drift import ChildKey, GraphKey, _rv, child_key, owner_of
 from mmgraph_operator.kubeapi import call
-from mmgraph_operator.render import (
-    GRAPH_LABEL,
-    MANAGED_BY,
-    OPTIONAL_KINDS,
-    STAGE_LABEL,
-    InvalidGraph,
-    child_name,
-    endpoint,
-    peer_credential,
-    render,
-)
-from mmgraph_operator.status import (
-    already_degraded,
-    degraded_status,
-    running_status,
-    stage_ready,
-    status_patch,
-    with_degraded,
-    with_transition_times,
-)
+from mmgraph_operator.names import GRAPH_LABEL, MANAGED_BY, STAGE_LABEL, child_name
+from mmgraph_operator.render import InvalidGraph, endpoint, render
+from mmgraph_operator.report import Reporter, not_admitted, not_owned, not_served
+from mmgraph_operator.served import ServedKinds
+from mmgraph_operator.status import running_status, stage_ready
 
-FIELD_MANAGER = "mmgraph-operator"
-HANDOVER_MANAGER = "mmgraph-operator-handover"  # holds an autoscaled Deployment's replicas until the HPA writes them
 DEBOUNCE = 0.05  # seconds to gather a burst of events into one pass
 MAX_BACKOFF = 60.0
-RECHECK = 5.0  # seconds before asking the server again whether it serves an optional kind it did not
-SERVED_RECHECK = 60.0  # ... and one it did (its CRD may be deleted)
-WRITE_MARGIN = 1.0  # seconds before the lease could be taken over by which a write has been given up
-
-GraphKey = tuple[str, str]  # namespace, name
-
-
-class ChildKey(NamedTuple):
-    api_version: str
-    kind: str
-    namespace: str
-    name: str
-
 
 log = logging.getLogger("mmgraph.operator")
-
-
-class NotLeading(RuntimeError):
-    """A write this replica may no longer make."""
-
-
-def child_key(obj: dict[str, Any]) -> ChildKey:
-    meta = obj["metadata"]
-    return ChildKey(obj["apiVersion"], obj["kind"], meta.get("namespace", ""), meta["name"])
-
-
-def owned(obj: dict[str, Any], uid: str) -> bool:
-    """Whether the graph of this uid owns `obj`: its name and labels say nothing (anyone may set them)."""
-    return any(
-        ref.get("kind") == KIND and ref.get("uid") == uid for ref in obj["metadata"].get("ownerReferences") or []
-    )
-
-
-def owner_of(obj: dict[str, Any]) -> GraphKey | None:
-    meta = obj.get("metadata", {})
-    graph = (meta.get("labels") or {}).get(GRAPH_LABEL)
-    owned = any(ref.get("kind") == KIND for ref in meta.get("ownerReferences") or [])
-    return (meta.get("namespace", ""), graph) if graph and owned else None
-
-
-def drifted(desired: Any, live: Any, path: tuple[str | int, ...] = ()) -> str | None:
-    """The first path where `live` does not carry `desired` (fields the server added are fine), else None."""
-    if isinstance(desired, dict):
-        if not isinstance(live, dict):
-            return _path(path)
-        for key, value in desired.items():
-            if where := drifted(value, live.get(key), (*path, key)):
-                return where
-        return None
-    if isinstance(desired, list):
-        if not isinstance(live, list) or len(live) != len(desired):
-            return _path(path)
-        for i, (d, v) in enumerate(zip(desired, live, strict=True)):
-            if where := drifted(d, v, (*path, i)):
-                return where
-        return None
-    if desired == live:
-        return None
-    if path[-2:-1] in (("requests",), ("limits",)) or path[-1:] == ("averageValue",):  # quantities: the server
-        # writes canonical forms (an HPA's 1.5 comes back as 1500m)
-        try:
-            return None if parse_quantity(desired) == parse_quantity(live) else _path(path)
-        except ValueError:
-            return _path(path)
-    return _path(path)
-
-
-def _path(path: tuple[str | int, ...]) -> str:
-    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path) or "."
-
-
-def hands_over_replicas(manifest: dict[str, Any], live: dict[str, Any]) -> bool:
-    """The manifest leaves a Deployment's replicas out while the live object's replicas are still ours."""
-    if manifest["kind"] != "Deployment" or "replicas" in manifest["spec"]:
-        return False
-    return any(
-        entry.get("manager") == FIELD_MANAGER and "f:replicas" in (entry.get("fieldsV1") or {}).get("f:spec", {})
-        for entry in (live.get("metadata") or {}).get("managedFields") or []
-    )
-
-
-def digest(obj: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def now() -> str:
-    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @dataclass
@@ -165,8 +51,9 @@ class GraphState:
     task: asyncio.Task | None = None
 
 
-class Reconciler:
-    """Owns the caches and the per-graph tasks; kopf handlers only call graph_event/child_event."""
+class Reconciler(Reporter, ChildWriter, ServedKinds):
+    """Owns the caches and the per-graph tasks; kopf handlers only call graph_event/child_event. Its writes to
+    children (apply.py), its status and Events (report.py) and what the server serves (served.py) are mixed in."""
 
     def __init__(
         self, api: client.ApiClient, kube_version: str, concurrency: int = 8, admission: AdmissionKey | None = None
@@ -339,109 +226,6 @@ class Reconciler:
                 await self._write_status(body, status)
         metrics.RECONCILES.labels(result="applied").inc()
 
-    async def _serves(self, api_version: str, kind: str) -> bool:
-        """Whether the server serves `kind`: always for Kubernetes' own kinds; asked (again after RECHECK seconds
-        while absent) for optional kinds, another operator's CRDs that may be installed after ours."""
-        if (api_version, kind) not in OPTIONAL_KINDS:
-            return True
-        known = self.served.get((api_version, kind))
-        if known and time.monotonic() - known[1] < (SERVED_RECHECK if known[0] else RECHECK):
-            return known[0]
-        try:
-            group, version = api_version.split("/")
-            found = await call(client.CustomObjectsApi(self.api).get_api_resources, group, version)
-            served = any(r.kind == kind for r in found.resources or [])
-        except ApiException as err:
-            if err.status != 404:
-                raise
-            served = False
-        self.served[(api_version, kind)] = (served, time.monotonic())
-        return served
-
-    async def _partly_applied(self, body: dict[str, Any], status: dict[str, Any], reason: str, msg: str) -> None:
-        """What was asked but cannot be made here: Degraded (with an Event once) while the rest runs, and looked at
-        again every RECHECK seconds, since what is in the way (a missing CRD, an object not ours) may go."""
-        said = already_degraded(body.get("status"), reason, msg)
-        await self._write_status(body, with_degraded(status, reason, msg, body["metadata"].get("generation")))
-        if not said:
-            await self._event(body, "Warning", reason, msg)
-        key = (body["metadata"]["namespace"], body["metadata"]["name"])
-        asyncio.get_running_loop().call_later(RECHECK, lambda: key in self.graphs and self.poke(key))
-
-    async def _ensure(
-        self, key: GraphKey, uid: str, ck: ChildKey, manifest: dict[str, Any], foreign: list[str]
-    ) -> bool:
-        """Apply `manifest` if the child is missing or differs; True when a write was made. Read before writing
-        (the cache may lag, and it holds only what carries our labels): an object of the child's name that this
-        graph does not own is left alone and named in `foreign`, since applying would take it over, and deleting
-        the graph would then have the garbage collector delete it."""
-        live = self.children[key].get(ck)
-        if live is not None and owned(live, uid) and not drifted(manifest, live):
-            return False
-        fresh = await self._get(ck)
-        if fresh is not None and not owned(fresh, uid):
-            self.children[key].pop(ck, None)
-            foreign.append(f"{ck.kind} {ck.name}{_owners(fresh, key[1])}")
-            return False
-        if fresh is not None:
-            self.children[key][ck] = fresh
-            where = drifted(manifest, fresh)
-            if not where or self.applied.get(ck) == (digest(manifest), _rv_text(fresh)):
-                return False  # in sync, or the server normalised what we applied last time
-            log.info("%s %s/%s drifted at %s; applying", ck.kind, ck.namespace, ck.name, where)
-        if fresh is not None and hands_over_replicas(manifest, fresh):
-            await self._hand_over_replicas(ck, fresh)
-        live = await self._apply(ck, manifest, FIELD_MANAGER)
-        self.children[key][ck] = live
-        self.applied[ck] = (digest(manifest), _rv_text(live))
-        return True
-
-    async def _apply(self, ck: ChildKey, body: dict[str, Any], manager: str) -> dict[str, Any]:
-        """Server-side apply `body` as `manager` (taking its fields from anyone else); the object as written."""
-        result = await call(
-            self._writing(self._resource(ck).server_side_apply),
-            body=body,
-            name=ck.name,
-            namespace=ck.namespace,
-            field_manager=manager,
-            force_conflicts=True,
-        )
-        metrics.WRITES.labels(verb="apply", kind=ck.kind).inc()
-        return result.to_dict()
-
-    async def _hand_over_replicas(self, ck: ChildKey, live: dict[str, Any]) -> None:
-        """Before an apply that leaves `replicas` out (the stage became autoscaled), a second field manager takes
-        the field at its live value. Otherwise the API server would drop a field its only owner stopped applying,
-        and the Deployment would run at the default of 1 replica until the HPA scaled it back."""
-        body = {
-            "apiVersion": ck.api_version,
-            "kind": ck.kind,
-            # the count we read, or a 409 (the HPA scaled since: the pass is retried with what it wrote)
-            "metadata": {"name": ck.name, "namespace": ck.namespace, "resourceVersion": _rv_text(live)},
-            "spec": {"replicas": max(1, live["spec"]["replicas"])},  # an HPA does not scale a stage at 0
-        }
-        await self._apply(ck, body, HANDOVER_MANAGER)
-        log.info(
-            "%s %s/%s: replicas (%d) handed over to the autoscaler",
-            ck.kind,
-            ck.namespace,
-            ck.name,
-            live["spec"]["replicas"],
-        )
-
-    async def _create_credential(self, graph: MultimodalGraph) -> list[str]:
-        """Create the graph's peer credential Secret with a random token, once: status records it (running_status),
-        and a 409 means a lost status write. The operator never reads Secrets, so it never compares or rotates."""
-        manifest = peer_credential(graph, secrets.token_urlsafe(32))
-        try:
-            await call(self._writing(client.CoreV1Api(self.api).create_namespaced_secret), graph.namespace, manifest)
-        except ApiException as err:
-            if err.status != 409:
-                raise
-            return []
-        metrics.WRITES.labels(verb="create", kind="Secret").inc()
-        return [f"Secret {manifest['metadata']['name']}"]
-
     def _api_pods(self, key: GraphKey, graph: MultimodalGraph) -> StageName:
         """Whose pods the API's Service selects: the stage that serves the API (agg: pd), except while the API moves
         between a frontend Deployment and pd's pods (an older operator's agg graph; a topology changed to or from
@@ -463,150 +247,6 @@ class Reconciler:
             (template.get("containers") or [{}])[0].get("args") or []
         )
         return target if stage_ready(deployment) and serving else StageName(now)
-
-    async def _prune(self, key: GraphKey, uid: str, ck: ChildKey) -> bool:
-        fresh = await self._get(ck)
-        self.children[key].pop(ck, None)
-        self.applied.pop(ck, None)
-        if fresh is None or not owned(fresh, uid):  # labels anyone could set do not make it ours to delete
-            return False
-        uid = fresh["metadata"].get("uid")  # the object we read, not one of the same name made since
-        options = {"apiVersion": "v1", "kind": "DeleteOptions", "preconditions": {"uid": uid}}
-        try:
-            await call(self._writing(self._resource(ck).delete), name=ck.name, namespace=ck.namespace, body=options)
-        except ApiException as err:
-            if err.status not in (404, 409):  # 409: its uid is another's now: not ours to delete
-                raise
-            return False
-        metrics.WRITES.labels(verb="delete", kind=ck.kind).inc()
-        return True
-
-    async def _get(self, ck: ChildKey) -> dict[str, Any] | None:
-        try:
-            return (await call(self._resource(ck).get, name=ck.name, namespace=ck.namespace)).to_dict()
-        except ApiException as err:
-            if err.status == 404:
-                return None
-            raise
-
-    async def _degraded(self, key: GraphKey, body: dict[str, Any], reason: str, msg: str) -> None:
-        """Degraded with a Warning Event, posted when the condition changes: the stored status is the memory of
-        what was said, so a restarted operator does not post it again."""
-        log.warning("MultimodalGraph %s/%s is not applied: %s", *key, msg)
-        said = already_degraded(body.get("status"), reason, msg)
-        await self._write_status(body, degraded_status(body, reason, msg))
-        if not said:
-            await self._event(body, "Warning", reason, msg)
-        metrics.RECONCILES.labels(result="degraded").inc()
-
-    async def _write_status(self, body: dict[str, Any], new: dict[str, Any]) -> None:
-        old = body.get("status") or {}
-        new = with_transition_times(new, old, now())  # unchanged conditions keep their time: no spurious diff
-        patch = status_patch(new, old)
-        if patch is None:
-            return
-        meta = body["metadata"]
-        result = await call(
-            self._writing(client.CustomObjectsApi(self.api).patch_namespaced_custom_object_status),
-            GROUP,
-            VERSION,
-            meta["namespace"],
-            PLURAL,
-            meta["name"],
-            {"status": patch},
-        )
-        metrics.WRITES.labels(verb="patch", kind="MultimodalGraph/status").inc()
-        key = (meta["namespace"], meta["name"])
-        if key in self.graphs and _rv(result) >= _rv(self.graphs[key]):
-            self.graphs[key] = result
-
-    async def _event(self, body: dict[str, Any], kind: str, reason: str, message: str) -> None:
-        meta = body["metadata"]
-        stamp = now()
-        event = {
-            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
-            "involvedObject": {
-                "apiVersion": body["apiVersion"],
-                "kind": KIND,
-                "name": meta["name"],
-                "namespace": meta["namespace"],
-                "uid": meta.get("uid"),
-                "resourceVersion": meta.get("resourceVersion"),
-            },
-            "type": kind,
-            "reason": reason,
-            "message": message,
-            "source": {"component": FIELD_MANAGER},
-            "reportingComponent": FIELD_MANAGER,
-            "firstTimestamp": stamp,
-            "lastTimestamp": stamp,
-            "count": 1,
-        }
-        try:
-            await call(self._writing(client.CoreV1Api(self.api).create_namespaced_event), meta["namespace"], event)
-            metrics.WRITES.labels(verb="create", kind="Event").inc()
-        except ApiException as err:  # an Event is a courtesy: never fail a reconcile over it
-            log.warning("could not post Event %s for %s: %s", reason, meta["name"], err.reason)
-
-    def _writing(self, fn: Any) -> Any:
-        """`fn`, refused in its thread at the last moment if this replica no longer leads, and given up (its
-        client timeout) before another replica could take the lease over (`lease_ends`): a write queued before
-        the lease was lost, or slow past it, must not land while another replica reconciles."""
-
-        def guarded(*args: Any, **kwargs: Any) -> Any:
-            left = self.lease_ends() - time.monotonic() - WRITE_MARGIN
-            if not self.leading.is_set() or left <= 0:
-                raise NotLeading("this replica lost the lease")
-            kwargs["_request_timeout"] = min(kwargs.get("_request_timeout") or left, left)
-            return fn(*args, **kwargs)
-
-        return guarded
-
-    def _resource(self, ck: ChildKey) -> Any:
-        return self.dyn.resources.get(api_version=ck.api_version, kind=ck.kind)
-
-
-def not_admitted(graph: MultimodalGraph) -> str:
-    return (
-        f"generation {graph.metadata.get('generation')} of the spec was not checked by the admission webhook (it was "
-        "sent while the operator was down, or past the webhook), so it is not applied: what runs is the last spec "
-        "that was. To have it checked, touch it as someone allowed to use what it asks for, e.g. kubectl annotate "
-        f'multimodalgraph {graph.name} -n {graph.namespace} mmgraph.io/recheck="$(date +%s)" --overwrite'
-    )
-
-
-def not_owned(foreign: list[str]) -> str:
-    return (
-        f"{', '.join(foreign)} already exists and is not this graph's, so it is left as it is and the rest is applied: "
-        "delete or rename it, or give the graph another name"
-    )
-
-
-def not_served(unserved: list[dict[str, Any]]) -> str:
-    kinds = ", ".join(sorted({f"{m['kind']} ({m['apiVersion']})" for m in unserved}))
-    return (
-        f"spec.monitoring asks for a {kinds}, which this cluster does not serve: install the Prometheus "
-        "Operator's CRDs, or set spec.monitoring.podMonitor to false; everything else is applied"
-    )
-
-
-def _owners(obj: dict[str, Any], graph: str) -> str:
-    refs = obj["metadata"].get("ownerReferences") or []
-    if any(ref.get("kind") == KIND and ref.get("name") == graph for ref in refs):
-        return " (left by an earlier graph of this name, until the garbage collector deletes it)"
-    owners = ", ".join(f"{ref.get('kind')} {ref.get('name')}" for ref in refs)
-    return f" (owned by {owners})" if refs else ""
-
-
-def _rv(obj: dict[str, Any]) -> int:
-    try:
-        return int(obj["metadata"].get("resourceVersion") or 0)
-    except (TypeError, ValueError):
-        return 0
-
-
-def _rv_text(obj: dict[str, Any]) -> str:
-    return str(obj["metadata"].get("resourceVersion") or "")
 
 
 def _terminating(err: ApiException) -> bool:

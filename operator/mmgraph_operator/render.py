@@ -11,37 +11,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from mmgraph_operator.api import (
-    API_VERSION,
-    AUTOSCALING_METRICS,
-    KIND,
-    PEER_TOKEN_ENV,
-    PEER_TOKEN_KEY,
-    POD_GRACE_SECONDS,
-    PRESTOP_SECONDS,
-    Autoscaling,
-    EngineSpec,
-    GpuStageSpec,
-    MultimodalGraph,
-    StageName,
-    StageSpec,
-    peer_credential_name,
-    problems,
-)
-from mmgraph_operator.commands import api_stage, process_stages, worker_command
+from mmgraph_contract.graph import MultimodalGraph, peer_credential_name
+from mmgraph_contract.rules import problems
+from mmgraph_contract.settings import api_stage, process_stages
+from mmgraph_contract.spec import Autoscaling, StageSpec
+from mmgraph_contract.vocabulary import StageName
+from mmgraph_contract.wire import AUTOSCALING_METRICS, PEER_TOKEN_KEY
+from mmgraph_operator.names import _labels, _metadata, _selector, child_name
+from mmgraph_operator.pod import _pod_spec, _ports
 
 DEFAULT_KUBE_VERSION = "1.29"
-GRAPH_LABEL = "mmgraph.io/graph"
-STAGE_LABEL = "mmgraph.io/stage"
-MANAGED_BY = "mmgraph-operator"
-WORKER_UID = 1000
-MODEL_DIR = "/models"
-CACHE_DIR = "/cache"
-
-# The preStop hook (Kubernetes 1.20 has no `sleep` action, so an exec). SIGWINCH tells the worker (PID 1: the
-# container's entrypoint) that the pod is going: it answers `Connection: close` and fails readiness while it serves
-# on, until the endpoints, DNS and the frontends' peer lists have let it go; then the kubelet's SIGTERM drains it.
-PRESTOP = ["sh", "-c", f"kill -WINCH 1; sleep {PRESTOP_SECONDS}"]
 
 
 class InvalidGraph(ValueError):
@@ -68,12 +47,7 @@ class KubeVersion:
 
 
 POD_MONITOR = ("monitoring.coreos.com/v1", "PodMonitor")
-OPTIONAL_KINDS = {POD_MONITOR}  # another operator's CRDs: a cluster may not serve them (reconcile.py copes)
-
-
-def child_name(graph: str, stage: StageName) -> str:
-    """The name of a stage's Deployment, Service and PodDisruptionBudget."""
-    return f"{graph}-{stage.value}"
+OPTIONAL_KINDS = {POD_MONITOR}  # another operator's CRDs: a cluster may not serve them (served.py copes)
 
 
 def pdb_api_version(version: KubeVersion) -> str:
@@ -116,6 +90,21 @@ def render(
     return out
 
 
+def child_kinds(kube_version: str) -> list[tuple[str, str, str, str]]:
+    """Every kind render() can produce, as (group, version, plural, kind), in the version render picks for this
+    server: watched in exactly that version (a server's preferred one may differ: autoscaling/v1 on 1.20), so a
+    cached child compares like with like."""
+    version = KubeVersion.parse(kube_version)
+    return [
+        ("", "v1", "services", "Service"),
+        ("apps", "v1", "deployments", "Deployment"),
+        ("policy", pdb_api_version(version).split("/")[1], "poddisruptionbudgets", "PodDisruptionBudget"),
+        ("autoscaling", hpa_api_version(version).split("/")[1], "horizontalpodautoscalers", "HorizontalPodAutoscaler"),
+        ("networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy"),
+        ("monitoring.coreos.com", "v1", "podmonitors", "PodMonitor"),  # optional: the Prometheus Operator's
+    ]
+
+
 def _pod_monitor(graph: MultimodalGraph) -> dict[str, Any]:
     """Every stage's pods, scraped on their HTTP port (named `http` in each): the NetworkPolicies admit it from
     spec.networkPolicy.scrapeFrom."""
@@ -132,49 +121,7 @@ def _pod_monitor(graph: MultimodalGraph) -> dict[str, Any]:
     }
 
 
-# ---- metadata -----------------------------------------------------------------------------------------------
-
-
-def _labels(graph: MultimodalGraph, stage: StageName | None = None) -> dict[str, str]:
-    labels = {
-        "app.kubernetes.io/name": "mmgraph",
-        "app.kubernetes.io/instance": graph.name,
-        "app.kubernetes.io/managed-by": MANAGED_BY,
-        GRAPH_LABEL: graph.name,
-    }
-    if stage is not None:
-        labels["app.kubernetes.io/component"] = stage.value
-        labels[STAGE_LABEL] = stage.value
-    return labels
-
-
-def _selector(graph: MultimodalGraph, stage: StageName | None = None) -> dict[str, str]:
-    selector = {GRAPH_LABEL: graph.name}
-    if stage is not None:
-        selector[STAGE_LABEL] = stage.value
-    return selector
-
-
-def _metadata(graph: MultimodalGraph, name: str, stage: StageName | None = None) -> dict[str, Any]:
-    meta: dict[str, Any] = {"name": name, "namespace": graph.namespace, "labels": _labels(graph, stage)}
-    uid = graph.metadata.get("uid")
-    if uid:
-        meta["ownerReferences"] = [
-            {"apiVersion": API_VERSION, "kind": KIND, "name": graph.name, "uid": uid, "controller": True}
-        ]
-    return meta
-
-
 # ---- per stage ----------------------------------------------------------------------------------------------
-
-
-def _ports(graph: MultimodalGraph, stage: StageName, cfg: StageSpec) -> list[dict[str, Any]]:
-    ports = [{"name": "http", "containerPort": cfg.port, "protocol": "TCP"}]
-    if stage != StageName.FRONTEND:
-        ports.append({"name": "nixl", "containerPort": graph.spec.transfer.port, "protocol": "TCP"})
-    if isinstance(cfg, EngineSpec):
-        ports.append({"name": "nixl-kv", "containerPort": graph.spec.transfer.kv_port, "protocol": "TCP"})
-    return ports
 
 
 def _service(graph: MultimodalGraph, stage: StageName, api: StageName) -> dict[str, Any]:
@@ -203,153 +150,6 @@ def _service(graph: MultimodalGraph, stage: StageName, api: StageName) -> dict[s
     }
 
 
-def _peer_urls(graph: MultimodalGraph) -> dict[StageName, str]:
-    peers = {}
-    for stage in graph.spec.used_stages():
-        if stage != StageName.FRONTEND:
-            cfg = graph.spec.stages.get(stage)
-            host = f"{child_name(graph.name, stage)}.{graph.namespace}.svc"
-            peers[stage] = f"http://{host}:{cfg.port}"  # type: ignore[union-attr]
-    return peers
-
-
-def _model_location(graph: MultimodalGraph) -> tuple[str, list[dict[str, Any]], list[dict[str, Any]], list[dict]]:
-    """(--model value, volumes, volumeMounts, env) for the graph's model source."""
-    model = graph.spec.model
-    if model.pvc is not None:
-        volume = {"name": "model", "persistentVolumeClaim": {"claimName": model.pvc.claim_name, "readOnly": True}}
-        mount = {"name": "model", "mountPath": MODEL_DIR, "readOnly": True}
-        path = f"{MODEL_DIR}/{model.pvc.path or ''}".rstrip("/")
-        return path, [volume], [mount], []
-    if model.hugging_face is not None:
-        hf = model.hugging_face
-        env: list[dict[str, Any]] = []
-        if hf.token_secret:
-            env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": dict(hf.token_secret)}})
-        return hf.id, [], [], env
-    assert model.path is not None
-    return model.path, [], [], []
-
-
-def _probes(stage_cfg: StageSpec) -> dict[str, dict[str, Any]]:
-    """HTTP /health probes; the startup probe allows 20 minutes, since loading a large model takes minutes."""
-
-    def get(period: int, failures: int, timeout: int = 3) -> dict[str, Any]:
-        return {
-            "httpGet": {"path": "/health", "port": "http", "scheme": "HTTP"},
-            "periodSeconds": period,
-            "failureThreshold": failures,
-            "timeoutSeconds": timeout,
-            "successThreshold": 1,
-        }
-
-    given = stage_cfg.probes
-    return {
-        "startupProbe": given.startup or get(10, 120),
-        "readinessProbe": given.readiness or get(5, 3),
-        "livenessProbe": given.liveness or get(10, 6, timeout=5),
-    }
-
-
-def _resources(cfg: StageSpec) -> dict[str, Any]:
-    resources = {k: dict(v) for k, v in (cfg.resources or {}).items() if k in ("requests", "limits")}
-    gpus = cfg.gpus if isinstance(cfg, GpuStageSpec) else 0
-    if gpus:
-        for kind in ("requests", "limits"):
-            resources.setdefault(kind, {})["nvidia.com/gpu"] = str(gpus)
-    return resources
-
-
-def _env(graph: MultimodalGraph, stage: StageName, cfg: StageSpec, model_env: list[dict]) -> list[dict[str, Any]]:
-    """The pod's identity (for NIXL's advertise address), cache locations, the model's token, the graph's peer
-    credential, CPU threads, UCX transports, the API key (frontend) and the user's own variables, last so they
-    win."""
-    spec = graph.spec
-    env = [
-        {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
-        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
-        {"name": "HOME", "value": CACHE_DIR},
-        {"name": "HF_HOME", "value": f"{CACHE_DIR}/huggingface"},
-        *model_env,
-    ]
-    secret = {"name": peer_credential_name(graph), "key": PEER_TOKEN_KEY}
-    env.append({"name": PEER_TOKEN_ENV, "valueFrom": {"secretKeyRef": secret}})
-    if stage != StageName.FRONTEND:  # torch's and vLLM's CPU threads: the container's CPU limit (rounded up; the
-        # node's CPUs where none is set), since os.cpu_count() counts the node's cores whatever the limit
-        cpus = {"resource": "limits.cpu", "divisor": "1"}
-        env.append({"name": "OMP_NUM_THREADS", "valueFrom": {"resourceFieldRef": cpus}})
-    if stage != StageName.FRONTEND and spec.transfer.ucx_tls:
-        env.append({"name": "UCX_TLS", "value": spec.transfer.ucx_tls})
-    api_key = spec.stages.frontend.api_key_secret
-    if stage == api_stage(spec) and api_key:
-        env.append({"name": "MMGRAPH_API_KEY", "valueFrom": {"secretKeyRef": dict(api_key)}})
-    return env + [dict(e) for e in cfg.env or []]
-
-
-def _container(graph: MultimodalGraph, stage: StageName, cfg: StageSpec) -> tuple[dict[str, Any], list[dict]]:
-    """The stage's one container (non-root, read-only root filesystem), and the volumes it mounts."""
-    spec = graph.spec
-    model, volumes, mounts, model_env = _model_location(graph)
-    argv = worker_command(spec, stage, model=model, host="0.0.0.0", advertise_host="$(POD_IP)", peers=_peer_urls(graph))
-    volumes = [{"name": "cache", "emptyDir": {}}, {"name": "tmp", "emptyDir": {}}, *volumes]
-    mounts = [{"name": "cache", "mountPath": CACHE_DIR}, {"name": "tmp", "mountPath": "/tmp"}, *mounts]
-    if isinstance(cfg, EngineSpec):  # vLLM's workers share tensors through /dev/shm
-        volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
-        mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
-    container: dict[str, Any] = {
-        "name": stage.value,
-        "image": spec.image,
-        "imagePullPolicy": spec.image_pull_policy,
-        "command": ["mmgraph"],
-        "args": argv,
-        "ports": _ports(graph, stage, cfg),
-        "env": _env(graph, stage, cfg, model_env),
-        "volumeMounts": mounts,
-        **_probes(cfg),
-        "lifecycle": {"preStop": {"exec": {"command": PRESTOP}}},
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "readOnlyRootFilesystem": True,
-            "runAsNonRoot": True,
-            "capabilities": {"drop": ["ALL"]},
-        },
-    }
-    resources = _resources(cfg)
-    if resources:
-        container["resources"] = resources
-    return container, volumes
-
-
-def _pod_spec(graph: MultimodalGraph, stage: StageName, cfg: StageSpec) -> dict[str, Any]:
-    """The pod: its container, volumes, security context, and where it may run."""
-    spec = graph.spec
-    container, volumes = _container(graph, stage, cfg)
-    pod: dict[str, Any] = {
-        "containers": [container],
-        "volumes": volumes,
-        "enableServiceLinks": False,
-        "automountServiceAccountToken": False,  # workers never call the Kubernetes API
-        "terminationGracePeriodSeconds": POD_GRACE_SECONDS,
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": WORKER_UID,
-            "runAsGroup": WORKER_UID,
-            "fsGroup": WORKER_UID,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
-    }
-    for key, value in (
-        ("serviceAccountName", spec.service_account_name),
-        ("imagePullSecrets", [dict(s) for s in spec.image_pull_secrets or []] or None),
-        ("nodeSelector", dict(cfg.node_selector or {}) or None),
-        ("tolerations", [dict(t) for t in cfg.tolerations or []] or None),
-        ("affinity", dict(cfg.affinity) if cfg.affinity else None),
-    ):
-        if value:
-            pod[key] = value
-    return pod
-
-
 def _deployment(graph: MultimodalGraph, stage: StageName, cfg: StageSpec) -> dict[str, Any]:
     """Rolling updates one pod at a time with no pod down before its replacement is ready; scraped by Prometheus."""
     annotations = {
@@ -362,7 +162,7 @@ def _deployment(graph: MultimodalGraph, stage: StageName, cfg: StageSpec) -> dic
         "kind": "Deployment",
         "metadata": _metadata(graph, child_name(graph.name, stage), stage),
         "spec": {
-            **({} if cfg.autoscaling else {"replicas": cfg.replicas}),  # autoscaled: the HPA's (see reconcile.py)
+            **({} if cfg.autoscaling else {"replicas": cfg.replicas}),  # autoscaled: the HPA's (see apply.py)
             "revisionHistoryLimit": 3,
             "selector": {"matchLabels": _selector(graph, stage)},
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mmgraph_operator.api import MultimodalGraph, peer_credential_name
+from mmgraph_contract.graph import MultimodalGraph, peer_credential_name
 
 Status = dict[str, Any]
 

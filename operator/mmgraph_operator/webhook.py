@@ -24,9 +24,10 @@ import kopf
 from kubernetes import client
 from pydantic import ValidationError
 
+from mmgraph_contract.graph import MultimodalGraph, explain, parse, peer_credential_name
+from mmgraph_contract.rules import problems
+from mmgraph_contract.settings import api_stage
 from mmgraph_operator.admission import RECHECK, STAMP, AdmissionKey, spec_digest
-from mmgraph_operator.api import MultimodalGraph, explain, parse, peer_credential_name, problems
-from mmgraph_operator.commands import api_stage
 from mmgraph_operator.kubeapi import call
 from mmgraph_operator.render import InvalidGraph, render
 

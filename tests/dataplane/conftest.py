@@ -36,13 +36,16 @@ import httpx
 import numpy as np
 import pytest
 import yaml
-from mmgraph_operator.api import PEER_TOKEN_ENV, StageName, parse
+from PIL import Image
+
+from mmgraph_contract.graph import parse
+from mmgraph_contract.vocabulary import StageName
+from mmgraph_contract.wire import PEER_TOKEN_ENV
 from mmgraph_workers.baseline import vllm_serve
 from mmgraph_workers.media.samples import clip
 from mmgraph_workers.ports import free_port
 from mmgraph_workers.server import peer_headers
 from mmgraph_workers.up import LocalGraph
-from PIL import Image
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL_NAME = "tiny-qwen2-vl"
@@ -157,6 +160,7 @@ CLUSTER = REPO / "examples" / "cluster"
 def node_models(chart_on_node: Any, tiny_model: Path) -> Iterator[Path]:
     """The tiny models on a hostPath PersistentVolume, bound to the claim `tiny-models` (readable by UID 1000)."""
     from kubenode import tool
+
     from mmgraph_workers.tiny_model import build
 
     node = chart_on_node
@@ -386,7 +390,7 @@ def vllm_openai_server(model: Path, name: str, example: str, logdir: Path) -> It
     """`python -m vllm.entrypoints.openai.api_server` on the same weights and with the same engine arguments as
     the example graph's pd: what a user would run instead of mmgraph. Videos: the graph's frame count, with
     vLLM's loader that takes it (for Qwen2-VL vLLM's default loader samples at 2 fps and ignores num_frames)."""
-    from mmgraph_operator.commands import vllm_flags
+    from mmgraph_contract.settings import vllm_flags
 
     spec = parse(graph_spec(model, example=example)).spec
     engine_args = vllm_flags(spec.stages.pd.engine_args or {})
@@ -484,7 +488,8 @@ def no_worker_outlives_the_session() -> Iterator[None]:
     yield
     import psutil
 
-    leaked = [p for p in psutil.Process().children(recursive=False) if "mmgraph_operator.cli" in " ".join(p.cmdline())]
+    entries = ("mmgraph_workers.cli", "mmgraph_operator.cli")  # this release's stages, the previous release's
+    leaked = [p for p in psutil.Process().children(recursive=False) if any(e in " ".join(p.cmdline()) for e in entries)]
     for proc in leaked:
         proc.kill()
     psutil.wait_procs(leaked, timeout=10)

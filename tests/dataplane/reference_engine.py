@@ -22,13 +22,14 @@ os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
 
 def main() -> None:
     model, requests_file, out_file = sys.argv[1:4]
-    from mmgraph_workers.media.audio import decode_audio
-    from mmgraph_workers.media.policy import MediaPolicy
-    from mmgraph_workers.media.video import decode_video
-    from mmgraph_workers.models import adapter_for
     from PIL import Image
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
+
+    from mmgraph_contract.graph import MediaSpec
+    from mmgraph_workers.media.audio import decode_audio
+    from mmgraph_workers.media.video import decode_video
+    from mmgraph_workers.models import adapter_for
 
     tokenizer = AutoTokenizer.from_pretrained(model)
     family = adapter_for(model)
@@ -60,13 +61,13 @@ def main() -> None:
                     parts.append({"type": "image"})
                 elif part["type"] == "video_url":
                     data = base64.b64decode(part["video_url"]["url"].split(",", 1)[1])
-                    video = decode_video(data, MediaPolicy(), 8)
+                    video = decode_video(data, MediaSpec(), 8)
                     videos.append((video.frames, video.metadata))
                     parts.append({"type": "video"})
                 elif part["type"] in ("input_audio", "audio_url"):
                     inline = part.get("input_audio", {}).get("data")
                     data = base64.b64decode(inline or part["audio_url"]["url"].split(",", 1)[1])
-                    audio = decode_audio(data, MediaPolicy(), audio_format, time.monotonic() + 60)
+                    audio = decode_audio(data, MediaSpec(), audio_format, time.monotonic() + 60)
                     audios.append((audio.samples, audio.rate))
                     parts.append({"type": "audio"})
                 else:

@@ -13,7 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from mmgraph_operator.api import StageName
+
+from mmgraph_contract.vocabulary import StageName
 from mmgraph_workers.up import LocalGraph
 
 from .conftest import CASES, MODEL_NAME, PEER, error_of, graph_spec, metric, running, wait
@@ -83,7 +84,9 @@ def test_a_client_body_over_the_limit_is_cut_off_where_the_limit_is(agg):
     import time
 
     import psutil
-    from mmgraph_operator.api import StageName, max_request_bytes
+
+    from mmgraph_contract.settings import max_request_bytes
+    from mmgraph_contract.vocabulary import StageName
 
     limit = max_request_bytes(agg.graph.spec.media, StageName.FRONTEND)
     assert limit < 16 << 20 and max_request_bytes(agg.graph.spec.media, StageName.PD) == 2 * limit

@@ -11,7 +11,9 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from mmgraph_operator.api import StageName, parse
+
+from mmgraph_contract.graph import parse
+from mmgraph_contract.vocabulary import StageName
 from mmgraph_workers.media.samples import tone
 from mmgraph_workers.ports import free_port
 from mmgraph_workers.up import LocalGraph

@@ -18,12 +18,14 @@ from pathlib import Path
 
 import httpx
 import pytest
-from mmgraph_operator.api import StageName, parse
+from PIL import Image
+
+from mmgraph_contract.graph import parse
+from mmgraph_contract.vocabulary import StageName
 from mmgraph_workers.frontend.router import KV_ATTEMPTS
 from mmgraph_workers.ports import free_port
 from mmgraph_workers.protocol import PREVIOUS_VERSION, PROTOCOL_VERSION, GenerateEvent, GenerateRequest, sampling
 from mmgraph_workers.up import LocalGraph
-from PIL import Image
 
 from .conftest import CASES, MODEL_NAME, PEER, chat, data_url, error_of, graph_spec, metric, png, tokens, user, wait
 
@@ -176,7 +178,7 @@ def test_redirect_to_link_local_refused_even_where_private_is_allowed(endpoints,
 def test_a_body_over_the_graphs_limit_is_a_413(strict):
     """Every stage caps the bodies it reads (from spec.media: every item at its cap, as base64, plus text): over
     it, declared or streamed, is a 413 that says what sets the limit, at the frontend and between stages."""
-    from mmgraph_operator.api import max_request_bytes
+    from mmgraph_contract.settings import max_request_bytes
 
     media = parse(graph_spec(Path("/unused"), "e-pd", **STRICT)).spec.media
     for stage, url in (

@@ -27,7 +27,7 @@ def test_mmgraph_up_demo_answers_and_leaves_nothing_running(tmp_path, example, f
     graph["spec"]["model"]["path"] = str(model)
     (tmp_path / "graph.yaml").write_text(yaml.safe_dump(graph))
     done = subprocess.run(
-        [sys.executable, "-m", "mmgraph_operator.cli", "up", str(tmp_path / "graph.yaml"), "--demo"],
+        [sys.executable, "-m", "mmgraph_contract.cli", "up", str(tmp_path / "graph.yaml"), "--demo"],
         capture_output=True,
         text=True,
         timeout=600,

@@ -11,7 +11,9 @@ import time
 import httpx
 import psutil
 import pytest
-from mmgraph_operator.api import StageName, parse
+
+from mmgraph_contract.graph import parse
+from mmgraph_contract.vocabulary import StageName
 from mmgraph_workers.ports import free_port
 from mmgraph_workers.up import LocalGraph, StageDied
 

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from mmgraph_operator.api import StageName
+
+from mmgraph_contract.vocabulary import StageName
 from mmgraph_workers.up import LocalGraph
 
 from .conftest import MODEL_NAME, error_of, graph_spec, running, user

@@ -17,6 +17,7 @@ import pytest
 import yaml
 from kubecluster import wait_for
 from kubenode import kubectl_json, tool
+
 from mmgraph_workers.media.samples import tone
 
 from .conftest import CLUSTER, NAMESPACE, ask, input_audio, metric, reference_tokens, tokens

@@ -11,7 +11,8 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from mmgraph_operator.api import StageName
+
+from mmgraph_contract.vocabulary import StageName
 from mmgraph_workers.protocol import EncodedItem, GenerateEvent, GenerateRequest, TensorRef, sampling
 
 from .conftest import PEER

@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+
 from mmgraph_workers.protocol import PROTOCOL_VERSION
 
 from .conftest import PEER, assert_same_as_vllm_server, metric, tokens

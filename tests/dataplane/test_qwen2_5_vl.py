@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+
 from mmgraph_workers.media.samples import clip
 
 from .conftest import (

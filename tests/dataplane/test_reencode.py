@@ -6,22 +6,26 @@ real processes."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import signal
 import time
 
 import httpx
-from mmgraph_operator.api import PEER_TOKEN_ENV, StageName, parse
-from mmgraph_workers.frontend import app as frontend
+from prometheus_client import REGISTRY
+
+from mmgraph_contract.flags import from_argv
+from mmgraph_contract.graph import parse
+from mmgraph_contract.settings import FrontendSettings
+from mmgraph_contract.vocabulary import StageName
+from mmgraph_contract.wire import PEER_TOKEN_ENV
 from mmgraph_workers.frontend.openai_api import ChatRequest
 from mmgraph_workers.frontend.processor import Processor
 from mmgraph_workers.frontend.router import Media, Router
 from mmgraph_workers.ports import free_port
 from mmgraph_workers.protocol import EncodeRequest, EncodeResponse
+from mmgraph_workers.server import peer_token
 from mmgraph_workers.up import LocalGraph
-from prometheus_client import REGISTRY
 
 from .conftest import CASES, MODEL_NAME, PEER, graph_spec
 
@@ -30,9 +34,8 @@ def test_embeddings_lost_with_their_encoder_are_encoded_again(graph, tiny_model,
     doomed = LocalGraph(parse(graph_spec(tiny_model)), logdir=tmp_path_factory.mktemp("doomed-encoder"))
     port = free_port()
     doomed.spawn(StageName.ENCODER, port, {})
-    parser = argparse.ArgumentParser()
-    frontend.add_arguments(parser)
-    args = parser.parse_args(
+    args = from_argv(
+        FrontendSettings,
         [
             f"--model={tiny_model}",
             f"--served-model-name={MODEL_NAME}",
@@ -42,10 +45,10 @@ def test_embeddings_lost_with_their_encoder_are_encoded_again(graph, tiny_model,
             f"--pd-url=http://127.0.0.1:{graph.stages[StageName.PD].port}",
             "--allowed-schemes=https,http,data",
             f"--peer-token-env={PEER_TOKEN_ENV}",
-        ]
+        ],
     )
     body = {"model": MODEL_NAME, "temperature": 0, **CASES["one-image"]}
-    token_ids, media, sampling = Processor(args).prepare(ChatRequest.model_validate(body), body, None, {})
+    token_ids, media, sampling = Processor(args.api()).prepare(ChatRequest.model_validate(body), body, None, {})
     try:
         doomed.wait_healthy(timeout=300, progress=lambda line: None)
         body = EncodeRequest(request_id=f"doomed-{time.monotonic_ns()}", media=media).model_dump_json()
@@ -59,7 +62,7 @@ def test_embeddings_lost_with_their_encoder_are_encoded_again(graph, tiny_model,
         doomed.stop()
 
     async def prefill() -> list[int]:
-        router = Router(args)
+        router = Router(args.routes, peer_token(args.server), None)
         await router._refresh_peers()
         base = {"request_id": f"reencode-{time.monotonic_ns()}", "prompt_token_ids": token_ids, "sampling": sampling}
         try:

@@ -18,11 +18,13 @@ from pathlib import Path
 
 import httpx
 import torch
-from mmgraph_operator.api import StageName, parse
+from PIL import Image
+
+from mmgraph_contract.graph import parse
+from mmgraph_contract.vocabulary import StageName
 from mmgraph_workers.ports import free_port
 from mmgraph_workers.protocol import EncodedItem, EncodeRequest, EncodeResponse, image_items
 from mmgraph_workers.up import LocalGraph
-from PIL import Image
 
 from .conftest import CASES, IMG_C, MODEL_NAME, PEER, chat, data_url, graph_spec, metric, png, user, wait
 

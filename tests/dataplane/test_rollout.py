@@ -19,7 +19,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from mmgraph_operator.api import StageName, parse
+
+from mmgraph_contract.graph import parse
+from mmgraph_contract.vocabulary import StageName
 from mmgraph_workers.ports import free_port
 from mmgraph_workers.protocol import PREVIOUS_VERSION, PROTOCOL_VERSION
 from mmgraph_workers.up import LocalGraph
@@ -32,6 +34,7 @@ LOAD = ["one-image", "two-images", "text-only", *(f"concurrent-{i}" for i in ran
 
 
 PREVIOUS_RELEASE = Path(__file__).with_name("previous_release")
+PREVIOUS_ENTRY = ("-m", (PREVIOUS_RELEASE / "entry").read_text().strip())  # its own `mmgraph` command
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +44,7 @@ def previous_release(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]
     tree = tmp_path_factory.mktemp("previous-release")
     with tarfile.open(PREVIOUS_RELEASE / "packages.tar.gz") as tar:
         tar.extractall(tree, filter="data")
-    env = {"PYTHONPATH": os.pathsep.join([str(tree / "workers"), str(tree / "operator")])}
+    env = {"PYTHONPATH": os.pathsep.join(str(tree / package) for package in ("contract", "workers", "operator"))}
     where = subprocess.run(
         [sys.executable, "-c", "import mmgraph_workers, mmgraph_operator; print(mmgraph_workers.__file__)"],
         env={**os.environ, **env},
@@ -62,7 +65,7 @@ def under_load(endpoint: str) -> dict[str, list[int]]:
 def test_an_old_frontend_in_front_of_new_stages(graph, tiny_model, reference, previous_release, tmp_path):
     old = LocalGraph(parse(graph_spec(tiny_model)), logdir=tmp_path)
     peers = {s: f"http://127.0.0.1:{graph.stages[s].port}" for s in (StageName.ENCODER, StageName.PD, StageName.DECODE)}
-    old.spawn(StageName.FRONTEND, free_port(), peers, env=previous_release)
+    old.spawn(StageName.FRONTEND, free_port(), peers, env=previous_release, entry=PREVIOUS_ENTRY)
     try:
         old.wait_healthy(timeout=120, progress=lambda line: None)
         assert under_load(old.endpoint) == {case: reference[case] for case in LOAD}
@@ -72,7 +75,7 @@ def test_an_old_frontend_in_front_of_new_stages(graph, tiny_model, reference, pr
 
 def test_a_new_frontend_in_front_of_an_old_encoder(graph, tiny_model, reference, previous_release, tmp_path):
     side = LocalGraph(parse(graph_spec(tiny_model)), logdir=tmp_path)
-    side.spawn(StageName.ENCODER, free_port(), {}, env=previous_release)
+    side.spawn(StageName.ENCODER, free_port(), {}, env=previous_release, entry=PREVIOUS_ENTRY)
     try:
         side.wait_healthy(timeout=120, progress=lambda line: None)
         port = side.stages[StageName.ENCODER].port

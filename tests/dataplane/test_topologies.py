@@ -84,7 +84,8 @@ def test_decode_gets_kv_over_nixl_not_recomputed(graph, endpoints, reference):
 
 def test_embeddings_travel_from_the_encoder(graph, endpoints, reference, tiny_model, tmp_path_factory):
     """Control: an encoder whose vision weights differ changes the tokens, while pd and decode are unchanged."""
-    from mmgraph_operator.api import StageName, parse
+    from mmgraph_contract.graph import parse
+    from mmgraph_contract.vocabulary import StageName
     from mmgraph_workers.ports import free_port
     from mmgraph_workers.tiny_model import build
     from mmgraph_workers.up import LocalGraph
@@ -139,7 +140,8 @@ def test_kv_travels_from_pd_to_decode(tiny_model, reference, tmp_path_factory):
     """Control: a pd whose language weights differ from decode's changes the tokens. If decode recomputed the
     prompt instead of using the KV it pulled, it would return the reference tokens. (NixlConnector's handshake
     compares a hash that includes the model path; the control turns that check off on both engines.)"""
-    from mmgraph_operator.api import StageName, parse
+    from mmgraph_contract.graph import parse
+    from mmgraph_contract.vocabulary import StageName
     from mmgraph_workers.ports import free_port
     from mmgraph_workers.tiny_model import build
     from mmgraph_workers.up import LocalGraph

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from mmgraph_operator.api import StageName, parse
+
+from mmgraph_contract.graph import parse
+from mmgraph_contract.vocabulary import StageName
 from mmgraph_workers.media.samples import audio_only, clip
 from mmgraph_workers.ports import free_port
 from mmgraph_workers.up import LocalGraph

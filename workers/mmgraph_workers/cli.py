@@ -1,8 +1,8 @@
 """The data plane's subcommands of `mmgraph`: `worker <stage>`, `up FILE`, `tiny-model DIR`.
 
-Each stage module owns its flags (`add_arguments`) and its process (`main`); a stage module is imported only
-when that stage runs (its flags are parsed in a second step), so `mmgraph render` never imports torch and
-`mmgraph worker frontend` never imports vLLM.
+`mmgraph worker STAGE` parses the stage's command line once, into its settings model (mmgraph_contract/settings.py),
+and hands that to the stage's `main`; a stage module is imported only when that stage runs, so `mmgraph render`
+never imports torch and `mmgraph worker frontend` never imports vLLM.
 """
 
 from __future__ import annotations
@@ -10,10 +10,20 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import sys
+from collections.abc import Sequence
 
+from mmgraph_contract.flags import from_argv
+from mmgraph_contract.settings import SETTINGS, EncoderSettings, EngineSettings
+from mmgraph_contract.vocabulary import StageName
 from mmgraph_workers.tiny_model import FAMILIES as TINY_FAMILIES
 
-STAGES = {"frontend": "frontend", "encoder": "encoder", "pd": "engine", "decode": "engine"}
+MODULES = {
+    StageName.FRONTEND: "frontend",
+    StageName.ENCODER: "encoder_app",
+    StageName.PD: "engine_app",
+    StageName.DECODE: "engine_app",
+}
 
 # torch backs host allocations of 2 MiB and more with transparent huge pages: a fresh tensor that a transfer fills
 # then costs 512x fewer page faults (bench/transfer.py: 64 MiB read 54 -> 16 ms), and vLLM's CPU tensors gain too.
@@ -22,7 +32,9 @@ WORKER_ENV = {"THP_MEM_ALLOC_ENABLE": "1"}
 
 def add_subcommands(sub: argparse._SubParsersAction) -> None:
     worker = sub.add_parser("worker", help="run one stage of a graph (what a Deployment's pod runs)", add_help=False)
-    worker.add_argument("stage", choices=sorted(STAGES), help="the stage; `mmgraph worker STAGE --help` for its flags")
+    worker.add_argument(
+        "stage", choices=[s.value for s in MODULES], help="the stage; `mmgraph worker STAGE --help` for its flags"
+    )
     worker.add_argument("rest", nargs=argparse.REMAINDER)
     worker.set_defaults(func=run_worker)
 
@@ -39,20 +51,20 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
 
 
 def run_worker(args: argparse.Namespace) -> int:
+    stage = StageName(args.stage)
+    settings = from_argv(SETTINGS[stage], args.rest, prog=f"mmgraph worker {stage.value}")
     for key, value in WORKER_ENV.items():  # before the stage imports torch; an operator's own value wins
         os.environ.setdefault(key, value)
-    module = importlib.import_module(f"mmgraph_workers.{STAGES[args.stage]}")
-    parser = argparse.ArgumentParser(prog=f"mmgraph worker {args.stage}")
-    module.add_arguments(parser)
-    stage_args = parser.parse_args(args.rest)
-    if hasattr(stage_args, "advertise_host"):  # the stages that move tensors over NIXL
+    if isinstance(settings, EncoderSettings | EngineSettings):  # the stages that move tensors over NIXL
         # UCX (under NIXL) opens its sockets on every interface unless told otherwise: a worker advertising a
         # loopback address keeps its transfers on loopback too.
-        os.environ.setdefault("UCX_NET_DEVICES", "lo" if stage_args.advertise_host.startswith("127.") else "all")
-    if STAGES[args.stage] == "engine":
-        module.main(stage_args, args.stage)
+        loopback = settings.transfer.advertise_host.startswith("127.")
+        os.environ.setdefault("UCX_NET_DEVICES", "lo" if loopback else "all")
+    module = importlib.import_module(f"mmgraph_workers.{MODULES[stage]}")
+    if isinstance(settings, EngineSettings):
+        module.main(settings, stage.value)
     else:
-        module.main(stage_args)
+        module.main(settings)
     return 0
 
 
@@ -67,3 +79,15 @@ def run_tiny_model(args: argparse.Namespace) -> int:
 
     print(f"tiny {args.family} model written to {build(args.dir, family=args.family)}")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The data plane's subcommands alone: how `mmgraph up` starts its stages (`python -m mmgraph_workers.cli`)."""
+    parser = argparse.ArgumentParser(prog="mmgraph")
+    add_subcommands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import blake3
-from mmgraph_operator.api import POD_GRACE_SECONDS
+
+from mmgraph_contract.wire import POD_GRACE_SECONDS
 
 REFRESH_SECONDS = 2.0  # how often callers re-resolve a stage, and how stale a resolution `knows` accepts
 TRUST_SECONDS = float(POD_GRACE_SECONDS)  # how long an address stays the stage's after it was last resolved

@@ -11,10 +11,7 @@ needs no download.
 
 from __future__ import annotations
 
-import base64
-import io
 import ipaddress
-import json
 import math
 import os
 import secrets
@@ -30,16 +27,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-from mmgraph_operator.api import PEER_TOKEN_ENV, MultimodalGraph, MultimodalGraphSpec, StageName, parse, problems
-from mmgraph_operator.commands import api_stage, process_stages, worker_command
 
+from mmgraph_contract.graph import MultimodalGraph, MultimodalGraphSpec, parse
+from mmgraph_contract.rules import problems
+from mmgraph_contract.settings import api_stage, process_stages, worker_command
+from mmgraph_contract.vocabulary import StageName
+from mmgraph_contract.wire import PEER_TOKEN_ENV
 from mmgraph_workers import cpu
+from mmgraph_workers.demo import send_demo_request
 from mmgraph_workers.peers import REFRESH_SECONDS
 from mmgraph_workers.ports import free_port
 
 # Which tiny model `up` builds where the graph's model path is empty (the demo examples set it; default Qwen2-VL).
 TINY_FAMILY_ANNOTATION = "mmgraph.io/tiny-model-family"
 START_TIMEOUT = 600.0  # seconds for every stage to become healthy (engines take ~30 s each on 2 CPU cores)
+ENTRY = ("-m", "mmgraph_workers.cli")  # how a stage starts: this release's `mmgraph worker`
 
 
 def replica_counts(spec: MultimodalGraphSpec) -> dict[StageName, int]:
@@ -194,10 +196,11 @@ class LocalGraph:
         model: str | None = None,
         host: str | None = None,
         args: list[str] | None = None,
+        entry: tuple[str, ...] = ENTRY,
     ) -> Stage:
         """Start one stage on `port`, its peers at `peers` (a frontend may be routed to another graph's workers);
         `model` overrides the graph's weights for this one stage (the tests' controls use it); `host` is the
-        address it listens and advertises on (another replica's)."""
+        address it listens and advertises on (another replica's); `entry` runs it (another release's CLI)."""
         host = host or self.host
         spec = self.graph.spec
         model = model or spec.model.path or (spec.model.hugging_face.id if spec.model.hugging_face else "")
@@ -221,7 +224,7 @@ class LocalGraph:
         )
         log = self.logdir / (f"{stage.value}.log" if host == self.host else f"{stage.value}-{host}.log")
         proc = subprocess.Popen(
-            [sys.executable, "-m", "mmgraph_operator.cli", *argv, *(args or [])],
+            [sys.executable, *entry, *argv, *(args or [])],
             stdout=open(log, "wb"),  # noqa: SIM115 - the child owns it
             stderr=subprocess.STDOUT,
             env=env,
@@ -290,65 +293,6 @@ class StageDied(RuntimeError):
     def __init__(self, stage: Stage):
         super().__init__(f"stage {stage.name.value} exited with code {stage.proc.returncode}")
         self.stage = stage
-
-
-def demo_image() -> str:
-    """A small synthetic picture as a data: URL (no network needed)."""
-    from PIL import Image, ImageDraw
-
-    image = Image.new("RGB", (96, 64), "white")
-    draw = ImageDraw.Draw(image)
-    draw.rectangle((8, 8, 40, 56), fill="red")
-    draw.ellipse((52, 12, 88, 48), fill="blue")
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def demo_part(modalities: list[str]) -> tuple[dict, str]:
-    """The demo's media part for a graph that takes `modalities` (an image where it can), and what it is."""
-    if "image" in modalities:
-        return {"type": "image_url", "image_url": {"url": demo_image()}}, "one 96x64 PNG"
-    from mmgraph_workers.media.samples import clip, tone
-
-    if "audio" in modalities:
-        data = base64.b64encode(tone(seconds=2.0)).decode()
-        return {"type": "input_audio", "input_audio": {"data": data, "format": "wav"}}, "a 2 s 16 kHz WAV"
-    url = "data:video/mp4;base64," + base64.b64encode(clip(seconds=2.0)).decode()
-    return {"type": "video_url", "video_url": {"url": url}}, "a 2 s 160x96 MP4"
-
-
-def send_demo_request(endpoint: str, model: str, modalities: list[str]) -> None:
-    part, what = demo_part(modalities)
-    kind = part["type"].removesuffix("_url").removeprefix("input_")
-    body = {
-        "model": model,
-        "messages": [{"role": "user", "content": [part, {"type": "text", "text": f"describe this {kind}"}]}],
-        "max_tokens": 16,
-        "temperature": 0,
-        "stream": True,
-    }
-    request = urllib.request.Request(
-        f"{endpoint}/v1/chat/completions", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
-    )
-    print(f"\n> POST {endpoint}/v1/chat/completions  ({what} + 'describe this {kind}', greedy, 16 tokens)")
-    started, first, text = time.perf_counter(), None, []
-    with urllib.request.urlopen(request, timeout=120) as response:
-        for raw in response:
-            line = raw.decode().strip()
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if "error" in chunk:
-                raise RuntimeError(chunk["error"]["message"])
-            piece = (chunk["choices"][0]["delta"].get("content") or "") if chunk["choices"] else ""
-            if piece and first is None:
-                first = time.perf_counter() - started
-            text.append(piece)
-    total = time.perf_counter() - started
-    print(f"< {''.join(text)!r}")
-    print(f"  time to first token {1000 * (first or total):.0f} ms, total {1000 * total:.0f} ms")
-    print("  (random weights: the words are noise; the point is that every stage ran and agreed)")
 
 
 def up(file: str, host: str = "127.0.0.1", demo: bool = False) -> int:

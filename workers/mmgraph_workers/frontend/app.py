@@ -1,10 +1,9 @@
-"""The frontend's HTTP app (`build_app(args)`), its flags and its process: parses, asks the processor, hands the
+"""The frontend's HTTP app (`build_app(settings)`) and its process: parses, asks the processor, hands the
 request to the router, and relays its events as one JSON answer or as SSE chunks. Errors in either form come
 from one formatter."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import logging
@@ -20,10 +19,10 @@ from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from mmgraph_operator.api import EncoderSpec, default
 from prometheus_client import Counter, Gauge, Histogram
 from pydantic import ValidationError
 
+from mmgraph_contract.settings import ApiSettings, FrontendSettings
 from mmgraph_workers.frontend.openai_api import (
     CHAT,
     TEXT,
@@ -41,17 +40,16 @@ from mmgraph_workers.frontend.openai_api import (
     usage,
 )
 from mmgraph_workers.frontend.processor import Processor
-from mmgraph_workers.frontend.router import Local, Router, StageFailure
-from mmgraph_workers.media import policy
+from mmgraph_workers.frontend.router import Router
+from mmgraph_workers.frontend.stage_client import Local, StageFailure
 from mmgraph_workers.protocol import GenerateEvent, WorkerInfo
 from mmgraph_workers.server import (
     PEER_PATHS,
     BearerAuth,
-    add_common_arguments,
-    add_kv_lease_argument,
     internal_error,
     make_app,
     new_request_id,
+    peer_token,
     serve,
     unless_disconnected,
 )
@@ -62,38 +60,6 @@ REQUESTS = Counter("mmgraph_requests_total", "Chat completion requests", ["statu
 ERRORS = Counter("mmgraph_request_errors_total", "Requests that failed, by the stage that failed", ["stage"])
 TTFT = Histogram("mmgraph_time_to_first_token_seconds", "Time from request to first token")
 IN_FLIGHT = Gauge("mmgraph_requests_in_flight", "Requests being served (the frontend's queue depth)")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_common_arguments(parser)
-    policy.add_arguments(parser)
-    parser.add_argument("--topology", choices=["agg", "e-pd", "e-p-d"], required=True)
-    parser.add_argument("--encoder-url", default=None)
-    parser.add_argument("--pd-url", required=True)
-    parser.add_argument("--decode-url", default=None)
-    parser.add_argument(
-        "--encoder-routing",
-        choices=["content", "least-busy"],
-        default="content",
-        help="which encoder replica encodes a media item: the owner of its key (content) or the least busy",
-    )
-    parser.add_argument(
-        "--encoder-batch-size",
-        type=int,
-        default=default(EncoderSpec, "max_batch_size"),
-        help="the encoders' --max-batch-size: a replica with fewer calls in flight keeps its keys (no spill)",
-    )
-    add_kv_lease_argument(parser)
-    add_api_arguments(parser)
-    parser.add_argument(
-        "--peer-hosts-file", default=None, help="/etc/hosts-style file read before DNS (`mmgraph up`'s replicas)"
-    )
-
-
-def add_api_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags of the OpenAI API wherever it is served: by the frontend, or by agg's pd (engine.py)."""
-    parser.add_argument("--request-timeout-seconds", type=float, default=120)
-    parser.add_argument("--api-key-env", default=None, help="environment variable holding the API key")
 
 
 def is_api(path: str) -> bool:
@@ -161,17 +127,17 @@ class Lanes:
     large: Lane
 
     @classmethod
-    def start(cls, args: argparse.Namespace) -> Lanes:
+    def start(cls, api: ApiSettings) -> Lanes:
         """Each lane with a processor, and so a tokenizer, of its own."""
-        return cls(*(Lane(name, Processor(args), capacity) for name, capacity in (SMALL_LANE, LARGE_LANE)))
+        return cls(*(Lane(name, Processor(api), capacity) for name, capacity in (SMALL_LANE, LARGE_LANE)))
 
     def of(self, body: bytes) -> Lane:
         return self.large if len(body) > LARGE_BODY else self.small
 
 
-def build_app(args: argparse.Namespace) -> FastAPI:
-    app = make_app("frontend", lambda: api_ready(app), args.max_request_bytes)
-    add_api(app, args)
+def build_app(settings: FrontendSettings) -> FastAPI:
+    app = make_app("frontend", lambda: api_ready(app), settings.server.max_request_bytes)
+    add_api(app, settings.api(), peer_token(settings.server))
     return app
 
 
@@ -181,18 +147,19 @@ def api_ready(app: FastAPI) -> bool:
     return router is not None and router.pd_info is not None
 
 
-def add_api(app: FastAPI, args: argparse.Namespace, local: Local | None = None) -> None:
-    """The OpenAI API on `app`: the frontend's, or agg's pd's, whose own engine is `local` (its calls skip HTTP)."""
-    api_key = os.environ.get(args.api_key_env, "") if args.api_key_env else ""
-    if args.api_key_env and not api_key:
-        raise SystemExit(f"--api-key-env {args.api_key_env} is set but the variable is empty")
+def add_api(app: FastAPI, api: ApiSettings, token: str | None, local: Local | None = None) -> None:
+    """The OpenAI API on `app`: the frontend's, or agg's pd's, whose own engine is `local` (its calls skip HTTP).
+    `token` is the graph's peer credential, which the router sends to the stages."""
+    api_key = os.environ.get(api.api_key_env, "") if api.api_key_env else ""
+    if api.api_key_env and not api_key:
+        raise SystemExit(f"--api-key-env {api.api_key_env} is set but the variable is empty")
     app.state.processor, app.state.router = None, None
 
     @app.on_event("startup")
     async def load() -> None:
-        app.state.lanes = await asyncio.to_thread(Lanes.start, args)
+        app.state.lanes = await asyncio.to_thread(Lanes.start, api)
         app.state.processor = app.state.lanes.small.processor  # decode, for logprobs: the event loop's, read only
-        app.state.router = Router(args, local)
+        app.state.router = Router(api.routes, token, local)
         for stage in app.state.router.peers:  # 0 from the start: a dashboard shows no failures, not "no data"
             ERRORS.labels(stage)
         app.state.watcher = asyncio.create_task(app.state.router.watch_peers())
@@ -211,7 +178,7 @@ def add_api(app: FastAPI, args: argparse.Namespace, local: Local | None = None) 
     async def models() -> dict:
         return {
             "object": "list",
-            "data": [{"id": args.served_model_name, "object": "model", "created": 0, "owned_by": "mmgraph"}],
+            "data": [{"id": api.weights.served_model_name, "object": "model", "created": 0, "owned_by": "mmgraph"}],
         }
 
     @app.post("/tokenize")
@@ -304,8 +271,10 @@ def _request_error(err: Exception) -> RequestError:
     return err
 
 
-def main(args: argparse.Namespace) -> None:
-    serve(build_app(args), args)
+def main(settings: FrontendSettings) -> None:
+    if not settings.routes.pd_url:
+        raise SystemExit("mmgraph worker frontend: --pd-url is required (every topology has pd)")
+    serve(build_app(settings), settings.server)
 
 
 @dataclass

@@ -4,7 +4,6 @@ model's chat template (one placeholder per image, which the engine expands) and 
 
 from __future__ import annotations
 
-import argparse
 import json
 from typing import Any, TypeVar
 
@@ -22,6 +21,7 @@ from vllm.entrypoints.serve.tokenize.protocol import (
 from vllm.entrypoints.serve.utils.api_utils import get_max_tokens
 from vllm.exceptions import VLLMClientError
 
+from mmgraph_contract.settings import ApiSettings
 from mmgraph_workers.frontend.openai_api import (
     PARTS,
     REFUSED,
@@ -34,7 +34,7 @@ from mmgraph_workers.frontend.openai_api import (
     TextRequest,
     refuse_unsupported,
 )
-from mmgraph_workers.media import MediaError, policy
+from mmgraph_workers.media import MediaError
 from mmgraph_workers.media.fetch import check_scheme, decode_data_url, scheme_of
 from mmgraph_workers.models import UnsupportedModel, adapter_for
 from mmgraph_workers.protocol import MediaItem
@@ -43,17 +43,18 @@ M = TypeVar("M", bound=BaseModel)
 
 
 class Processor:
-    def __init__(self, args: argparse.Namespace):
+    def __init__(self, api: ApiSettings):
         from transformers import AutoTokenizer
 
-        self.served_model_name = args.served_model_name
-        self.topology = args.topology
-        self.policy = policy.from_args(args)
+        weights = api.weights
+        self.served_model_name = weights.served_model_name
+        self.topology = api.routes.topology.value
+        self.policy = api.media
         self.tokenizer = AutoTokenizer.from_pretrained(
-            args.model, revision=args.revision, trust_remote_code=args.trust_remote_code
+            weights.model, revision=weights.revision, trust_remote_code=weights.trust_remote_code
         )
         try:  # which media kinds the family takes; agg serves models of other families too, as vLLM does
-            family = adapter_for(args.model, args.revision, args.trust_remote_code)
+            family = adapter_for(weights.model, weights.revision, weights.trust_remote_code)
             self.family, self.family_modalities = family.family, family.modalities
         except UnsupportedModel:
             self.family, self.family_modalities = "unknown", ("image", "video", "audio")

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 import soundfile
 
+from mmgraph_contract.graph import MediaSpec
 from mmgraph_workers.media import MediaError
-from mmgraph_workers.media.policy import MediaPolicy
 
 # libsndfile's container names (what it sniffs from the bytes, whatever the request says the format is)
 FORMATS = {"WAV": "wav", "WAVEX": "wav", "FLAC": "flac", "MP3": "mp3", "OGG": "ogg"}
@@ -58,7 +58,7 @@ class Audio:
         return len(self.samples) / self.rate
 
 
-def decode_audio(data: bytes, policy: MediaPolicy, model: AudioFormat, deadline: float) -> Audio:
+def decode_audio(data: bytes, policy: MediaSpec, model: AudioFormat, deadline: float) -> Audio:
     """The audio in `data` as `model` takes it, or MediaError saying what to change; decoding stops at `deadline`
     (time.monotonic())."""
     kinds = ", ".join(sorted(INPUT_FORMATS))
@@ -94,7 +94,7 @@ def _sniffed(data: bytes) -> bool:
     return wav or mp3 or head[:4] in (b"fLaC", b"OggS")
 
 
-def _check_header(f: soundfile.SoundFile, policy: MediaPolicy, model: AudioFormat) -> None:
+def _check_header(f: soundfile.SoundFile, policy: MediaSpec, model: AudioFormat) -> None:
     """Refuse what the header already shows is unusable. libsndfile reads no more frames than the header
     declares, so these bound the decoding work too."""
     if f.format not in FORMATS:
@@ -111,7 +111,7 @@ def _check_header(f: soundfile.SoundFile, policy: MediaPolicy, model: AudioForma
         )
 
 
-def _check_length(seconds: float, policy: MediaPolicy, model: AudioFormat) -> None:
+def _check_length(seconds: float, policy: MediaSpec, model: AudioFormat) -> None:
     if seconds > policy.max_seconds:
         raise MediaError(
             f"the audio is {seconds:.1f} s long, over the {policy.max_seconds:g} s limit (spec.media.maxSeconds)",

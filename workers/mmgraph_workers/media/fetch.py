@@ -27,8 +27,8 @@ from typing import NamedTuple
 
 import httpx
 
+from mmgraph_contract.graph import MediaSpec
 from mmgraph_workers.media import MediaError
-from mmgraph_workers.media.policy import MediaPolicy
 
 MAX_REDIRECTS = 5
 RESOLVERS = ThreadPoolExecutor(16, thread_name_prefix="media-dns")  # at most 16 lookups hung at once
@@ -56,14 +56,14 @@ def scheme_of(url: str) -> str:
         raise MediaError(f"malformed media URL: {err}") from None
 
 
-def check_scheme(url: str, policy: MediaPolicy) -> None:
+def check_scheme(url: str, policy: MediaSpec) -> None:
     scheme = scheme_of(url)
     if scheme not in policy.allowed_schemes:
         allowed = ", ".join(sorted(policy.allowed_schemes))
         raise MediaError(f"URL scheme {scheme or '(none)'!r} is not allowed for media; allowed: {allowed}")
 
 
-def decode_data_url(url: str, policy: MediaPolicy) -> bytes:
+def decode_data_url(url: str, policy: MediaSpec) -> bytes:
     header, sep, payload = url.partition(",")
     if not sep or not header.startswith("data:"):
         raise MediaError("malformed data: URL (expected data:<mime>;base64,<payload>)")
@@ -96,7 +96,7 @@ def _is_global(ip: IPAddress) -> bool:
     return ip.is_global and (ip.version == 4 or ip in GLOBAL_UNICAST)
 
 
-def _refusal(address: str, policy: MediaPolicy) -> str | None:
+def _refusal(address: str, policy: MediaSpec) -> str | None:
     """Why `address` may not be fetched from, or None. Link-local addresses (cloud metadata services live there)
     and the known metadata addresses are refused even where the graph allows private networks; any address short
     of global is refused unless it does."""
@@ -130,7 +130,7 @@ def _settle(lookup: Future[list], host: str) -> None:
         lookup.set_exception(err)
 
 
-async def _resolve(host: str, policy: MediaPolicy) -> str:
+async def _resolve(host: str, policy: MediaSpec) -> str:
     """One resolution (shared with concurrent fetches of the name; the caller's deadline bounds the wait); every
     address must pass, and the first is the one we connect to."""
     try:
@@ -146,7 +146,7 @@ async def _resolve(host: str, policy: MediaPolicy) -> str:
     return addresses[0]
 
 
-async def fetch_all(urls: list[str], policy: MediaPolicy, client: httpx.AsyncClient) -> list[bytes]:
+async def fetch_all(urls: list[str], policy: MediaSpec, client: httpx.AsyncClient) -> list[bytes]:
     """Every URL's bytes, fetched concurrently; the first refusal cancels the fetches still running."""
     try:
         async with asyncio.TaskGroup() as group:
@@ -157,7 +157,7 @@ async def fetch_all(urls: list[str], policy: MediaPolicy, client: httpx.AsyncCli
     return [task.result() for task in tasks]
 
 
-async def fetch_bytes(url: str, policy: MediaPolicy, client: httpx.AsyncClient) -> bytes:
+async def fetch_bytes(url: str, policy: MediaSpec, client: httpx.AsyncClient) -> bytes:
     """The bytes behind `url` under `policy`; raises MediaError (4xx) for anything the request got wrong."""
     check_scheme(url, policy)
     if scheme_of(url) == "data":
@@ -207,7 +207,7 @@ def _target(url: str) -> Target:
     )
 
 
-async def _fetch(url: str, policy: MediaPolicy, client: httpx.AsyncClient) -> bytes:
+async def _fetch(url: str, policy: MediaSpec, client: httpx.AsyncClient) -> bytes:
     for _ in range(MAX_REDIRECTS + 1):
         target = _target(url)
         host = target.host

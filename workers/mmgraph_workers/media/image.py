@@ -11,8 +11,8 @@ import warnings
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from mmgraph_contract.graph import MediaSpec
 from mmgraph_workers.media import MediaError
-from mmgraph_workers.media.policy import MediaPolicy
 
 FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
 # Processors resize an image's short side up to the tower's input (LLaVA: 336 px, so 4000x16 would become
@@ -20,7 +20,7 @@ FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
 MAX_ASPECT_RATIO = 200
 
 
-def decode_image(data: bytes, policy: MediaPolicy) -> Image.Image:
+def decode_image(data: bytes, policy: MediaSpec) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

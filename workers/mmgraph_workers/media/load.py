@@ -8,15 +8,15 @@ from typing import Any
 
 from PIL import Image
 
+from mmgraph_contract.graph import MediaSpec
 from mmgraph_workers.media import MediaError
 from mmgraph_workers.media.audio import Audio, AudioFormat, decode_audio
 from mmgraph_workers.media.image import decode_image
-from mmgraph_workers.media.policy import MediaPolicy
 from mmgraph_workers.media.video import Video, decode_video
 
 
 def load(
-    modality: str, blob: bytes, policy: MediaPolicy, deadline: float, audio: AudioFormat | None = None
+    modality: str, blob: bytes, policy: MediaSpec, deadline: float, audio: AudioFormat | None = None
 ) -> Image.Image | Video | Audio:
     """An image, a video's `policy.video_frames` sampled frames, or a clip at the model's rate (`audio`: None when
     the model takes no audio), decoded by `deadline` (time.monotonic())."""

@@ -31,8 +31,8 @@ from typing import Any
 import av
 import numpy as np
 
+from mmgraph_contract.graph import MediaSpec
 from mmgraph_workers.media import MediaError
-from mmgraph_workers.media.policy import MediaPolicy
 
 # Containers and codecs mmgraph decodes (FFmpeg's demuxer and decoder names): what browsers and phones produce.
 # Anything else FFmpeg could open is refused, as images are restricted to a few formats.
@@ -77,7 +77,7 @@ def sample_indices(total: int, wanted: int) -> list[int]:
     return np.linspace(0, total - 1, wanted, dtype=int).tolist()
 
 
-def decode_video(data: bytes, policy: MediaPolicy, frames: int, timeout: float = DECODE_SECONDS) -> Video:
+def decode_video(data: bytes, policy: MediaSpec, frames: int, timeout: float = DECODE_SECONDS) -> Video:
     """`frames` frames of the video in `data` (fewer if it has fewer), or MediaError saying what to change.
     Everything, the packet index included, is done within `timeout` seconds."""
     deadline = time.monotonic() + timeout
@@ -133,7 +133,7 @@ def _video_stream(container: Any) -> Any:
     return stream
 
 
-def _check_header(container: Any, stream: Any, policy: MediaPolicy) -> tuple[int, int]:
+def _check_header(container: Any, stream: Any, policy: MediaSpec) -> tuple[int, int]:
     """What the headers say, refused before any packet is read; the frame size (every decoded frame is checked
     against it again: a stream can change size midway)."""
     width, height = stream.codec_context.width, stream.codec_context.height
@@ -146,20 +146,20 @@ def _check_header(container: Any, stream: Any, policy: MediaPolicy) -> tuple[int
     return width, height
 
 
-def _check_pixels(width: int, height: int, policy: MediaPolicy) -> None:
+def _check_pixels(width: int, height: int, policy: MediaSpec) -> None:
     if width * height > policy.max_pixels:
         raise MediaError(f"video is {width}x{height} = {width * height} pixels a frame, {_over(policy)}", status=413)
 
 
-def _over(policy: MediaPolicy) -> str:
+def _over(policy: MediaSpec) -> str:
     return f"more than the {policy.max_pixels} pixel limit (spec.media.maxPixels)"
 
 
-def _too_long(seconds: float, policy: MediaPolicy) -> str:
+def _too_long(seconds: float, policy: MediaSpec) -> str:
     return f"video is {seconds:.1f} s long, more than the {policy.max_seconds:g} s limit (spec.media.maxSeconds)"
 
 
-def _index(container: Any, stream: Any, policy: MediaPolicy, deadline: float) -> _Index:
+def _index(container: Any, stream: Any, policy: MediaSpec, deadline: float) -> _Index:
     """Every frame's timestamp and the keyframes, from the packets alone (no decoding). Packets the container
     marks to discard (before an MP4 edit list's start) are not frames a player shows, nor vLLM's loader."""
     packets: list[tuple[int, bool, int | None]] = []
@@ -204,7 +204,7 @@ def _decode(
     index: _Index,
     wanted: list[int],
     size: tuple[int, int],
-    policy: MediaPolicy,
+    policy: MediaSpec,
     deadline: float,
 ) -> tuple[list[int], np.ndarray, int]:
     """The wanted frames' numbers and RGB pixels (turned as the stream's rotation says, as OpenCV's loader does),
@@ -265,7 +265,7 @@ def _pixels(frame: Any, size: tuple[int, int]) -> np.ndarray:
 
 
 def _frames_from(
-    container: Any, stream: Any, timestamp: int | None, policy: MediaPolicy, deadline: float
+    container: Any, stream: Any, timestamp: int | None, policy: MediaSpec, deadline: float
 ) -> Iterator[Any]:
     """Decoded frames from the keyframe at or before `timestamp` (None: the stream's start), checking the
     deadline at every packet, including those that give no frame. EINVAL from the decoder is its max_pixels

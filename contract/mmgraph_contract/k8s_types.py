@@ -2,7 +2,7 @@
 
 The CRD must keep these types' real schemas (so `kubectl explain` and server-side validation work) and must be
 structural (no $ref, one type per node, int-or-string marked as such). `k8s_types.json` holds them already
-inlined and made structural; it is generated, never edited, by `python -m mmgraph_operator.k8s_types` from the
+inlined and made structural; it is generated, never edited, by `python -m mmgraph_contract.k8s_types` from the
 schemas that PyPI's kubernetes-validate ships, and a test checks that it is current. Runtime code only reads
 the JSON file, so the operator image does not need kubernetes-validate.
 """
