@@ -127,9 +127,9 @@ async def run_in_process(model_dir: Path, n: int, levels: dict[str, list[int]]) 
     from vllm.sampling_params import RequestOutputKind
     from vllm.v1.engine.async_llm import AsyncLLM
 
+    from mmgraph_contract.graph import MediaSpec
     from mmgraph_workers import cpu
     from mmgraph_workers.media.load import load, vllm_item
-    from mmgraph_workers.media.policy import MediaPolicy
     from mmgraph_workers.models import adapter_for
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -150,7 +150,7 @@ async def run_in_process(model_dir: Path, n: int, levels: dict[str, list[int]]) 
         )
     )
     params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, output_kind=RequestOutputKind.DELTA)
-    policy = MediaPolicy(modalities=list(family.modalities))
+    policy = MediaSpec(modalities=list(family.modalities))
 
     def decoded(i: int, media: str) -> object:
         return vllm_item(load(media, item(media, i), policy, time.monotonic() + 30, audio_format))

@@ -36,8 +36,8 @@ import av
 import numpy as np
 from PIL import Image
 
+from mmgraph_contract.graph import MediaSpec
 from mmgraph_workers.media.image import decode_image
-from mmgraph_workers.media.policy import MediaPolicy
 from mmgraph_workers.media.samples import clip
 from mmgraph_workers.media.video import decode_video
 
@@ -72,7 +72,7 @@ def timed(fn: Callable[[], object], repeat: int) -> float:
 
 def video_rows(seconds: float, repeat: int) -> list[dict]:
     rows = []
-    policy = MediaPolicy(max_seconds=max(seconds * 2, 600))
+    policy = MediaSpec(max_seconds=max(seconds * 2, 600))
     for label, interval in [("keyframe every 2 s", 60), ("x264 default (250 frames)", 250)]:
         data = clip(seconds=seconds, size=(1280, 720), keyframe_interval=interval)
         ours = decode_video(data, policy, FRAMES)
@@ -107,7 +107,7 @@ def image_rows(repeat: int) -> list[dict]:
         processor = AutoProcessor.from_pretrained(build(Path(tmp) / "tiny")).image_processor
     pixels = (np.random.RandomState(0).rand(720, 1280, 3) * 255).astype("uint8")
     rows = []
-    policy = MediaPolicy()
+    policy = MediaSpec()
     for kind in ("JPEG", "PNG"):
         buf = io.BytesIO()
         Image.fromarray(pixels).save(buf, format=kind)
@@ -143,7 +143,7 @@ def audio_loaders() -> dict[str, Callable[[bytes], np.ndarray]]:
         return load
 
     return {
-        "mmgraph (blocks + soxr_hq)": lambda d: decode_audio(d, MediaPolicy(), model, time.monotonic() + 60).samples,
+        "mmgraph (blocks + soxr_hq)": lambda d: decode_audio(d, MediaSpec(), model, time.monotonic() + 60).samples,
         "librosa.load (soxr_hq)": lambda d: librosa.load(io.BytesIO(d), sr=RATE)[0],
         "soundfile + soxr_vhq": soundfile_then("soxr_vhq"),
         "soundfile + soxr_mq": soundfile_then("soxr_mq"),

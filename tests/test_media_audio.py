@@ -10,16 +10,16 @@ import tracemalloc
 import numpy as np
 import pytest
 
+from mmgraph_contract.graph import MediaSpec
 from mmgraph_workers.media import MediaError
 from mmgraph_workers.media.audio import AudioFormat, decode_audio
-from mmgraph_workers.media.policy import MediaPolicy
 from mmgraph_workers.media.samples import tone
 
 QWEN2_AUDIO = AudioFormat(rate=16000, max_seconds=30.0)
 
 
-def load(data: bytes, policy: MediaPolicy | None = None, model: AudioFormat = QWEN2_AUDIO, timeout: float = 30):
-    return decode_audio(data, policy or MediaPolicy(), model, time.monotonic() + timeout)
+def load(data: bytes, policy: MediaSpec | None = None, model: AudioFormat = QWEN2_AUDIO, timeout: float = 30):
+    return decode_audio(data, policy or MediaSpec(), model, time.monotonic() + timeout)
 
 
 SAME_AS_VLLM = {
@@ -77,7 +77,7 @@ def test_refusals_name_what_to_change():
         load(tone(seconds=31.0))
     assert over_model.value.status == 400
     with pytest.raises(MediaError, match=r"over the 10 s limit \(spec.media.maxSeconds\)") as over_cap:
-        load(tone(seconds=12.0), MediaPolicy(max_seconds=10))
+        load(tone(seconds=12.0), MediaSpec(max_seconds=10))
     assert over_cap.value.status == 413
     with pytest.raises(MediaError, match="took too long") as late:
         load(tone(seconds=2.0), timeout=-1)
