@@ -21,6 +21,7 @@ from mmgraph_contract.settings import EncoderSettings, Server, Transfer, Weights
 from mmgraph_workers.batching import Batcher, Busy, SingleFlight
 from mmgraph_workers.embedding_cache import Embedding, EmbeddingCache
 from mmgraph_workers.encoder import Encoder
+from mmgraph_workers.handoff import EmbeddingsSender
 from mmgraph_workers.media import MediaError
 from mmgraph_workers.media.fetch import media_client
 from mmgraph_workers.protocol import EncodeRequest, MediaItem
@@ -93,6 +94,7 @@ def encoder(owner, monkeypatch) -> tuple[Encoder, Tower]:
     encoder.batcher = Batcher(lambda items: items, 16)
     encoder.preparing, encoder.max_preparing = 0, 16
     encoder.transfer = owner
+    encoder.sender = EmbeddingsSender(owner, encoder.url, ttl_seconds=60)
     monkeypatch.setattr(encoder, "_encode_missing", tower.encode_missing)
     return encoder, tower
 

@@ -28,10 +28,37 @@ POD_GRACE_SECONDS = 60
 PRESTOP_SECONDS = 10
 
 
+# Every stage's HTTP paths besides the OpenAI API's: probes and Prometheus (open), and the peers' calls (the graph's
+# credential). A stage's own calls under /v1/ are PEER_PATHS: the API key never guards them.
+HEALTH_PATH = "/health"
+METRICS_PATH = "/metrics"
+INFO_PATH = "/v1/info"  # every stage: what it serves (WorkerInfo)
+ENCODE_PATH = "/encode"  # the encoder: EncodeRequest -> EncodeResponse
+GENERATE_PATH = "/generate"  # pd and decode: GenerateRequest -> NDJSON GenerateEvents
+AGENT_PATH = "/v1/transfer/agent"  # the encoder: its NIXL agent's name and metadata (AgentInfo)
+RELEASE_PATH = "/release/{handle}"  # the encoder: free a published buffer nobody will read
+PEER_PATHS = (INFO_PATH, "/v1/transfer/")
+
+
+def release_path(handle: str) -> str:
+    return RELEASE_PATH.format(handle=handle)
+
+
+# An idle kept-alive connection: a caller drops it after PEER_KEEPALIVE_SECONDS (the stages') or 5 s (httpx's
+# default, the OpenAI SDK's), well before a stage closes it (KEEP_ALIVE_SECONDS), so no caller sends a request on a
+# connection the stage is closing at that moment (uvicorn's default, 5 s, equals httpx's: that race failed about 1
+# request in 160 under a steady load on the node).
+KEEP_ALIVE_SECONDS = 20
+PEER_KEEPALIVE_SECONDS = 10.0
+
+# The series the stages export that something outside the process steers on (the HPA, via prometheus-adapter).
+FRONTEND_IN_FLIGHT = "mmgraph_requests_in_flight"
+ENCODER_WAITING = "mmgraph_encoder_items_waiting"
+
 # The series behind each stage's metrics, by the names prometheus-adapter serves them (vllm:x becomes vllm_x).
 AUTOSCALING_METRICS: dict[str, dict[str, str]] = {
-    "frontend": {"running": "mmgraph_requests_in_flight"},
-    "encoder": {"waiting": "mmgraph_encoder_items_waiting"},
+    "frontend": {"running": FRONTEND_IN_FLIGHT},
+    "encoder": {"waiting": ENCODER_WAITING},
     "pd": {"waiting": "vllm_num_requests_waiting", "running": "vllm_num_requests_running"},
     "decode": {"waiting": "vllm_num_requests_waiting", "running": "vllm_num_requests_running"},
 }

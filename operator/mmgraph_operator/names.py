@@ -12,6 +12,9 @@ from mmgraph_contract.vocabulary import API_VERSION, KIND, StageName
 GRAPH_LABEL = "mmgraph.io/graph"
 STAGE_LABEL = "mmgraph.io/stage"
 MANAGED_BY = "mmgraph-operator"
+# on the pod template of a stage whose pods serve the OpenAI API besides their own (agg's pd): the loop moves the
+# API's Service onto them only once they do
+SERVES_API = "mmgraph.io/serves-api"
 
 
 def child_name(graph: str, stage: StageName) -> str:

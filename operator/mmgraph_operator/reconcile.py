@@ -33,7 +33,7 @@ from mmgraph_operator.admission import AdmissionKey
 from mmgraph_operator.apply import ChildWriter
 from mmgraph_operator.drift import ChildKey, GraphKey, _rv, child_key, owner_of
 from mmgraph_operator.kubeapi import call
-from mmgraph_operator.names import GRAPH_LABEL, MANAGED_BY, STAGE_LABEL, child_name
+from mmgraph_operator.names import GRAPH_LABEL, MANAGED_BY, SERVES_API, STAGE_LABEL, child_name
 from mmgraph_operator.render import InvalidGraph, endpoint, render
 from mmgraph_operator.report import Reporter, not_admitted, not_owned, not_served
 from mmgraph_operator.served import ServedKinds
@@ -242,10 +242,8 @@ class Reconciler(Reporter, ChildWriter, ServedKinds):
         if now not in (StageName.FRONTEND.value, StageName.PD.value) or now == target.value:
             return target
         deployment = cached("Deployment", target)
-        template = (((deployment or {}).get("spec") or {}).get("template") or {}).get("spec") or {}
-        serving = target == StageName.FRONTEND or "--openai" in (
-            (template.get("containers") or [{}])[0].get("args") or []
-        )
+        template = (((deployment or {}).get("spec") or {}).get("template") or {}).get("metadata") or {}
+        serving = target == StageName.FRONTEND or (template.get("annotations") or {}).get(SERVES_API) == "true"
         return target if stage_ready(deployment) and serving else StageName(now)
 
 

@@ -13,11 +13,11 @@ from typing import Any
 
 from mmgraph_contract.graph import MultimodalGraph, peer_credential_name
 from mmgraph_contract.rules import problems
-from mmgraph_contract.settings import api_stage, process_stages
+from mmgraph_contract.settings import api_stage, process_stages, serves_api
 from mmgraph_contract.spec import Autoscaling, StageSpec
 from mmgraph_contract.vocabulary import StageName
 from mmgraph_contract.wire import AUTOSCALING_METRICS, PEER_TOKEN_KEY
-from mmgraph_operator.names import _labels, _metadata, _selector, child_name
+from mmgraph_operator.names import SERVES_API, _labels, _metadata, _selector, child_name
 from mmgraph_operator.pod import _pod_spec, _ports
 
 DEFAULT_KUBE_VERSION = "1.29"
@@ -157,6 +157,8 @@ def _deployment(graph: MultimodalGraph, stage: StageName, cfg: StageSpec) -> dic
         "prometheus.io/port": str(cfg.port),
         "prometheus.io/path": "/metrics",
     }
+    if serves_api(graph.spec, stage):
+        annotations[SERVES_API] = "true"
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",

@@ -13,8 +13,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
-import functools
-import gzip
 import io
 import json
 import os
@@ -26,7 +24,6 @@ import sys
 import tempfile
 import threading
 import time
-import zlib
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -36,6 +33,8 @@ import httpx
 import numpy as np
 import pytest
 import yaml
+from bombs import gzip_bomb as gzip_bomb  # re-exported: tests import it from here
+from bombs import send_gzip_bomb
 from PIL import Image
 
 from mmgraph_contract.graph import parse
@@ -63,25 +62,6 @@ def png(width: int, height: int, seed: int) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return buf.getvalue()
-
-
-@functools.cache
-def gzip_bomb(size: int = 256 << 20) -> bytes:
-    """`size` zero bytes, gzipped twice (Content-Encoding: gzip, gzip): about 2 KB on the wire."""
-    once = zlib.compressobj(9, zlib.DEFLATED, 31)
-    chunk = b"\0" * (1 << 20)
-    inner = b"".join([once.compress(chunk) for _ in range(size >> 20)] + [once.flush()])
-    return gzip.compress(inner, 9)
-
-
-def send_gzip_bomb(handler: BaseHTTPRequestHandler) -> None:
-    """Answer with the bomb as `Content-Encoding: gzip, gzip`, whatever the client said it accepts."""
-    body = gzip_bomb()
-    handler.send_response(200)
-    handler.send_header("Content-Encoding", "gzip, gzip")
-    handler.send_header("Content-Length", str(len(body)))
-    handler.end_headers()
-    handler.wfile.write(body)
 
 
 def data_url(data: bytes, mime: str = "image/png") -> str:

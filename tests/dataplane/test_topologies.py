@@ -51,7 +51,7 @@ def test_sixteen_concurrent_requests_each_get_their_own_answer(endpoints, refere
 def test_the_encoders_tower_takes_a_requests_images_in_one_pass(graph):
     """8 images no test sent before (so none is cached) in one request: one pass of the real tower with all 8, as
     the running encoder's `mmgraph_encoder_batch_items` shows. (Requests arriving during a pass share the next
-    one: test_worker_units proves that with a tower slow enough to overlap; the tiny tower's passes take a few
+    one: test_encoder_batching proves that with a tower slow enough to overlap; the tiny tower's passes take a few
     milliseconds, too short for arrivals to overlap them reliably.)"""
     from mmgraph_workers.protocol import EncodeRequest, EncodeResponse, image_items
 

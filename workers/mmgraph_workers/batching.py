@@ -11,9 +11,11 @@ from typing import Any, Generic, TypeVar
 
 from prometheus_client import Gauge, Histogram
 
+from mmgraph_contract.wire import ENCODER_WAITING
+
 log = logging.getLogger("mmgraph.encoder")
 WAITING = Gauge(
-    "mmgraph_encoder_items_waiting",
+    ENCODER_WAITING,
     "Media items queued for the tower behind the pass now running (what the encoder's autoscaler steers on)",
 )
 BATCH_ITEMS = Histogram(

@@ -23,6 +23,7 @@ from mmgraph_contract.settings import EncoderSettings
 from mmgraph_workers.batching import Batcher, Busy, SingleFlight
 from mmgraph_workers.content_key import encoder_identity, item_key, media_digest
 from mmgraph_workers.embedding_cache import Embedding, EmbeddingCache
+from mmgraph_workers.handoff import EmbeddingsSender
 from mmgraph_workers.media import MediaError
 from mmgraph_workers.media.audio import Audio
 from mmgraph_workers.media.fetch import fetch_all, media_client
@@ -66,6 +67,8 @@ class Encoder:
         log.info("encoder identity %s… (%.2f s)", self.identity[:16], time.perf_counter() - started)
         self.audio_format = self.adapter.audio_format(self.processor)
         self.transfer = make_pool(self.pool_bytes())
+        # a pull's deadline is the transfer timeout; a descriptor outlives a few of them
+        self.sender = EmbeddingsSender(self.transfer, self.url, settings.transfer.transfer_timeout_seconds * 3 + 30)
         self.cache = EmbeddingCache(settings.cache_bytes)
         self.in_flight: SingleFlight[str, Embedding] = SingleFlight()  # bytes' hash -> its encoding in progress
         self.client = media_client()
@@ -103,18 +106,14 @@ class Encoder:
         started = time.perf_counter()
         with self._preparing(len(media)):
             hashes, found, was_cached = await self._embeddings(request)
+        try:
+            refs = self.sender.publish([found[h].tensor for h in hashes])  # type: ignore[union-attr]
+        except PoolFull as err:
+            raise Busy(f"{err}; retry shortly") from None
         items: list[EncodedItem] = []
-        ttl = self.settings.transfer.transfer_timeout_seconds * 3 + 30
-        for m, h in zip(media, hashes, strict=True):
-            item = found[h]
+        for m, h, ref in zip(media, hashes, refs, strict=True):
+            item, cached = found[h], was_cached[h]
             assert item is not None
-            try:
-                ref = self.transfer.publish(item.tensor, ttl_seconds=ttl, owner=self.url)
-            except PoolFull as err:  # all or nothing: what this request published so far is released
-                for done in items:
-                    self.transfer.release(done.embeddings.handle, handed_out=False)
-                raise Busy(f"{err}; retry shortly") from None
-            cached = was_cached[h]
             items.append(
                 EncodedItem(
                     modality=m.modality,

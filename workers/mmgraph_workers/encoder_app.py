@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import Counter
 
 from mmgraph_contract.settings import EncoderSettings
+from mmgraph_contract.wire import AGENT_PATH, ENCODE_PATH, INFO_PATH, RELEASE_PATH
 from mmgraph_workers.batching import Busy
 from mmgraph_workers.encoder import Encoder
 from mmgraph_workers.media import MediaError
@@ -22,6 +23,7 @@ from mmgraph_workers.server import (
     read_message,
     readers_wait_seconds,
     serve,
+    stage_error,
     unless_disconnected,
 )
 from mmgraph_workers.transfer import make_transfer
@@ -67,12 +69,12 @@ def main(settings: EncoderSettings) -> None:
             log.info("stopping: every published embedding was read (%d waited for)", waiting)
         encoder.transfer.close()
 
-    @app.get("/v1/info")
+    @app.get(INFO_PATH)
     async def info() -> WorkerInfo:
         weights = settings.weights
         return WorkerInfo(stage="encoder", model=weights.model, served_model_name=weights.served_model_name)
 
-    @app.post("/encode")
+    @app.post(ENCODE_PATH)
     async def encode(request: Request) -> JSONResponse:
         body = await read_message(request, EncodeRequest)
         if isinstance(body, JSONResponse):
@@ -82,20 +84,19 @@ def main(settings: EncoderSettings) -> None:
             return JSONResponse(encoded.model_dump())
         except MediaError as err:
             MEDIA_ERRORS.labels(status=str(err.status)).inc()
-            return JSONResponse({"error": str(err), "status": err.status}, status_code=err.status)
+            return stage_error(str(err), err.status)
         except Busy as err:
-            return JSONResponse({"error": str(err), "status": 503}, status_code=503, headers={"Retry-After": "1"})
+            return stage_error(str(err), 503, headers={"Retry-After": "1"}, retry=True)
 
-    @app.get("/v1/transfer/agent")
+    @app.get(AGENT_PATH)
     async def agent() -> JSONResponse:
         """What pd connects to this encoder's NIXL agent with: asked of the encoder itself, at an address pd
         resolved from the graph's encoder Service, never taken from a message."""
-        transfer = encoder.transfer  # type: ignore[union-attr]
-        return JSONResponse({"agent": transfer.name, "metadata": transfer.metadata})
+        return JSONResponse(encoder.sender.agent().model_dump())  # type: ignore[union-attr]
 
-    @app.post("/release/{handle}")
+    @app.post(RELEASE_PATH)
     async def release(handle: str) -> JSONResponse:
-        encoder.transfer.release(handle)  # type: ignore[union-attr]
+        encoder.sender.release(handle)  # type: ignore[union-attr]
         return JSONResponse({"released": handle})
 
     serve(app, settings.server)

@@ -26,7 +26,7 @@ import httpx
 from prometheus_client import Counter, Gauge, Histogram
 
 from mmgraph_contract.settings import EngineSettings
-from mmgraph_contract.wire import kv_side_channel_port
+from mmgraph_contract.wire import PEER_KEEPALIVE_SECONDS, kv_side_channel_port
 from mmgraph_workers.handoff import EmbeddingsReceiver
 from mmgraph_workers.media import MediaError
 from mmgraph_workers.media.fetch import fetch_all, media_client
@@ -42,7 +42,6 @@ from mmgraph_workers.protocol import (
     sampling_params,
 )
 from mmgraph_workers.server import (
-    PEER_KEEPALIVE_SECONDS,
     StageError,
     internal_error,
     peer_headers,

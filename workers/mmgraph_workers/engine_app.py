@@ -15,6 +15,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from mmgraph_contract.settings import EngineSettings
+from mmgraph_contract.wire import GENERATE_PATH, INFO_PATH
 from mmgraph_workers import cpu
 from mmgraph_workers.engine import Engine
 from mmgraph_workers.frontend.app import add_api, api_ready, is_api
@@ -28,6 +29,7 @@ from mmgraph_workers.server import (
     read_message,
     readers_wait_seconds,
     serve,
+    stage_error,
 )
 from mmgraph_workers.vllm_args import user_engine_args
 
@@ -78,11 +80,11 @@ def main(settings: EngineSettings, stage: str) -> None:
         if engine.transfer is not None:
             engine.transfer.close()
 
-    @app.get("/v1/info", response_model=None)
+    @app.get(INFO_PATH, response_model=None)
     async def info() -> WorkerInfo | JSONResponse:
-        return engine.info() or JSONResponse({"error": "the engine is loading", "status": 503}, status_code=503)
+        return engine.info() or stage_error("the engine is loading", 503, retry=True)
 
-    @app.post("/generate")
+    @app.post(GENERATE_PATH)
     async def generate(request: Request):
         req = await read_message(request, GenerateRequest)
         if isinstance(req, JSONResponse):

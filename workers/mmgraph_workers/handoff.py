@@ -1,19 +1,26 @@
-"""pd's end of the embeddings hand-off: the encoder published a request's embeddings in its NIXL pool and named
-them in its answer (a TensorRef per item); pd checks that each owner is one of the graph's encoder replicas, asks
-that owner (never the message) for its agent's metadata, pulls every item by one deadline, and releases at the
-owner whatever it did not pull. The encoder's end is `Encoder.publish`; the frontend releases what no pd took."""
+"""The embeddings hand-off, both ends.
+
+The encoder (`EmbeddingsSender`) publishes a request's embeddings in its NIXL pool, all or nothing, and names them
+in its answer (a TensorRef per item); it answers pd's agent handshake (AGENT_PATH) and frees what a reader releases
+(RELEASE_PATH). pd (`EmbeddingsReceiver`) checks that each owner is one of the graph's encoder replicas, asks that
+owner (never the message) for its agent's metadata, pulls every item by one deadline, and releases at the owner
+whatever it did not pull. The frontend releases what no pd took (`release`, the one call both use).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import Any
 
 import httpx
 
+from mmgraph_contract.wire import AGENT_PATH, release_path
 from mmgraph_workers.peers import Peer
 from mmgraph_workers.protocol import (
+    AgentInfo,
     EncodedItem,
     GenerateRequest,
     TensorRef,
@@ -22,7 +29,7 @@ from mmgraph_workers.server import (
     Detached,
     StageError,
 )
-from mmgraph_workers.transfer import Transfer, TransferError
+from mmgraph_workers.transfer import PoolFull, Transfer, TransferError
 
 log = logging.getLogger("mmgraph.engine")
 
@@ -56,14 +63,14 @@ class EmbeddingsReceiver:
         if self.transfer is None or self.transfer.connected(ref.agent):
             return None
         try:
-            r = await self.http.get(f"{base}/v1/transfer/agent")
+            r = await self.http.get(base + AGENT_PATH)
             r.raise_for_status()
-            agent = r.json()
-        except (httpx.HTTPError, ValueError) as err:
+            agent = AgentInfo.model_validate_json(r.content)
+        except (httpx.HTTPError, ValueError) as err:  # a pydantic ValidationError is a ValueError
             raise TransferError(f"asking {ref.agent} for its metadata: {type(err).__name__}: {err}") from err
-        if agent.get("agent") != ref.agent:  # the owner restarted: the embeddings are gone with the old agent
-            raise TransferError(f"{ref.agent} is gone (its address now runs {agent.get('agent')})")
-        return agent["metadata"]
+        if agent.agent != ref.agent:  # the owner restarted: the embeddings are gone with the old agent
+            raise TransferError(f"{ref.agent} is gone (its address now runs {agent.agent})")
+        return agent.metadata
 
     async def pull(self, req: GenerateRequest) -> list[Any]:
         """The request's embeddings from their encoders, all by one deadline (`pull_deadline`). What was not
@@ -89,10 +96,42 @@ class EmbeddingsReceiver:
 
     async def release(self, items: list[EncodedItem]) -> None:
         for item in items:
-            try:
-                await self.http.post(f"{await self.owner(item.embeddings)}/release/{item.embeddings.handle}")
-            except (httpx.HTTPError, StageError):
-                pass  # its time-to-live frees it
+            with contextlib.suppress(StageError):  # not the graph's: nothing of ours to free there
+                await release(self.http, await self.owner(item.embeddings), item.embeddings.handle)
+
+
+async def release(http: httpx.AsyncClient, owner: str, handle: str) -> None:
+    """Free a published buffer at its owner (`owner`: the base URL of one of the graph's encoders) that nobody will
+    read; a failed call leaves it to its time-to-live."""
+    with contextlib.suppress(httpx.HTTPError):
+        await http.post(owner + release_path(handle))
+
+
+class EmbeddingsSender:
+    """The encoder's end: a request's embeddings published together or not at all, the agent handshake, and the
+    releases its readers send."""
+
+    def __init__(self, transfer: Transfer, owner: str, ttl_seconds: float):
+        self.transfer, self.owner, self.ttl_seconds = transfer, owner, ttl_seconds
+
+    def publish(self, tensors: list[Any]) -> list[TensorRef]:
+        """A descriptor per tensor, each registered until its reader's notice or its time-to-live; PoolFull (with
+        none of them published) when the pool cannot take them all."""
+        refs: list[TensorRef] = []
+        try:
+            for tensor in tensors:
+                refs.append(self.transfer.publish(tensor, ttl_seconds=self.ttl_seconds, owner=self.owner))
+        except PoolFull:
+            for ref in refs:
+                self.transfer.release(ref.handle, handed_out=False)
+            raise
+        return refs
+
+    def agent(self) -> AgentInfo:
+        return AgentInfo(agent=self.transfer.name, metadata=self.transfer.metadata)
+
+    def release(self, handle: str) -> None:
+        self.transfer.release(handle)
 
 
 EXPIRY_MARGIN_SECONDS = 2.0  # of a descriptor's time-to-live, for the time it spent on its way here

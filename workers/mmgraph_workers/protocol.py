@@ -234,6 +234,27 @@ class GenerateEvent(BaseModel):
     retry: bool = False  # the error happened before any work on the request: sending it again is safe
 
 
+class StageErrorBody(BaseModel):
+    """The one error envelope between stages: every error answer of a stage's own endpoints says what failed, its
+    HTTP status and whether another replica may take the request (`retry`); a /generate stream says the same in
+    its last GenerateEvent. A client of the OpenAI API never sees it: the frontend answers in OpenAI's shape."""
+
+    error: str
+    status: int
+    retry: bool = False
+    speaks: list[int] | None = None  # a protocol refusal: the versions to send instead (router.py)
+    stage: str | None = None  # a failure of ours: where, and the id its log line carries
+    request_id: str | None = None
+
+
+class AgentInfo(BaseModel):
+    """What an encoder answers at AGENT_PATH: its NIXL agent, asked of the encoder itself by pd (never taken from a
+    message), so a descriptor cannot point pd's agent anywhere but the graph's own encoders."""
+
+    agent: str
+    metadata: str
+
+
 class WorkerInfo(BaseModel):
     stage: str
     model: str

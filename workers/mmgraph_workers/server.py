@@ -24,7 +24,14 @@ from pydantic import ValidationError
 from starlette.requests import ClientDisconnect
 
 from mmgraph_contract.settings import Server
-from mmgraph_contract.wire import PEER_TOKEN_ENV, POD_GRACE_SECONDS, PRESTOP_SECONDS
+from mmgraph_contract.wire import (
+    HEALTH_PATH,
+    KEEP_ALIVE_SECONDS,
+    METRICS_PATH,
+    PEER_TOKEN_ENV,
+    POD_GRACE_SECONDS,
+    PRESTOP_SECONDS,
+)
 from mmgraph_workers.limits import (
     BUDGET_BODIES,
     BodyLimit,
@@ -36,7 +43,7 @@ from mmgraph_workers.limits import (
     over_budget,
     too_large,
 )
-from mmgraph_workers.protocol import PREVIOUS_VERSION, PROTOCOL_VERSION, Message
+from mmgraph_workers.protocol import PREVIOUS_VERSION, PROTOCOL_VERSION, Message, StageErrorBody
 
 log = logging.getLogger("mmgraph.worker")
 M = TypeVar("M", bound=Message)
@@ -62,7 +69,7 @@ async def read_message(request: Request, kind: type[M]) -> M | JSONResponse:
             problem = err
     elif version is not None and version != PROTOCOL_VERSION:  # another version's fields: say that, not which
         return other_version(version)
-    return JSONResponse({"error": f"bad {kind.__name__}: {problem}", "status": 400}, status_code=400)
+    return stage_error(f"bad {kind.__name__}: {problem}", 400)
 
 
 def _version(body: bytes) -> int | None:
@@ -81,7 +88,7 @@ def other_version(version: int) -> JSONResponse:
         f"protocol version {version} is not spoken here ({PREVIOUS_VERSION} or {PROTOCOL_VERSION}); "
         "this stage is of a release more than one apart: upgrade the graph's stages together"
     )
-    return JSONResponse({"error": error, "status": 400, "speaks": list(SPOKEN)}, status_code=400)
+    return stage_error(error, 400, speaks=list(SPOKEN))
 
 
 class Detached:
@@ -95,14 +102,6 @@ class Detached:
         task = asyncio.ensure_future(work)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
-
-
-# An idle kept-alive connection: a caller drops it after PEER_KEEPALIVE_SECONDS (ours) or 5 s (httpx's default,
-# the OpenAI SDK's), well before a stage closes it (KEEP_ALIVE_SECONDS), so no caller sends a request on a
-# connection the stage is closing at that moment (uvicorn's default, 5 s, equals httpx's: that race failed about 1
-# request in 160 under a steady load on the node).
-KEEP_ALIVE_SECONDS = 20
-PEER_KEEPALIVE_SECONDS = 10.0
 
 
 class BearerAuth:
@@ -142,8 +141,7 @@ class Draining:
         await self.app(scope, receive, closing)
 
 
-PEER_OPEN = ("/health", "/metrics")  # probes and Prometheus: every other call of a stage is a peer's
-PEER_PATHS = ("/v1/info", "/v1/transfer/")  # the stages' own calls under /v1/, beside the OpenAI API's
+PEER_OPEN = (HEALTH_PATH, METRICS_PATH)  # probes and Prometheus: every other call of a stage is a peer's
 
 
 def peer_token(server: Server) -> str | None:
@@ -218,26 +216,25 @@ def make_app(
         return body_timeout(bounds.body_seconds)
 
     if token is not None:
-        refusal = {"error": "this is an internal stage: calls need the graph's peer credential", "status": 401}
         app.add_middleware(  # added last, so it runs first: no body is read for a stranger
             BearerAuth,
             token=token,
             guarded=lambda path: path not in PEER_OPEN and not (public and public(path)),
-            refusal=JSONResponse(refusal, status_code=401),
+            refusal=stage_error("this is an internal stage: calls need the graph's peer credential", 401),
         )
 
     @app.exception_handler(ClientGone)
     @app.exception_handler(ClientDisconnect)  # mid-body: an upload abandoned, not a failure of ours to log
     async def client_gone(request: Request, err: Exception) -> JSONResponse:
-        return JSONResponse({"error": "the client disconnected", "status": 499}, status_code=499)  # nobody reads it
+        return stage_error("the client disconnected", 499)  # nobody reads it
 
-    @app.get("/health")
+    @app.get(HEALTH_PATH)
     async def health() -> JSONResponse:
         ok = ready() and not app.state.draining
         body = {"stage": stage, "ready": ok, **({"draining": True} if app.state.draining else {})}
         return JSONResponse(body, status_code=200 if ok else 503)
 
-    @app.get("/metrics")
+    @app.get(METRICS_PATH)
     async def metrics() -> PlainTextResponse:
         return PlainTextResponse(generate_latest().decode(), media_type=CONTENT_TYPE_LATEST)
 
@@ -247,10 +244,15 @@ def make_app(
         can carry paths, addresses or another request's data, so it is never sent)."""
         request_id = new_request_id()
         log.error("%s failed on %s; request id %s", stage, request.url.path, request_id, exc_info=err)
-        body = {"error": internal_error(stage, request_id), "stage": stage, "request_id": request_id}
-        return JSONResponse(body, status_code=500)
+        return stage_error(internal_error(stage, request_id), 500, stage=stage, request_id=request_id)
 
     return app
+
+
+def stage_error(message: str, status: int, headers: dict[str, str] | None = None, **fields: Any) -> JSONResponse:
+    """A stage's error answer, in the one envelope between stages (StageErrorBody)."""
+    body = StageErrorBody(error=message, status=status, **fields).model_dump(exclude_defaults=True)
+    return JSONResponse({"status": status, **body}, status_code=status, headers=headers)
 
 
 def new_request_id() -> str:

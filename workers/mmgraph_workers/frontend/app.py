@@ -23,6 +23,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from pydantic import ValidationError
 
 from mmgraph_contract.settings import ApiSettings, FrontendSettings
+from mmgraph_contract.wire import FRONTEND_IN_FLIGHT, PEER_PATHS
 from mmgraph_workers.frontend.openai_api import (
     CHAT,
     TEXT,
@@ -44,7 +45,6 @@ from mmgraph_workers.frontend.router import Router
 from mmgraph_workers.frontend.stage_client import Local, StageFailure
 from mmgraph_workers.protocol import GenerateEvent, WorkerInfo
 from mmgraph_workers.server import (
-    PEER_PATHS,
     BearerAuth,
     internal_error,
     make_app,
@@ -59,7 +59,7 @@ T = TypeVar("T")
 REQUESTS = Counter("mmgraph_requests_total", "Chat completion requests", ["status"])
 ERRORS = Counter("mmgraph_request_errors_total", "Requests that failed, by the stage that failed", ["stage"])
 TTFT = Histogram("mmgraph_time_to_first_token_seconds", "Time from request to first token")
-IN_FLIGHT = Gauge("mmgraph_requests_in_flight", "Requests being served (the frontend's queue depth)")
+IN_FLIGHT = Gauge(FRONTEND_IN_FLIGHT, "Requests being served (the frontend's queue depth)")
 
 
 def is_api(path: str) -> bool:

@@ -20,6 +20,7 @@ import httpx
 from prometheus_client import Counter, Histogram
 
 from mmgraph_contract.vocabulary import Topology
+from mmgraph_contract.wire import ENCODE_PATH, GENERATE_PATH
 from mmgraph_workers.frontend.openai_api import RequestError
 from mmgraph_workers.frontend.stage_client import (
     RETRIES,
@@ -32,6 +33,7 @@ from mmgraph_workers.frontend.stage_client import (
     _error_text,
     _within,
 )
+from mmgraph_workers.handoff import release
 from mmgraph_workers.peers import NoReplica
 from mmgraph_workers.protocol import (
     CannotDowngrade,
@@ -175,7 +177,7 @@ class Router(StageClient):
         base, refused = peer.url_of(address), False
         message = EncodeRequest(request_id=request_id, media=[items[i] for i in group], positions=group)
         try:
-            r = await self._post(base, "/encode", message)
+            r = await self._post(base, ENCODE_PATH, message)
         except CannotDowngrade as err:
             raise StageFailure("encoder", f"{err} (mid-rollout: retry shortly)", 503, retry=True) from None
         except UNANSWERED as err:
@@ -205,8 +207,7 @@ class Router(StageClient):
         """Free what encoders published for a request that failed elsewhere (else it waits out its TTL)."""
         for address, _, items in done:
             for item in items:
-                with contextlib.suppress(httpx.HTTPError):
-                    await self.http.post(f"{self.peers['encoder'].url_of(address)}/release/{item.embeddings.handle}")
+                await release(self.http, self.peers["encoder"].url_of(address), item.embeddings.handle)
 
     async def stream_stage(
         self, stage: str, request: GenerateRequest, unwanted: Collection[str] = ()
@@ -257,7 +258,7 @@ class Router(StageClient):
                 sent, body = self._body(base, request)
             except CannotDowngrade as err:
                 raise StageFailure(stage, f"{err} (mid-rollout: retry shortly)", 503, retry=True) from None
-            async with self.http.stream("POST", f"{base}/generate", content=body) as r:
+            async with self.http.stream("POST", base + GENERATE_PATH, content=body) as r:
                 if r.status_code != 200:
                     await r.aread()
                     if self._learn(base, r, sent):

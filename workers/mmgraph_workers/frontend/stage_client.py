@@ -18,6 +18,7 @@ from prometheus_client import Counter
 from pydantic import ValidationError
 
 from mmgraph_contract.settings import Routes
+from mmgraph_contract.wire import INFO_PATH, PEER_KEEPALIVE_SECONDS
 from mmgraph_workers.frontend.openai_api import RequestError
 from mmgraph_workers.peers import REFRESH_SECONDS, NoReplica, Peer, read_hosts
 from mmgraph_workers.protocol import (
@@ -26,9 +27,10 @@ from mmgraph_workers.protocol import (
     GenerateEvent,
     GenerateRequest,
     Message,
+    StageErrorBody,
     WorkerInfo,
 )
-from mmgraph_workers.server import PEER_KEEPALIVE_SECONDS, Detached, peer_headers
+from mmgraph_workers.server import Detached, peer_headers
 
 log = logging.getLogger("mmgraph.frontend")
 SPEAKS_TTL = 60.0  # seconds a peer's older protocol version is remembered (its address may serve a new release next)
@@ -107,7 +109,7 @@ class StageClient:
             with contextlib.suppress(httpx.HTTPError, NoReplica, ValidationError):
                 address, base = self.peers["pd"].acquire()
                 try:
-                    r = await self.http.get(f"{base}/v1/info", timeout=2)
+                    r = await self.http.get(base + INFO_PATH, timeout=2)
                 finally:
                     self.peers["pd"].release(address)
                 if r.status_code == 200:
@@ -121,7 +123,7 @@ class StageClient:
 
         async def learn(address: str) -> None:
             with contextlib.suppress(httpx.HTTPError, ValueError):  # pydantic's errors are ValueErrors too
-                r = await self.http.get(f"{peer.url_of(address)}/v1/info", timeout=2)
+                r = await self.http.get(peer.url_of(address) + INFO_PATH, timeout=2)
                 if r.status_code == 200:
                     peer.versions[address] = WorkerInfo.model_validate_json(r.content).vllm_version or ""
 
@@ -218,7 +220,11 @@ def _versions_spoken(response: httpx.Response) -> set[int]:
 
 def _error_text(response: httpx.Response) -> str:
     try:
+        return StageErrorBody.model_validate_json(response.content).error
+    except ValueError:
+        pass
+    try:  # a body limit's refusal, in OpenAI's shape (every stage's server answers its clients so)
         body = response.json()
         return str(body.get("error") or body)
-    except (json.JSONDecodeError, ValueError):  # not a stage's answer (a proxy's page?): its status alone
+    except (json.JSONDecodeError, ValueError, AttributeError):  # not a stage's answer (a proxy's page?)
         return f"HTTP {response.status_code} from a stage"
