@@ -66,6 +66,8 @@ class ModelAdapter(ABC):
     family: ClassVar[str]
     architectures: ClassVar[tuple[str, ...]]
     modalities: ClassVar[tuple[str, ...]] = ("image",)
+    # the tiny models (`mmgraph tiny-model --family NAME`) its module's `build_tiny` makes, with their arguments
+    tiny: ClassVar[dict[str, dict[str, str]]] = {}
 
     def __init__(self, model: str, config: Any, revision: str | None = None, trust_remote_code: bool = False):
         self.model, self.config, self.revision, self.trust_remote_code = model, config, revision, trust_remote_code

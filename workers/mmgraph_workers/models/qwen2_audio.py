@@ -5,12 +5,14 @@ frames, the padding's rows dropped, exactly as its own forward drops them."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from mmgraph_workers.media.audio import Audio, AudioFormat
 from mmgraph_workers.models.base import Encoded, ItemShape, ModelAdapter, skeleton
+from mmgraph_workers.models.tiny import TINY_TEXT, build_tokenizer, rename_tensors, sharpen_and_save
 
 
 class AudioEncoder(torch.nn.Module):
@@ -29,6 +31,7 @@ class AudioEncoder(torch.nn.Module):
 
 class Qwen2Audio(ModelAdapter):
     family = "qwen2-audio"
+    tiny = {"qwen2-audio": {}}
     architectures = ("Qwen2AudioForConditionalGeneration",)
     modalities = ("audio",)
 
@@ -103,3 +106,72 @@ def _output_lengths(mel_frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     """Rows after the encoder's strided convolution, and after its pooling (Qwen2-Audio's own arithmetic)."""
     after_conv = (mel_frames - 1) // 2 + 1
     return after_conv, (after_conv - 2) // 2 + 1
+
+
+# ---- its tiny model (`mmgraph tiny-model`): random weights, built here ----
+
+AUDIO_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|audio_bos|>", "<|AUDIO|>", "<|audio_eos|>"]
+# Qwen2-Audio-Instruct's template numbers the clips ("Audio 1: ..."), as this one does
+AUDIO_CHAT_TEMPLATE = (
+    "{% set audios = namespace(n=0) %}{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] in ('audio', 'audio_url', 'input_audio') %}{% set audios.n = audios.n + 1 %}"
+    "Audio {{ audios.n }}: <|audio_bos|><|AUDIO|><|audio_eos|>\n"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_tiny(out: Path, seed: int, tower_seed: int | None, text_seed: int | None) -> None:
+    """Qwen2-Audio: a Whisper-style audio encoder (128 mel bins, 30 s windows: 3000 mel frames, 750 tokens at
+    most; 25 per second), a linear projector, a Qwen2 language model; Whisper's feature extractor at 16 kHz."""
+    import torch
+    from transformers import (
+        AutoProcessor,
+        Qwen2AudioConfig,
+        Qwen2AudioForConditionalGeneration,
+        Qwen2AudioProcessor,
+        WhisperFeatureExtractor,
+    )
+
+    tokenizer, ids = build_tokenizer(out, AUDIO_SPECIAL_TOKENS, AUDIO_CHAT_TEMPLATE, "<|im_end|>", "<|endoftext|>")
+    config = Qwen2AudioConfig(
+        audio_config={
+            "d_model": 64,
+            "encoder_layers": 2,
+            "encoder_attention_heads": 2,
+            "encoder_ffn_dim": 128,
+            "num_mel_bins": 128,
+            "max_source_positions": 1500,
+        },
+        text_config={
+            "model_type": "qwen2",
+            **TINY_TEXT,
+            "bos_token_id": ids["<|endoftext|>"],
+            "eos_token_id": ids["<|im_end|>"],
+            "pad_token_id": ids["<|endoftext|>"],
+            "tie_word_embeddings": False,
+        },
+        audio_token_index=ids["<|AUDIO|>"],
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2AudioForConditionalGeneration(config)
+    tower_parts = ("audio_tower", "multi_modal_projector")
+    sharpen_and_save(model, out, tower_parts, tower_seed, text_seed, ids["<|im_end|>"], ids["<|endoftext|>"])
+    _as_qwen2_audio_checkpoint(out / "model.safetensors")
+    processor = Qwen2AudioProcessor(
+        feature_extractor=WhisperFeatureExtractor(feature_size=128),
+        tokenizer=tokenizer,
+        chat_template=AUDIO_CHAT_TEMPLATE,
+    )
+    processor.save_pretrained(out)
+    AutoProcessor.from_pretrained(out)
+
+
+def _as_qwen2_audio_checkpoint(path: Path) -> None:
+    """Write the language model's tensors as Qwen's Qwen2-Audio checkpoints name them, which vLLM reads:
+    `language_model.model.*`. transformers 5 saves them one `model.` level deeper."""
+    rename_tensors(path, lambda name: name.replace("language_model.model.model.", "language_model.model.", 1))

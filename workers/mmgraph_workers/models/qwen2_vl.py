@@ -7,11 +7,13 @@ patch), through the same tower."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from mmgraph_workers.models.base import Encoded, ItemShape, ModelAdapter, skeleton
+from mmgraph_workers.models.tiny import TINY_TEXT, build_tokenizer, sharpen_and_save
 
 TOWERS = {
     "Qwen2VLForConditionalGeneration": ("qwen2_vl", "Qwen2VisionTransformerPretrainedModel"),
@@ -21,6 +23,7 @@ TOWERS = {
 
 class Qwen2VL(ModelAdapter):
     family = "qwen2-vl"
+    tiny = {"qwen2-vl": {"version": "2"}, "qwen2.5-vl": {"version": "2.5"}}
     architectures = tuple(TOWERS)
     modalities = ("image", "video")
 
@@ -106,3 +109,90 @@ def _rows_per_frame(processor: Any, max_pixels: int) -> int:
     # processor refuses more), so rounding adds at most patch * (longest side + 1) pixels
     rounded = max_pixels + patch * (math.isqrt(200 * max_pixels) + 1 + patch)
     return max(1, -(-min(rounded, own) // patch**2))
+
+
+# ---- its tiny model (`mmgraph tiny-model`): random weights, built here ----
+
+QWEN_SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] in ('image', 'image_url') %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] in ('video', 'video_url') %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+MIN_PIXELS, MAX_PIXELS = 56 * 56, 112 * 112
+
+
+def build_tiny(out: Path, seed: int, vision_seed: int | None, text_seed: int | None, version: str = "2") -> None:
+    """Qwen2-VL, or (version "2.5") Qwen2.5-VL: its windowed tower, and video positions in seconds (the temporal
+    grid's spacing, second_per_grid_ts, times tokens_per_second), which a test needs to see."""
+    import torch
+    from transformers import (
+        AutoProcessor,
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLImageProcessor,
+        Qwen2VLProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    vision: dict = {"patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "num_heads": 2, "depth": 2}
+    if version == "2.5":
+        config_class, model_class, processor_class = (
+            Qwen2_5_VLConfig,
+            Qwen2_5_VLForConditionalGeneration,
+            Qwen2_5_VLProcessor,
+        )
+        vision |= {"hidden_size": 64, "intermediate_size": 128, "out_hidden_size": TINY_TEXT["hidden_size"]}
+        vision |= {"window_size": 56, "fullatt_block_indexes": [1], "tokens_per_second": 2}
+    else:
+        config_class, model_class, processor_class = Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+        vision |= {"embed_dim": 64, "hidden_size": TINY_TEXT["hidden_size"], "mlp_ratio": 2}
+
+    tokenizer, ids = build_tokenizer(out, QWEN_SPECIAL_TOKENS, QWEN_CHAT_TEMPLATE, "<|im_end|>", "<|endoftext|>")
+    config = config_class(
+        text_config={
+            **TINY_TEXT,
+            "rope_parameters": {"rope_type": "default", "mrope_section": [8, 12, 12], "rope_theta": 10000.0},
+            "bos_token_id": ids["<|endoftext|>"],
+            "eos_token_id": ids["<|im_end|>"],
+            "pad_token_id": ids["<|endoftext|>"],
+            "tie_word_embeddings": False,
+        },
+        vision_config=vision,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = model_class(config)
+    sharpen_and_save(model, out, ("visual",), vision_seed, text_seed, ids["<|im_end|>"], ids["<|endoftext|>"])
+    image_processor = Qwen2VLImageProcessor(
+        size={"shortest_edge": MIN_PIXELS, "longest_edge": MAX_PIXELS}, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS
+    )
+    video_processor = Qwen2VLVideoProcessor(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+    processor = processor_class(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=video_processor,
+        chat_template=QWEN_CHAT_TEMPLATE,
+    )
+    processor.save_pretrained(out)
+    AutoProcessor.from_pretrained(out)  # fail here, not in a worker, if what we wrote does not load
