@@ -3,9 +3,9 @@
 A field `max_batch_size` is the flag `--max-batch-size`; a nested model's fields are flags of their own (flat: the
 media policy's `--max-bytes`, not `--media-max-bytes`); true booleans are bare flags, false ones left out; a list
 field is comma-joined, unless it is `Repeated` (one flag per item). `to_argv` writes only the fields that were set
-(`model_fields_set`), in declaration order: what the renderer chose is what a pod's command shows, and the
-defaults stay the worker's. `from_argv` refuses an unknown flag or a bad value as argparse does (exit 2), so a
-typo fails the pod at once.
+(`model_fields_set`), in the model's FLAG_ORDER or else declaration order: what the renderer chose is what a pod's
+command shows, and the defaults stay the worker's. `from_argv` refuses an unknown flag or a bad value as argparse
+does (exit 2), so a typo fails the pod at once.
 """
 
 from __future__ import annotations
@@ -54,27 +54,35 @@ def _kind(field: Any) -> str:
 
 
 def to_argv(settings: BaseModel) -> list[str]:
-    """The flags of the fields set in `settings` (and in the nested models set in it)."""
-    argv: list[str] = []
+    """The flags of the fields set in `settings` (and in the nested models set in it), in the model's FLAG_ORDER
+    (leaf field names) where it has one, else in declaration order."""
+    flags = _flags(settings)
+    order = getattr(type(settings), "FLAG_ORDER", ())
+    flags.sort(key=lambda leaf: order.index(leaf[0]) if leaf[0] in order else len(order))  # stable
+    return [f for _, fs in flags for f in fs]
+
+
+def _flags(settings: BaseModel) -> list[tuple[str, list[str]]]:
+    out: list[tuple[str, list[str]]] = []
     for name, field in type(settings).model_fields.items():
         if name not in settings.model_fields_set:
             continue
         value = getattr(settings, name)
         if isinstance(value, BaseModel):
-            argv += to_argv(value)
+            out += _flags(value)
             continue
         kind = _kind(field)
         if value is None or value is False:
             continue
         if kind == "bool":
-            argv.append(flag(name))
+            out.append((name, [flag(name)]))
         elif kind == "list":
-            argv.append(f"{flag(name)}={','.join(str(v) for v in value)}")
+            out.append((name, [f"{flag(name)}={','.join(str(v) for v in value)}"]))
         elif kind == "repeated":
-            argv += [f"{flag(name)}={v}" for v in value]
+            out.append((name, [f"{flag(name)}={v}" for v in value]))
         else:
-            argv.append(f"{flag(name)}={value:g}" if isinstance(value, float) else f"{flag(name)}={value}")
-    return argv
+            out.append((name, [f"{flag(name)}={value:g}" if isinstance(value, float) else f"{flag(name)}={value}"]))
+    return out
 
 
 def from_argv(model: type[M], argv: Sequence[str], prog: str | None = None) -> M:

@@ -7,14 +7,14 @@ pod's command is what `kubectl describe` shows and what the previous release par
 flags the previous release's workers know (the rollout test runs them), so the graph never needs to say which
 release an image is.
 
-Fields are declared in the order their flags appear on a command line; a field the compiler leaves unset keeps
-the worker's default and stays off the command line.
+A field the compiler leaves unset keeps the worker's default and stays off the command line; the flags keep the
+order 0.1 rendered them in (FLAG_ORDER), so an operator upgrade restarts no pod.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -31,6 +31,22 @@ READERS_SECONDS = 10.0  # what the grace period keeps, after the drain, for the 
 
 class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# The order of the flags on the command lines 0.1 rendered: an operator upgrade that renders the same flags in
+# another order changes every pod template, and so restarts every graph's pods (GPU engines reload) for nothing.
+COMMON_ORDER = (
+    "model",
+    "served_model_name",
+    "host",
+    "port",
+    "max_request_bytes",
+    "peer_token_env",
+    "revision",
+    "trust_remote_code",
+)
+TRANSFER_ORDER = ("advertise_host", "transfer_backend", "transfer_port", "transfer_timeout_seconds")
+MEDIA_ORDER = tuple(MediaSpec.model_fields)
 
 
 class Weights(Settings):
@@ -103,6 +119,12 @@ class ApiSettings(Settings):
 
 
 class FrontendSettings(Settings):
+    FLAG_ORDER: ClassVar = (
+        *COMMON_ORDER,
+        *("topology", "decode_url", "encoder_url", "pd_url", "encoder_routing", "encoder_batch_size"),
+        *MEDIA_ORDER,
+        *("kv_lease_seconds", "transfer_timeout_seconds", "api_key_env"),
+    )
     weights: Weights
     server: Server
     routes: Routes
@@ -114,6 +136,7 @@ class FrontendSettings(Settings):
 
 
 class EncoderSettings(Settings):
+    FLAG_ORDER: ClassVar = (*COMMON_ORDER, *TRANSFER_ORDER, "device", *MEDIA_ORDER, "max_batch_size", "cache_bytes")
     weights: Weights
     server: Server
     transfer: Transfer
@@ -129,6 +152,12 @@ class EncoderSettings(Settings):
 class EngineSettings(Settings):
     """pd or decode: a vLLM engine. agg's pd also serves the OpenAI API (`openai`), routed over its siblings."""
 
+    FLAG_ORDER: ClassVar = (
+        *COMMON_ORDER,
+        *TRANSFER_ORDER,
+        *("kv_lease_seconds", "kv_role", "embeddings_input", "encoder_url", *MEDIA_ORDER, "openai"),
+        *("api_max_request_bytes", "api_key_env", "pd_url", "engine_arg"),
+    )
     weights: Weights
     server: Server
     transfer: Transfer
@@ -160,6 +189,8 @@ class EngineSettings(Settings):
         routes = Routes(
             topology=Topology.AGG,
             pd_url=self.pd_url or own,
+            kv_lease_seconds=self.kv_lease_seconds,
+            transfer_timeout_seconds=self.transfer.transfer_timeout_seconds,
             request_timeout_seconds=self.request_timeout_seconds,
             peer_hosts_file=self.peer_hosts_file,
         )

@@ -12,8 +12,8 @@ from mmgraph_contract.vocabulary import API_VERSION, KIND, StageName
 GRAPH_LABEL = "mmgraph.io/graph"
 STAGE_LABEL = "mmgraph.io/stage"
 MANAGED_BY = "mmgraph-operator"
-# on the pod template of a stage whose pods serve the OpenAI API besides their own (agg's pd): the loop moves the
-# API's Service onto them only once they do
+# on the Deployment of a stage whose pods serve the OpenAI API besides their own (agg's pd): the loop moves the
+# API's Service onto them only once they are rolled out
 SERVES_API = "mmgraph.io/serves-api"
 
 

@@ -242,8 +242,8 @@ class Reconciler(Reporter, ChildWriter, ServedKinds):
         if now not in (StageName.FRONTEND.value, StageName.PD.value) or now == target.value:
             return target
         deployment = cached("Deployment", target)
-        template = (((deployment or {}).get("spec") or {}).get("template") or {}).get("metadata") or {}
-        serving = target == StageName.FRONTEND or (template.get("annotations") or {}).get(SERVES_API) == "true"
+        marked = ((deployment or {}).get("metadata") or {}).get("annotations") or {}
+        serving = target == StageName.FRONTEND or marked.get(SERVES_API) == "true"
         return target if stage_ready(deployment) and serving else StageName(now)
 
 

@@ -157,12 +157,13 @@ def _deployment(graph: MultimodalGraph, stage: StageName, cfg: StageSpec) -> dic
         "prometheus.io/port": str(cfg.port),
         "prometheus.io/path": "/metrics",
     }
-    if serves_api(graph.spec, stage):
-        annotations[SERVES_API] = "true"
+    metadata = _metadata(graph, child_name(graph.name, stage), stage)
+    if serves_api(graph.spec, stage):  # on the Deployment, not its pods' template: a marker must not roll them
+        metadata["annotations"] = {**metadata.get("annotations", {}), SERVES_API: "true"}
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": _metadata(graph, child_name(graph.name, stage), stage),
+        "metadata": metadata,
         "spec": {
             **({} if cfg.autoscaling else {"replicas": cfg.replicas}),  # autoscaled: the HPA's (see apply.py)
             "revisionHistoryLimit": 3,

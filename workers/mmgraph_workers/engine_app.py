@@ -99,5 +99,5 @@ def main(settings: EngineSettings, stage: str) -> None:
 
     if openai:  # after the engine's startup: the API's starts once the engine has loaded
         local = Local(settings.transfer.advertise_host, engine.events, engine.info, engine.saturated)
-        add_api(app, settings.api(), local)
+        add_api(app, settings.api(), engine.token, local=local)
     serve(app, settings.server)

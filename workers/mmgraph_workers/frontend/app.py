@@ -147,7 +147,7 @@ def api_ready(app: FastAPI) -> bool:
     return router is not None and router.pd_info is not None
 
 
-def add_api(app: FastAPI, api: ApiSettings, token: str | None, local: Local | None = None) -> None:
+def add_api(app: FastAPI, api: ApiSettings, token: str | None, *, local: Local | None = None) -> None:
     """The OpenAI API on `app`: the frontend's, or agg's pd's, whose own engine is `local` (its calls skip HTTP).
     `token` is the graph's peer credential, which the router sends to the stages."""
     api_key = os.environ.get(api.api_key_env, "") if api.api_key_env else ""
