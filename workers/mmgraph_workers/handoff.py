@@ -60,7 +60,7 @@ class EmbeddingsReceiver:
     async def agent_metadata(self, ref: TensorRef) -> str | None:
         """The owning agent's NIXL metadata, asked of the owner itself; None when already connected to it."""
         base = await self.owner(ref)
-        if self.transfer is None or self.transfer.connected(ref.agent):
+        if self.transfer.connected(ref.agent):
             return None
         try:
             r = await self.http.get(base + AGENT_PATH)
